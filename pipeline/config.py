@@ -1,0 +1,130 @@
+"""Load and validate the workflow config against ``schemas/config.schema.yaml``.
+
+The same validation that ``rules/common.smk`` runs through ``snakemake.utils.validate`` is
+available here for the stage modules and tests: schema defaults are filled in, and any unknown key,
+wrong type or out-of-range value raises ``ConfigError`` naming the offending key path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value failed validation; the message names the key path."""
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def _default_filling_validator(schema: dict):
+    """Draft 2020-12 validator that inserts schema defaults while validating (like snakemake)."""
+    from jsonschema import Draft202012Validator, validators
+
+    base = Draft202012Validator
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    cls = validators.extend(base, {"properties": set_defaults})
+    return cls(schema)
+
+
+def _key_path(error) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties":
+        # the offending key is in the message, not the path
+        import re
+
+        m = re.findall(r"'([^']+)' was unexpected", error.message)
+        if m:
+            parts.append(m[0])
+    return ".".join(parts) or "<root>"
+
+
+def validate_config(config: dict, schema: dict | None = None) -> dict:
+    """Validate ``config`` in place (defaults filled) and return it; raise ConfigError on failure.
+
+    Defaults are filled in a first pass, then the filled config is validated again so that
+    defaults nested under defaults are also checked.
+    """
+    schema = schema or load_schema()
+    validator = _default_filling_validator(schema)
+    for _ in range(2):
+        errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+        if errors:
+            lines = [f"  {_key_path(e)}: {e.message}" for e in errors[:10]]
+            raise ConfigError("invalid config:\n" + "\n".join(lines))
+    return config
+
+
+def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
+    """Read one or more YAML files (later ones override earlier ones, key by key) and validate."""
+    config: dict[str, Any] = {}
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        with open(p) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        deep_update(config, data)
+    if overrides:
+        deep_update(config, overrides)
+    return validate_config(config)
+
+
+def section_defaults(*keys: str, overrides: dict | None = None) -> dict:
+    """Resolved settings of one config section (e.g. ``section_defaults("propagation")``).
+
+    Builds a config holding only ``overrides`` under ``keys``, validates it (filling every schema
+    default) and returns that section. Stage modules use it so that ``--settings`` may be partial.
+    """
+    cfg: dict[str, Any] = {}
+    node = cfg
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = copy.deepcopy(overrides or {})
+    validate_config(cfg)
+    for k in keys:
+        cfg = cfg[k]
+    return cfg
+
+
+def deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.config",
+                                 description="Validate config files and print the resolved config.")
+    ap.add_argument("configs", nargs="+", help="YAML files, later ones override earlier ones")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(*args.configs)
+    except ConfigError as err:
+        raise SystemExit(str(err))
+    print(yaml.safe_dump(cfg, sort_keys=False))
+
+
+if __name__ == "__main__":
+    main()
