@@ -1,0 +1,24 @@
+# cdgmae — CDG-MAE reproduction workflow (Belagali et al., "Learning Correspondences from
+# Diffusion Generated Views"). Table of contents only; each stage lives in rules/<stage>.smk and
+# its logic in pipeline/<stage>.py. See README.md for the map from paper tables to rules.
+
+from snakemake.utils import min_version
+
+min_version("9.1.4")
+
+
+configfile: "config.yaml"
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        get_final_targets(),
+    default_target: True
