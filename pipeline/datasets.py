@@ -1,0 +1,539 @@
+"""Readers for the official on-disk layouts (ImageNet folder, frame-folder videos, DAVIS-2017,
+VIP, JHMDB) and the reference val lists.
+
+The same readers serve the embedded synthetic datasets (``pipeline.synthetic``) and real data
+roots from config. A missing or malformed root raises ``DatasetError`` naming the path and the
+expected layout. Frames are read with OpenCV and converted BGR → RGB as the reference propagation
+code does; annotations are read with PIL as integer ids (palette indices for DAVIS, class ids for
+VIP), as the official DAVIS toolkit does.
+
+Layouts (see docs/architecture.md and spec propagation-eval.md §3)::
+
+    imagenet  <root>/<split>/<class>/<name>.JPEG
+    videos    <root>/<video>/<frame>.jpg
+    davis     <root>/JPEGImages/480p/<seq>/00000.jpg, <root>/Annotations/480p/<seq>/00000.png,
+              <root>/ImageSets/2017/<split>.txt
+    vip       <root>/Images/videos<N>/<frame>.jpg, <root>/Annotations/Category_ids/videos<N>/<frame>.png
+    jhmdb     <root>/Rename_Images/<class>/<video>/00001.png,
+              <root>/joint_positions/<class>/<video>/joint_positions.mat (pos_img 2x15xT, 1-based)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+LOG = logging.getLogger("cdgmae.datasets")
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+VIDEO_FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+# The 15 JHMDB joints in the order of pos_img's second axis (puppet joint order).
+JHMDB_JOINTS = ("neck", "belly", "face", "right_shoulder", "left_shoulder", "right_hip",
+                "left_hip", "right_elbow", "left_elbow", "right_knee", "left_knee",
+                "right_wrist", "left_wrist", "right_ankle", "left_ankle")
+
+# VIP / CIHP human-parsing classes; id = position (0 = background).
+VIP_CLASSES = ("background", "hat", "hair", "glove", "sunglasses", "upper_clothes", "dress",
+               "coat", "socks", "pants", "jumpsuits", "scarf", "skirt", "face", "left_arm",
+               "right_arm", "left_leg", "right_leg", "left_shoe", "right_shoe")
+
+LAYOUTS = {
+    "imagenet": "<root>/<split>/<class>/<name>.JPEG",
+    "videos": "<root>/<video>/<frame>.jpg (one folder of frames per video)",
+    "davis": ("<root>/JPEGImages/480p/<seq>/00000.jpg, <root>/Annotations/480p/<seq>/00000.png "
+              "(palette PNG of object ids), <root>/ImageSets/2017/val.txt"),
+    "vip": ("<root>/Images/videos<N>/<frame>.jpg, "
+            "<root>/Annotations/Category_ids/videos<N>/<frame>.png (class ids 0-19)"),
+    "jhmdb": ("<root>/Rename_Images/<class>/<video>/00001.png, "
+              "<root>/joint_positions/<class>/<video>/joint_positions.mat (pos_img 2x15xT)"),
+}
+
+KINDS = tuple(LAYOUTS)
+VALLIST_KINDS = ("davis", "vip", "jhmdb")
+
+
+class DatasetError(RuntimeError):
+    """A dataset root or file is missing or malformed; the message names the path."""
+
+
+def _layout_error(kind: str, path: Path | str, problem: str) -> DatasetError:
+    return DatasetError(f"{kind} dataset: {problem}: {path}\n  expected layout: {LAYOUTS[kind]}")
+
+
+def _require_dir(kind: str, path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise _layout_error(kind, path, f"missing {what} folder")
+    return path
+
+
+def _natural_key(path: Path):
+    """Sort integer stems as integers (VIP: 1, 2, 10), anything else lexicographically."""
+    stem = path.stem
+    return (0, int(stem), stem) if stem.isdigit() else (1, 0, stem)
+
+
+def _list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes
+                   and not p.name.startswith(".")), key=_natural_key)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+# ---------------------------------------------------------------------------------------------
+# single-file readers
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """HxWx3 uint8 RGB, read with OpenCV (BGR → RGB) like the reference propagation code."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DatasetError(f"cannot read image (missing or corrupt): {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_id_png(path: str | os.PathLike) -> np.ndarray:
+    """HxW uint8 ids of an indexed ("P") or grey ("L") PNG, as the DAVIS toolkit reads them."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise DatasetError(f"annotation must be an indexed (P) or grey (L) PNG, "
+                                   f"got mode {im.mode}: {path}")
+            return np.array(im, dtype=np.uint8)
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        raise DatasetError(f"cannot read annotation (missing or corrupt): {path} ({err})") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet folder and frame-folder videos
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: str  # "<class>/<stem>"
+    path: Path
+    label: int  # index of the class folder in sorted order
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    name: str
+    frames: list[Path] = field(hash=False)
+
+
+def list_imagenet(root: str | os.PathLike, split: str = "train") -> list[ImageRecord]:
+    """Every image under ``<root>/<split>/<class>/``, sorted by ``image_id``.
+
+    The position of an image in this list is its global index (used by the view shards).
+    """
+    root = Path(root)
+    split_dir = _require_dir("imagenet", root / split, f"'{split}' split")
+    classes = _subdirs(split_dir)
+    if not classes:
+        raise _layout_error("imagenet", split_dir, "no class folders in")
+    records = []
+    for label, cls_dir in enumerate(classes):
+        for p in cls_dir.iterdir():
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+                records.append(ImageRecord(f"{cls_dir.name}/{p.stem}", p, label))
+    if not records:
+        raise _layout_error("imagenet", split_dir, "no images (.JPEG/.jpg/.png) in")
+    records.sort(key=lambda r: r.image_id)
+    return records
+
+
+def list_videos(root: str | os.PathLike) -> list[VideoRecord]:
+    """Every frame folder under ``root`` (sorted by name; frames sorted, integer stems as ints).
+
+    Empty folders are skipped with a warning (a partly extracted Kinetics is common); a root with
+    no video at all is an error.
+    """
+    root = Path(root)
+    _require_dir("videos", root, "root")
+    videos = []
+    for d in _subdirs(root):
+        frames = _list_files(d, VIDEO_FRAME_SUFFIXES)
+        if not frames:
+            LOG.warning("skipping video folder without frames: %s", d)
+            continue
+        videos.append(VideoRecord(d.name, frames))
+    if not videos:
+        raise _layout_error("videos", root, "no video folder with frames in")
+    return videos
+
+
+# ---------------------------------------------------------------------------------------------
+# DAVIS-2017
+
+
+class DavisDataset:
+    """DAVIS-2017 semi-supervised layout (also DAVIS_480_880 copies).
+
+    ``sequences`` (default: ``ImageSets/2017/<split>.txt`` in file order) keeps the order given;
+    the reference matches results to sequences by position, so this order matters.
+    """
+
+    kind = "davis"
+
+    def __init__(self, root: str | os.PathLike, split: str = "val",
+                 sequences: Iterable[str] | None = None):
+        self.root = Path(root)
+        _require_dir("davis", self.root, "root")
+        self.image_dir = _require_dir("davis", self.root / "JPEGImages" / "480p", "JPEGImages/480p")
+        self.label_dir = _require_dir("davis", self.root / "Annotations" / "480p",
+                                      "Annotations/480p")
+        if sequences is None:
+            split_file = self.root / "ImageSets" / "2017" / f"{split}.txt"
+            if not split_file.is_file():
+                raise _layout_error("davis", split_file, "missing split file")
+            sequences = [s.strip() for s in split_file.read_text().splitlines() if s.strip()]
+            if not sequences:
+                raise _layout_error("davis", split_file, "empty split file")
+        self.sequences = list(sequences)
+        self._frames: dict[str, list[Path]] = {}
+        self._annotations: dict[str, list[Path]] = {}
+        for seq in self.sequences:
+            frames = _list_files(_require_dir("davis", self.image_dir / seq, "sequence"), (".jpg",))
+            labels = _list_files(_require_dir("davis", self.label_dir / seq, "annotation"), (".png",))
+            if not frames:
+                raise _layout_error("davis", self.image_dir / seq, "no .jpg frames in sequence")
+            if not labels:
+                raise _layout_error("davis", self.label_dir / seq, "no .png annotations in sequence")
+            if labels[0].stem != frames[0].stem:
+                raise _layout_error("davis", self.label_dir / seq,
+                                    f"first frame {frames[0].name} has no annotation in")
+            self._frames[seq], self._annotations[seq] = frames, labels
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def frames(self, seq: str) -> list[Path]:
+        return self._frames[seq]
+
+    def annotations(self, seq: str) -> list[Path]:
+        return self._annotations[seq]
+
+    @staticmethod
+    def read_frame(path) -> np.ndarray:
+        return read_rgb(path)
+
+    @staticmethod
+    def read_annotation(path) -> np.ndarray:
+        return read_id_png(path)
+
+    def num_objects(self, seq: str) -> int:
+        """Max object id in the first annotation, 255 (void) ignored — as the official toolkit."""
+        ids = self.read_annotation(self._annotations[seq][0])
+        ids = np.where(ids == 255, 0, ids)
+        return int(ids.max())
+
+
+# ---------------------------------------------------------------------------------------------
+# VIP
+
+
+def _vip_number(name: str) -> int:
+    m = re.fullmatch(r"videos(\d+)", name)
+    return int(m.group(1)) if m else sys.maxsize
+
+
+class VipDataset:
+    """VIP layout; ``videos`` defaults to every ``videos<N>`` folder sorted by N."""
+
+    kind = "vip"
+
+    def __init__(self, root: str | os.PathLike, videos: Iterable[str] | None = None):
+        self.root = Path(root)
+        _require_dir("vip", self.root, "root")
+        self.image_dir = _require_dir("vip", self.root / "Images", "Images")
+        self.label_dir = _require_dir("vip", self.root / "Annotations" / "Category_ids",
+                                      "Annotations/Category_ids")
+        if videos is None:
+            videos = sorted((d.name for d in _subdirs(self.image_dir)), key=lambda n: (_vip_number(n), n))
+            if not videos:
+                raise _layout_error("vip", self.image_dir, "no videos<N> folders in")
+        self.videos = list(videos)
+        self._frames: dict[str, list[Path]] = {}
+        self._annotations: dict[str, list[Path]] = {}
+        for v in self.videos:
+            frames = _list_files(_require_dir("vip", self.image_dir / v, "video"), (".jpg",))
+            labels = _list_files(_require_dir("vip", self.label_dir / v, "annotation"), (".png",))
+            if not frames:
+                raise _layout_error("vip", self.image_dir / v, "no .jpg frames in video")
+            if not labels:
+                raise _layout_error("vip", self.label_dir / v, "no .png annotations in video")
+            if labels[0].stem != frames[0].stem:
+                raise _layout_error("vip", self.label_dir / v,
+                                    f"first frame {frames[0].name} has no annotation in")
+            if len(labels) != len(frames):
+                LOG.warning("VIP %s: %d frames but %d annotations", v, len(frames), len(labels))
+            self._frames[v], self._annotations[v] = frames, labels
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def frames(self, video: str) -> list[Path]:
+        return self._frames[video]
+
+    def annotations(self, video: str) -> list[Path]:
+        return self._annotations[video]
+
+    @staticmethod
+    def read_frame(path) -> np.ndarray:
+        return read_rgb(path)
+
+    @staticmethod
+    def read_annotation(path) -> np.ndarray:
+        return read_id_png(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# JHMDB
+
+
+def read_pos_img(path: str | os.PathLike) -> np.ndarray:
+    """``pos_img`` of a JHMDB ``joint_positions.mat``: (2, 15, T) float64, 1-based pixels."""
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(str(path))
+    except (FileNotFoundError, OSError, ValueError, TypeError) as err:
+        raise DatasetError(f"cannot read joint positions (missing or corrupt): {path} ({err})") from err
+    if "pos_img" not in mat:
+        raise DatasetError(f"no 'pos_img' variable in {path}")
+    pos = np.asarray(mat["pos_img"], dtype=np.float64)
+    if pos.ndim != 3 or pos.shape[:2] != (2, len(JHMDB_JOINTS)):
+        raise DatasetError(f"pos_img must have shape (2, 15, T), got {pos.shape}: {path}")
+    return pos
+
+
+class JhmdbDataset:
+    """JHMDB layout; ``videos`` are ``"<class>/<video>"`` names.
+
+    ``split_list``: None (every video having both frames and joints, sorted), a sequence of
+    ``"<class>/<video>"`` names, or a path to a val list in the reference (label-first) format.
+    """
+
+    kind = "jhmdb"
+
+    def __init__(self, root: str | os.PathLike, split_list=None):
+        self.root = Path(root)
+        _require_dir("jhmdb", self.root, "root")
+        self.image_dir = _require_dir("jhmdb", self.root / "Rename_Images", "Rename_Images")
+        self.joint_dir = _require_dir("jhmdb", self.root / "joint_positions", "joint_positions")
+        if split_list is None:
+            videos = [f"{c.name}/{v.name}" for c in _subdirs(self.image_dir) for v in _subdirs(c)
+                      if (self.joint_dir / c.name / v.name / "joint_positions.mat").is_file()]
+            if not videos:
+                raise _layout_error("jhmdb", self.root, "no video with both frames and "
+                                    "joint_positions.mat in")
+        elif isinstance(split_list, (str, os.PathLike)):
+            videos = [e.name for e in read_vallist("jhmdb", split_list)]
+        else:
+            videos = list(split_list)
+        self.videos = videos
+        self._frames: dict[str, list[Path]] = {}
+        for v in self.videos:
+            # the reference lists only .png frames
+            frames = _list_files(_require_dir("jhmdb", self.image_dir / v, "video"), (".png",))
+            if not frames:
+                raise _layout_error("jhmdb", self.image_dir / v, "no .png frames in video")
+            mat = self.joints_path(v)
+            if not mat.is_file():
+                raise _layout_error("jhmdb", mat, "missing joint positions")
+            self._frames[v] = frames
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def frames(self, video: str) -> list[Path]:
+        return self._frames[video]
+
+    def joints_path(self, video: str) -> Path:
+        return self.joint_dir / video / "joint_positions.mat"
+
+    @staticmethod
+    def read_frame(path) -> np.ndarray:
+        return read_rgb(path)
+
+    def read_joints(self, video: str) -> np.ndarray:
+        return read_pos_img(self.joints_path(video))
+
+
+# ---------------------------------------------------------------------------------------------
+# val lists (reference formats, spec §3)
+
+
+@dataclass(frozen=True)
+class ValEntry:
+    """One line of a val list, in a fixed field order whatever the file's order."""
+
+    name: str  # DAVIS sequence, VIP "videos<N>", JHMDB "<class>/<video>"
+    frames: Path  # frame folder
+    labels: Path  # DAVIS/VIP annotation folder, JHMDB joint_positions.mat
+
+
+def _list_lines(kind: str, names: Sequence[str], prefix: str) -> list[str]:
+    def at(rel: str) -> str:
+        return f"{prefix}/{rel}" if prefix else rel
+
+    if kind == "davis":
+        return [f"{at('JPEGImages/480p/' + s)} {at('Annotations/480p/' + s)}" for s in names]
+    if kind == "vip":
+        return [f"{at('Images/' + v)} {at('Annotations/Category_ids/' + v)}" for v in names]
+    # JHMDB: label first (CropMAE's order; videowalk put the frames first)
+    return [f"{at('joint_positions/' + v + '/joint_positions.mat')} {at('Rename_Images/' + v)}"
+            for v in names]
+
+
+def write_vallist(kind: str, root: str | os.PathLike, path: str | os.PathLike,
+                  names: Sequence[str] | None = None, prefix: str | None = None) -> list[str]:
+    """Write the reference val list of ``root`` to ``path`` (one space, two fields, no trailing
+    newline) and return its lines.
+
+    ``names`` defaults to the dataset's own order (DAVIS: val.txt order). ``prefix`` is the root
+    as written in the lines (default: ``root`` as given); ``"."`` writes paths relative to the
+    root, which ``read_vallist`` resolves against the list's folder, so a list stored inside its
+    root keeps working when the tree is moved.
+    """
+    from pipeline.utils import write_text_atomic
+
+    if kind not in VALLIST_KINDS:
+        raise ValueError(f"val list kind must be one of {VALLIST_KINDS}, got {kind!r}")
+    root = Path(root)
+    if names is None:
+        ds = {"davis": DavisDataset, "vip": VipDataset, "jhmdb": JhmdbDataset}[kind](root)
+        names = ds.sequences if kind == "davis" else ds.videos
+    prefix = str(root) if prefix is None else prefix
+    prefix = "" if prefix in ("", ".", "./") else (prefix.rstrip("/") or "/")
+    lines = _list_lines(kind, list(names), prefix)
+    write_text_atomic(path, "\n".join(lines))
+    return lines
+
+
+def _resolve(entry: str, list_dir: Path) -> Path:
+    """Absolute paths as they are; relative ones against the list's folder, else against the
+    working directory (reference lists such as ``datasets/VIP/...`` are relative to the repo)."""
+    p = Path(entry)
+    if p.is_absolute():
+        return p
+    in_list_dir = list_dir / p
+    if in_list_dir.exists() or not p.exists():
+        return Path(os.path.normpath(in_list_dir))
+    return p
+
+
+def read_vallist(kind: str, path: str | os.PathLike) -> list[ValEntry]:
+    """Parse a reference val list; each line must have two fields (JHMDB: label first)."""
+    if kind not in VALLIST_KINDS:
+        raise ValueError(f"val list kind must be one of {VALLIST_KINDS}, got {kind!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{kind} val list not found: {path}")
+    entries = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise DatasetError(f"{path}:{lineno}: expected two space-separated fields, got {line!r}")
+        if kind == "jhmdb":
+            labels, frames = (_resolve(f, path.parent) for f in fields)
+            if labels.name != "joint_positions.mat":
+                raise DatasetError(f"{path}:{lineno}: JHMDB lists are label first "
+                                   f"(<...>/joint_positions.mat <frames dir>), got {line!r}")
+            name = f"{frames.parent.name}/{frames.name}"
+        else:
+            frames, labels = (_resolve(f, path.parent) for f in fields)
+            name = frames.name
+        entries.append(ValEntry(name, frames, labels))
+    if not entries:
+        raise DatasetError(f"{kind} val list is empty: {path}")
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: validate a root
+
+
+def check_root(kind: str, root: str | os.PathLike, vallist: str | os.PathLike | None = None,
+               deep: bool = False) -> dict:
+    """Open ``root`` with the reader of ``kind`` and return counts; ``deep`` reads every label."""
+    names = [e.name for e in read_vallist(kind, vallist)] if vallist else None
+    if kind == "imagenet":
+        recs = list_imagenet(root)
+        return {"images": len(recs), "classes": len({r.label for r in recs})}
+    if kind == "videos":
+        vids = list_videos(root)
+        return {"videos": len(vids), "frames": sum(len(v.frames) for v in vids)}
+    if kind == "davis":
+        ds = DavisDataset(root, sequences=names)
+        out = {"sequences": len(ds), "frames": sum(len(ds.frames(s)) for s in ds.sequences),
+               "annotations": sum(len(ds.annotations(s)) for s in ds.sequences),
+               "objects": sum(ds.num_objects(s) for s in ds.sequences)}
+        return out
+    if kind == "vip":
+        ds = VipDataset(root, videos=names)
+        out = {"videos": len(ds), "frames": sum(len(ds.frames(v)) for v in ds.videos),
+               "annotations": sum(len(ds.annotations(v)) for v in ds.videos)}
+        if deep:
+            ids = set()
+            for v in ds.videos:
+                for p in ds.annotations(v):
+                    ids.update(np.unique(ds.read_annotation(p)).tolist())
+            bad = sorted(i for i in ids if i >= len(VIP_CLASSES) and i != 255)
+            if bad:
+                raise DatasetError(f"VIP annotations under {root} hold ids {bad} outside 0-19")
+            out["classes_present"] = len(ids - {255})
+        return out
+    if kind == "jhmdb":
+        ds = JhmdbDataset(root, split_list=names)
+        out = {"videos": len(ds), "frames": sum(len(ds.frames(v)) for v in ds.videos)}
+        if deep:
+            for v in ds.videos:
+                pos = ds.read_joints(v)
+                if pos.shape[2] < len(ds.frames(v)):
+                    raise DatasetError(f"pos_img has {pos.shape[2]} frames but the video has "
+                                       f"{len(ds.frames(v))}: {ds.joints_path(v)}")
+        return out
+    raise ValueError(f"unknown dataset kind {kind!r}; one of {KINDS}")
+
+
+def main(argv=None) -> None:
+    from pipeline.utils import setup_logging
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.datasets",
+                                 description="Readers for the official dataset layouts.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    chk = sub.add_parser("check", help="validate a dataset root and print counts")
+    chk.add_argument("--kind", required=True, choices=KINDS)
+    chk.add_argument("--root", required=True)
+    chk.add_argument("--list", default=None, help="optional val list (reference format)")
+    chk.add_argument("--deep", action="store_true", help="also read every annotation/joint file")
+    args = ap.parse_args(argv)
+    setup_logging()
+    try:
+        counts = check_root(args.kind, args.root, args.list, deep=args.deep)
+    except DatasetError as err:
+        raise SystemExit(f"error: {err}")
+    print(f"{args.kind} root {args.root}: OK")
+    for k, v in counts.items():
+        print(f"  {k}: {v}")
+
+
+if __name__ == "__main__":
+    main()
