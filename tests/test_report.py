@@ -1,0 +1,109 @@
+"""Report assembly: tables from evaluation CSVs, hand-computed means/stds, labelling rules."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from pipeline import report
+
+CELL = "method~cdgmae/arch~vit_mini_patch8/generator~{g}/target~either/anchors~{n}/anchor_mask~{ra}/target_mask~0.9/epochs~4/seed~{s}"
+VALUES = {"davis": ("J&F-Mean", "J-Mean", "F-Mean"), "vip": ("mIoU",), "jhmdb": ("PCK@0.1", "PCK@0.2")}
+
+
+def write_eval(root, model, davis, vip, jhmdb):
+    files = []
+    for ds, vals in (("davis", (davis, davis - 1, davis + 1)), ("vip", (vip,)), ("jhmdb", (jhmdb, jhmdb + 20))):
+        p = root / "results" / "eval" / model / ds / "metrics.csv"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame([dict(zip(VALUES[ds], vals))]).to_csv(p, index=False)
+        files.append(str(p))
+    return files
+
+
+@pytest.fixture
+def table4_evals(tmp_path):
+    files = []
+    # cell (2, 0.25): seeds give DAVIS 40 and 44 -> mean 42, sample std 2*sqrt(2) = 2.8284
+    files += write_eval(tmp_path, CELL.format(g="warp", n=2, ra=0.25, s=0), 40.0, 20.0, 30.0)
+    files += write_eval(tmp_path, CELL.format(g="warp", n=2, ra=0.25, s=1), 44.0, 22.0, 30.0)
+    files += write_eval(tmp_path, CELL.format(g="warp", n=1, ra=0.0, s=0), 35.0, 18.0, 25.0)
+    files += write_eval(tmp_path, CELL.format(g="warp", n=1, ra=0.0, s=1), 35.0, 18.0, 27.0)
+    files += write_eval(tmp_path, "random-init/arch~vit_mini_patch8/seed~0", 20.0, 10.0, 15.0)
+    return files
+
+
+def test_parse_model_path_restores_types():
+    info = report.parse_model_path(CELL.format(g="sldm", n=3, ra=0.5, s=2))
+    assert info["anchors"] == 3 and info["anchor_mask"] == 0.5 and info["seed"] == 2
+    assert info["generator"] == "sldm" and info["kind"] == "trained"
+    assert report.parse_model_path("random-init/arch~vit_small_patch16/seed~0")["kind"] == "random-init"
+
+
+def test_table4_mean_std_and_reference_row(table4_evals):
+    table, per_seed = report.build_table("table4", table4_evals, "test")
+    row = table[(table["n_anchors"] == 2) & (table["anchor_mask_ratio"] == 0.25)].iloc[0]
+    assert row["n_seeds"] == 2
+    assert row["davis_jf_m_mean"] == pytest.approx(42.0)
+    assert row["davis_jf_m_std"] == pytest.approx(2 * math.sqrt(2))  # ddof = 1
+    assert row["vip_miou_mean"] == pytest.approx(21.0)
+    assert row["jhmdb_pck01_std"] == pytest.approx(0.0)
+    a1 = table[(table["n_anchors"] == 1)].iloc[0]
+    assert a1["jhmdb_pck01_mean"] == pytest.approx(26.0)
+    ref = table[table["row"] == report.RANDOM_INIT]
+    assert len(ref) == 1 and ref.iloc[0]["davis_jf_m_mean"] == pytest.approx(20.0)
+    assert math.isnan(ref.iloc[0]["davis_jf_m_std"])  # one seed: no std
+    # weights-free views are labelled as a baseline on every trained row
+    assert table[table["row"] == "trained"]["views_are_baseline"].all()
+    assert len(per_seed) == 5 and set(per_seed["seed"]) == {0, 1}
+
+
+def test_table8_joins_gflops(table4_evals, tmp_path):
+    g = tmp_path / "gflops.csv"
+    pd.DataFrame({"anchors": [1, 2], "anchor_mask": [0.0, 0.25], "gflops": [6.036, 8.263]}).to_csv(g, index=False)
+    table, _ = report.build_table("table8", table4_evals, "test", gflops=str(g))
+    row = table[(table["n_anchors"] == 2)].iloc[0]
+    assert row["gflops"] == pytest.approx(8.263)
+
+
+def test_table5_names_and_cited_rows(tmp_path):
+    files = write_eval(tmp_path, CELL.format(g="warp", n=1, ra=0.0, s=0), 30.0, 10.0, 20.0)
+    files += write_eval(tmp_path, CELL.format(g="sldm", n=3, ra=0.25, s=0), 31.0, 11.0, 21.0)
+    files += write_eval(tmp_path, "method~cropmae/arch~vit_mini_patch8/generator~none/target~none/anchors~1/"
+                                  "anchor_mask~0.0/target_mask~0.985/epochs~4/seed~0", 25.0, 9.0, 19.0)
+    table, _ = report.build_table("table5", files, "test")
+    methods = list(table["method"])
+    assert "CropMAE" in methods and "CDG-MAE-a3" in methods
+    # warp views never masquerade as CDG-MAE
+    assert any("warp pseudo-views (baseline)" in m for m in methods)
+    assert not any(m == "CDG-MAE-a1" for m in methods)
+    cited = table[table["source"].str.startswith("cited")]
+    assert set(cited["method"]) == {"MAE", "Video-MAE", "MAE-ST"}
+    assert cited[cited.method == "MAE"].iloc[0]["davis_jf_m"] == 53.5
+    crop = table[table.method == "CropMAE"].iloc[0]
+    assert crop["davis_j_m"] == pytest.approx(24.0) and crop["jhmdb_pck02"] == pytest.approx(39.0)
+
+
+def test_malformed_eval_is_named(tmp_path):
+    p = tmp_path / "results" / "eval" / "random-init" / "arch~x" / "seed~0" / "davis" / "metrics.csv"
+    p.parent.mkdir(parents=True)
+    pd.DataFrame([{"J-Mean": 1.0}]).to_csv(p, index=False)
+    with pytest.raises(ValueError, match="J&F-Mean"):
+        report.read_eval(p)
+
+
+def test_summary_states_scale_and_paper_values(table4_evals, tmp_path):
+    table, _ = report.build_table("table4", table4_evals, "synthetic-demo")
+    md = report.summary_markdown({"table4": table}, "synthetic-demo", "Data: synthetic.")
+    assert "synthetic-demo" in md and "Data: synthetic." in md
+    assert "61.2 / 37.6 / 46.5" in md  # the paper's (1, 0) row beside ours
+    assert "42.0 ± 2.8" in md
+
+
+def test_cli_writes_table_and_figure(table4_evals, tmp_path):
+    out = tmp_path / "t.csv"
+    fig = tmp_path / "f.png"
+    files = table4_evals
+    report.main(["table", "--name", "figure4", "--evals", *files, "--output", str(out),
+                 "--per-seed", str(tmp_path / "p.csv"), "--figure", str(fig)])
+    assert out.exists() and fig.stat().st_size > 1000
