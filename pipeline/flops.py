@@ -1,0 +1,148 @@
+"""Training GFLOPs per sample of each (N anchors, anchor mask) cell — the paper's Table 8 column.
+
+Convention (spec model-and-training.md §11, the usual one in MAE-family papers): fvcore's
+``FlopCountAnalysis`` total for one sample, forward pass up to the loss, i.e.
+
+* one multiply-add = 1 (the paper's "GFLOPs" are GMACs); Linear and conv counted, LayerNorm 5·numel;
+* attention QK^T and AV products not counted (they run inside ``scaled_dot_product_attention``,
+  which fvcore skips, as it skips softmax, GELU and the loss);
+* the patch-embed conv runs on every patch of every view (masking happens after embedding);
+  masked tokens are dropped at the encoder input and cost nothing.
+
+At ViT-S/16, 224 px, r_t = 0.9 this reproduces all eight Table 8 cells within 0.05.
+
+``--method flopcounter`` is an independent count with ``torch.utils.flop_counter.FlopCounterMode``
+(addmm/mm/convolution FLOPs / 2 + 5·numel per LayerNorm, model in train mode so that
+``nn.MultiheadAttention`` does not take its eval fast path, which the counter cannot see); it agrees
+with fvcore and needs no TorchScript tracing.
+
+    python -m pipeline.flops --output results/gflops.csv [--arch vit_small_patch16 --img-size 224 \
+        --target-mask 0.9 --cells "1:0,2:0,2:0.25,2:0.5,3:0.25,3:0.5,4:0.25,4:0.5"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+
+import torch
+import torch.nn as nn
+
+from pipeline.utils import set_threads, setup_logging, write_csv_atomic
+
+LOG = logging.getLogger("cdgmae.flops")
+
+TABLE8_CELLS = "1:0,2:0,2:0.25,2:0.5,3:0.25,3:0.5,4:0.25,4:0.5"
+
+# Paper Table 8, GFLOPs column, keyed by (N, r_a) — used by tests and the report, never as output.
+PAPER_TABLE8 = {(1, 0.0): 6.0, (2, 0.0): 10.4, (2, 0.25): 8.3, (2, 0.5): 6.1,
+                (3, 0.25): 11.6, (3, 0.5): 8.3, (4, 0.25): 14.9, (4, 0.5): 10.6}
+
+
+def parse_cells(text: str) -> list[tuple[int, float]]:
+    """"1:0,2:0.25" -> [(1, 0.0), (2, 0.25)]; anchor masks as fractions (0.25, not 25)."""
+    cells = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            n, ratio = item.split(":")
+            cell = (int(n), float(ratio))
+        except ValueError:
+            raise ValueError(f"--cells: bad item {item!r}; expected ANCHORS:ANCHOR_MASK, e.g. 2:0.25") from None
+        if cell[0] < 1 or not 0.0 <= cell[1] < 1.0:
+            raise ValueError(f"--cells: {item!r} needs ANCHORS >= 1 and 0 <= ANCHOR_MASK < 1")
+        cells.append(cell)
+    if not cells:
+        raise ValueError("--cells: no cells given")
+    return cells
+
+
+class _LossOnly(nn.Module):
+    """Wraps the model so that tracing sees one tensor in, the loss out, with fixed mask ratios."""
+
+    def __init__(self, model: nn.Module, target_mask: float, anchor_mask: float):
+        super().__init__()
+        self.model, self.target_mask, self.anchor_mask = model, target_mask, anchor_mask
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return self.model(views, self.target_mask, self.anchor_mask)[0]
+
+
+def gmacs_fvcore(model: nn.Module, views: torch.Tensor, target_mask: float, anchor_mask: float) -> float:
+    """fvcore FlopCountAnalysis total (GMACs) of one forward pass on ``views`` (1, 1+N, 3, H, W)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(_LossOnly(model, target_mask, anchor_mask), views)
+    analysis.unsupported_ops_warnings(False)  # sdpa, GELU, softmax, loss: skipped by convention
+    analysis.uncalled_modules_warnings(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript tracer warnings
+        return analysis.total() / 1e9
+
+
+def gmacs_flopcounter(model: nn.Module, views: torch.Tensor, target_mask: float, anchor_mask: float) -> float:
+    """FlopCounterMode matmul/conv FLOPs / 2 + 5·numel per LayerNorm input (GMACs); attention excluded."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not model.training:
+        raise ValueError("gmacs_flopcounter needs the model in train mode (MHA eval fast path is invisible)")
+    layer_norm_macs = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: layer_norm_macs.append(5 * inp[0].numel()))
+             for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(views, target_mask, anchor_mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    counted = {torch.ops.aten.addmm, torch.ops.aten.mm, torch.ops.aten.convolution}
+    flops = sum(v for op, v in counter.get_flop_counts()["Global"].items() if op in counted)
+    return (flops / 2 + sum(layer_norm_macs)) / 1e9
+
+
+METHODS = {"fvcore": gmacs_fvcore, "flopcounter": gmacs_flopcounter}
+
+
+def table8_gflops(arch: str = "vit_small_patch16", img_size: int = 224, target_mask: float = 0.9,
+                  cells: list[tuple[int, float]] | None = None, method: str = "fvcore",
+                  seed: int = 0) -> list[dict]:
+    """Rows {anchors, anchor_mask, gflops} for one training sample of every cell (forward only)."""
+    from pipeline.models_mae import CrossViewMAE
+
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    cells = cells if cells is not None else parse_cells(TABLE8_CELLS)
+    torch.manual_seed(seed)  # weights and masks do not change the count; fixed for determinism
+    model = CrossViewMAE(arch, img_size).train()  # train mode: the real training forward
+    rows = []
+    for n_anchors, anchor_mask in cells:
+        views = torch.randn(1, 1 + n_anchors, 3, img_size, img_size)
+        gmacs = METHODS[method](model, views, target_mask, anchor_mask)
+        LOG.info("N=%d r_a=%.3f r_t=%.3f: %.4f GMACs (%s)", n_anchors, anchor_mask, target_mask, gmacs, method)
+        rows.append({"anchors": n_anchors, "anchor_mask": anchor_mask, "gflops": round(gmacs, 4)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.flops", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True, help="CSV with columns anchors,anchor_mask,gflops")
+    parser.add_argument("--arch", default="vit_small_patch16", help="registry name in pipeline.models_mae.ARCHS")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--target-mask", type=float, default=0.9, help="r_t as a fraction")
+    parser.add_argument("--cells", default=TABLE8_CELLS, help="comma-separated ANCHORS:ANCHOR_MASK (fractions)")
+    parser.add_argument("--method", choices=sorted(METHODS), default="fvcore")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--log-file", default=None)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_file)
+    set_threads(args.threads)
+
+    import pandas as pd
+
+    rows = table8_gflops(args.arch, args.img_size, args.target_mask, parse_cells(args.cells), args.method)
+    write_csv_atomic(pd.DataFrame(rows, columns=["anchors", "anchor_mask", "gflops"]), args.output)
+    LOG.info("wrote %d cells to %s", len(rows), args.output)
+
+
+if __name__ == "__main__":
+    main()
