@@ -1,0 +1,380 @@
+"""Training-sample strategies: how one pretraining sample (target + N anchors) is drawn.
+
+A strategy turns a source item (a bag of views, an image, a video) into a float tensor
+``(1 + N, 3, S, S)``, ImageNet-normalised, **index 0 = target**, 1..N = anchors — the layout
+``pipeline.models_mae.CrossViewMAE.forward`` expects.
+
+Registry (``STRATEGIES``, by method name; ``build_dataset`` dispatches on ``cell["method"]``):
+
+- ``cdgmae``: bag of views (real image + M generated views). Target rule ``real``, ``generated``,
+  ``either`` (uniform over the M + 1 images) or ``knn`` (target = the real image, anchors = real
+  images of its k-NN); N distinct anchors from the rest. BYOL-style random resized crop, scale
+  [0.5, 1], aspect (3/4, 4/3), flips; one crop box and flip shared by all views (SiamMAE-style,
+  the default) or one per view (``pretrain.crop.shared: false``).
+- ``cropmae``: CropMAE's GlobalToLocal — a global RRC of the real image, a local RRC *of the
+  resized global crop*, each with its own flip; [global, local] = [anchor, target].
+- ``siammae``: two frames of a video ``gap ~ randint(4, 48)`` apart (clipped to the video), same
+  crop box and flip; past frame = anchor, future frame = target.
+
+Determinism: every random choice of a sample comes from ``numpy.random.default_rng([seed, epoch,
+index])``, so a sample depends only on (seed, epoch, index) — not on worker count, batch position
+or whether the run was resumed. Datasets take ``(epoch, index)`` keys (see ``EpochSampler`` in
+``pipeline.pretrain``) so persistent workers need no epoch broadcast.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+STRATEGIES: dict[str, Callable[..., "EpochDataset"]] = {}
+
+
+def register_strategy(name: str):
+    def deco(fn):
+        STRATEGIES[name] = fn
+        return fn
+
+    return deco
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry: boxes, crops, flips
+
+
+def sample_rrc_box(rng: np.random.Generator, height: int, width: int,
+                   scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
+    """BYOL/TF-style single-shot random-resized-crop box ``(top, left, h, w)``.
+
+    As CropMAE's ``RRC`` (used by its GlobalToLocal and SiamMAE pipelines), not torchvision's
+    10-try loop: area uniform in ``scale`` x image area, aspect log-uniform in ``ratio``, w and h
+    clamped to the image, offset uniform.
+    """
+    area = height * width * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w = min(int(round(math.sqrt(area * aspect))), width)
+    h = min(int(round(math.sqrt(area / aspect))), height)
+    w, h = max(w, 1), max(h, 1)
+    top = int(rng.integers(0, height - h + 1))
+    left = int(rng.integers(0, width - w + 1))
+    return top, left, h, w
+
+
+def to_chw(image: np.ndarray, what: str = "image") -> torch.Tensor:
+    """HxWx3 uint8 array -> (3, H, W) uint8 tensor; a clear error for anything else."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        desc = f"{getattr(image, 'shape', None)} {getattr(image, 'dtype', type(image).__name__)}"
+        raise ValueError(f"{what}: expected an HxWx3 uint8 RGB array, got {desc}")
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
+def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, size, size) uint8: crop ``box``, bilinear + antialias resize, flip."""
+    from torchvision.transforms.v2 import functional as TF
+
+    top, left, h, w = box
+    out = TF.resized_crop(image, top, left, h, w, [size, size],
+                          interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return TF.horizontal_flip(out) if flip else out
+
+
+def normalize(views: torch.Tensor) -> torch.Tensor:
+    """(K, 3, S, S) uint8 -> float32 in [0, 1], then ImageNet mean/std (as the reference's
+    ToDtype(scale=True) + Normalize)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (views.float() / 255.0 - mean) / std
+
+
+def match_size(images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Bring every image to the first generated view's resolution (the last image's if there is
+    no view) so one shared crop box means the same region in each [inferred, spec §7]."""
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = images[-1].shape[-2:]
+    return [im if im.shape[-2:] == (h, w) else TF.resize(im, [h, w], antialias=True) for im in images]
+
+
+# ---------------------------------------------------------------------------------------------
+# target / anchor choice in a bag of views
+
+
+TARGET_RULES = ("real", "generated", "either", "knn")
+
+
+def choose_bag_indices(rng: np.random.Generator, n_views: int, anchors: int, target: str) -> tuple[int, list[int]]:
+    """Pick (target, anchors) among the bag images 0 = real, 1..M = generated views.
+
+    ``real``: target 0; ``generated``: target uniform over 1..M; ``either``: uniform over 0..M
+    (the paper's "one image is randomly chosen", so P(real) = 1/(M+1)). Anchors: ``anchors``
+    distinct images among the remaining M (real included when the target is generated).
+    ``knn`` draws anchors from neighbours instead (see ``BagViewsDataset``), so it is not handled
+    here.
+    """
+    if target == "real":
+        t = 0
+    elif target == "generated":
+        t = int(rng.integers(1, n_views + 1))
+    elif target == "either":
+        t = int(rng.integers(0, n_views + 1))
+    else:
+        raise ValueError(f"target rule {target!r} is not a bag rule (expected real/generated/either)")
+    rest = [i for i in range(n_views + 1) if i != t]
+    if anchors > len(rest):
+        raise ValueError(f"{anchors} anchors requested but the bag has only {len(rest)} other images")
+    picked = rng.choice(len(rest), size=anchors, replace=False)
+    return t, [rest[int(i)] for i in picked]
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets
+
+
+class EpochDataset(Dataset):
+    """Base: items are keyed by ``(epoch, index)`` (a plain int means epoch 0); every random
+    draw of an item comes from ``rng(epoch, index)``."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def rng(self, epoch: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(epoch), int(index)])
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of {len(self)}")
+        return self.sample(int(index), self.rng(epoch, index))
+
+    def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class BagViewsDataset(EpochDataset):
+    """CDG-MAE samples from a bag of views (``pipeline.views.BagDataset`` or any sequence of the
+    same items: ``{"image_id", "index", "real": HxWx3 uint8, "views": [HxWx3 uint8] * M}``)."""
+
+    def __init__(self, bag, *, img_size: int, anchors: int, target: str, seed: int,
+                 scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), shared: bool = True, flip: bool = True,
+                 knn: dict | None = None):
+        super().__init__(seed)
+        if target not in TARGET_RULES:
+            raise ValueError(f"unknown target rule {target!r}; expected one of {TARGET_RULES}")
+        if target == "knn" and knn is None:
+            raise ValueError("target=knn needs the neighbours file (--knn results/consistency/knn.npz)")
+        self.bag, self.img_size, self.anchors, self.target = bag, int(img_size), int(anchors), target
+        self.scale, self.ratio, self.shared, self.flip = tuple(scale), tuple(ratio), bool(shared), bool(flip)
+        self.knn = knn
+        self._row_of_index: dict[int, int] | None = None
+        if knn is not None and self.anchors > knn["neighbours"].shape[1]:
+            raise ValueError(f"{self.anchors} anchors but the neighbours file holds only "
+                             f"k = {knn['neighbours'].shape[1]} neighbours per image")
+
+    def __len__(self) -> int:
+        return len(self.bag)
+
+    def _bag_row(self, global_index: int) -> int:
+        """Bag row of an image by its global index (the bag may hold a subset, e.g. max_images)."""
+        if self._row_of_index is None:
+            indices = getattr(self.bag, "indices", None)
+            if indices is None:
+                indices = [self.bag[r]["index"] for r in range(len(self.bag))]
+            self._row_of_index = {int(g): r for r, g in enumerate(indices)}
+        try:
+            return self._row_of_index[int(global_index)]
+        except KeyError:
+            raise KeyError(f"neighbour with global index {global_index} is not in the bag of views") from None
+
+    def _neighbour_images(self, item: dict, rng: np.random.Generator) -> list[np.ndarray]:
+        row = self.knn["row_of_id"].get(item["image_id"])
+        if row is None:
+            raise KeyError(f"image {item['image_id']!r} has no row in the neighbours file")
+        neigh = self.knn["neighbours"][row]
+        if (neigh == item["index"]).any():
+            raise ValueError(f"neighbours of {item['image_id']!r} include the image itself")
+        picked = rng.choice(len(neigh), size=self.anchors, replace=False)
+        return [self.bag[self._bag_row(neigh[int(i)])]["real"] for i in picked]
+
+    def select(self, item: dict, rng: np.random.Generator) -> list[np.ndarray]:
+        """[target, anchor_1..anchor_N] images (HxWx3 uint8) of one bag item."""
+        if self.target == "knn":
+            return [item["real"]] + self._neighbour_images(item, rng)
+        images = [item["real"]] + list(item["views"])
+        t, a = choose_bag_indices(rng, len(item["views"]), self.anchors, self.target)
+        return [images[t]] + [images[i] for i in a]
+
+    def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        item = self.bag[index]
+        name = f"bag item {index} ({item.get('image_id', '?')})"
+        images = match_size([to_chw(im, name) for im in self.select(item, rng)])
+        h, w = images[0].shape[-2:]
+        crops = []
+        for k, im in enumerate(images):
+            if k == 0 or not self.shared:  # draw a box (and flip) for the target, or per view
+                box = sample_rrc_box(rng, h, w, self.scale, self.ratio)
+                flip = self.flip and bool(rng.random() < 0.5)
+            crops.append(resized_crop(im, box, self.img_size, flip))
+        return normalize(torch.stack(crops))  # (1 + N, 3, S, S)
+
+
+class GlobalToLocalDataset(EpochDataset):
+    """CropMAE GlobalToLocal samples from single images (``ImageRecord``s with ``.path``)."""
+
+    def __init__(self, images: Sequence, *, img_size: int, seed: int, global_scale=(0.1, 1.0),
+                 local_scale=(0.3, 0.6), ratio=(3 / 4, 4 / 3), flip: bool = True):
+        super().__init__(seed)
+        self.images, self.img_size = list(images), int(img_size)
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.ratio, self.flip = tuple(ratio), bool(flip)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def crops(self, image: torch.Tensor, rng: np.random.Generator):
+        """(global box on the image, local box on the resized global crop) and the two crops."""
+        s = self.img_size
+        gbox = sample_rrc_box(rng, *image.shape[-2:], self.global_scale, self.ratio)
+        global_crop = resized_crop(image, gbox, s, False)  # (3, S, S)
+        lbox = sample_rrc_box(rng, s, s, self.local_scale, self.ratio)
+        local_crop = resized_crop(global_crop, lbox, s, False)
+        # each view gets its own flip, after both crops (as the reference's per-view transforms)
+        if self.flip and rng.random() < 0.5:
+            global_crop = global_crop.flip(-1)
+        if self.flip and rng.random() < 0.5:
+            local_crop = local_crop.flip(-1)
+        return gbox, lbox, global_crop, local_crop
+
+    def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        from pipeline.datasets import read_rgb
+
+        path = self.images[index].path
+        image = to_chw(read_rgb(path), str(path))
+        _, _, global_crop, local_crop = self.crops(image, rng)
+        # reference order [global, local] = [anchor, target]; ours puts the target first
+        return normalize(torch.stack([local_crop, global_crop]))  # (2, 3, S, S)
+
+
+def sample_frame_pair(rng: np.random.Generator, n_frames: int, gap_range=(4, 48)) -> tuple[int, int]:
+    """SiamMAE's ``sample_frames``: gap ~ randint(min(lo, n-1), min(hi, n)) (upper exclusive),
+    f1 uniform in [0, n - gap - 1], f2 = f1 + gap."""
+    if n_frames < 2:
+        raise ValueError(f"a video needs at least 2 frames, got {n_frames}")
+    lo, hi = min(int(gap_range[0]), n_frames - 1), min(int(gap_range[1]), n_frames)
+    gap = int(rng.integers(lo, hi)) if hi > lo else lo
+    f1 = int(rng.integers(0, n_frames - gap))
+    return f1, f1 + gap
+
+
+class VideoPairDataset(EpochDataset):
+    """SiamMAE samples: two frames of one video (``VideoRecord``s with ``.name``, ``.frames``)."""
+
+    def __init__(self, videos: Sequence, *, img_size: int, seed: int, frame_gap=(4, 48),
+                 scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True):
+        super().__init__(seed)
+        self.videos, self.img_size = list(videos), int(img_size)
+        self.frame_gap, self.scale, self.ratio, self.flip = tuple(frame_gap), tuple(scale), tuple(ratio), bool(flip)
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        from pipeline.datasets import read_rgb
+
+        video = self.videos[index]
+        f1, f2 = sample_frame_pair(rng, len(video.frames), self.frame_gap)
+        past, future = (to_chw(read_rgb(video.frames[f]), str(video.frames[f])) for f in (f1, f2))
+        past, future = match_size([past, future])
+        box = sample_rrc_box(rng, *future.shape[-2:], self.scale, self.ratio)
+        flip = self.flip and bool(rng.random() < 0.5)
+        # target = future frame, anchor = past frame, one box and flip for both
+        return normalize(torch.stack([resized_crop(future, box, self.img_size, flip),
+                                      resized_crop(past, box, self.img_size, flip)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# registry entries: (cell, settings, sources) -> dataset
+
+
+def load_knn(path: str | Path) -> dict:
+    """The consistency stage's neighbours file: ``image_id`` (N,), ``neighbours`` (N, k) int64."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"neighbours file not found: {path}")
+    with np.load(path, allow_pickle=False) as z:
+        for key in ("image_id", "neighbours"):
+            if key not in z:
+                raise KeyError(f"{path}: missing array {key!r} (has {sorted(z.files)})")
+        ids, neigh = z["image_id"].astype(str), z["neighbours"].astype(np.int64)
+    if neigh.ndim != 2 or len(neigh) != len(ids):
+        raise ValueError(f"{path}: neighbours has shape {neigh.shape}, expected ({len(ids)}, k)")
+    return {"row_of_id": {str(i): r for r, i in enumerate(ids)}, "neighbours": neigh}
+
+
+@register_strategy("cdgmae")
+def build_cdgmae(cell: dict, settings: dict, *, seed: int, bag=None, knn=None, **_) -> BagViewsDataset:
+    if bag is None:
+        raise ValueError("method cdgmae needs a bag of views (--bag results/views/<generator>/bag.h5)")
+    if isinstance(bag, (str, Path)):
+        from pipeline.views import BagDataset
+
+        if not Path(bag).exists():
+            raise FileNotFoundError(f"bag of views not found: {bag}")
+        bag = BagDataset(str(bag))
+    if cell["target"] == "knn":
+        if knn is None:
+            raise ValueError("target=knn needs --knn results/consistency/knn.npz")
+        knn = load_knn(knn) if isinstance(knn, (str, Path)) else knn
+    else:
+        knn = None
+    crop = settings["crop"]
+    return BagViewsDataset(bag, img_size=settings["img_size"], anchors=cell["anchors"], target=cell["target"],
+                           seed=seed, scale=crop["scale"], ratio=crop["ratio"], shared=crop["shared"],
+                           flip=crop["flip"], knn=knn)
+
+
+@register_strategy("cropmae")
+def build_cropmae(cell: dict, settings: dict, *, seed: int, imagenet_root=None, images=None, **_):
+    if images is None:
+        if imagenet_root is None:
+            raise ValueError("method cropmae needs --imagenet-root")
+        from pipeline.datasets import list_imagenet
+
+        images = list_imagenet(imagenet_root)
+    cfg = settings["cropmae"]
+    return GlobalToLocalDataset(images, img_size=settings["img_size"], seed=seed, global_scale=cfg["global_scale"],
+                                local_scale=cfg["local_scale"], ratio=settings["crop"]["ratio"],
+                                flip=settings["crop"]["flip"])
+
+
+@register_strategy("siammae")
+def build_siammae(cell: dict, settings: dict, *, seed: int, videos_root=None, videos=None, **_):
+    if videos is None:
+        if videos_root is None:
+            raise ValueError("method siammae needs --videos-root")
+        from pipeline.datasets import list_videos
+
+        videos = list_videos(videos_root)
+    short = [v.name for v in videos if len(v.frames) < 2]
+    if short:
+        raise ValueError(f"videos with fewer than 2 frames: {short[:5]}")
+    crop = settings["crop"]
+    return VideoPairDataset(videos, img_size=settings["img_size"], seed=seed,
+                            frame_gap=settings["siammae"]["frame_gap"], scale=crop["scale"],
+                            ratio=crop["ratio"], flip=crop["flip"])
+
+
+def build_dataset(cell: dict, settings: dict, *, seed: int, **sources) -> EpochDataset:
+    """The training dataset of a cell: ``STRATEGIES[cell["method"]]`` with the sources it needs
+    (``bag``, ``knn``, ``imagenet_root``/``images``, ``videos_root``/``videos``)."""
+    method = cell["method"]
+    if method not in STRATEGIES:
+        raise KeyError(f"unknown method {method!r}; registered: {sorted(STRATEGIES)}")
+    return STRATEGIES[method](cell, settings, seed=seed, **sources)
