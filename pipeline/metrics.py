@@ -1,0 +1,362 @@
+"""Label-propagation metrics: DAVIS-2017 J and F, VIP mIoU, JHMDB PCK.
+
+Pure NumPy / OpenCV / scikit-image. The definitions follow the reference evaluations exactly
+(official davis2017-evaluation toolkit, CropMAE's ``eval_vip.py`` and ``eval_pck.py``), including
+their quirks, which are named and pinned by tests (see docs in /work/shared/spec/propagation-eval.md
+§2). The per-frame DAVIS scorer :func:`davis_frame_scores` computes every object of a frame at once:
+J from one joint histogram of (GT id, predicted id), F with the boundary dilation restricted to the
+bounding box of the two boundaries (the dilation is exact inside that box, and only boundary pixels
+are ever counted), which gives the toolkit's numbers several times faster.
+
+Layouts: masks are ``(H, W)`` (or ``(..., H, W)`` where stated); JHMDB coordinates are ``(2, 15, T)``
+arrays of (x, y) per joint per frame.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import lru_cache
+
+import numpy as np
+
+# DAVIS boundary tolerance as a fraction of the image diagonal (toolkit default ``bound_th``).
+BOUNDARY_TH = 0.008
+
+VIP_NUM_CLASSES = 20
+VIP_CLASSES = ("background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat", "socks",
+               "pants", "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm", "left-arm",
+               "right-leg", "left-leg", "right-shoe", "left-shoe")
+
+JHMDB_JOINTS = ("neck", "belly", "face", "right-shoulder", "left-shoulder", "right-hip", "left-hip",
+                "right-elbow", "left-elbow", "right-knee", "left-knee", "right-wrist", "left-wrist",
+                "right-ankle", "left-ankle")
+PCK_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
+# Reference normaliser: 0.6 x diagonal of the per-frame box of the visible GT joints.
+PCK_BOX_SCALE = 0.6
+
+
+# ----------------------------------------------------------------------------------------------
+# DAVIS: region similarity J
+# ----------------------------------------------------------------------------------------------
+
+def db_eval_iou(annotation: np.ndarray, segmentation: np.ndarray):
+    """Jaccard index of binary masks ``(..., H, W)``; 1 where the union is empty (toolkit rule)."""
+    if annotation.shape != segmentation.shape:
+        raise ValueError(f"annotation {annotation.shape} and segmentation {segmentation.shape} differ")
+    annotation = annotation.astype(bool)
+    segmentation = segmentation.astype(bool)
+    inters = np.sum(annotation & segmentation, axis=(-2, -1))
+    union = np.sum(annotation | segmentation, axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        j = inters / union
+    j = np.where(union == 0, 1.0, j)
+    return float(j) if j.ndim == 0 else j
+
+
+# ----------------------------------------------------------------------------------------------
+# DAVIS: boundary F
+# ----------------------------------------------------------------------------------------------
+
+def seg2bmap(seg: np.ndarray) -> np.ndarray:
+    """One-pixel boundary map of binary masks ``(..., H, W)`` (toolkit ``_seg2bmap``).
+
+    A pixel is a boundary pixel when it differs from its right, lower or lower-right neighbour; the
+    last row only looks right, the last column only looks down, the bottom-right pixel is never one.
+    """
+    seg = seg.astype(bool)
+    e = np.zeros_like(seg)
+    s = np.zeros_like(seg)
+    se = np.zeros_like(seg)
+    e[..., :, :-1] = seg[..., :, 1:]
+    s[..., :-1, :] = seg[..., 1:, :]
+    se[..., :-1, :-1] = seg[..., 1:, 1:]
+    b = (seg ^ e) | (seg ^ s) | (seg ^ se)
+    b[..., -1, :] = seg[..., -1, :] ^ e[..., -1, :]
+    b[..., :, -1] = seg[..., :, -1] ^ s[..., :, -1]
+    b[..., -1, -1] = False
+    return b
+
+
+def boundary_tolerance(shape: tuple[int, ...], bound_th: float = BOUNDARY_TH) -> int:
+    """Dilation radius in pixels: ``ceil(bound_th * diagonal)`` (8 at 480x854, 9 at 480x880).
+
+    A ``bound_th >= 1`` is taken as the radius itself, as in the toolkit.
+    """
+    if bound_th >= 1:
+        return int(bound_th)
+    h, w = shape[-2:]
+    return int(np.ceil(bound_th * np.linalg.norm([h, w])))
+
+
+@lru_cache(maxsize=16)
+def disk_kernel(radius: int) -> np.ndarray:
+    """skimage ``disk(radius)`` as a uint8 cv2 kernel (strict radius: r = 8 -> 17x17, 197 ones)."""
+    from skimage.morphology import disk
+
+    kernel = disk(int(radius)).astype(np.uint8)
+    kernel.setflags(write=False)
+    return kernel
+
+
+def _boundary_matches(fg_boundary: np.ndarray, gt_boundary: np.ndarray, radius: int) -> tuple[int, int]:
+    """(predicted boundary pixels within ``radius`` of the GT boundary, and the reverse).
+
+    Equals ``sum(fg_b * dilate(gt_b))`` and ``sum(gt_b * dilate(fg_b))`` of the toolkit. The
+    dilation runs on the bounding box of both boundaries padded by ``radius``: a dilated pixel
+    outside it can never coincide with a boundary pixel, and inside it the result is unchanged.
+    """
+    import cv2
+
+    both = fg_boundary | gt_boundary
+    rows = np.flatnonzero(both.any(axis=1))
+    cols = np.flatnonzero(both.any(axis=0))
+    h, w = both.shape
+    y0, y1 = max(rows[0] - radius, 0), min(rows[-1] + radius + 1, h)
+    x0, x1 = max(cols[0] - radius, 0), min(cols[-1] + radius + 1, w)
+    fg = fg_boundary[y0:y1, x0:x1].view(np.uint8)
+    gt = gt_boundary[y0:y1, x0:x1].view(np.uint8)
+    kernel = disk_kernel(radius)
+    # BORDER_CONSTANT 0 = the toolkit's behaviour at the image border for a binary map.
+    fg_dil = cv2.dilate(fg, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    gt_dil = cv2.dilate(gt, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    fg_match = int(np.count_nonzero(fg & gt_dil))
+    gt_match = int(np.count_nonzero(gt & fg_dil))
+    return fg_match, gt_match
+
+
+def _f_from_boundaries(fg_boundary: np.ndarray, gt_boundary: np.ndarray, radius: int) -> float:
+    n_fg = int(np.count_nonzero(fg_boundary))
+    n_gt = int(np.count_nonzero(gt_boundary))
+    # Toolkit special cases: both empty -> F 1; exactly one empty -> F 0.
+    if n_fg == 0 and n_gt == 0:
+        return 1.0
+    if n_fg == 0 or n_gt == 0:
+        return 0.0
+    fg_match, gt_match = _boundary_matches(fg_boundary, gt_boundary, radius)
+    precision = fg_match / float(n_fg)
+    recall = gt_match / float(n_gt)
+    if precision + recall == 0:
+        return 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def f_measure(foreground_mask: np.ndarray, gt_mask: np.ndarray, bound_th: float = BOUNDARY_TH) -> float:
+    """Boundary F of one binary prediction against one binary GT mask ``(H, W)``."""
+    if foreground_mask.shape != gt_mask.shape or foreground_mask.ndim != 2:
+        raise ValueError(f"expected two (H, W) masks, got {foreground_mask.shape} and {gt_mask.shape}")
+    radius = boundary_tolerance(gt_mask.shape, bound_th)
+    return _f_from_boundaries(seg2bmap(foreground_mask), seg2bmap(gt_mask), radius)
+
+
+def db_eval_boundary(annotation: np.ndarray, segmentation: np.ndarray, bound_th: float = BOUNDARY_TH):
+    """Toolkit ``db_eval_boundary``: F for ``(H, W)`` masks, or per frame for ``(T, H, W)``."""
+    if annotation.shape != segmentation.shape:
+        raise ValueError(f"annotation {annotation.shape} and segmentation {segmentation.shape} differ")
+    if annotation.ndim == 2:
+        return f_measure(segmentation, annotation, bound_th)
+    if annotation.ndim == 3:
+        return np.array([f_measure(s, a, bound_th) for s, a in zip(segmentation, annotation)])
+    raise ValueError(f"db_eval_boundary does not support {annotation.ndim}-d arrays")
+
+
+# ----------------------------------------------------------------------------------------------
+# DAVIS: all objects of one frame, and per-object statistics
+# ----------------------------------------------------------------------------------------------
+
+def davis_frame_scores(gt_ids: np.ndarray, pred_ids: np.ndarray, n_objects: int,
+                       bound_th: float = BOUNDARY_TH) -> tuple[np.ndarray, np.ndarray]:
+    """J and F of objects ``1..n_objects`` in one frame from two ``(H, W)`` id maps.
+
+    ``gt_ids`` must already have the void label (255) zeroed; GT ids above ``n_objects`` (objects
+    not in the first frame) belong to no object, as in the toolkit. Predicted ids must be
+    ``<= n_objects`` (the caller reports the offending file). Returns two ``(n_objects,)`` arrays.
+    """
+    if gt_ids.shape != pred_ids.shape or gt_ids.ndim != 2:
+        raise ValueError(f"expected two (H, W) id maps, got {gt_ids.shape} and {pred_ids.shape}")
+    k = int(n_objects)
+    if k == 0:
+        return np.zeros(0), np.zeros(0)
+    gt = np.where(gt_ids <= k, gt_ids, 0).astype(np.intp)
+    pred = pred_ids.astype(np.intp)
+    if pred.min() < 0 or pred.max() > k:
+        raise ValueError(f"predicted ids must lie in 0..{k}, found {pred.min()}..{pred.max()}")
+
+    # J for every object from one (K+1)x(K+1) histogram: rows GT id, columns predicted id.
+    hist = np.bincount((gt * (k + 1) + pred).ravel(), minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
+    inter = np.diag(hist)[1:].astype(np.float64)
+    union = hist.sum(axis=1)[1:] + hist.sum(axis=0)[1:] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        j = np.where(union == 0, 1.0, inter / union)
+
+    # F: boundaries of all objects in one vectorised pass, (K, H, W).
+    ids = np.arange(1, k + 1)[:, None, None]
+    gt_b = seg2bmap(gt[None] == ids)
+    fg_b = seg2bmap(pred[None] == ids)
+    radius = boundary_tolerance(gt_ids.shape, bound_th)
+    f = np.array([_f_from_boundaries(fg_b[i], gt_b[i], radius) for i in range(k)])
+    return j, f
+
+
+def decay_bin_edges(n: int, uint8_bins: bool = True) -> np.ndarray:
+    """Bin edges of the Decay statistic: ``round(linspace(1, n, 5)) - 1``.
+
+    With ``uint8_bins`` (toolkit parity) the edges are cast to uint8 as the toolkit does, so they
+    wrap modulo 256 past 256 frames (the wrap is made explicit here: a float->uint8 cast of an
+    out-of-range value is undefined in C and wraps on x86).
+    """
+    ids = np.round(np.linspace(1, n, 5) + 1e-10) - 1
+    ids = ids.astype(np.int64)
+    if uint8_bins:
+        ids = ids % 256
+    return ids
+
+
+def db_statistics(per_frame_values: np.ndarray, uint8_bins: bool = True) -> tuple[float, float, float]:
+    """Per-object (Mean, Recall, Decay) of the toolkit.
+
+    Mean = nanmean; Recall = fraction of frames with value > 0.5; Decay = mean of the first quarter
+    minus mean of the last quarter (bins from :func:`decay_bin_edges`, overlapping at the edges).
+    """
+    values = np.asarray(per_frame_values, dtype=np.float64)
+    ids = decay_bin_edges(len(values), uint8_bins)
+    bins = [values[ids[i]:ids[i + 1] + 1] for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        mean = float(np.nanmean(values))
+        recall = float(np.nanmean(values > 0.5))
+        decay = float(np.nanmean(bins[0]) - np.nanmean(bins[3]))
+    return mean, recall, decay
+
+
+DAVIS_GLOBAL_COLUMNS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
+
+
+def davis_global(j_stats: np.ndarray, f_stats: np.ndarray) -> dict[str, float]:
+    """Global DAVIS row from per-object statistics ``(n_objects, 3)`` (M, R, D) for J and F.
+
+    Every object weighs the same (not frames, not sequences); J&F = (J-Mean + F-Mean) / 2.
+    """
+    j_stats = np.asarray(j_stats, dtype=np.float64).reshape(-1, 3)
+    f_stats = np.asarray(f_stats, dtype=np.float64).reshape(-1, 3)
+    jm, jr, jd = j_stats.mean(axis=0)
+    fm, fr, fd = f_stats.mean(axis=0)
+    values = ((jm + fm) / 2.0, jm, jr, jd, fm, fr, fd)
+    return {name: float(v) for name, v in zip(DAVIS_GLOBAL_COLUMNS, values)}
+
+
+# ----------------------------------------------------------------------------------------------
+# VIP: confusion matrix and IoU
+# ----------------------------------------------------------------------------------------------
+
+def confusion_matrix(gt: np.ndarray, pred: np.ndarray, n_classes: int = VIP_NUM_CLASSES) -> np.ndarray:
+    """``(n, n)`` int64 histogram, rows = GT class, columns = predicted class (``fast_hist``).
+
+    GT values outside ``[0, n)`` are ignored. Predictions must lie in ``[0, n)``: the reference's
+    flat bincount would silently shift an out-of-range prediction into the next GT row.
+    """
+    gt = np.asarray(gt).astype(np.int64).ravel()
+    pred = np.asarray(pred).astype(np.int64).ravel()
+    if gt.shape != pred.shape:
+        raise ValueError(f"gt and pred differ in size: {gt.size} vs {pred.size}")
+    if pred.size and (pred.min() < 0 or pred.max() >= n_classes):
+        raise ValueError(f"predicted classes must lie in 0..{n_classes - 1}, found {pred.min()}..{pred.max()}")
+    keep = (gt >= 0) & (gt < n_classes)
+    return np.bincount(n_classes * gt[keep] + pred[keep], minlength=n_classes ** 2).reshape(n_classes, n_classes)
+
+
+def iou_from_confusion(hist: np.ndarray) -> np.ndarray:
+    """Per-class IoU = TP / (GT + Pred - TP); NaN for a class absent from both GT and prediction."""
+    hist = np.asarray(hist, dtype=np.float64)
+    tp = np.diag(hist)
+    union = hist.sum(axis=1) + hist.sum(axis=0) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return tp / union
+
+
+def mean_iou(hist: np.ndarray) -> float:
+    """nanmean of the per-class IoU (background included), as a fraction."""
+    iou = iou_from_confusion(hist)
+    if np.all(np.isnan(iou)):
+        return float("nan")
+    return float(np.nanmean(iou))
+
+
+# ----------------------------------------------------------------------------------------------
+# JHMDB: PCK
+# ----------------------------------------------------------------------------------------------
+
+def joint_visibility(pred: np.ndarray) -> np.ndarray:
+    """``(15, T)`` bool: a predicted joint is visible unless its x is negative or a coordinate NaN.
+
+    The reference decides visibility from the prediction's x coordinate only (``< 0``); NaN is the
+    other way a method may mark a joint it could not place.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return ~((pred[0] < 0) | np.isnan(pred).any(axis=0))
+
+
+def pck_normalisers(gt: np.ndarray, visible: np.ndarray, scale: float = PCK_BOX_SCALE) -> np.ndarray:
+    """``(T,)``: ``scale`` x diagonal of the box of the visible GT joints in each frame.
+
+    Frames without a visible joint get the reference's value from its 1e6 / -1 sentinels (unused:
+    such frames contribute no distance).
+    """
+    gt = np.asarray(gt, dtype=np.float64)
+    x = np.where(visible, gt[0], np.nan)
+    y = np.where(visible, gt[1], np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        minx = np.fmin(np.nanmin(x, axis=0), 1e6)
+        miny = np.fmin(np.nanmin(y, axis=0), 1e6)
+        maxx = np.fmax(np.nanmax(x, axis=0), -1)
+        maxy = np.fmax(np.nanmax(y, axis=0), -1)
+    return scale * np.hypot(maxx - minx, maxy - miny)
+
+
+def pck_distances(gt: np.ndarray, pred: np.ndarray, exclude_first: bool = True,
+                  scale: float = PCK_BOX_SCALE) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised joint distances of one video.
+
+    ``gt`` and ``pred`` are ``(2, 15, T)`` in the same pixel frame (both 1-based or both 0-based).
+    Returns ``(dist, scored)``, both ``(15, T)``: ``dist`` = Euclidean distance / per-frame
+    normaliser; ``scored`` = visible in the prediction and not frame 0 (the first frame is the
+    given label). A zero normaliser gives inf or NaN, which the reference counts as a miss.
+    """
+    gt = np.asarray(gt, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    if gt.shape != pred.shape or gt.ndim != 3 or gt.shape[0] != 2:
+        raise ValueError(f"expected two (2, J, T) arrays of the same shape, got {gt.shape} and {pred.shape}")
+    visible = joint_visibility(pred)
+    norm = pck_normalisers(gt, visible, scale)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dist = np.hypot(pred[0] - gt[0], pred[1] - gt[1]) / norm[None, :]
+    scored = visible.copy()
+    if exclude_first:
+        scored[:, 0] = False
+    return dist, scored
+
+
+def pck_per_joint(distances: list[np.ndarray], thresholds=PCK_THRESHOLDS) -> np.ndarray:
+    """``(len(thresholds), n_joints)`` PCK in %: share of pooled distances <= alpha per joint.
+
+    ``distances[j]`` holds every scored normalised distance of joint ``j`` over all videos. A joint
+    never scored gives NaN (the reference would divide by zero).
+    """
+    out = np.full((len(thresholds), len(distances)), np.nan)
+    for j, d in enumerate(distances):
+        d = np.asarray(d, dtype=np.float64)
+        if d.size == 0:
+            continue
+        with np.errstate(invalid="ignore"):
+            out[:, j] = [100.0 * np.count_nonzero(d <= a) / d.size for a in thresholds]
+    return out
+
+
+def pck_mean(per_joint: np.ndarray) -> np.ndarray:
+    """Unweighted mean over joints (the reported PCK), ignoring joints never scored."""
+    per_joint = np.asarray(per_joint, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        return np.nanmean(per_joint, axis=-1)
+
