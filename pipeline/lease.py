@@ -1,0 +1,181 @@
+"""GPU slot lease: ``python -m pipeline.lease --gpus K -- <command ...>``.
+
+Snakemake's ``resources: gpu`` is only a counter: it neither sets nor rotates
+``CUDA_VISIBLE_DEVICES`` (snakemake #281). Every GPU rule therefore wraps its command in this
+lease (snakemake.md §3):
+
+- ``CUDA_VISIBLE_DEVICES`` already set (Slurm/cgroup allocation, or a user's choice): keep it.
+- ``--gpus 0``: a CPU job; GPUs are hidden (``CUDA_VISIBLE_DEVICES=""``) so it cannot touch a
+  device leased by another job.
+- no GPU on the node: run on CPU.
+- otherwise take K free slots with a non-blocking ``fcntl.flock`` on one lock file per device in a
+  node-local directory (``--lock-dir``, ``$CDGMAE_LOCK_DIR``, default
+  ``/tmp/cdgmae-gpu-locks-<uid>``); poll while none is free; set ``CUDA_VISIBLE_DEVICES`` and
+  ``exec`` the command. The lock descriptors stay open in the command's process, so the slots are
+  held until it exits, and the kernel releases them if it dies (SIGKILL, OOM).
+
+Slot count: ``$CDGMAE_NUM_GPUS``, else the lines of ``nvidia-smi -L``, else
+``torch.cuda.device_count()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LOG = logging.getLogger("cdgmae.lease")
+
+
+class LeaseError(RuntimeError):
+    pass
+
+
+def default_lock_dir() -> Path:
+    return Path(os.environ.get("CDGMAE_LOCK_DIR") or f"/tmp/cdgmae-gpu-locks-{os.getuid()}")
+
+
+def count_gpus() -> int:
+    """Number of GPU slots on this node."""
+    env = os.environ.get("CDGMAE_NUM_GPUS")
+    if env not in (None, ""):
+        try:
+            return int(env)
+        except ValueError:
+            raise LeaseError(f"CDGMAE_NUM_GPUS={env!r} is not an integer") from None
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+            if out.returncode == 0:
+                return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def _try_lock(path: Path):
+    """Open and non-blockingly lock ``path``; return the fd or None if another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    # informational only: who holds the slot (the lock, not the content, is authoritative)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+    return fd
+
+
+def acquire(k: int, n_slots: int, lock_dir: Path | None = None, poll: float = 2.0,
+            timeout: float | None = None) -> tuple[list[int], list[int]]:
+    """Take ``k`` of ``n_slots`` device slots; returns (device ids, lock fds). Blocks (polls)."""
+    if k > n_slots:
+        raise LeaseError(f"asked for {k} GPUs but this node has {n_slots}")
+    lock_dir = Path(lock_dir or default_lock_dir())
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    waited = False
+    while True:
+        got: list[tuple[int, int]] = []
+        for slot in range(n_slots):
+            fd = _try_lock(lock_dir / f"gpu-{slot}.lock")
+            if fd is not None:
+                got.append((slot, fd))
+                if len(got) == k:
+                    return [s for s, _ in got], [fd for _, fd in got]
+        for _, fd in got:  # all or nothing: never sit on a partial set (deadlock between k>1 jobs)
+            os.close(fd)
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            raise LeaseError(f"no {k} free GPU slot(s) of {n_slots} in {lock_dir} after {timeout}s")
+        if not waited:
+            LOG.info("waiting for %d free GPU slot(s) of %d (%s)", k, n_slots, lock_dir)
+            waited = True
+        time.sleep(poll * (0.5 + random.random()))  # jitter: waiting jobs do not poll in lockstep
+
+
+@contextlib.contextmanager
+def lease(k: int, lock_dir: str | os.PathLike | None = None, poll: float = 2.0,
+          timeout: float | None = None):
+    """In-process lease: yields the CUDA_VISIBLE_DEVICES value to use (None = leave as is)."""
+    env, fds = plan(k, lock_dir, poll, timeout)
+    try:
+        yield env
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def plan(k: int, lock_dir=None, poll: float = 2.0, timeout: float | None = None):
+    """Decide the device set: (CUDA_VISIBLE_DEVICES value or None to keep the env, lock fds)."""
+    if k < 0:
+        raise LeaseError(f"--gpus must be >= 0, got {k}")
+    if k == 0:
+        return "", []
+    preset = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if preset is not None:
+        LOG.info("CUDA_VISIBLE_DEVICES=%r already set (scheduler allocation): keeping it", preset)
+        return None, []
+    n = count_gpus()
+    if n == 0:
+        LOG.info("no GPU on this node: running on CPU")
+        return None, []
+    devices, fds = acquire(k, n, Path(lock_dir) if lock_dir else None, poll, timeout)
+    value = ",".join(map(str, devices))
+    LOG.info("leased GPU slot(s) %s", value)
+    return value, fds
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
+    else:
+        command = []
+    ap = argparse.ArgumentParser(prog="python -m pipeline.lease",
+                                 usage="python -m pipeline.lease --gpus K [options] -- COMMAND ...",
+                                 description="Lease K GPU slots, set CUDA_VISIBLE_DEVICES, run COMMAND.")
+    ap.add_argument("--gpus", type=int, required=True, help="GPU slots the command needs (0 = CPU)")
+    ap.add_argument("--lock-dir", help="node-local lock directory (default: $CDGMAE_LOCK_DIR or "
+                    "/tmp/cdgmae-gpu-locks-<uid>)")
+    ap.add_argument("--poll", type=float, default=2.0, help="seconds between tries while waiting")
+    ap.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    args = ap.parse_args(argv)
+    if not command:
+        ap.error("no command given after --")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        value, fds = plan(args.gpus, args.lock_dir, args.poll, args.timeout)
+    except LeaseError as err:
+        LOG.error("%s", err)
+        sys.exit(2)
+    env = dict(os.environ)
+    if value is not None:
+        env["CUDA_VISIBLE_DEVICES"] = value
+    for fd in fds:  # the command inherits the locked descriptors: the lease lives as long as it
+        os.set_inheritable(fd, True)
+    sys.stderr.flush()
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as err:
+        LOG.error("cannot run %s: %s", command[0], err)
+        sys.exit(127)
+
+
+if __name__ == "__main__":
+    main()
