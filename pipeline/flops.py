@@ -35,10 +35,6 @@ LOG = logging.getLogger("cdgmae.flops")
 
 TABLE8_CELLS = "1:0,2:0,2:0.25,2:0.5,3:0.25,3:0.5,4:0.25,4:0.5"
 
-# Paper Table 8, GFLOPs column, keyed by (N, r_a) — used by tests and the report, never as output.
-PAPER_TABLE8 = {(1, 0.0): 6.0, (2, 0.0): 10.4, (2, 0.25): 8.3, (2, 0.5): 6.1,
-                (3, 0.25): 11.6, (3, 0.5): 8.3, (4, 0.25): 14.9, (4, 0.5): 10.6}
-
 
 def parse_cells(text: str) -> list[tuple[int, float]]:
     """"1:0,2:0.25" -> [(1, 0.0), (2, 0.25)]; anchor masks as fractions (0.25, not 25)."""

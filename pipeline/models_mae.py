@@ -161,7 +161,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]  # (B, len_keep)
     x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).expand(-1, -1, D))
-    mask = torch.ones(B, L, device=x.device, dtype=x.dtype)
+    mask = torch.ones(B, L, device=x.device)  # float32 even under autocast: exact counts in the loss
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, dim=1, index=ids_restore)  # back to patch order
     return x_masked, mask, ids_restore
@@ -238,19 +238,20 @@ class ViTEncoder(nn.Module):
         return self.norm(x)
 
     # -- entry points ---------------------------------------------------------------------
-    def forward_masked(self, x: torch.Tensor, mask_ratio: float):
+    def forward_masked(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """(B, 3, H, W) -> latent (B, 1 + len_keep, D), mask (B, L), ids_restore (B, L).
 
         mask_ratio 0 keeps every token in patch order and draws no noise (the reference's
         ``forward_encoder_no_masking``), so the RNG stream matches the single-anchor model.
+        ``noise`` (B, L) fixes the masks (as in MAE's ``random_masking``).
         """
         x = self.embed_patches(x)  # (B, L, D)
         B, L, _ = x.shape
         if mask_ratio == 0:
-            mask = x.new_zeros(B, L)
+            mask = torch.zeros(B, L, device=x.device)
             ids_restore = torch.arange(L, device=x.device).expand(B, L)
         else:
-            x, mask, ids_restore = random_masking(x, mask_ratio)
+            x, mask, ids_restore = random_masking(x, mask_ratio, noise)
         return self._cls_and_blocks(x), mask, ids_restore
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -372,7 +373,7 @@ class CrossViewMAE(nn.Module):
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as in MAE
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = ((pred - target) ** 2).mean(dim=-1)  # (B, L) per-patch MSE
+        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L) per-patch MSE, fp32 under autocast
         return (loss * mask).sum() / mask.sum()
 
     # -- encoder / decoder ----------------------------------------------------------------
