@@ -14,8 +14,8 @@ lease (snakemake.md §3):
   ``exec`` the command. The lock descriptors stay open in the command's process, so the slots are
   held until it exits, and the kernel releases them if it dies (SIGKILL, OOM).
 
-Slot count: ``$CDGMAE_NUM_GPUS``, else the lines of ``nvidia-smi -L``, else
-``torch.cuda.device_count()``.
+Slot count: ``$CDGMAE_NUM_GPUS``, else the lines of ``nvidia-smi -L``, else the entries of
+``/proc/driver/nvidia/gpus``, else ``torch.cuda.device_count()`` (only when a driver is present).
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ def count_gpus() -> int:
                 return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
         except (OSError, subprocess.TimeoutExpired):
             pass
+    proc = Path("/proc/driver/nvidia/gpus")  # one entry per GPU when the driver is loaded
+    if proc.is_dir():
+        return sum(1 for _ in proc.iterdir())
+    if not Path("/dev/nvidiactl").exists():
+        return 0  # no NVIDIA driver: skip the slow torch import
     try:
         import torch
 

@@ -1,0 +1,120 @@
+# Stage 1: bag of views (pipeline/views.py, pipeline/generators.py, GPU lease pipeline/lease.py).
+# One generate_views job per (generator, shard); the generator is a wildcard and its settings come
+# from views.generators.<name> only, so switching views.generator never re-runs another
+# generator's shards. Part files live in results/views/<generator>/parts/ (outside the declared
+# outputs) so a failed or killed shard resumes instead of starting over. Shards are never temp().
+
+VIEW_GENERATORS = "sd-variation|sldm|warp|crop"
+
+
+localrules:
+    merge_views,
+    plot_bag_of_views,
+
+
+# what determines a shard's bytes: no batch size (output-invariant), no gpus/figure keys, and only
+# this generator's settings
+VIEWS_SHARD_KEYS = [
+    "n_views",
+    "shards",
+    "part_size",
+    "image_size",
+    "jpeg_quality",
+    "max_reject_fraction",
+    "max_images",
+]
+
+
+rule generate_views:
+    input:
+        data=get_dataset_input("imagenet"),
+        code=stage_code("views", "generators"),
+    output:
+        shard="results/views/{generator}/shard-{shard}.h5",
+        rejects="results/views/{generator}/shard-{shard}.rejects.csv",
+    log:
+        "results/logs/generate_views/{generator}/shard-{shard}.log",
+    benchmark:
+        "results/benchmarks/generate_views/{generator}/shard-{shard}.tsv"
+    wildcard_constraints:
+        generator=VIEW_GENERATORS,
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 2
+    resources:
+        gpu=config["views"]["gpus"],
+        # infrastructure knob, not a param: the views do not depend on the batch size
+        views_batch_size=config["views"]["batch_size"],
+    params:
+        root=get_root("imagenet"),
+        settings=lambda wildcards: json.dumps(
+            {
+                **{k: config["views"][k] for k in VIEWS_SHARD_KEYS},
+                "generators": {
+                    wildcards.generator: config["views"]["generators"][
+                        wildcards.generator
+                    ]
+                },
+            },
+            sort_keys=True,
+        ),
+        seed=config["seed"],
+        state_dir=lambda wildcards: f"results/views/{wildcards.generator}/parts/shard-{wildcards.shard}",
+    shell:
+        "python -m pipeline.lease --gpus {resources.gpu} -- "
+        "python -m pipeline.views generate --root {params.root:q} --generator {wildcards.generator} "
+        "--shard {wildcards.shard} --out {output.shard} --rejects {output.rejects} "
+        "--state-dir {params.state_dir} --settings {params.settings:q} --seed {params.seed} "
+        "--batch-size {resources.views_batch_size} --threads {threads} > {log} 2>&1"
+
+
+rule merge_views:
+    input:
+        shards=lambda wildcards: expand(
+            "results/views/{generator}/shard-{shard}.h5",
+            generator=wildcards.generator,
+            shard=range(config["views"]["shards"]),
+        ),
+        data=get_dataset_input("imagenet"),
+        code=stage_code("views"),
+    output:
+        bag="results/views/{generator}/bag.h5",
+    log:
+        "results/logs/merge_views/{generator}.log",
+    benchmark:
+        "results/benchmarks/merge_views/{generator}.tsv"
+    wildcard_constraints:
+        generator=VIEW_GENERATORS,
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    params:
+        root=get_root("imagenet"),
+        settings=settings(
+            "views",
+            drop=("generator", "generators", "gpus", "figure_images", "batch_size"),
+        ),
+    shell:
+        "python -m pipeline.views merge --shards {input.shards} --out {output.bag} "
+        "--root {params.root:q} --settings {params.settings:q} --threads {threads} > {log} 2>&1"
+
+
+rule plot_bag_of_views:
+    input:
+        bag=f"results/views/{config['views']['generator']}/bag.h5",
+        code=stage_code("views"),
+    output:
+        figure="results/figures/bag_of_views.png",
+    log:
+        "results/logs/plot_bag_of_views.log",
+    benchmark:
+        "results/benchmarks/plot_bag_of_views.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    params:
+        n_images=config["views"]["figure_images"],
+        seed=config["seed"],
+    shell:
+        "python -m pipeline.views figure --bag {input.bag} --out {output.figure} "
+        "--n-images {params.n_images} --seed {params.seed} --threads {threads} > {log} 2>&1"
