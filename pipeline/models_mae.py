@@ -351,8 +351,7 @@ class CrossViewMAE(nn.Module):
         p = self.patch_size
         B, C, H, W = imgs.shape
         h, w = H // p, W // p
-        x = imgs.reshape(B, C, h, p, w, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
+        x = imgs.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, q, C)
         return x.reshape(B, h * w, p * p * C)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -362,8 +361,7 @@ class CrossViewMAE(nn.Module):
         h, w = grid if grid is not None else (int(math.isqrt(L)),) * 2
         if h * w != L:
             raise ValueError(f"{L} patches do not form a {h}x{w} grid")
-        x = x.reshape(B, h, w, p, p, 3)
-        x = torch.einsum("nhwpqc->nchpwq", x)
+        x = x.reshape(B, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # (B, 3, h, p, w, q)
         return x.reshape(B, 3, h * p, w * p)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
