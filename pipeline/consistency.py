@@ -54,12 +54,6 @@ def generated_label(generator: str) -> str:
     return "Diffusion (S-LDM)" if generator == "sldm" else views_label(generator)
 
 
-def is_baseline_generator(generator: str) -> bool:
-    from pipeline.report import BASELINE_GENERATORS
-
-    return generator in BASELINE_GENERATORS
-
-
 # --------------------------------------------------------------------------------------------
 # metrics (batched matrix operations, any device)
 # --------------------------------------------------------------------------------------------
@@ -94,6 +88,13 @@ def pair_metrics(global_a, global_b, patches_a, patches_b, chunk: int = 64):
 # --------------------------------------------------------------------------------------------
 
 
+def _load_square(path, size: int) -> np.ndarray:
+    """Short side to ``size`` + centre crop: the same preprocessing as the bag's real images."""
+    from pipeline.views import load_real
+
+    return load_real(path, size)
+
+
 class ImageListSource:
     """Pretraining images (``list_imagenet`` order = global index); key = global index."""
 
@@ -106,10 +107,8 @@ class ImageListSource:
     def image_id(self, index: int) -> str:
         return self.records[index].image_id
 
-    def load(self, index: int) -> np.ndarray:
-        from pipeline.datasets import read_rgb
-
-        return read_rgb(self.records[index].path)
+    def load(self, index: int, size: int) -> np.ndarray:
+        return _load_square(self.records[index].path, size)
 
     def describe(self, index: int) -> str:
         return str(self.records[index].path)
@@ -121,11 +120,9 @@ class VideoFrameSource:
     def __init__(self, videos):
         self.videos = videos
 
-    def load(self, key) -> np.ndarray:
-        from pipeline.datasets import read_rgb
-
+    def load(self, key, size: int) -> np.ndarray:
         v, t = key
-        return read_rgb(self.videos[v].frames[t])
+        return _load_square(self.videos[v].frames[t], size)
 
     def describe(self, key) -> str:
         v, t = key
@@ -136,33 +133,30 @@ class BagSource:
     """A merged bag of views; key = (bag position, view) with view -1 = the real image."""
 
     def __init__(self, path: str | Path):
+        import h5py
+
         from pipeline.views import BagDataset
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"bag of views not found: {self.path}")
-        self.bag = BagDataset(str(self.path))
-        self._first = None
+        self.bag = BagDataset(str(self.path))  # checks presence, completeness, VDS sources
+        with h5py.File(self.path, "r") as f:  # ids only: no JPEG decoding (views.py layout)
+            self.image_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in f["image_id"][:]]
+        self.n_views = self.bag.n_views
+        self.is_baseline = self.bag.is_baseline
+        self.generator = self.bag.generator
 
     def __len__(self):
         return len(self.bag)
 
-    def _item(self, position: int) -> dict:
-        return self.bag[position]
-
-    @property
-    def n_views(self) -> int:
-        if self._first is None:
-            self._first = self._item(0)
-        return len(self._first["views"])
-
     def image_id(self, position: int) -> str:
-        return str(self._item(position)["image_id"])
+        return self.image_ids[position]
 
-    def load(self, key) -> np.ndarray:
+    def load(self, key, size: int) -> np.ndarray:
+        from pipeline.generators import resize_square
+
         position, view = key
-        item = self._item(position)
-        return item["real"] if view < 0 else item["views"][view]
+        item = self.bag[position]
+        return resize_square(item["real"] if view < 0 else item["views"][view], size)
 
     def describe(self, key) -> str:
         position, view = key
@@ -170,7 +164,7 @@ class BagSource:
 
 
 class _KeyedImages:
-    """torch Dataset over source keys -> (S, S, 3) uint8 tensors, resized in the workers."""
+    """torch Dataset over source keys -> (S, S, 3) uint8 tensors, decoded in the workers."""
 
     def __init__(self, source, keys: Sequence, size: int):
         self.source, self.keys, self.size = source, list(keys), size
@@ -181,14 +175,15 @@ class _KeyedImages:
     def __getitem__(self, i):
         import torch
 
-        from pipeline.encoders import prepare_image
-
         key = self.keys[i]
         try:
-            image = self.source.load(key)
-            return torch.from_numpy(prepare_image(image, self.size))
+            image = self.source.load(key, self.size)
         except Exception as err:  # name the file, whatever went wrong while decoding it
             raise RuntimeError(f"cannot read image {self.source.describe(key)}: {err}") from err
+        if image.shape != (self.size, self.size, 3) or image.dtype != np.uint8:
+            raise ValueError(f"{self.source.describe(key)}: expected a {self.size}x{self.size}x3 uint8 "
+                             f"image, got {image.shape} {image.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(image))
 
 
 def iter_feature_batches(encoder, source, keys: Sequence, batch_size: int, num_workers: int = 0,
@@ -459,6 +454,8 @@ def score_kind(encoder, pk: PairKind, batch_size: int, num_workers: int = 0):
 
 
 def generated_kind(bag: BagSource, generator: str, n: int, seed: int) -> PairKind:
+    if bag.generator != generator:
+        raise ValueError(f"{bag.path} holds {bag.generator!r} views, not {generator!r}")
     pairs = sample_generated_pairs(len(bag), bag.n_views, n, seed)
     records = []
     for pos, view in pairs:
@@ -466,7 +463,7 @@ def generated_kind(bag: BagSource, generator: str, n: int, seed: int) -> PairKin
         records.append({"a_id": image_id, "b_id": image_id, "a_index": pos, "b_index": pos,
                         "view": view})
     return PairKind("generated", generated_label(generator), bag, [(p, -1) for p, _ in pairs],
-                    [(p, v) for p, v in pairs], records, generator, is_baseline_generator(generator))
+                    [(p, v) for p, v in pairs], records, generator, bag.is_baseline)
 
 
 def video_kind(videos, gap_range, n: int, seed: int) -> PairKind:
@@ -531,10 +528,17 @@ def score_table(encoder, kinds: Sequence[PairKind], batch_size: int, num_workers
 # --------------------------------------------------------------------------------------------
 
 
-def _resolved(settings_arg: str | None) -> dict:
+def _resolved(args) -> dict:
+    """The consistency section from ``--settings`` (partial) + schema defaults + CLI overrides of
+    the output-invariant knobs (Snakemake passes those as resources, so they trigger no rerun)."""
     from pipeline.config import section_defaults
 
-    return section_defaults("consistency", overrides=load_settings(settings_arg))
+    cfg = section_defaults("consistency", overrides=load_settings(args.settings))
+    if args.batch_size is not None:
+        cfg["encoder"]["batch_size"] = args.batch_size
+    if args.num_workers is not None:
+        cfg["num_workers"] = args.num_workers
+    return cfg
 
 
 def _encoder(cfg: dict, device: str | None):
@@ -564,7 +568,7 @@ def _write_tables(table, pairs, output, pairs_output) -> None:
 
 
 def cmd_neighbours(args) -> None:
-    cfg = _resolved(args.settings)
+    cfg = _resolved(args)
     encoder = _encoder(cfg, args.device)
     images = _list_images(args.imagenet_root)
     out = find_neighbours(encoder, images, args.k, cfg["encoder"]["batch_size"], cfg["num_workers"],
@@ -574,7 +578,7 @@ def cmd_neighbours(args) -> None:
 
 
 def cmd_table1(args) -> None:
-    cfg = _resolved(args.settings)
+    cfg = _resolved(args)
     encoder = _encoder(cfg, args.device)
     n, seed = cfg["n_pairs"], args.seed
     images = _list_images(args.imagenet_root)
@@ -596,7 +600,7 @@ def _bag_arg(value: str) -> tuple[str, str]:
 
 
 def cmd_table9(args) -> None:
-    cfg = _resolved(args.settings)
+    cfg = _resolved(args)
     encoder = _encoder(cfg, args.device)
     n, seed = cfg["n_pairs"], args.seed
     kinds = []
@@ -618,6 +622,8 @@ def main(argv=None) -> None:
                        "missing keys take the schema defaults")
         p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
         p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
+        p.add_argument("--batch-size", type=int, default=None, help="override encoder.batch_size")
+        p.add_argument("--num-workers", type=int, default=None, help="override num_workers")
 
     def tables(p):
         p.add_argument("--videos-root", help="frame-folder videos root (video frame pairs)")

@@ -76,23 +76,6 @@ def build_encoder(settings: dict, device: str | None = None) -> FeatureEncoder:
     return ENCODERS[name](settings, device or default_device())
 
 
-def prepare_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the short side to ``size`` and centre-crop to ``size`` x ``size`` (HxWx3 uint8)."""
-    import cv2
-
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}")
-    h, w = image.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
-        # INTER_AREA is the alias-free choice for downscaling, bicubic for upscaling
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-        image = cv2.resize(image, (nw, nh), interpolation=interp)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.ascontiguousarray(image[top:top + size, left:left + size])
-
-
 def normalise_images(images, mean, std, device):
     """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalised on ``device``."""
     import torch

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from pipeline import consistency as C
-from pipeline.encoders import (ENCODERS, HogGridEncoder, SiftGridEncoder, TimmViTEncoder, build_encoder,
-                               prepare_image)
+from pipeline.encoders import ENCODERS, HogGridEncoder, SiftGridEncoder, TimmViTEncoder, build_encoder
 
 TIMM_MODEL = "vit_tiny_patch16_224"  # 5.7 M params; at 64 px it runs 16 patch tokens in ms
 
@@ -169,15 +168,6 @@ def test_descriptor_encoders(cls):
     assert torch.allclose(rolled[0, :, 1:2], rolled[1, :, 2:3], atol=1e-3)
 
 
-def test_prepare_image_short_side_and_centre_crop():
-    img = np.zeros((40, 80, 3), np.uint8)
-    img[:, 30:50] = 255  # a centred bright band survives the centre crop
-    out = prepare_image(img, 20)
-    assert out.shape == (20, 20, 3) and out[:, 10].min() == 255 and out[:, 0].max() == 0
-    with pytest.raises(ValueError):
-        prepare_image(np.zeros((4, 4), np.uint8), 8)
-
-
 # ---------------------------------------------------------------------------------------------
 # sampling and k-NN
 
@@ -226,7 +216,7 @@ class ListSource:
     def __len__(self):
         return len(self.images)
 
-    def load(self, key):
+    def load(self, key, size):
         return self.images[key]
 
     def describe(self, key):

@@ -1,0 +1,121 @@
+# Stage 2: consistency scores GS / LS / NPS (paper §3.2, Tables 1 and 9) and the k-NN neighbour
+# file of the pretraining set (pipeline/consistency.py, pipeline/encoders.py).
+# Params carry only what changes the numbers; loader workers and the GPU count travel as
+# resources (no rerun when they change). Dataset roots are wildcards-free lambdas: a user root is
+# not a workflow file, so it cannot be derived from the inputs.
+
+import shlex
+
+CONSISTENCY = config["consistency"]
+# the encoder's weights file (timm / cdgmae) is an input, so new weights re-score and a cdgmae
+# checkpoint gets built by rule pretrain; the weights-free descriptor encoders need none
+CONSISTENCY_CHECKPOINT = (
+    [CONSISTENCY["encoder"]["checkpoint"]]
+    if CONSISTENCY["encoder"]["name"] in ("timm", "cdgmae") and CONSISTENCY["encoder"]["checkpoint"]
+    else []
+)
+CONSISTENCY_NOT_SETTINGS = ("gpus", "num_workers", "generators")
+
+
+rule find_neighbours:
+    input:
+        data=get_dataset_input("imagenet"),
+        checkpoint=CONSISTENCY_CHECKPOINT,
+        code=stage_code("consistency", "encoders"),
+    output:
+        "results/consistency/knn.npz",
+    params:
+        root=lambda wildcards: get_root("imagenet"),
+        # only the encoder defines the neighbours: changing n_pairs or the gaps keeps knn.npz
+        settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS + ("n_pairs", "knn_k", "frame_gap")),
+        k=config["pretrain"]["knn_k"],
+        # resumable feature parts, outside the declared outputs (survive a failed job)
+        state_dir="results/consistency_state/knn",
+    resources:
+        gpu=CONSISTENCY["gpus"],
+        consistency_workers=CONSISTENCY["num_workers"],
+    threads: 2
+    log:
+        "results/logs/find_neighbours/knn.log",
+    benchmark:
+        "results/benchmarks/find_neighbours/knn.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency neighbours "
+        "--imagenet-root {params.root:q} --settings {params.settings:q} --k {params.k} "
+        "--state-dir {params.state_dir:q} --output {output:q} --threads {threads} "
+        "--num-workers {resources.consistency_workers} > {log} 2>&1"
+
+
+rule score_consistency:
+    input:
+        bag=f"results/views/{config['views']['generator']}/bag.h5",
+        knn="results/consistency/knn.npz",
+        imagenet=get_dataset_input("imagenet"),
+        videos=get_dataset_input("videos"),
+        checkpoint=CONSISTENCY_CHECKPOINT,
+        code=stage_code("consistency", "encoders"),
+    output:
+        table="results/table1.csv",
+        pairs="results/consistency/table1_pairs.csv",
+    params:
+        settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS),
+        generator=config["views"]["generator"],
+        seed=config["seed"],
+        run_label=config["run_label"],
+        imagenet_root=lambda wildcards: get_root("imagenet"),
+        videos_root=lambda wildcards: get_root("videos"),
+    resources:
+        gpu=CONSISTENCY["gpus"],
+        consistency_workers=CONSISTENCY["num_workers"],
+    threads: 2
+    log:
+        "results/logs/score_consistency/table1.log",
+    benchmark:
+        "results/benchmarks/score_consistency/table1.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency table1 "
+        "--bag {input.bag:q} --generator {params.generator:q} --knn {input.knn:q} "
+        "--imagenet-root {params.imagenet_root:q} --videos-root {params.videos_root:q} "
+        "--settings {params.settings:q} --seed {params.seed} --run-label {params.run_label:q} "
+        "--output {output.table:q} --pairs-output {output.pairs:q} --threads {threads} "
+        "--num-workers {resources.consistency_workers} > {log} 2>&1"
+
+
+rule score_generators:
+    input:
+        bags=expand("results/views/{generator}/bag.h5", generator=CONSISTENCY["generators"]),
+        videos=get_dataset_input("videos"),
+        checkpoint=CONSISTENCY_CHECKPOINT,
+        code=stage_code("consistency", "encoders"),
+    output:
+        table="results/table9.csv",
+        pairs="results/consistency/table9_pairs.csv",
+    params:
+        settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS),
+        # one "--bag GENERATOR=PATH" per Table 9 row, in config order
+        bags=" ".join(
+            f"--bag {shlex.quote(f'{g}=results/views/{g}/bag.h5')}" for g in CONSISTENCY["generators"]
+        ),
+        seed=config["seed"],
+        run_label=config["run_label"],
+        videos_root=lambda wildcards: get_root("videos"),
+    resources:
+        gpu=CONSISTENCY["gpus"],
+        consistency_workers=CONSISTENCY["num_workers"],
+    threads: 2
+    log:
+        "results/logs/score_generators/table9.log",
+    benchmark:
+        "results/benchmarks/score_generators/table9.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency table9 "
+        "{params.bags} --videos-root {params.videos_root:q} "
+        "--settings {params.settings:q} --seed {params.seed} --run-label {params.run_label:q} "
+        "--output {output.table:q} --pairs-output {output.pairs:q} --threads {threads} "
+        "--num-workers {resources.consistency_workers} > {log} 2>&1"
