@@ -318,14 +318,14 @@ def jhmdb_heatmaps(joints_grid, grid: tuple[int, int], sigma: float = 0.5):
 
 
 def keypoints_readout(pred, grid: tuple[int, int], topk: int = 5):
-    """(hw, 1 + J) soft heatmaps -> (2, J) x/y in grid units; (-1, -1) for an all-zero joint map.
+    """(hw or gh x gw, 1 + J) soft heatmaps -> (2, J) x/y in grid units; (-1, -1) for an all-zero joint map.
 
     Background dropped; per joint the top-``topk`` cells by value, weights normalised to sum 1,
     weighted mean of (col, row) with no +0.5 (reference ``process_pose``, top-5).
     """
     import torch
 
-    joint_maps = pred[:, 1:]
+    joint_maps = torch.as_tensor(pred).reshape(-1, pred.shape[-1])[:, 1:]
     k = min(topk, joint_maps.shape[0])
     vals, idx = joint_maps.topk(k, dim=0)  # (k, J)
     vals = vals / vals.sum(0, keepdim=True)
@@ -351,3 +351,567 @@ def segmentation_readout(pred_grid, input_hw: tuple[int, int], label_set: Sequen
     if out_hw is not None and tuple(out_hw) != (h, w):
         ids = cv2.resize(ids, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_NEAREST)
     return ids
+
+
+def davis_palette() -> np.ndarray:
+    """(256, 3) uint8 PASCAL VOC colour map, the palette of DAVIS annotation PNGs."""
+    palette = np.zeros((256, 3), np.uint8)
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for bit in range(8):  # the id's bits are interleaved into the colours' high bits
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+# ---------------------------------------------------------------------------------------------
+# frames and features
+
+
+def load_frame(rgb: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """HxWx3 uint8 RGB -> (3, H', W') float32 normalised input and the resized [0, 1] RGB image.
+
+    Order as the reference: /255 in float32, then OpenCV bilinear resize (skipped at the same
+    size), then ImageNet mean/std.
+    """
+    import cv2
+
+    img = rgb.astype(np.float32) / 255.0
+    if img.shape[:2] != tuple(hw):
+        img = cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+    return ((img - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1), img
+
+
+def encode_frames(encoder, frames: Iterable[np.ndarray], batch_size: int, device):
+    """Normalised (3, H, W) frames -> (T, hw, C) L2-normalised final-norm patch tokens on device.
+
+    Each real frame is encoded once (the reference also encodes its ``queue`` padded copies).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    out, batch = [], []
+
+    def flush():
+        x = torch.from_numpy(np.stack(batch)).to(device)
+        feats = encoder.dense_features(x)  # (B, C, gh, gw)
+        feats = F.normalize(feats, dim=1).flatten(2).transpose(1, 2)  # (B, hw, C) row-major
+        out.append(feats.float())
+        batch.clear()
+
+    with torch.inference_mode():
+        for frame in frames:
+            batch.append(frame)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# one video
+
+
+@dataclass
+class Protocol:
+    """The propagation settings of one dataset (config ``propagation`` + its dataset section)."""
+
+    dataset: str
+    size: list[int]
+    topk: int
+    temperature: float = 0.7
+    radius: float = 20
+    queue: int = 20
+    feature_batch: int = 5
+    query_chunk: int = 4096
+    label_downsample: str = "bilinear"
+    gt_mode: str | None = None  # DAVIS only
+    sigma: float = 0.5  # JHMDB only
+    readout_topk: int = 5  # JHMDB only
+
+    @classmethod
+    def from_settings(cls, dataset: str, settings: dict) -> "Protocol":
+        if dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+        section = section_defaults("propagation", overrides=settings)
+        ds = section[dataset]
+        return cls(dataset=dataset, size=list(ds["size"]), topk=ds["topk"],
+                   temperature=section["temperature"], radius=section["radius"],
+                   queue=section["queue"], feature_batch=section["feature_batch"],
+                   query_chunk=section["query_chunk"],
+                   label_downsample=section["label_downsample"], gt_mode=ds.get("gt_mode"),
+                   sigma=ds.get("sigma", 0.5), readout_topk=ds.get("readout_topk", 5))
+
+
+@dataclass
+class VideoResult:
+    """What a dataset writer needs from one propagated video."""
+
+    input_hw: tuple[int, int]
+    grid: tuple[int, int]
+    orig_hw: tuple[int, int]
+    images: dict[int, np.ndarray]  # kept resized [0, 1] RGB frames (figures), by frame index
+
+
+def propagate_video(encoder, frame_paths: Sequence[Path], read_frame: Callable, protocol: Protocol,
+                    first_labels: Callable, on_frame: Callable, device,
+                    keep_images: Sequence[int] = ()) -> VideoResult:
+    """Encode the frames, build frame 0's grid labels, propagate, hand each frame to ``on_frame``.
+
+    first_labels(rgb0_uint8, input_hw, grid) -> (gh, gw, L) array; on_frame(t, (gh, gw, L) numpy).
+    """
+    import torch
+
+    first = read_frame(frame_paths[0])
+    orig_hw = first.shape[:2]
+    hw = input_size(orig_hw, protocol.size)
+    grid = grid_size(hw, encoder.patch_size)
+    images: dict[int, np.ndarray] = {}
+
+    def frames():
+        for t, path in enumerate(frame_paths):
+            rgb = first if t == 0 else read_frame(path)
+            if rgb.shape[:2] != orig_hw:
+                raise ValueError(f"{path}: frame size {rgb.shape[:2]} differs from the video's first "
+                                 f"frame {orig_hw}")
+            x, resized = load_frame(rgb, hw)
+            if t in keep_images:
+                images[t] = resized
+            yield x
+
+    with torch.inference_mode():
+        feats = encode_frames(encoder, frames(), protocol.feature_batch, device)
+        labels0 = torch.from_numpy(first_labels(first, hw, grid)).reshape(grid[0] * grid[1], -1)
+        propagate(feats, labels0, grid, topk=protocol.topk, temperature=protocol.temperature,
+                  radius=protocol.radius, queue=protocol.queue, query_chunk=protocol.query_chunk,
+                  on_frame=lambda t, p: on_frame(t, p.reshape(*grid, -1).cpu().numpy()))
+    return VideoResult(hw, grid, orig_hw, images)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-dataset writers (standard result layouts, spec §3)
+
+
+def _write_png(path: Path, ids: np.ndarray, palette: np.ndarray | None = None) -> None:
+    from PIL import Image
+
+    im = Image.fromarray(np.ascontiguousarray(ids, dtype=np.uint8), mode="L")
+    if palette is not None:
+        im = im.convert("P")
+        im.putpalette(palette.ravel().tolist())
+    with atomic_path(path, suffix=".png") as tmp:
+        im.save(tmp, format="PNG")
+
+
+def _pil_nearest(ids: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """PIL nearest resize (pixel-centre sampling), as the reference VIP scorer resizes predictions."""
+    from PIL import Image
+
+    if ids.shape[:2] == tuple(out_hw):
+        return ids
+    return np.array(Image.fromarray(ids).resize((out_hw[1], out_hw[0]), Image.NEAREST))
+
+
+@dataclass
+class Video:
+    """One video to propagate: name, frames, and the dataset-specific label/readout plumbing."""
+
+    name: str
+    frames: list[Path]
+    first_labels: Callable  # (rgb0, input_hw, grid) -> (gh, gw, L)
+    on_frame: Callable  # (t, (gh, gw, L) soft map) -> None; writes the prediction of frame t
+    finish: Callable  # () -> None; writes per-video files once every frame is done
+    overlay: Callable  # (t, resized image) -> (image, keypoints or None) for the figure
+    state: dict  # per-video scratch shared by the callbacks; "keep" = frames kept for figures
+
+
+def davis_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Video]:
+    """DAVIS-2017: indexed palette PNGs ``<seq>/<frame stem>.png``.
+
+    Sizes: with ``gt_mode="resized"`` the scorer compares against GT nearest-resized to the input
+    size (the reference's DAVIS_480_880 copy), so predictions stay at the input size; with
+    ``"native"`` they are nearest-resized (OpenCV, as ``convert_davis.py``) to the size of the
+    sequence's frame-0 annotation.
+    """
+    import cv2
+
+    from pipeline.datasets import DavisDataset
+
+    ds = DavisDataset(root, sequences=names)
+    palette = davis_palette()
+    videos = []
+    for seq in ds.sequences:
+        frames, annotations = ds.frames(seq), ds.annotations(seq)
+        state: dict = {}
+
+        def first_labels(rgb0, hw, grid, seq=seq, annotations=annotations, state=state):
+            gt = ds.read_annotation(annotations[0])
+            if gt.shape != rgb0.shape[:2]:
+                raise ValueError(f"{annotations[0]}: annotation size {gt.shape} != frame size "
+                                 f"{rgb0.shape[:2]}")
+            state["gt_hw"] = gt.shape
+            ids = cv2.resize(gt, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
+            state["label_set"] = np.unique(ids).tolist()
+            state["hw"], state["first_ids"] = hw, ids
+            return segmentation_labels(ids, state["label_set"], grid, protocol.label_downsample)
+
+        def on_frame(t, soft, seq=seq, frames=frames, state=state):
+            out_hw = state["hw"] if protocol.gt_mode == "resized" else state["gt_hw"]
+            ids = segmentation_readout(soft, state["hw"], state["label_set"], out_hw)
+            if t in state.get("keep", ()):
+                state.setdefault("ids", {})[t] = ids
+            _write_png(out_dir / seq / f"{frames[t].stem}.png", ids, palette)
+
+        def overlay(t, img, state=state):
+            ids = state["first_ids"] if t == 0 else state["ids"][t]
+            return _blend(img, cv2.resize(ids, (img.shape[1], img.shape[0]),
+                                          interpolation=cv2.INTER_NEAREST), palette), None
+
+        videos.append(Video(seq, frames, first_labels, on_frame, lambda: None, overlay, state))
+    return videos
+
+
+def vip_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Video]:
+    """VIP: grey class-id PNGs ``videos<N>/<frame stem>.png`` at the GT size (PIL nearest)."""
+    import cv2
+
+    from pipeline.datasets import VipDataset
+
+    ds = VipDataset(root, videos=names)
+    colours = _class_colours(20)
+    videos = []
+    for name in ds.videos:
+        frames, annotations = ds.frames(name), ds.annotations(name)
+        gt_by_stem = {p.stem: p for p in annotations}
+        state: dict = {}
+
+        def first_labels(rgb0, hw, grid, annotations=annotations, state=state):
+            gt = ds.read_annotation(annotations[0])
+            ids = cv2.resize(gt, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
+            state["label_set"] = np.unique(ids).tolist()
+            state["hw"], state["first_ids"] = hw, ids
+            return segmentation_labels(ids, state["label_set"], grid, protocol.label_downsample)
+
+        def on_frame(t, soft, name=name, frames=frames, state=state, gt_by_stem=gt_by_stem):
+            ids = segmentation_readout(soft, state["hw"], state["label_set"])
+            if t in state.get("keep", ()):
+                state.setdefault("ids", {})[t] = ids
+            gt_path = gt_by_stem.get(frames[t].stem)
+            if gt_path is None:  # unannotated frame: nothing to score, keep the input size
+                out = ids
+            else:
+                from PIL import Image
+
+                with Image.open(gt_path) as im:
+                    out = _pil_nearest(ids, (im.height, im.width))
+            _write_png(out_dir / name / f"{frames[t].stem}.png", out)
+
+        def overlay(t, img, state=state):
+            ids = state["first_ids"] if t == 0 else state["ids"][t]
+            return _blend(img, ids, colours), None
+
+        videos.append(Video(name, frames, first_labels, on_frame, lambda: None, overlay, state))
+    return videos
+
+
+def jhmdb_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Video]:
+    """JHMDB: ``<class>/<video>/joint_positions.mat`` with ``pos_img`` (2, 15, T), 1-based pixels of
+    the original frames; a joint that cannot be placed (all-zero map) is NaN."""
+    import scipy.io
+
+    from pipeline.datasets import JhmdbDataset
+
+    ds = JhmdbDataset(root, split_list=names)
+    videos = []
+    for name in ds.videos:
+        frames = ds.frames(name)
+        state: dict = {"coords": {}}
+
+        def first_labels(rgb0, hw, grid, name=name, state=state):
+            pos = ds.read_joints(name)
+            ori_h, ori_w = rgb0.shape[:2]
+            patch = hw[0] // grid[0]
+            joints = pos[:, :, 0] - 1  # 0-based pixels -> grid units, as the reference
+            joints = np.stack([joints[0] * hw[1] / ori_w / patch, joints[1] * hw[0] / ori_h / patch])
+            state.update(grid=grid, orig_hw=(ori_h, ori_w))
+            return jhmdb_heatmaps(joints, grid, protocol.sigma)
+
+        def on_frame(t, soft, state=state):
+            state["coords"][t] = keypoints_readout(soft, state["grid"], protocol.readout_topk).numpy()
+
+        def finish(name=name, frames=frames, state=state):
+            grid, (ori_h, ori_w) = state["grid"], state["orig_hw"]
+            coords = np.stack([state["coords"][t] for t in range(len(frames))], axis=-1)
+            coords = coords.astype(np.float64)  # (2, 15, T) grid units, -1 = not placed
+            pos = np.empty_like(coords)
+            # grid units -> 0-based original pixels (the reference scorer's x * W / feat_res with
+            # feat_res = the grid, not a hard-coded 20), then 1-based like pos_img
+            pos[0] = coords[0] * ori_w / grid[1] + 1
+            pos[1] = coords[1] * ori_h / grid[0] + 1
+            pos[:, (coords < 0).any(0)] = np.nan
+            path = out_dir / name / "joint_positions.mat"
+            with atomic_path(path, suffix=".mat") as tmp, open(tmp, "wb") as fh:
+                scipy.io.savemat(fh, {"pos_img": pos})
+
+        def overlay(t, img, state=state):
+            grid = state["grid"]
+            xy = state["coords"][t].astype(np.float64)
+            # same mapping as the scored positions (cell index x patch, no +0.5)
+            pts = np.stack([xy[0] * img.shape[1] / grid[1], xy[1] * img.shape[0] / grid[0]])
+            pts[:, (xy < 0).any(0)] = np.nan
+            return img, pts
+
+        videos.append(Video(name, frames, first_labels, on_frame, finish, overlay, state))
+    return videos
+
+
+WRITERS = {"davis": davis_videos, "vip": vip_videos, "jhmdb": jhmdb_videos}
+
+
+# ---------------------------------------------------------------------------------------------
+# figures (paper Figures 6-8: frame 0 with its labels, then a few propagated frames)
+
+# JHMDB skeleton: parent joint of each joint (reference ``vis_pose``)
+JHMDB_PARENT = (1, 1, 0, 0, 1, 1, 1, 3, 4, 5, 6, 7, 8, 9, 10)
+
+
+def _class_colours(n: int) -> np.ndarray:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return (np.array([cmap(i % 20)[:3] for i in range(max(n, 1))]) * 255).astype(np.uint8)
+
+
+def _blend(img: np.ndarray, ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """[0, 1] RGB image with non-zero ids painted half-transparent in their colour."""
+    out = img.copy()
+    fg = ids > 0
+    out[fg] = 0.5 * img[fg] + 0.5 * colours[ids[fg] % len(colours)] / 255.0
+    return out
+
+
+def figure_frames(n_frames: int, panels: int = 4) -> list[int]:
+    """Frame 0 plus ``panels - 1`` propagated frames spread over the video (last one included)."""
+    if n_frames <= 1:
+        return [0]
+    picks = np.linspace(0, n_frames - 1, min(panels, n_frames)).round().astype(int)
+    return sorted(set(picks.tolist()))
+
+
+def save_figure(video: Video, images: dict[int, np.ndarray], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = sorted(images)
+    fig, axes = plt.subplots(1, len(frames), figsize=(3.2 * len(frames), 2.6), squeeze=False)
+    colours = plt.get_cmap("tab20")
+    for ax, t in zip(axes[0], frames):
+        img, pts = video.overlay(t, images[t])
+        ax.imshow(np.clip(img, 0, 1))
+        if pts is not None:
+            for j, parent in enumerate(JHMDB_PARENT):
+                ax.plot([pts[0, j], pts[0, parent]], [pts[1, j], pts[1, parent]], "-",
+                        color=colours(j % 20), lw=2)
+            ax.scatter(pts[0], pts[1], s=10, c="white", edgecolors="black", linewidths=0.5)
+        ax.set_title("frame 0 (labels)" if t == 0 else f"frame {t}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage entry point
+
+
+def _safe_name(name: str) -> str:
+    return name.replace("/", "__")
+
+
+def model_name_from_checkpoint(checkpoint: str | Path) -> str:
+    """``results/pretrain/<model>/checkpoint.pth`` -> ``<model>``; else the parent folder name."""
+    parts = Path(checkpoint).parts
+    if "pretrain" in parts[:-1]:
+        i = len(parts) - 1 - parts[::-1].index("pretrain")
+        if i < len(parts) - 2:
+            return "/".join(parts[i + 1:-1])
+    return Path(checkpoint).parent.name
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(checkpoint: str | Path, dataset: str, root: str | Path, output_dir: str | Path,
+        settings: dict | None = None, model: str | None = None, device: str | None = None):
+    """Propagate every video of ``dataset`` under ``root``, write predictions, score them, and write
+    ``metrics.csv``. Returns the metrics row as a dict.
+
+    Resumable: a video whose predictions are complete (marker under ``predictions/.done``) is
+    skipped when the run key (checkpoint hash, protocol, root, code) is unchanged; otherwise the
+    stale predictions are removed first, so the scorer never sees another run's files.
+    """
+    from pipeline.datasets import read_rgb, read_vallist
+    from pipeline.models_mae import load_encoder
+
+    settings = settings or {}
+    protocol = Protocol.from_settings(dataset, settings)
+    section = section_defaults("propagation", overrides=settings)
+    vallist = section[dataset].get("vallist")
+    names = [e.name for e in read_vallist(dataset, vallist)] if vallist else None
+    output_dir, root = Path(output_dir), Path(root)
+    pred_dir = output_dir / "predictions"
+    device = device or default_device()
+    model = model or model_name_from_checkpoint(checkpoint)
+
+    run_key = json.dumps({"checkpoint_sha256": file_sha256(checkpoint), "protocol": protocol.__dict__,
+                          "root": str(root.resolve()), "vallist": names,
+                          "code_sha256": file_sha256(__file__)}, sort_keys=True)
+    key_file = pred_dir / ".run_key.json"
+    if pred_dir.exists() and (not key_file.exists() or key_file.read_text() != run_key):
+        LOG.info("removing predictions of a different run: %s", pred_dir)
+        shutil.rmtree(pred_dir)
+    write_text_atomic(key_file, run_key)
+
+    encoder = load_encoder(checkpoint, device=device)
+    videos = WRITERS[dataset](root, pred_dir, protocol, names)
+    n_figures = section["figures"]
+    LOG.info("%s: %d videos, protocol %s, patch %d, device %s", dataset, len(videos),
+             protocol, encoder.patch_size, device)
+    done_dir = pred_dir / ".done"
+    n_frames = 0
+    for i, video in enumerate(progress(videos, desc=f"{dataset} videos", unit="video")):
+        n_frames += len(video.frames)
+        marker = done_dir / _safe_name(video.name)
+        if marker.exists():
+            continue
+        keep = figure_frames(len(video.frames)) if i < n_figures else []
+        video.state["keep"] = set(keep)
+        result = propagate_video(encoder, video.frames, read_rgb, protocol,
+                                 video.first_labels, video.on_frame, device, keep_images=keep)
+        video.finish()
+        if keep:
+            save_figure(video, result.images, output_dir / "figures" / f"{_safe_name(video.name)}.png",
+                        f"{model} - {dataset} {video.name}")
+        write_text_atomic(marker, json.dumps({"frames": len(video.frames),
+                                              "input_hw": result.input_hw, "grid": result.grid}))
+
+    metrics = score_predictions(dataset, root, pred_dir, output_dir / "scores", protocol,
+                                names=[v.name for v in videos])
+    row = {"dataset": dataset, "model": model, **metrics,
+           "size": "x".join(str(s) for s in protocol.size), "topk": protocol.topk,
+           "temperature": protocol.temperature, "radius": protocol.radius,
+           "queue": protocol.queue, "gt_mode": protocol.gt_mode or "",
+           "patch_size": encoder.patch_size, "label_downsample": protocol.label_downsample,
+           "videos": len(videos), "frames": n_frames, "checkpoint": str(checkpoint)}
+    import pandas as pd
+
+    write_csv_atomic(pd.DataFrame([row]), output_dir / "metrics.csv")
+    LOG.info("metrics: %s", {k: row[k] for k in metrics})
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# encoders that are not pretraining outputs: random init and external checkpoints
+
+
+def _encoder_payload(encoder, arch, config: dict) -> dict:
+    """Checkpoint payload of docs/architecture.md with encoder weights only (MAE key names)."""
+    from pipeline.models_mae import resolve_arch
+
+    return {"model": encoder.state_dict(), "optimizer": None, "scaler": None, "epoch": 0, "step": 0,
+            "arch": resolve_arch(arch), "img_size": int(encoder.img_size), "config": config}
+
+
+def init_random_encoder(arch: str, seed: int, output: str | Path, img_size: int = 224) -> None:
+    """Randomly initialised encoder (the model's own init, seeded) saved as a checkpoint, so the
+    random-init reference row is evaluated by the same ``propagate`` rule as trained encoders."""
+    from pipeline.models_mae import build_encoder
+    from pipeline.utils import save_torch_atomic, seed_everything
+
+    seed_everything(seed)
+    encoder = build_encoder(arch, img_size)
+    save_torch_atomic(_encoder_payload(encoder, arch, {"random_init_seed": seed, "arch": arch}),
+                      output)
+    LOG.info("random-init %s (seed %d) -> %s", arch, seed, output)
+
+
+def import_external_encoder(source: str | Path, arch: str, output: str | Path) -> None:
+    """An MAE/CropMAE-format checkpoint converted to our payload; every encoder key must be there
+    (``load_encoder`` raises naming the missing keys, unlike the reference's silent partial load)."""
+    from pipeline.models_mae import load_encoder
+    from pipeline.utils import save_torch_atomic
+
+    encoder = load_encoder(source, device="cpu", arch=arch)
+    save_torch_atomic(_encoder_payload(encoder, arch, {"source": str(source), "arch": arch}), output)
+    LOG.info("imported %s (%s) -> %s", source, arch, output)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.propagate",
+        description="Label propagation of one encoder on one dataset (reference protocol), then "
+                    "scoring. Also: 'init-random' and 'import-external' subcommands (see their "
+                    "--help) to make checkpoints of a random-init or an external encoder.")
+    ap.add_argument("--checkpoint", required=True, help="encoder checkpoint (payload or MAE format)")
+    ap.add_argument("--dataset", required=True, choices=DATASETS)
+    ap.add_argument("--root", required=True, help="dataset root in the official layout")
+    ap.add_argument("--output-dir", required=True, help="results/eval/<model>/<dataset>")
+    ap.add_argument("--settings", help="config 'propagation' section (JSON or file); partial is fine")
+    ap.add_argument("--dataset-settings",
+                    help="config 'propagation.<dataset>' section (JSON); overrides the one in --settings")
+    ap.add_argument("--model", help="model name for metrics.csv (default: from the checkpoint path)")
+    ap.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    ap.add_argument("--threads", type=int, default=None)
+    return ap
+
+
+def main(argv=None) -> None:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    if argv and argv[0] == "init-random":
+        ap = argparse.ArgumentParser(prog="python -m pipeline.propagate init-random",
+                                     description="Save a seeded randomly initialised encoder.")
+        ap.add_argument("--arch", required=True)
+        ap.add_argument("--seed", type=int, required=True)
+        ap.add_argument("--img-size", type=int, default=224)
+        ap.add_argument("--output", required=True)
+        args = ap.parse_args(argv[1:])
+        init_random_encoder(args.arch, args.seed, args.output, args.img_size)
+        return
+    if argv and argv[0] == "import-external":
+        ap = argparse.ArgumentParser(prog="python -m pipeline.propagate import-external",
+                                     description="Convert an MAE/CropMAE encoder checkpoint.")
+        ap.add_argument("--source", required=True)
+        ap.add_argument("--arch", required=True)
+        ap.add_argument("--output", required=True)
+        args = ap.parse_args(argv[1:])
+        import_external_encoder(args.source, args.arch, args.output)
+        return
+    args = _run_parser().parse_args(argv)
+    set_threads(args.threads)
+    settings = load_settings(args.settings)
+    if args.dataset_settings:
+        settings[args.dataset] = load_settings(args.dataset_settings)
+    run(args.checkpoint, args.dataset, args.root, args.output_dir, settings, model=args.model,
+        device=args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Propagation stage: queue semantics, radius mask, labels, read-out, fast == reference, end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import propagate as P
+
+# ---------------------------------------------------------------------------------------------
+# geometry
+
+
+def test_grid_sizes_follow_the_patch_size():
+    davis = P.input_size((480, 854), [480, 880])
+    assert davis == (480, 880)
+    assert P.grid_size(davis, 16) == (30, 55)
+    assert P.grid_size(davis, 8) == (60, 110)
+    vip = P.input_size((1080, 1920), [880])  # 16:9, long side 880, short floored to 64
+    assert vip == (448, 880)
+    assert P.grid_size(vip, 16) == (28, 55) and P.grid_size(vip, 8) == (56, 110)
+    assert P.input_size((1920, 1080), [880]) == (880, 448)  # portrait: the width is floored
+    jhmdb = P.input_size((240, 320), [320, 320])
+    assert P.grid_size(jhmdb, 16) == (20, 20) and P.grid_size(jhmdb, 8) == (40, 40)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        P.grid_size((100, 880), 16)
+
+
+def test_radius_mask_is_strictly_less_in_grid_cells():
+    mask = P.radius_mask((5, 5), 2).reshape(5, 5, 5, 5)
+    # centre: offsets with dx^2 + dy^2 < 4 -> 3x3 block; (0, +-2) at distance exactly 2 excluded
+    assert int(mask[2, 2].sum()) == 9
+    assert not mask[2, 2, 0, 2] and mask[2, 2, 1, 1]
+    assert int(mask[0, 0].sum()) == 4
+    assert torch.equal(mask.reshape(25, 25), mask.reshape(25, 25).T)
+    # spec §1 counts at radius 20: DAVIS /16 centre 1,070, corner 331, mean 750 of 1,650
+    davis = P.radius_mask((30, 55), 20)
+    counts = davis.sum(1).reshape(30, 55)
+    assert int(counts[15, 27]) == 1070 and int(counts[0, 0]) == 331
+    assert abs(counts.float().mean().item() - 750) < 1  # 750.5
+    jh = P.radius_mask((20, 20), 20).sum(1).reshape(20, 20)
+    assert int(jh[10, 10]) == 400 and int(jh[0, 0]) == 331
+
+
+# ---------------------------------------------------------------------------------------------
+# queue
+
+
+def test_context_slots_reproduce_the_padded_queue():
+    q = 20
+    assert P.context_slots(1, q) == [0] * 21
+    assert P.context_slots(2, q) == [0] * 20 + [1]
+    assert P.context_slots(q, q) == [0, 0] + list(range(1, 20))
+    assert P.context_slots(q + 5, q) == [0] + list(range(5, 25))
+    for t in range(1, 30):
+        slots = P.context_slots(t, q)
+        assert len(slots) == q + 1
+        assert slots.count(0) == (22 - t if t <= q else 1)  # frame-0 multiplicity
+        frames, dup = P.context_frames(t, q)
+        assert frames[0] == 0 and frames[1:] == sorted(set(slots[1:]) - {0})
+        assert dup == slots[1:].count(0)
+    with pytest.raises(ValueError):
+        P.context_slots(0, q)
+
+
+# ---------------------------------------------------------------------------------------------
+# propagation core
+
+
+def _random_video(t, grid, c, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(t, grid[0] * grid[1], c, generator=g), dim=-1)
+
+
+def test_one_hot_position_features_reproduce_frame0_on_a_static_video():
+    grid, n_frames = (4, 6), 26
+    hw = grid[0] * grid[1]
+    feats = torch.eye(hw)[None].repeat(n_frames, 1, 1)  # feature = one-hot of the cell position
+    ids = torch.randint(0, 3, (hw,), generator=torch.Generator().manual_seed(0))
+    labels0 = torch.nn.functional.one_hot(ids, 3).float()
+    preds = P.propagate(feats, labels0, grid, topk=7, temperature=0.7, radius=20, queue=20,
+                        query_chunk=5)
+    torch.testing.assert_close(preds, labels0[None].expand_as(preds), atol=1e-6, rtol=0)
+    for t in range(n_frames):
+        out = P.segmentation_readout(preds[t].reshape(*grid, 3).numpy(), grid, [0, 1, 2])
+        np.testing.assert_array_equal(out, ids.reshape(grid).numpy())
+
+
+@pytest.mark.parametrize("case", ["davis", "jhmdb"])
+def test_fast_path_equals_the_reference_algorithm(case):
+    if case == "davis":  # soft one-hot-ish labels, radius that masks, several query chunks
+        grid, n_frames, topk, radius, queue, chunk = (6, 11), 28, 7, 4, 20, 17
+        g = torch.Generator().manual_seed(1)
+        labels0 = torch.nn.functional.one_hot(torch.randint(0, 4, (66,), generator=g), 4).float()
+    else:  # JHMDB-like: heatmaps + background, radius barely restricts, short queue
+        grid, n_frames, topk, radius, queue, chunk = (8, 8), 14, 7, 20, 5, 64
+        joints = np.array([[1.0, 3.3, 6.8, 7.6], [0.2, 4.1, 2.5, 7.9]])
+        labels0 = torch.from_numpy(P.jhmdb_heatmaps(joints, grid)).reshape(64, -1)
+    feats = _random_video(n_frames, grid, 32, seed=2)
+    kwargs = dict(topk=topk, temperature=0.7, radius=radius, queue=queue)
+    fast = P.propagate(feats, labels0, grid, query_chunk=chunk, **kwargs)
+    ref = P.propagate_reference(feats, labels0, grid, **kwargs)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    # the duplicates matter: without frame 0's padded copies the early frames differ
+    single = P.propagate_reference(feats, labels0, grid, **{**kwargs, "queue": 1})
+    assert (single[2] - ref[2]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# labels and read-out
+
+
+def test_segmentation_labels_point_sample_at_the_patch_centre():
+    ids = np.zeros((8, 16), np.uint8)
+    ids[3:5, 3:5] = 1  # only the patch-centre pixels 3-4 of the first /8 patch
+    ids[:, 8:] = 2
+    ids[3:5, 11:13] = 0
+    bil = P.segmentation_labels(ids, [0, 1, 2], (1, 2))
+    np.testing.assert_allclose(bil[0, 0], [0, 1, 0])
+    np.testing.assert_allclose(bil[0, 1], [1, 0, 0])
+    area = P.segmentation_labels(ids, [0, 1, 2], (1, 2), downsample="area")
+    np.testing.assert_allclose(area[0, 0], [60 / 64, 4 / 64, 0])
+    np.testing.assert_allclose(area[0, 1], [4 / 64, 0, 60 / 64])
+    single = P.segmentation_labels(ids, [1], (1, 2))  # one channel keeps its axis
+    assert single.shape == (1, 2, 1)
+
+
+def test_jhmdb_heatmap_stamp_and_border_quirk():
+    grid = (6, 7)
+    joints = np.array([[1.0, 4.6, -10.0], [0.2, 3.4, -10.0]])  # x row, y row
+    maps = P.jhmdb_heatmaps(joints, grid)
+    assert maps.shape == (6, 7, 4)
+    # (1.0, 0.2): the stamp's corner int(pt - 1.5) truncates toward zero -> peak at col 2, row 1
+    j0 = maps[..., 1]
+    assert np.unravel_index(j0.argmax(), grid) == (1, 2) and j0[1, 2] == 1
+    np.testing.assert_allclose(j0[1, 1], math.exp(-2), rtol=1e-6)
+    np.testing.assert_allclose(j0[0, 1], math.exp(-4), rtol=1e-6)
+    # truncated stamp: rows int(-1.3) = -1 .. 1 clipped to 0..1, cols 0 .. int(3.5) - 1 = 2
+    assert (j0 > 0).sum() == 6 and j0[:, 3:].sum() == 0 and j0[2:].sum() == 0
+    # (4.6, 3.4): away from the border the peak is round(pt)
+    j1 = maps[..., 2]
+    assert np.unravel_index(j1.argmax(), grid) == (3, 5)
+    assert (j1 > 0).sum() == 16  # full 4x4 stamp, offsets -2..+1
+    assert maps[..., 3].sum() == 0  # a joint outside the frame: all-zero channel
+    np.testing.assert_array_equal(maps[..., 0], (maps[..., 1:].sum(-1) == 0).astype(np.float32))
+
+
+def test_keypoint_readout_top5_example_of_the_spec():
+    grid = (10, 10)
+    pred = np.zeros((100, 3), np.float32)
+    pred[4 * 10 + 6, 1] = 1.0  # (col 6, row 4)
+    pred[4 * 10 + 7, 1] = 0.5
+    pred[5 * 10 + 6, 1] = 0.25
+    coords = P.keypoints_readout(pred, grid, topk=5)
+    np.testing.assert_allclose(coords[:, 0].numpy(), [6.285715, 4.142858], rtol=1e-6)
+    np.testing.assert_array_equal(coords[:, 1].numpy(), [-1, -1])  # all-zero map
+
+
+def test_segmentation_readout_upsamples_then_maps_ids():
+    pred = np.zeros((2, 2, 2), np.float32)
+    pred[..., 0] = 1
+    pred[1, 1] = [0, 1]
+    ids = P.segmentation_readout(pred, (4, 4), [0, 5], out_hw=(8, 8))
+    assert ids.dtype == np.uint8 and ids.shape == (8, 8)
+    assert ids[-1, -1] == 5 and ids[0, 0] == 0
