@@ -256,3 +256,88 @@ def test_neighbours_resume_and_tables(tmp_path):
     assert (knn_rows.a_index != knn_rows.b_index).all() and knn_rows.neighbour_rank.between(1, 3).all()
     table2, pairs2 = C.score_table(enc, kinds, batch_size=3, num_workers=0, seed=0, run_label="test")
     assert np.allclose(table2[list(C.METRICS)], table.loc[:1, list(C.METRICS)], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end through the CLI: tiny ImageNet folder + videos, real warp/crop bags from pipeline.views
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    import cv2
+
+    from pipeline import views
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        d = root / "imagenet" / "train" / f"n0{c}"
+        d.mkdir(parents=True)
+        for i in range(6):
+            small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+            cv2.imwrite(str(d / f"img{i}.png"), cv2.resize(small, (64, 48), interpolation=cv2.INTER_CUBIC))
+    for v in range(2):
+        d = root / "videos" / f"vid{v}"
+        d.mkdir(parents=True)
+        base = cv2.resize(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8), (96, 64))
+        for t in range(8):
+            cv2.imwrite(str(d / f"{t:05d}.png"), np.roll(base, 2 * t, axis=1)[:, :64])
+    s = '{"shards": 1, "part_size": 8, "image_size": 32, "n_views": 2}'
+    for g in ("warp", "crop"):
+        shard = root / "views" / g / "shard-0.h5"
+        views.main(["generate", "--root", str(root / "imagenet"), "--generator", g, "--shard", "0",
+                    "--out", str(shard), "--settings", s])
+        views.main(["merge", "--shards", str(shard), "--out", str(root / "views" / g / "bag.h5"),
+                    "--settings", s])
+    return root
+
+
+def test_cli_tables_end_to_end(tiny_data, tmp_path):
+    import pandas as pd
+
+    r = tiny_data
+    s = '{"encoder": {"name": "sift-grid", "image_size": 32, "patch_size": 8}, "n_pairs": 6, "knn_k": 2}'
+    C.main(["neighbours", "--imagenet-root", str(r / "imagenet"), "--settings", s, "--k", "3",
+            "--output", str(tmp_path / "knn.npz"), "--state-dir", str(tmp_path / "state")])
+    with np.load(tmp_path / "knn.npz") as z:
+        assert z["neighbours"].shape == (12, 3) and z["neighbours"].dtype == np.int64
+        assert not (z["neighbours"] == np.arange(12)[:, None]).any()
+        assert z["image_id"][0] == "n00/img0"
+    t1 = ["table1", "--bag", str(r / "views/warp/bag.h5"), "--generator", "warp", "--knn",
+          str(tmp_path / "knn.npz"), "--imagenet-root", str(r / "imagenet"), "--videos-root",
+          str(r / "videos"), "--settings", s, "--seed", "3", "--run-label", "test"]
+    C.main(t1 + ["--output", str(tmp_path / "t1.csv"), "--pairs-output", str(tmp_path / "p1.csv")])
+    C.main(t1 + ["--output", str(tmp_path / "t1b.csv"), "--pairs-output", str(tmp_path / "p1b.csv")])
+    assert (tmp_path / "p1.csv").read_text() == (tmp_path / "p1b.csv").read_text()  # seeded
+    C.main(["table9", "--bag", f"warp={r / 'views/warp/bag.h5'}", "--bag", f"crop={r / 'views/crop/bag.h5'}",
+            "--videos-root", str(r / "videos"), "--settings", s, "--seed", "3",
+            "--output", str(tmp_path / "t9.csv"), "--pairs-output", str(tmp_path / "p9.csv")])
+    t1, t9 = pd.read_csv(tmp_path / "t1.csv"), pd.read_csv(tmp_path / "t9.csv")
+    p1 = pd.read_csv(tmp_path / "p1.csv")
+    assert list(t1.pair_kind) == ["video_frames", "generated", "knn_images", "random_images"]
+    assert list(t9.generator.fillna("")) == ["", "warp", "crop"]
+    assert t1.is_baseline.tolist() == [False, True, False, False] and t9.is_baseline.tolist()[1:] == [True, True]
+    assert not t1.views.str.contains("S-LDM|CDG-MAE").any() and t1.views[1].startswith("warp")
+    # the same generator gives the same row in Tables 1 and 9 (same seed -> same pairs, same centring)
+    assert np.allclose(t1.loc[1, list(C.METRICS)].to_numpy(float), t9.loc[1, list(C.METRICS)].to_numpy(float))
+    assert (t1.n_pairs == 6).all() and len(p1) == 24
+    assert np.isfinite(t1[list(C.METRICS)].to_numpy(float)).all()
+    knn = p1[p1.pair_kind == "knn_images"]
+    assert (knn.a_id != knn.b_id).all() and knn.neighbour_rank.between(1, 2).all()
+    video = p1[p1.pair_kind == "video_frames"]
+    assert (video.b_frame - video.a_frame == video.gap).all()
+
+
+def test_cli_names_a_corrupt_image(tmp_path):
+    d = tmp_path / "imagenet" / "train" / "n00"
+    d.mkdir(parents=True)
+    import cv2
+
+    for i in range(3):
+        cv2.imwrite(str(d / f"ok{i}.png"), random_image(i, 32))
+    (d / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(RuntimeError, match="bad.png"):
+        C.main(["neighbours", "--imagenet-root", str(tmp_path / "imagenet"), "--k", "1",
+                "--settings", '{"encoder": {"name": "hog-grid", "image_size": 32}}',
+                "--output", str(tmp_path / "knn.npz")])
+    assert not (tmp_path / "knn.npz").exists()
