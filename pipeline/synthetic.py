@@ -77,19 +77,20 @@ def make_texture(rng: np.random.Generator, h: int, w: int, scale: float = 1.0) -
     """HxWx3 uint8 texture: noise at two scales + an oriented grating through a colour ramp."""
     field = (_smooth_noise(rng, h, w, rng.uniform(10, 24) * scale)
              + 0.6 * _smooth_noise(rng, h, w, rng.uniform(2.5, 5) * scale))
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     angle, period = rng.uniform(0, np.pi), rng.uniform(4, 14) * scale
-    grating = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * (2 * np.pi / period)
-                     + rng.uniform(0, 2 * np.pi))
-    field = field + rng.uniform(0, 1.2) * grating
-    lo, hi = np.percentile(field, [1, 99])
-    field = np.clip((field - lo) / max(hi - lo, 1e-6), 0, 1)
-    colors = rng.uniform(15, 240, size=(int(rng.integers(3, 5)), 3)).astype(np.float32)
-    pos = field * (len(colors) - 1)
-    i0 = np.minimum(pos.astype(np.int32), len(colors) - 2)
-    frac = (pos - i0)[..., None]
-    rgb = colors[i0] * (1 - frac) + colors[i0 + 1] * frac
-    rgb += rng.normal(0, 5, size=rgb.shape).astype(np.float32)  # sensor-like grain
+    fx, fy = 2 * np.pi / period * np.cos(angle), 2 * np.pi / period * np.sin(angle)
+    x = fx * np.arange(w, dtype=np.float32)[None, :]
+    y = fy * np.arange(h, dtype=np.float32)[:, None] + np.float32(rng.uniform(0, 2 * np.pi))
+    grating = np.sin(x) * np.cos(y) + np.cos(x) * np.sin(y)  # sin(x + y) from 1-D factors
+    field = field + np.float32(rng.uniform(0, 1.2)) * grating
+    # ≈ ±2 standard deviations onto a ramp through 3-4 random colours, as a 256-level lookup
+    level = np.clip((field - field.mean()) / (4 * field.std() + 1e-6) + 0.5, 0, 1)
+    colors = rng.uniform(15, 240, size=(int(rng.integers(3, 5)), 3))
+    knots = np.linspace(0, 255, len(colors))
+    ramp = np.stack([np.interp(np.arange(256), knots, colors[:, ch]) for ch in range(3)],
+                    1).astype(np.int16)
+    rgb = ramp[(level * 255).astype(np.uint8)]
+    rgb += rng.integers(-8, 9, size=rgb.shape, dtype=np.int16)  # sensor-like grain
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
@@ -222,9 +223,13 @@ class Puppet:
         thigh_id = torso_id if torso_id in (VIP["dress"], VIP["jumpsuits"]) else (
             VIP["skirt"] if r[2] < 0.25 else VIP["pants"])
         sleeve = r[3] < 0.5
-        tex_side = int(np.ceil(max(BODY["torso"], BODY["thigh"]) * u + 2 * lw + 8)) * 2
+        # one texture per garment, large enough for the largest sprite (torso / thigh capsule)
+        tex_side = int(np.ceil(max(BODY["torso"], BODY["thigh"]) * u + 2 * lw)) + 16
+        used = {VIP["face"], VIP["hair"], VIP["hat"], VIP["sunglasses"], VIP["scarf"], torso_id,
+                thigh_id, VIP["glove"], VIP["socks"], VIP["left_arm"], VIP["left_leg"],
+                VIP["left_shoe"]}
         textures = {lab: make_texture(rng, tex_side, tex_side, scale=max(u / 80, 0.3))
-                    for lab in range(1, len(VIP_CLASSES))}
+                    for lab in sorted(used)}
         # left/right garments and skin share a texture (appearance does not tell the sides apart)
         for left, right in (("left_arm", "right_arm"), ("left_leg", "right_leg"),
                             ("left_shoe", "right_shoe")):
