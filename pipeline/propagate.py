@@ -353,20 +353,6 @@ def segmentation_readout(pred_grid, input_hw: tuple[int, int], label_set: Sequen
     return ids
 
 
-def davis_palette() -> np.ndarray:
-    """(256, 3) uint8 PASCAL VOC colour map, the palette of DAVIS annotation PNGs."""
-    palette = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for bit in range(8):  # the id's bits are interleaved into the colours' high bits
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette[i] = (r, g, b)
-    return palette
-
-
 # ---------------------------------------------------------------------------------------------
 # frames and features
 
@@ -507,15 +493,6 @@ def _write_png(path: Path, ids: np.ndarray, palette: np.ndarray | None = None) -
         im.save(tmp, format="PNG")
 
 
-def _pil_nearest(ids: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """PIL nearest resize (pixel-centre sampling), as the reference VIP scorer resizes predictions."""
-    from PIL import Image
-
-    if ids.shape[:2] == tuple(out_hw):
-        return ids
-    return np.array(Image.fromarray(ids).resize((out_hw[1], out_hw[0]), Image.NEAREST))
-
-
 @dataclass
 class Video:
     """One video to propagate: name, frames, and the dataset-specific label/readout plumbing."""
@@ -540,9 +517,10 @@ def davis_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vi
     import cv2
 
     from pipeline.datasets import DavisDataset
+    from pipeline.synthetic import pascal_palette
 
     ds = DavisDataset(root, sequences=names)
-    palette = davis_palette()
+    palette = np.asarray(pascal_palette(), np.uint8).reshape(256, 3)
     videos = []
     for seq in ds.sequences:
         frames, annotations = ds.frames(seq), ds.annotations(seq)
@@ -603,8 +581,10 @@ def vip_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vide
             gt_path = gt_by_stem.get(frames[t].stem)
             if gt_path is None:  # unannotated frame: nothing to score, keep the input size
                 out = ids
-            else:
+            else:  # PIL nearest, as the reference VIP scorer resizes predictions
                 from PIL import Image
+
+                from pipeline.score import _pil_nearest
 
                 with Image.open(gt_path) as im:
                     out = _pil_nearest(ids, (im.height, im.width))
@@ -637,7 +617,7 @@ def jhmdb_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vi
             patch = hw[0] // grid[0]
             joints = pos[:, :, 0] - 1  # 0-based pixels -> grid units, as the reference
             joints = np.stack([joints[0] * hw[1] / ori_w / patch, joints[1] * hw[0] / ori_h / patch])
-            state.update(grid=grid, orig_hw=(ori_h, ori_w))
+            state.update(grid=grid, orig_hw=(ori_h, ori_w), n_gt=pos.shape[2])
             return jhmdb_heatmaps(joints, grid, protocol.sigma)
 
         def on_frame(t, soft, state=state):
@@ -645,8 +625,13 @@ def jhmdb_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vi
 
         def finish(name=name, frames=frames, state=state):
             grid, (ori_h, ori_w) = state["grid"], state["orig_hw"]
-            coords = np.stack([state["coords"][t] for t in range(len(frames))], axis=-1)
-            coords = coords.astype(np.float64)  # (2, 15, T) grid units, -1 = not placed
+            n_gt = state["n_gt"]
+            if n_gt != len(frames):
+                LOG.warning("%s: %d frames but pos_img has %d; writing %d (NaN past the last frame)",
+                            name, len(frames), n_gt, n_gt)
+            coords = np.full((2, JHMDB_JOINTS, n_gt), -1.0)  # grid units, -1 = not placed
+            for t in range(min(n_gt, len(frames))):
+                coords[..., t] = state["coords"][t]
             pos = np.empty_like(coords)
             # grid units -> 0-based original pixels (the reference scorer's x * W / feat_res with
             # feat_res = the grid, not a hard-coded 20), then 1-based like pos_img
@@ -672,6 +657,34 @@ def jhmdb_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vi
 WRITERS = {"davis": davis_videos, "vip": vip_videos, "jhmdb": jhmdb_videos}
 
 
+def score_predictions(dataset: str, root: Path, pred_dir: Path, scores_dir: Path, protocol: Protocol,
+                      names: Sequence[str]) -> dict[str, float]:
+    """Score ``pred_dir`` with ``pipeline.score`` into a fresh ``scores_dir``; headline metrics in %.
+
+    The scorers' own CSVs (DAVIS per-sequence/per-object, VIP per-class, JHMDB per-joint) stay in
+    ``scores_dir``.
+    """
+    from pipeline import score
+
+    if scores_dir.exists():  # never let an earlier run's CSVs stand in for this one's
+        shutil.rmtree(scores_dir)
+    if dataset == "davis":
+        if protocol.gt_mode == "resized" and len(protocol.size) != 2:
+            raise ValueError("propagation.davis.gt_mode 'resized' needs a two-value size (H, W)")
+        res = score.davis_scores(root, pred_dir, scores_dir, gt_mode=protocol.gt_mode,
+                                 size=protocol.size if protocol.gt_mode == "resized" else None,
+                                 sequences=names)
+        write_csv_atomic(res["per_object"], scores_dir / "per-object_results-val.csv")
+        glob = res["global"].iloc[0]
+        return {k: 100 * float(glob[k]) for k in ("J&F-Mean", "J-Mean", "F-Mean")}
+    if dataset == "vip":
+        res = score.vip_scores(root, pred_dir, scores_dir, videos=names)
+        return {"mIoU": 100 * float(res["miou"])}
+    res = score.jhmdb_scores(root, pred_dir, scores_dir)
+    pck = res["pck"].set_index("alpha")["PCK"]
+    return {"PCK@0.1": float(pck.loc[0.1]), "PCK@0.2": float(pck.loc[0.2])}
+
+
 # ---------------------------------------------------------------------------------------------
 # figures (paper Figures 6-8: frame 0 with its labels, then a few propagated frames)
 
@@ -690,7 +703,7 @@ def _blend(img: np.ndarray, ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
     """[0, 1] RGB image with non-zero ids painted half-transparent in their colour."""
     out = img.copy()
     fg = ids > 0
-    out[fg] = 0.5 * img[fg] + 0.5 * colours[ids[fg] % len(colours)] / 255.0
+    out[fg] = 0.5 * img[fg] + 0.5 * colours[ids[fg].astype(np.int64) % len(colours)] / 255.0
     return out
 
 
