@@ -254,7 +254,7 @@ class SDVariationGenerator(ViewGenerator):
         path = _model_dir(self.settings, self.name)
         # the safety checker would black out views; it is not part of the paper's generation
         self.pipe = StableDiffusionImageVariationPipeline.from_pretrained(
-            path, local_files_only=True, torch_dtype=dtype, safety_checker=None,
+            path, local_files_only=True, dtype=dtype, safety_checker=None,
             requires_safety_checker=False)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)

@@ -1,7 +1,8 @@
 """Bag-of-views stage: generate (one shard), merge (all shards) and figure; ``BagDataset``.
 
 ``python -m pipeline.views generate``
-    Views for one shard = a contiguous range of global indices of ``list_imagenet(root)``. Work is
+    Views for one shard = a contiguous range of global indices of ``list_imagenet(root)`` made of
+    whole parts (see ``shard_range``); batches are formed inside a part. Work is
     committed in atomic part files of ``part_size`` source images under a state directory outside
     the declared outputs (``results/views/<generator>/parts/shard-<k>/``); on restart a part that
     opens cleanly, carries ``complete`` and the expected row count and the same settings
@@ -59,11 +60,20 @@ class ViewsError(RuntimeError):
 # ----------------------------------------------------------------------------- helpers
 
 
-def shard_range(n_images: int, shard: int, shards: int) -> tuple[int, int]:
-    """Global index range [start, end) of ``shard`` among ``shards`` contiguous ranges."""
+def shard_range(n_images: int, shard: int, shards: int, part_size: int) -> tuple[int, int]:
+    """Global index range [start, end) of ``shard``: a contiguous run of whole parts.
+
+    Parts tile the global index space in blocks of ``part_size`` and shards take contiguous runs of
+    parts, so part (and batch) composition depends only on the global index, never on the shard
+    count: a diffusion generator's float kernels can depend on the batch it runs in, so this keeps
+    the stored bytes identical whatever ``views.shards`` is. Trailing shards may be empty when
+    there are fewer parts than shards.
+    """
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} out of range for views.shards = {shards}")
-    return shard * n_images // shards, (shard + 1) * n_images // shards
+    n_parts = -(-n_images // part_size)
+    p0, p1 = shard * n_parts // shards, (shard + 1) * n_parts // shards
+    return min(p0 * part_size, n_images), min(p1 * part_size, n_images)
 
 
 def load_real(path: str | os.PathLike, size: int) -> np.ndarray:
@@ -183,7 +193,7 @@ class ShardWriter:
         self.quality = int(cfg["jpeg_quality"])
         n = len(records) if cfg["max_images"] is None else min(len(records), cfg["max_images"])
         self.n_total = n
-        self.start, self.end = shard_range(n, self.shard, int(cfg["shards"]))
+        self.start, self.end = shard_range(n, self.shard, int(cfg["shards"]), int(cfg["part_size"]))
         self.fp = fingerprint(generator, cfg, seed)
         self._gen = None
         self.parts_written = 0
@@ -437,15 +447,18 @@ def validate_shard(path: Path, k: int, shards: int, expected: tuple[int, int] | 
 
 
 def merge_shards(shard_paths: Sequence[str | os.PathLike], out: str | os.PathLike,
-                 n_images: int | None = None, mode: str = "copy") -> Path:
+                 n_images: int | None = None, part_size: int | None = None,
+                 mode: str = "copy") -> Path:
     """Validate all shards and write the merged bag (copy into real datasets, or a VDS)."""
     import h5py
 
     shard_paths = [Path(p) for p in shard_paths]
     S = len(shard_paths)
+    if n_images is not None and part_size is None:
+        raise ValueError("merge_shards: part_size is needed to check shard ranges against n_images")
     attrs = []
     for k, p in enumerate(shard_paths):
-        exp = shard_range(n_images, k, S) if n_images is not None else None
+        exp = shard_range(n_images, k, S, part_size) if n_images is not None else None
         attrs.append(validate_shard(p, k, S, exp))
     fps = {a["fingerprint"] for a in attrs}
     if len(fps) != 1:
@@ -507,7 +520,8 @@ def cmd_merge(args) -> None:
         n_images = n if cfg["max_images"] is None else min(n, cfg["max_images"])
     if len(args.shards) != cfg["shards"]:
         raise ViewsError(f"{len(args.shards)} shard files given, views.shards = {cfg['shards']}")
-    merge_shards(args.shards, args.out, n_images=n_images, mode=args.mode or cfg["merge_mode"])
+    merge_shards(args.shards, args.out, n_images=n_images, part_size=int(cfg["part_size"]),
+                 mode=args.mode or cfg["merge_mode"])
 
 
 # ----------------------------------------------------------------------------- dataset

@@ -1,0 +1,186 @@
+"""View generators: registry, baselines, and tiny random-weight diffusion models saved with
+``save_pretrained`` and loaded through the same code path as real weights (local folder,
+``local_files_only``). Sizes follow views-and-hdf5.md §3; 2 DDIM steps keep it fast on CPU."""
+
+import numpy as np
+import pytest
+
+from pipeline.generators import GENERATORS, build_generator
+
+IMAGE_SIZE = 32
+
+
+def _tiny_unet(cross_attention_dim=32):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8, norm_num_groups=32)
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    # two blocks -> downsampling factor 2: 16-px latent <-> 32-px image
+    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                         down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4,
+                         norm_num_groups=32, sample_size=32)
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def build_tiny_sd_variation(folder):
+    """A random-weight StableDiffusionImageVariationPipeline saved like the lambdalabs folder."""
+    import torch
+    from diffusers import StableDiffusionImageVariationPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, image_size=32, patch_size=4))
+    pipe = StableDiffusionImageVariationPipeline(
+        vae=_tiny_vae(), image_encoder=encoder, unet=_tiny_unet(32), scheduler=_scheduler(),
+        safety_checker=None, feature_extractor=CLIPImageProcessor(size=32, crop_size=32),
+        requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sldm(folder):
+    """A random-weight S-LDM folder (tiny timm ViT encoder, Linear projector) via save_sldm."""
+    import timm
+    import torch
+
+    from pipeline.generators import save_sldm
+
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
+    encoder = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kwargs)
+    projector = torch.nn.Linear(48, 32)
+    return save_sldm(folder, _tiny_unet(32), _tiny_vae(), _scheduler(), encoder,
+                     "vit_tiny_patch16_224", projector, encoder_kwargs=kwargs)
+
+
+@pytest.fixture(scope="session")
+def sd_variation_dir(tmp_path_factory):
+    return build_tiny_sd_variation(tmp_path_factory.mktemp("sd-variation"))
+
+
+@pytest.fixture(scope="session")
+def sldm_dir(tmp_path_factory):
+    return build_tiny_sldm(tmp_path_factory.mktemp("sldm"))
+
+
+def _images(n, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _seeds(b, m, offset=0):
+    return np.arange(offset, offset + b * m, dtype=np.int64).reshape(b, m) * 7919 + 1
+
+
+def test_registry_names_and_baseline_flags():
+    assert {"sd-variation", "sldm", "warp", "crop"} <= set(GENERATORS)
+    assert GENERATORS["warp"].is_baseline and GENERATORS["crop"].is_baseline
+    assert not GENERATORS["sd-variation"].is_baseline and not GENERATORS["sldm"].is_baseline
+    with pytest.raises(KeyError, match="unknown view generator 'nope'"):
+        build_generator("nope", {})
+
+
+@pytest.mark.parametrize("name", ["warp", "crop"])
+def test_baselines_are_per_view_deterministic(name):
+    gen = build_generator(name, {}, image_size=IMAGE_SIZE)
+    images, seeds = _images(3), _seeds(3, 2)
+    out = gen.generate(images, seeds)
+    assert out.shape == (3, 2, IMAGE_SIZE, IMAGE_SIZE, 3) and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 1
+    # a view depends on (image, seed) only: same seed in a different batch gives the same view
+    alone = gen.generate(images[2:], seeds[2:, 1:])
+    np.testing.assert_array_equal(alone[0, 0], out[2, 1])
+    assert not np.array_equal(out[0, 0], out[0, 1])  # different seeds, different views
+
+
+def test_warp_is_a_geometric_change_of_the_image():
+    img = _images(1, size=IMAGE_SIZE)
+    zero = build_generator("warp", {"perspective": 0.0, "elastic_alpha": 0.0, "crop_scale": [1, 1]},
+                           image_size=IMAGE_SIZE)
+    np.testing.assert_allclose(zero.generate(img, _seeds(1, 1))[0, 0], img[0] / 255.0, atol=1e-6)
+    warped = build_generator("warp", {}, image_size=IMAGE_SIZE).generate(img, _seeds(1, 1))[0, 0]
+    assert np.abs(warped - img[0] / 255.0).mean() > 0.05
+
+
+def test_crop_box_within_image_and_scale():
+    from pipeline.generators import random_resized_crop_box
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = random_resized_crop_box(rng, 50, 70, (0.3, 1.0), (0.75, 4 / 3))
+        assert 0 <= top and top + h <= 50 and 0 <= left and left + w <= 70
+        assert 0.3 * 3500 * 0.9 <= h * w <= 3500
+
+
+def test_diffusion_generators_need_a_local_folder(tmp_path):
+    with pytest.raises(ValueError, match="model_path is not set"):
+        build_generator("sd-variation", {"model_path": None})
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        build_generator("sldm", {"model_path": str(tmp_path / "missing")})
+    with pytest.raises(FileNotFoundError, match="sldm.json"):
+        build_generator("sldm", {"model_path": str(tmp_path)})
+
+
+def test_sd_variation_from_saved_folder_is_batch_invariant(sd_variation_dir):
+    gen = build_generator("sd-variation", {"model_path": str(sd_variation_dir), "steps": 2,
+                                           "guidance_scale": 6.0, "dtype": "float16"},
+                          image_size=IMAGE_SIZE, device="cpu")
+    assert gen.native == 32  # unet sample 16 x VAE factor 2
+    images, seeds = _images(2), _seeds(2, 2)
+    out = gen.generate(images, seeds)
+    assert out.shape == (2, 2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(out).all()
+    # per-sample CPU generators: the same (image, seed) alone gives the same view, up to float
+    # kernels that depend on the batch size (~1e-6 on CPU; cuBLAS likewise, diffusers #2659)
+    alone = gen.generate(images[1:], seeds[1:, 1:])
+    np.testing.assert_allclose(alone[0, 0], out[1, 1], atol=1e-4)
+    np.testing.assert_array_equal(gen.generate(images, seeds), out)  # same batch: bit-identical
+    assert not np.allclose(out[0, 0], out[0, 1])
+
+
+def test_sldm_from_saved_folder(sldm_dir):
+    settings = {"model_path": str(sldm_dir), "steps": 2, "guidance_scale": 6.0}
+    gen = build_generator("sldm", settings, image_size=24, device="cpu")
+    images, seeds = _images(2), _seeds(2, 3)
+    out = gen.generate(images, seeds)
+    assert out.shape == (2, 3, 24, 24, 3) and np.isfinite(out).all()
+    alone = gen.generate(images[1:], seeds[1:, 2:])
+    np.testing.assert_allclose(alone[0, 0], out[1, 2], atol=1e-4)
+    np.testing.assert_array_equal(gen.generate(images, seeds), out)
+    # the conditioning image matters, and so does the null condition of the CFG
+    other = gen.generate(images[::-1].copy(), seeds)
+    assert not np.allclose(other[0], out[0])
+    zero = build_generator("sldm", {**settings, "null_condition": "zero_token"}, image_size=24,
+                           device="cpu").generate(images, seeds)
+    assert not np.allclose(zero, out)
+
+
+def test_sldm_embedding_is_the_projected_cls_token(sldm_dir):
+    import torch
+
+    gen = build_generator("sldm", {"model_path": str(sldm_dir), "steps": 1}, image_size=24,
+                          device="cpu")
+    with torch.no_grad():
+        z = gen.embed(_images(2))
+        feats = gen.encoder.forward_features(
+            torch.nn.functional.interpolate(
+                torch.from_numpy(_images(2)).permute(0, 3, 1, 2).float() / 255, size=(32, 32),
+                mode="bicubic", antialias=True).sub(gen.mean).div(gen.std))
+    assert z.shape == (2, 48)
+    torch.testing.assert_close(z, feats[:, 0])  # CLS token after the final norm
