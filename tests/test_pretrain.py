@@ -1,0 +1,256 @@
+"""Pretraining loop: lr schedule, weight-decay groups, sampler, exact resume, SIGKILL resume, NaN stop,
+checkpoint format. Tiny: vit_mini_patch8 at 32 px, a few optimiser steps."""
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.pretrain import (EpochSampler, NonFiniteLossError, build_optimizer, lr_at, resolve_cell,
+                               resolve_settings, train)
+from pipeline.strategies import BagViewsDataset
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {"img_size": 32, "batch_size": 8, "micro_batch": 4, "base_lr": 1e-3, "warmup_epochs": 1,
+            "num_workers": 0, "samples_per_epoch": 16}
+
+
+def tiny_bag(n=16, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    img = lambda: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noqa: E731
+    return [{"image_id": f"c/{i:03d}", "index": i, "real": img(), "views": [img() for _ in range(4)]}
+            for i in range(n)]
+
+
+def setup(epochs=3, anchors=2, anchor_mask=0.25, **overrides):
+    settings = resolve_settings({**SETTINGS, **overrides})
+    cell = resolve_cell({"arch": "vit_mini_patch8", "anchors": anchors, "anchor_mask": anchor_mask,
+                         "epochs": epochs}, settings)
+    return cell, settings
+
+
+class FaultyBag(BagViewsDataset):
+    """Crashes (``mode="crash"``) or yields NaN pixels (``mode="nan"``) from epoch ``at_epoch`` on."""
+
+    def __init__(self, *args, at_epoch, mode, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at_epoch, self.mode = at_epoch, mode
+
+    def __getitem__(self, key):
+        x = super().__getitem__(key)
+        if key[0] >= self.at_epoch:
+            if self.mode == "crash":
+                raise RuntimeError("simulated crash")
+            x = torch.full_like(x, float("nan"))
+        return x
+
+
+def dataset(cls=BagViewsDataset, **kwargs):
+    return cls(tiny_bag(), img_size=32, anchors=2, target="either", seed=3, **kwargs)
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_hand_values():
+    kw = dict(epochs=4, warmup_epochs=1, peak_lr=1.0, min_lr=0.0)
+    assert lr_at(0, 10, **kw) == 0.0  # applied before step 0: not the peak
+    assert lr_at(5, 10, **kw) == pytest.approx(0.5)  # half-way through warm-up
+    assert lr_at(10, 10, **kw) == pytest.approx(1.0)  # end of warm-up = peak
+    assert lr_at(25, 10, **kw) == pytest.approx(0.5)  # cosine mid-point
+    assert lr_at(20, 10, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi / 3)))
+    assert lr_at(40, 10, **kw) == pytest.approx(0.0)
+    assert lr_at(25, 10, epochs=4, warmup_epochs=1, peak_lr=1.0, min_lr=0.2) == pytest.approx(0.6)
+
+
+def test_weight_decay_groups():
+    from pipeline.models_mae import CrossViewMAE
+
+    model = CrossViewMAE("vit_mini_patch8", 32)
+    opt = build_optimizer(model, 1e-3, 0.05)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    decay, no_decay = by_decay[0.05], by_decay[0.0]
+    assert all(n.endswith(".bias") or model.get_parameter(n).ndim <= 1 for n in no_decay)
+    assert all(model.get_parameter(n).ndim > 1 and not n.endswith(".bias") for n in decay)
+    assert {"encoder.cls_token", "mask_token", "encoder.patch_embed.proj.weight"} <= decay  # 3-D/4-D: decayed
+    assert "encoder.norm.weight" in no_decay and "decoder_pred.bias" in no_decay
+    frozen = {"encoder.pos_embed", "decoder_pos_embed"}
+    assert not frozen & (decay | no_decay)
+    assert decay | no_decay == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_epoch_sampler_order():
+    s = EpochSampler(10, 25, seed=1)
+    s.set_epoch(0)
+    a = [i for _, i in s]
+    assert len(a) == 25 and all(0 <= i < 10 for i in a)
+    assert sorted(a[:10]) == list(range(10))  # whole permutations back to back
+    s.set_epoch(1)
+    assert [i for _, i in s] != a
+    s.set_epoch(0)
+    assert [i for _, i in s] == a
+    ranks = [EpochSampler(10, 8, seed=1, num_replicas=2, rank=r) for r in (0, 1)]
+    parts = [[i for _, i in r] for r in ranks]
+    assert len(parts[0]) == len(parts[1]) == 4 and not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(EpochSampler(10, 8, seed=1).order(0).tolist())
+
+
+def test_schedule_applied_before_step_and_logs(tmp_path):
+    cell, settings = setup(epochs=2)
+    hist = train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state",
+                 log_csv=tmp_path / "log.csv", curve_png=tmp_path / "curve.png")
+    peak = 1e-3 * 8 / 256
+    assert hist["lr"][0] == 0.0 and hist["lr"][1] == pytest.approx(peak / 2)  # 2 steps per epoch
+    assert hist["lr"][2] == pytest.approx(peak)
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert list(log.columns) == ["step", "epoch", "loss", "lr", "samples_per_s"]
+    assert log["step"].tolist() == [0, 1, 2, 3] and log["epoch"].tolist() == [0, 0, 1, 1]
+    assert np.isfinite(log["loss"]).all()
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_weights_only_and_load_encoder(tmp_path):
+    from pipeline.models_mae import load_encoder
+
+    cell, settings = setup(epochs=1)
+    train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
+    ckpt = torch.load(tmp_path / "ck.pth", weights_only=True)
+    assert {"model", "optimizer", "scaler", "epoch", "step", "arch", "img_size", "config"} <= set(ckpt)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 2 and ckpt["img_size"] == 32
+    assert ckpt["config"]["cell"] == cell and ckpt["config"]["seed"] == 0
+    state = torch.load(tmp_path / "state" / "last.pth", weights_only=True)
+    assert state["history"]["step"] == [0, 1]
+    encoder = load_encoder(tmp_path / "ck.pth")
+    assert torch.equal(encoder.cls_token, ckpt["model"]["encoder.cls_token"])
+    assert encoder.dense_features(torch.zeros(1, 3, 32, 32)).shape == (1, 128, 4, 4)
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path):
+    cell, settings = setup(epochs=3)
+    full = train(cell, settings, dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "sa")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):  # dies during epoch 2
+        train(cell, settings, dataset(FaultyBag, at_epoch=2, mode="crash"), seed=0,
+              output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
+    assert not (tmp_path / "b.pth").exists()
+    assert torch.load(tmp_path / "sb" / "last.pth", weights_only=True)["epoch"] == 2
+    resumed = train(cell, settings, dataset(), seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
+
+    assert resumed["step"] == full["step"] == list(range(6))
+    assert resumed["loss"] == full["loss"]  # bit-identical, not just close
+    assert resumed["lr"] == full["lr"]
+    a, b = (torch.load(tmp_path / p, weights_only=True)["model"] for p in ("a.pth", "b.pth"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a different seed gives a different curve (the comparison above can fail)
+    other = train(cell, settings, dataset(), seed=1, output=tmp_path / "c.pth", state_dir=tmp_path / "sc")
+    assert other["loss"] != full["loss"]
+
+
+def test_changed_settings_do_not_resume_a_stale_state(tmp_path):
+    cell, settings = setup(epochs=1)
+    train(cell, settings, dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "s")
+    cell2, settings2 = setup(epochs=1, base_lr=5e-4)
+    hist = train(cell2, settings2, dataset(), seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "s")
+    assert hist["step"] == [0, 1]  # trained from scratch, not "already done"
+    assert torch.load(tmp_path / "s" / "last.pth", weights_only=True)["config"]["pretrain"]["base_lr"] == 5e-4
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    cell, settings = setup(epochs=3)
+    state = tmp_path / "state" / "last.pth"
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 \(epoch 1\).*last good checkpoint .*epoch 1"):
+        train(cell, settings, dataset(FaultyBag, at_epoch=1, mode="nan"), seed=0, output=tmp_path / "ck.pth",
+              state_dir=tmp_path / "state")
+    assert not (tmp_path / "ck.pth").exists()
+    kept = torch.load(state, weights_only=True)
+    assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values())
+    digest = sha(state)
+    # retrying keeps failing at the same step and never overwrites the good state
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        train(cell, settings, dataset(FaultyBag, at_epoch=1, mode="nan"), seed=0, output=tmp_path / "ck.pth",
+              state_dir=tmp_path / "state")
+    assert sha(state) == digest
+
+
+def test_epoch_shorter_than_a_batch_is_a_clear_error(tmp_path):
+    cell, settings = setup(epochs=1, samples_per_epoch=4)
+    with pytest.raises(ValueError, match="shorter than one batch"):
+        train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "s")
+
+
+# ---------------------------------------------------------------------------------------------
+# a real subprocess, SIGKILLed mid-run, then re-run: same curve as an uninterrupted run
+
+
+def write_imagenet(root: Path, n=16):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / "train" / f"n{i % 2:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
+
+
+def cli(tmp_path, name, imagenet, epochs):
+    settings = {**SETTINGS, "batch_size": 4, "micro_batch": 4, "samples_per_epoch": 8}
+    cell = {"method": "cropmae", "arch": "vit_mini_patch8", "generator": "none", "target": "none",
+            "anchors": 1, "anchor_mask": 0.0, "target_mask": 0.75, "epochs": epochs}
+    out = tmp_path / name
+    return out, [sys.executable, "-m", "pipeline.pretrain", "--cell", json.dumps(cell), "--seed", "0",
+                 "--settings", json.dumps(settings), "--imagenet-root", str(imagenet),
+                 "--output", str(out / "checkpoint.pth"), "--state-dir", str(out / "state"),
+                 "--log-csv", str(out / "train_log.csv"), "--curve-png", str(out / "loss_curve.png"),
+                 "--threads", "1", "--device", "cpu"]
+
+
+def test_sigkill_then_rerun_resumes_the_same_curve(tmp_path):
+    imagenet = tmp_path / "imagenet"
+    write_imagenet(imagenet)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    epochs = 10
+
+    out_a, cmd_a = cli(tmp_path, "uninterrupted", imagenet, epochs)
+    subprocess.run(cmd_a, env=env, cwd=ROOT, check=True, capture_output=True, timeout=300)
+
+    out_b, cmd_b = cli(tmp_path, "killed", imagenet, epochs)
+    proc = subprocess.Popen(cmd_b, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out_b / "state" / "last.pth"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out_b / "checkpoint.pth").exists()
+    killed_at = torch.load(state, weights_only=True)["epoch"]
+    assert 1 <= killed_at < epochs
+
+    subprocess.run(cmd_b, env=env, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    a, b = pd.read_csv(out_a / "train_log.csv"), pd.read_csv(out_b / "train_log.csv")
+    assert len(a) == len(b) == epochs * 2
+    assert a["loss"].tolist() == b["loss"].tolist() and a["lr"].tolist() == b["lr"].tolist()
+    ca, cb = (torch.load(o / "checkpoint.pth", weights_only=True)["model"] for o in (out_a, out_b))
+    assert all(torch.equal(ca[k], cb[k]) for k in ca)
+
+
+def test_cli_help():
+    out = subprocess.run([sys.executable, "-m", "pipeline.pretrain", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and "--state-dir" in out.stdout
