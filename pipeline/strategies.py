@@ -185,7 +185,12 @@ class BagViewsDataset(EpochDataset):
         """Bag row of an image by its global index (the bag may hold a subset, e.g. max_images)."""
         if self._row_of_index is None:
             indices = getattr(self.bag, "indices", None)
-            if indices is None:
+            if indices is None and getattr(self.bag, "path", None) is not None:
+                import h5py  # an HDF5 bag: read the index column, no JPEG decoding
+
+                with h5py.File(self.bag.path, "r") as f:
+                    indices = f["index"][:]
+            if indices is None:  # an in-memory bag
                 indices = [self.bag[r]["index"] for r in range(len(self.bag))]
             self._row_of_index = {int(g): r for r, g in enumerate(indices)}
         try:

@@ -254,3 +254,40 @@ def test_cli_help():
     out = subprocess.run([sys.executable, "-m", "pipeline.pretrain", "--help"], cwd=ROOT, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0 and "--state-dir" in out.stdout
+
+
+def write_bag(path: Path, n=8, size=40, M=4):
+    """A tiny merged bag in the views stage's HDF5 layout, through its own row writer."""
+    import h5py
+
+    from pipeline.views import encode_jpeg, write_rows
+
+    rng = np.random.default_rng(1)
+    img = lambda: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noqa: E731
+    ids = [f"c/{i:03d}" for i in range(n)]
+    with h5py.File(path, "w") as f:
+        write_rows(f, [encode_jpeg(img(), 95) for _ in ids], [[encode_jpeg(img(), 95) for _ in range(M)] for _ in ids],
+                   ids, list(range(n)), [[0] * M] * n, M)
+        f.attrs.update(complete=True, expected_rows=n, generator="warp", is_baseline=True, n_views=M,
+                       settings=json.dumps({}))
+    return ids
+
+
+def test_cli_cdgmae_knn_from_an_hdf5_bag(tmp_path):
+    ids = write_bag(tmp_path / "bag.h5")
+    n = len(ids)
+    np.savez(tmp_path / "knn.npz", image_id=np.array(ids), neighbours=np.array(
+        [[(i + 1) % n, (i + 2) % n] for i in range(n)], dtype=np.int64))
+    settings = {**SETTINGS, "batch_size": 4, "micro_batch": 2, "samples_per_epoch": None}
+    cell = {"method": "cdgmae", "arch": "vit_mini_patch8", "generator": "warp", "target": "knn",
+            "anchors": 2, "anchor_mask": 0.5, "target_mask": 0.75, "epochs": 1}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline.pretrain", "--cell", json.dumps(cell), "--seed", "0",
+           "--settings", json.dumps(settings), "--bag", str(tmp_path / "bag.h5"), "--knn", str(tmp_path / "knn.npz"),
+           "--output", str(out / "checkpoint.pth"), "--state-dir", str(out / "state"),
+           "--log-csv", str(out / "log.csv"), "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(pd.read_csv(out / "log.csv")) == n // 4
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["config"]["cell"]["target"] == "knn"
