@@ -1,0 +1,297 @@
+"""Bag-of-views stage: determinism across shards/batches/resume, killed-run resume, rejects,
+non-finite regeneration, merge validation, BagDataset and the figure."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import section_defaults
+from pipeline.datasets import list_imagenet
+from pipeline.generators import GENERATORS, ViewGenerator
+from pipeline.views import (BagDataset, ShardWriter, ViewsError, merge_shards, plot_bag,
+                            shard_range, view_seed)
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = 3
+
+
+def _make_imagenet(root: Path, classes=3, per_class=4, size=(40, 56)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / "train" / f"n{c:08d}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            h, w = size[0] + i, size[1]
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                d / f"n{c:08d}_{i}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    return _make_imagenet(tmp_path_factory.mktemp("imagenet"))
+
+
+def _cfg(**kw):
+    gens = kw.pop("generators", {})
+    base = {**dict(n_views=3, shards=1, part_size=4, batch_size=2, image_size=24, jpeg_quality=90,
+                   max_reject_fraction=0.25), **kw}
+    return section_defaults("views", overrides={**base, "generators": gens})
+
+
+def _run_shards(root, out_dir, generator="warp", batch_size=None, **kw):
+    cfg = _cfg(**kw)
+    records = list_imagenet(root)
+    paths = []
+    for k in range(cfg["shards"]):
+        out = Path(out_dir) / f"shard-{k}.h5"
+        ShardWriter(records, generator, k, cfg, SEED, out, out.with_suffix(".rejects.csv"),
+                    Path(out_dir) / "parts" / f"shard-{k}", batch_size=batch_size,
+                    device="cpu").run()
+        paths.append(out)
+    return paths
+
+
+def _by_image(paths):
+    """image_id -> (index, real bytes, view bytes, seeds) over all shard files."""
+    rows = {}
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            for i, iid in enumerate(f["image_id"].asstr()[:]):
+                rows[iid] = (int(f["index"][i]), bytes(f["real"][i]),
+                             [bytes(v) for v in f["views"][i]], f["seed"][i].tolist())
+    return rows
+
+
+def test_shard_ranges_are_runs_of_whole_parts():
+    assert [shard_range(10, k, 3, 4) for k in range(3)] == [(0, 4), (4, 8), (8, 10)]
+    assert [shard_range(5, k, 3, 4) for k in range(3)] == [(0, 0), (0, 4), (4, 5)]
+    assert [shard_range(25, k, 2, 4) for k in range(2)] == [(0, 12), (12, 25)]
+    for n, S, P in [(1000, 8, 7), (5, 8, 2), (64, 3, 64)]:
+        ranges = [shard_range(n, k, S, P) for k in range(S)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(lo % P == 0 for lo, _ in ranges)
+    with pytest.raises(ValueError, match="out of range"):
+        shard_range(10, 3, 3, 4)
+
+
+def test_views_independent_of_shards_and_batch_size(imagenet, tmp_path):
+    ref = _by_image(_run_shards(imagenet, tmp_path / "a", shards=1, batch_size=1))
+    other = _by_image(_run_shards(imagenet, tmp_path / "b", shards=3, batch_size=4))
+    assert len(ref) == 12 and ref == other
+    iid = sorted(ref)[5]
+    assert ref[iid][3] == [view_seed(SEED, iid, m) for m in range(3)]
+    assert ref[iid][0] == 5  # global index = position in list_imagenet
+
+
+def test_shard_file_layout(imagenet, tmp_path):
+    (path,) = _run_shards(imagenet, tmp_path, shards=1)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["complete"] and f.attrs["is_baseline"] and f.attrs["generator"] == "warp"
+        assert f.attrs["expected_rows"] == 12 and f.attrs["n_views"] == 3
+        assert f["views"].shape == (12, 3) and f["seed"].dtype == np.int64
+        assert f["index"][:].tolist() == list(range(12))
+    ds = BagDataset(path)
+    item = ds[7]
+    assert item["image_id"] == list_imagenet(imagenet)[7].image_id and item["index"] == 7
+    assert item["real"].shape == (24, 24, 3) and item["real"].dtype == np.uint8
+    assert len(item["views"]) == 3 and all(v.shape == (24, 24, 3) for v in item["views"])
+    assert pd.read_csv(path.with_suffix(".rejects.csv")).empty
+
+
+def test_diffusion_views_identical_across_shard_counts(imagenet, tmp_path_factory):
+    from test_generators import build_tiny_sd_variation
+
+    model = build_tiny_sd_variation(tmp_path_factory.mktemp("sdv"))
+    gens = {"sd-variation": {"model_path": str(model), "steps": 2, "dtype": "float32"}}
+    kw = dict(generator="sd-variation", generators=gens, n_views=2, part_size=3, max_images=6,
+              image_size=32)
+    tmp = tmp_path_factory.mktemp("sdv-runs")
+    ref = _by_image(_run_shards(imagenet, tmp / "a", shards=1, batch_size=3, **kw))
+    assert ref == _by_image(_run_shards(imagenet, tmp / "b", shards=2, batch_size=3, **kw))
+    # another batch size changes float kernels only: near-identical pixels
+    b1 = BagDataset(_run_shards(imagenet, tmp / "c", shards=1, batch_size=1, **kw)[0])
+    b3 = BagDataset(tmp / "a" / "shard-0.h5")
+    diff = max(np.abs(b1[i]["views"][m].astype(int) - b3[i]["views"][m]).mean()
+               for i in range(6) for m in range(2))
+    assert diff < 0.5
+
+
+def _cli_generate(root, out, settings, extra=()):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return [sys.executable, "-m", "pipeline.views", "generate", "--root", str(root),
+            "--generator", "warp", "--shard", "0", "--out", str(out), "--settings", settings,
+            "--seed", str(SEED), *extra], env
+
+
+def test_killed_run_resumes_to_identical_content(imagenet, tmp_path):
+    # large views make one part take a noticeable time, so the kill lands mid-shard
+    settings = ('{"n_views": 4, "shards": 1, "part_size": 2, "batch_size": 1, "image_size": 320, '
+                '"jpeg_quality": 90}')
+    ref_cmd, env = _cli_generate(imagenet, tmp_path / "ref" / "shard-0.h5", settings)
+    subprocess.run(ref_cmd, env=env, check=True, capture_output=True)
+    out = tmp_path / "run" / "shard-0.h5"
+    parts = tmp_path / "run" / "parts" / "shard-0"
+    cmd, env = _cli_generate(imagenet, out, settings)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    while not (parts / "part-00001.h5").exists() and time.monotonic() - t0 < 120:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = sorted(p.name for p in parts.glob("part-*.h5"))
+    assert 2 <= len(done_at_kill) < 6 and not out.exists()
+    mtimes = {n: (parts / n).stat().st_mtime_ns for n in done_at_kill}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    reused = res.stderr.count("reusing complete part")
+    written = res.stderr.count("wrote part")
+    assert reused == len(done_at_kill) and reused + written == 6
+    assert all((parts / n).stat().st_mtime_ns == m for n, m in mtimes.items())  # not redone
+    assert not list(parts.glob(".*.tmp"))  # the killed writer's temp file was cleaned up
+    assert _by_image([out]) == _by_image([tmp_path / "ref" / "shard-0.h5"])
+
+
+def test_corrupt_or_stale_parts_are_redone(imagenet, tmp_path):
+    (path,) = _run_shards(imagenet, tmp_path, shards=1)
+    ref = _by_image([path])
+    parts = tmp_path / "parts" / "shard-0"
+    with open(parts / "part-00001.h5", "r+b") as fh:  # truncated write
+        fh.truncate(300)
+    cfg = _cfg()
+    w = ShardWriter(list_imagenet(imagenet), "warp", 0, cfg, SEED, path,
+                    path.with_suffix(".rejects.csv"), parts)
+    w.run()
+    assert (w.parts_written, w.parts_reused) == (1, 2)
+    assert _by_image([path]) == ref
+    # a settings change invalidates every part (fingerprint), not just the missing ones
+    w = ShardWriter(list_imagenet(imagenet), "warp", 0, _cfg(jpeg_quality=80), SEED, path,
+                    path.with_suffix(".rejects.csv"), parts)
+    w.run()
+    assert (w.parts_written, w.parts_reused) == (3, 0)
+
+
+def test_corrupt_source_is_rejected_and_listed(tmp_path):
+    root = _make_imagenet(tmp_path / "inet", classes=2, per_class=4)
+    bad = sorted((root / "train" / "n00000001").iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
+    (path,) = _run_shards(root, tmp_path / "out", shards=1)
+    rej = pd.read_csv(path.with_suffix(".rejects.csv"))
+    assert rej["image_id"].tolist() == ["n00000001/" + bad.stem] and rej["index"].tolist() == [5]
+    assert rej["reason"].str.contains("truncated|broken|OSError", regex=True).all()
+    with h5py.File(path, "r") as f:
+        assert f.attrs["expected_rows"] == 7 and f.attrs["n_rejects"] == 1
+        assert 5 not in f["index"][:].tolist()
+
+
+def test_too_many_rejects_fail_with_a_clear_message(tmp_path):
+    root = _make_imagenet(tmp_path / "inet", classes=1, per_class=4)
+    for p in sorted((root / "train" / "n00000000").iterdir())[:2]:
+        p.write_bytes(b"not an image")
+    with pytest.raises(ViewsError, match=r"2 of 4 source images rejected.*max_reject_fraction"):
+        _run_shards(root, tmp_path / "out", shards=1)
+
+
+class _NaNFirstTry(ViewGenerator):
+    """Test generator: view 1 is non-finite unless generated with a regeneration seed."""
+
+    name = "nan-first-try"
+
+    def generate(self, images, seeds):
+        B, M = seeds.shape
+        out = np.zeros((B, M, self.image_size, self.image_size, 3), np.float32)
+        out += (seeds % 251)[:, :, None, None, None] / 251.0
+        self.first = getattr(self, "first", set(self.first_seeds))
+        for b in range(B):
+            for m in range(M):
+                if int(seeds[b, m]) in self.first and m == 1:
+                    out[b, m, 0, 0, 0] = np.nan
+        return out
+
+
+def test_non_finite_views_are_regenerated_with_recorded_seeds(imagenet, tmp_path, monkeypatch):
+    records = list_imagenet(imagenet)[:4]
+    _NaNFirstTry.first_seeds = [view_seed(SEED, r.image_id, 1) for r in records]
+    monkeypatch.setitem(GENERATORS, "nan-first-try", _NaNFirstTry)
+    cfg = _cfg(max_images=4)
+    cfg["generators"]["nan-first-try"] = {}
+    out = tmp_path / "shard-0.h5"
+    ShardWriter(records, "nan-first-try", 0, cfg, SEED, out, tmp_path / "r.csv",
+                tmp_path / "parts").run()
+    with h5py.File(out, "r") as f:
+        seeds = f["seed"][:]
+    for r, row in zip(records, seeds):
+        assert row.tolist() == [view_seed(SEED, r.image_id, 0), view_seed(SEED, r.image_id, 1, 1),
+                                view_seed(SEED, r.image_id, 2)]
+
+
+def test_merge_copy_and_vds_and_dataloader(imagenet, tmp_path):
+    import torch
+
+    paths = _run_shards(imagenet, tmp_path, shards=3, part_size=3)
+    ref = _by_image(paths)
+    copy = merge_shards(paths, tmp_path / "bag.h5", n_images=12, part_size=3)
+    vds = merge_shards(paths, tmp_path / "bag_vds.h5", n_images=12, part_size=3, mode="vds")
+    a, b = BagDataset(copy), BagDataset(vds)
+    assert len(a) == len(b) == 12 and a.is_baseline and a.n_views == 3
+    for i in range(12):
+        x, y = a[i], b[i]
+        assert x["image_id"] == y["image_id"] and x["index"] == i
+        assert np.array_equal(x["real"], y["real"])
+        assert all(np.array_equal(p, q) for p, q in zip(x["views"], y["views"]))
+    assert _by_image([copy]) == ref
+    # the file is opened lazily per worker; items match the in-process reads
+    loader = torch.utils.data.DataLoader(b, batch_size=4, num_workers=2, collate_fn=list)
+    got = [item["image_id"] for batch in loader for item in batch]
+    assert got == [a[i]["image_id"] for i in range(12)]
+    # a VDS with a missing source must not read as fill values
+    paths[1].rename(tmp_path / "moved.h5")
+    with pytest.raises(ViewsError, match="virtual source .*shard-1.h5 is missing"):
+        BagDataset(vds)
+
+
+def test_merge_fails_on_missing_incomplete_or_wrong_shards(imagenet, tmp_path):
+    paths = _run_shards(imagenet, tmp_path, shards=2)
+    with pytest.raises(ViewsError, match="missing shard 1 of 2"):
+        merge_shards([paths[0], tmp_path / "nope.h5"], tmp_path / "bag.h5")
+    with pytest.raises(ViewsError, match="covers global indices"):
+        merge_shards(paths, tmp_path / "bag.h5", n_images=16, part_size=4)  # manifest grew
+    with pytest.raises(ViewsError, match="is shard 1 of 2, expected 0"):
+        merge_shards(paths[::-1], tmp_path / "bag.h5")
+    with h5py.File(paths[1], "r+") as f:
+        f.attrs["complete"] = False
+    with pytest.raises(ViewsError, match="incomplete"):
+        merge_shards(paths, tmp_path / "bag.h5")
+    with h5py.File(paths[1], "r+") as f:
+        f.attrs["complete"] = True
+        f.attrs["expected_rows"] = 5
+    with pytest.raises(ViewsError, match="dataset lengths"):
+        merge_shards(paths, tmp_path / "bag.h5")
+    assert not (tmp_path / "bag.h5").exists()
+
+
+def test_figure_and_cli_merge(imagenet, tmp_path):
+    paths = _run_shards(imagenet, tmp_path, shards=2)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    bag, fig = tmp_path / "bag.h5", tmp_path / "fig.png"
+    subprocess.run([sys.executable, "-m", "pipeline.views", "merge", "--shards", *map(str, paths),
+                    "--out", str(bag), "--root", str(imagenet), "--settings",
+                    '{"shards": 2, "part_size": 4}'], env=env, check=True, capture_output=True)
+    bad = subprocess.run([sys.executable, "-m", "pipeline.views", "merge", "--shards", str(paths[0]),
+                          "--out", str(tmp_path / "x.h5"), "--settings", '{"shards": 2}'],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and "1 shard files given, views.shards = 2" in bad.stderr
+    plot_bag(bag, fig, n_images=3)
+    import matplotlib.image
+
+    assert matplotlib.image.imread(fig).shape[2] in (3, 4)
