@@ -5,54 +5,32 @@
 
 import shlex
 
-
-def pretrain_cell_json(wildcards):
-    """The job's cell as canonical JSON (plain Python types; Paramspace gives NumPy scalars)."""
-    cell = cell_from_wildcards(wildcards)
-    return json.dumps({k: v.item() if hasattr(v, "item") else v for k, v in cell.items()}, sort_keys=True)
-
-
-def pretrain_inputs(wildcards):
-    """What a cell reads: its bag of views (cdgmae), the neighbours file (target knn), or the
-    image / video dataset (cropmae / siammae)."""
-    cell = cell_from_wildcards(wildcards)
-    inputs = {}
-    if cell["method"] == "cdgmae":
-        inputs["bag"] = f"results/views/{cell['generator']}/bag.h5"
-        if cell["target"] == "knn":
-            inputs["knn"] = "results/consistency/knn.npz"
-    elif cell["method"] == "cropmae":
-        inputs["data"] = get_dataset_input("imagenet")
-    elif cell["method"] == "siammae":
-        inputs["data"] = get_dataset_input("videos")
-    return inputs
-
-
-def pretrain_sources(wildcards):
-    """Command-line flags naming the cell's data (a wildcards-only function: tracked as params)."""
-    cell = cell_from_wildcards(wildcards)
-    if cell["method"] == "cdgmae":
-        flags = ["--bag", f"results/views/{cell['generator']}/bag.h5"]
-        if cell["target"] == "knn":
-            flags += ["--knn", "results/consistency/knn.npz"]
-    elif cell["method"] == "cropmae":
-        flags = ["--imagenet-root", get_root("imagenet")]
-    else:
-        flags = ["--videos-root", get_root("videos")]
-    return " ".join(shlex.quote(f) for f in flags)
+# the dataset a baseline method reads (cdgmae reads a bag of views)
+PRETRAIN_DATASET = {"cropmae": "imagenet", "siammae": "videos"}
 
 
 rule pretrain:
     input:
-        unpack(pretrain_inputs),
+        # what the cell reads: its bag of views (cdgmae), the neighbours (target knn), or the
+        # image / video dataset (cropmae / siammae); [] where it does not apply
+        bag=lambda wc: f"results/views/{wc.generator}/bag.h5" if wc.method == "cdgmae" else [],
+        knn=lambda wc: "results/consistency/knn.npz" if wc.target == "knn" else [],
+        data=lambda wc: get_dataset_input(PRETRAIN_DATASET[wc.method]) if wc.method in PRETRAIN_DATASET else [],
         code=stage_code("pretrain", "models_mae", "strategies"),
     output:
         checkpoint=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/checkpoint.pth",
         log_csv=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/train_log.csv",
         curve=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/loss_curve.png",
     params:
-        cell=pretrain_cell_json,
-        sources=pretrain_sources,
+        # canonical JSON of the cell (Paramspace gives NumPy scalars: .item() makes them plain)
+        cell=lambda wc: json.dumps(cell_from_wildcards(wc), sort_keys=True, default=lambda v: v.item()),
+        # flags naming the cell's data (wildcards-only, so tracked like any param)
+        sources=lambda wc: (
+            f"--bag results/views/{wc.generator}/bag.h5"
+            + (" --knn results/consistency/knn.npz" if wc.target == "knn" else "")
+            if wc.method == "cdgmae"
+            else f"--{PRETRAIN_DATASET[wc.method]}-root {shlex.quote(get_root(PRETRAIN_DATASET[wc.method]))}"
+        ),
         # training hyper-parameters only: editing the seed list or a table's cells reruns nothing
         settings=settings("pretrain", drop=("seeds", "cell_defaults")),
         state_dir=f"results/pretrain_state/{CELL_PATTERN}/seed~{{seed}}",
