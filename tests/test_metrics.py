@@ -75,6 +75,18 @@ def test_seg2bmap_by_hand():
     np.testing.assert_array_equal(m.seg2bmap(corner), exp)
 
 
+def test_sparse_boundaries_equal_seg2bmap_per_object():
+    rng = np.random.default_rng(3)
+    for h, w, k in ((7, 9, 3), (16, 5, 4), (1, 6, 2), (30, 40, 5)):
+        ids = rng.integers(0, k + 2, (h, w))            # ids above k belong to no object
+        ids[: h // 2, : w // 2] = 1                     # plus a solid block touching two borders
+        points = m.boundary_points(ids, k)
+        for obj in range(1, k + 1):
+            dense = np.zeros((h, w), bool)
+            dense[points[obj - 1]] = True
+            np.testing.assert_array_equal(dense, m.seg2bmap(ids == obj), err_msg=f"{h}x{w} object {obj}")
+
+
 def _square(shape, dx=0):
     mask = np.zeros(shape, bool)
     mask[100:200, 100 + dx:200 + dx] = True
@@ -196,8 +208,11 @@ def test_vip_confusion_and_iou_by_hand():
         m.confusion_matrix(gt, np.full_like(pred, 4), n)
 
 
-def test_vip_classes():
-    assert len(m.VIP_CLASSES) == m.VIP_NUM_CLASSES == 20
+def test_vip_class_count_matches_dataset_names():
+    from pipeline.datasets import JHMDB_JOINTS, VIP_CLASSES
+
+    assert len(VIP_CLASSES) == m.VIP_NUM_CLASSES == 20
+    assert len(JHMDB_JOINTS) == 15
 
 
 # ---------------------------------------------------------------------------- JHMDB PCK
