@@ -388,7 +388,9 @@ class Scene:
     def __init__(self, rng, height: int, width: int, frames: int, camera_motion: float = 1.0):
         self.H, self.W, self.T = height, width, frames
         side = max(height, width)
-        self.canvas = make_texture(rng, int(1.6 * height) + 8, int(1.6 * width) + 8,
+        # the canvas margin covers the camera's pan, zoom and roll (reflected beyond it)
+        margin = 1.25 + 0.35 * camera_motion
+        self.canvas = make_texture(rng, int(margin * height) + 8, int(margin * width) + 8,
                                    scale=max(side / 128, 0.5))
         cy, cx = self.canvas.shape[0] / 2, self.canvas.shape[1] / 2
         t = np.arange(frames)
@@ -429,15 +431,23 @@ class Scene:
         for actor, lut, joints in self.actors:
             for sprite, M in actor.placements(t, joints):
                 M = compose(C, M)
-                lab = cv2.warpAffine(sprite.labels, M, (self.W, self.H), flags=cv2.INTER_NEAREST,
+                # warp only the sprite's bounding box in the frame (sprites are small)
+                h, w = sprite.labels.shape
+                corners = apply(M, np.array([[0, 0], [w, 0], [0, h], [w, h]], np.float64))
+                x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int) - 1, 0)
+                x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 2, [self.W, self.H])
+                if x1 <= x0 or y1 <= y0:
+                    continue
+                M = M - np.array([[0, 0, x0], [0, 0, y0]])
+                lab = cv2.warpAffine(sprite.labels, M, (x1 - x0, y1 - y0), flags=cv2.INTER_NEAREST,
                                      borderMode=cv2.BORDER_CONSTANT, borderValue=0)
                 m = lab > 0
                 if not m.any():
                     continue
-                tex = cv2.warpAffine(sprite.texture, M, (self.W, self.H), flags=cv2.INTER_LINEAR,
+                tex = cv2.warpAffine(sprite.texture, M, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
                                      borderMode=cv2.BORDER_REFLECT)
-                rgb[m] = tex[m]
-                ids[m] = lut[lab[m]]
+                rgb[y0:y1, x0:x1][m] = tex[m]
+                ids[y0:y1, x0:x1][m] = lut[lab[m]]
         return rgb, ids
 
 
