@@ -11,7 +11,8 @@ Both run in this process on the same weights and random views: forward, backward
 
 Before timing, the two losses are compared in eval mode with identical masks (must agree to ~1e-5).
 The table prints training samples/s, peak memory (CUDA max allocated on GPU; on CPU the peak
-resident-set growth during the timed steps, sampled every 2 ms) and the ratio ours / reference.
+resident-set growth during the timed steps over the
+RSS after ``malloc_trim``, sampled every 2 ms) and the ratio ours / reference.
 
     python -m bench.bench_pretrain [--arch vit_small_patch16 --img-size 224 --batch 64 --steps 10 \
         --cells "1:0,2:0.5,3:0.25" --threads 2]
@@ -20,6 +21,8 @@ resident-set growth during the timed steps, sampled every 2 ms) and the ratio ou
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
 import threading
 import time
@@ -107,6 +110,14 @@ def ref_forward(model, views, target_mask, anchor_mask, target_noise, anchor_noi
 
 # ------------------------------------------------------------------ measurement
 
+def release_freed_memory():
+    """Hand memory freed by earlier runs back to the OS (glibc), so RSS growth measures this run."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakRSS:
     """Peak resident-set growth (bytes) over a ``with`` block, sampled from /proc/self/statm."""
 
@@ -142,6 +153,8 @@ def time_steps(step, steps, warmup, device):
         torch.cuda.reset_peak_memory_stats()
         tracker = None
     else:
+        gc.collect()
+        release_freed_memory()
         tracker = PeakRSS().__enter__()
     t0 = time.perf_counter()
     for _ in range(steps):
