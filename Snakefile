@@ -15,6 +15,10 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/views.smk"
+include: "rules/consistency.smk"
+include: "rules/pretrain.smk"
+include: "rules/propagation.smk"
 include: "rules/report.smk"
 
 
