@@ -280,6 +280,13 @@ def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, 
     amp_dtype = resolve_precision(s["precision"], device)
     fp = fingerprint(cell, s, seed)
 
+    arch = resolve_arch(cell["arch"])
+    n_patches = (s["img_size"] // arch["patch_size"]) ** 2
+    for key in ("target_mask", "anchor_mask"):  # fail before any data is read, naming the cell key
+        if int(n_patches * (1 - cell[key])) < 1:
+            raise ValueError(f"cell {key}={cell[key]} keeps no patch of the {n_patches} at img_size "
+                             f"{s['img_size']} with {cell['arch']}; raise pretrain.img_size")
+
     torch.manual_seed(derive_seed(seed, "init") % (1 << 62))  # same init on every rank
     model = CrossViewMAE(cell["arch"], s["img_size"], norm_pix_loss=s["norm_pix_loss"]).to(device)
     optimizer = build_optimizer(model, peak_lr, s["weight_decay"])
@@ -316,7 +323,7 @@ def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, 
     def payload(epoch: int, with_history: bool) -> dict:
         out = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "arch": resolve_arch(cell["arch"]), "img_size": s["img_size"],
+            "epoch": epoch, "step": step, "arch": arch, "img_size": s["img_size"],
             "config": {"cell": cell, "pretrain": s, "seed": seed, "world_size": world_size,
                        "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr},
             # no RNG state is needed to resume: every draw is a function of (seed, epoch, step, index)

@@ -291,3 +291,10 @@ def test_cli_cdgmae_knn_from_an_hdf5_bag(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(pd.read_csv(out / "log.csv")) == n // 4
     assert torch.load(out / "checkpoint.pth", weights_only=True)["config"]["cell"]["target"] == "knn"
+
+
+def test_mask_keeping_no_patch_is_a_clear_error(tmp_path):
+    cell, settings = setup(epochs=1)  # 32 px / patch 8 = 16 patches; 0.985 keeps int(0.24) = 0
+    with pytest.raises(ValueError, match="target_mask=0.985 keeps no patch of the 16"):
+        train({**cell, "target_mask": 0.985}, settings, dataset(), seed=0, output=tmp_path / "ck.pth",
+              state_dir=tmp_path / "s")
