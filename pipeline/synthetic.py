@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import JHMDB_JOINTS, VIP_CLASSES, write_vallist
+from pipeline.datasets import JHMDB_JOINTS, VIP_CLASSES, pascal_palette, write_vallist
 from pipeline.utils import derive_seed, load_settings, progress, setup_logging
 
 LOG = logging.getLogger("cdgmae.synthetic")
@@ -546,21 +546,6 @@ def _write_png_rgb(path: Path, rgb: np.ndarray) -> None:
     if not ok:
         raise RuntimeError(f"PNG encoding failed for {path}")
     path.write_bytes(buf.tobytes())
-
-
-def pascal_palette() -> list[int]:
-    """The PASCAL VOC / DAVIS colour map (256 entries, flattened RGB)."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 def _write_id_png(path: Path, ids: np.ndarray, palette: list[int] | None) -> None:

@@ -76,7 +76,7 @@ def test_davis_num_objects_ignores_void(tmp_path, roots):
     ids = np.array(Image.open(path))
     ids[0, 0] = 255  # void pixels do not count as an object
     im = Image.fromarray(ids)
-    im.putpalette(synthetic.pascal_palette())
+    im.putpalette(datasets.pascal_palette())
     im.save(path)
     assert DavisDataset(root).num_objects("seq-000") == ids[ids != 255].max()
 

@@ -8,7 +8,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from pipeline import synthetic
+from pipeline import datasets, synthetic
 from pipeline.datasets import JHMDB_JOINTS, read_vallist
 
 TINY = {
@@ -80,7 +80,7 @@ def test_davis_format(generated):
     root = generated / "davis"
     names = (root / "ImageSets" / "2017" / "val.txt").read_text().split()
     assert names == sorted(names) and len(names) == 2
-    palette = synthetic.pascal_palette()
+    palette = datasets.pascal_palette()
     assert palette[3:6] == [128, 0, 0] and palette[6:9] == [0, 128, 0]  # DAVIS object 1, 2
     for seq in names:
         frames = sorted((root / "JPEGImages" / "480p" / seq).glob("*.jpg"))
