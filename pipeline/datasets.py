@@ -196,7 +196,51 @@ def list_videos(root: str | os.PathLike) -> list[VideoRecord]:
 # DAVIS-2017
 
 
-class DavisDataset:
+class _LabelledVideos:
+    """Frame folders with a parallel folder of id PNGs (DAVIS, VIP): indexing and readers."""
+
+    kind = ""
+    image_dir: Path
+    label_dir: Path
+
+    def _index(self, names: Sequence[str], unit: str) -> None:
+        self._frames: dict[str, list[Path]] = {}
+        self._annotations: dict[str, list[Path]] = {}
+        for name in names:
+            frames = _list_files(_require_dir(self.kind, self.image_dir / name, unit), (".jpg",))
+            labels = _list_files(_require_dir(self.kind, self.label_dir / name, "annotation"),
+                                 (".png",))
+            if not frames:
+                raise _layout_error(self.kind, self.image_dir / name, f"no .jpg frames in {unit}")
+            if not labels:
+                raise _layout_error(self.kind, self.label_dir / name, f"no .png annotations in {unit}")
+            if labels[0].stem != frames[0].stem:
+                raise _layout_error(self.kind, self.label_dir / name,
+                                    f"first frame {frames[0].name} has no annotation in")
+            if len(labels) != len(frames):
+                LOG.warning("%s %s: %d frames but %d annotations", self.kind, name, len(frames),
+                            len(labels))
+            self._frames[name], self._annotations[name] = frames, labels
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def frames(self, name: str) -> list[Path]:
+        return self._frames[name]
+
+    def annotations(self, name: str) -> list[Path]:
+        return self._annotations[name]
+
+    @staticmethod
+    def read_frame(path) -> np.ndarray:
+        return read_rgb(path)
+
+    @staticmethod
+    def read_annotation(path) -> np.ndarray:
+        return read_id_png(path)
+
+
+class DavisDataset(_LabelledVideos):
     """DAVIS-2017 semi-supervised layout (also DAVIS_480_880 copies).
 
     ``sequences`` (default: ``ImageSets/2017/<split>.txt`` in file order) keeps the order given;
@@ -220,36 +264,7 @@ class DavisDataset:
             if not sequences:
                 raise _layout_error("davis", split_file, "empty split file")
         self.sequences = list(sequences)
-        self._frames: dict[str, list[Path]] = {}
-        self._annotations: dict[str, list[Path]] = {}
-        for seq in self.sequences:
-            frames = _list_files(_require_dir("davis", self.image_dir / seq, "sequence"), (".jpg",))
-            labels = _list_files(_require_dir("davis", self.label_dir / seq, "annotation"), (".png",))
-            if not frames:
-                raise _layout_error("davis", self.image_dir / seq, "no .jpg frames in sequence")
-            if not labels:
-                raise _layout_error("davis", self.label_dir / seq, "no .png annotations in sequence")
-            if labels[0].stem != frames[0].stem:
-                raise _layout_error("davis", self.label_dir / seq,
-                                    f"first frame {frames[0].name} has no annotation in")
-            self._frames[seq], self._annotations[seq] = frames, labels
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def frames(self, seq: str) -> list[Path]:
-        return self._frames[seq]
-
-    def annotations(self, seq: str) -> list[Path]:
-        return self._annotations[seq]
-
-    @staticmethod
-    def read_frame(path) -> np.ndarray:
-        return read_rgb(path)
-
-    @staticmethod
-    def read_annotation(path) -> np.ndarray:
-        return read_id_png(path)
+        self._index(self.sequences, "sequence")
 
     def num_objects(self, seq: str) -> int:
         """Max object id in the first annotation, 255 (void) ignored — as the official toolkit."""
@@ -267,7 +282,7 @@ def _vip_number(name: str) -> int:
     return int(m.group(1)) if m else sys.maxsize
 
 
-class VipDataset:
+class VipDataset(_LabelledVideos):
     """VIP layout; ``videos`` defaults to every ``videos<N>`` folder sorted by N."""
 
     kind = "vip"
@@ -283,38 +298,7 @@ class VipDataset:
             if not videos:
                 raise _layout_error("vip", self.image_dir, "no videos<N> folders in")
         self.videos = list(videos)
-        self._frames: dict[str, list[Path]] = {}
-        self._annotations: dict[str, list[Path]] = {}
-        for v in self.videos:
-            frames = _list_files(_require_dir("vip", self.image_dir / v, "video"), (".jpg",))
-            labels = _list_files(_require_dir("vip", self.label_dir / v, "annotation"), (".png",))
-            if not frames:
-                raise _layout_error("vip", self.image_dir / v, "no .jpg frames in video")
-            if not labels:
-                raise _layout_error("vip", self.label_dir / v, "no .png annotations in video")
-            if labels[0].stem != frames[0].stem:
-                raise _layout_error("vip", self.label_dir / v,
-                                    f"first frame {frames[0].name} has no annotation in")
-            if len(labels) != len(frames):
-                LOG.warning("VIP %s: %d frames but %d annotations", v, len(frames), len(labels))
-            self._frames[v], self._annotations[v] = frames, labels
-
-    def __len__(self) -> int:
-        return len(self.videos)
-
-    def frames(self, video: str) -> list[Path]:
-        return self._frames[video]
-
-    def annotations(self, video: str) -> list[Path]:
-        return self._annotations[video]
-
-    @staticmethod
-    def read_frame(path) -> np.ndarray:
-        return read_rgb(path)
-
-    @staticmethod
-    def read_annotation(path) -> np.ndarray:
-        return read_id_png(path)
+        self._index(self.videos, "video")
 
 
 # ---------------------------------------------------------------------------------------------

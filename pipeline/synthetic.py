@@ -528,23 +528,16 @@ def video_scene(rng, seed: int, height: int, width: int, frames: int, n_objects:
 # file writers (fixed encoder settings)
 
 
-def _write_jpeg(path: Path, rgb: np.ndarray) -> None:
+def _write_image(path: Path, rgb: np.ndarray) -> None:
+    """RGB frame as JPEG (quality ``JPEG_QUALITY``) or PNG, by the suffix of ``path``."""
     import cv2
 
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    ext, params = ((".png", [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+                   if path.suffix.lower() == ".png" else
+                   (".jpg", [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]))
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
-        raise RuntimeError(f"JPEG encoding failed for {path}")
-    path.write_bytes(buf.tobytes())
-
-
-def _write_png_rgb(path: Path, rgb: np.ndarray) -> None:
-    import cv2
-
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
-    if not ok:
-        raise RuntimeError(f"PNG encoding failed for {path}")
+        raise RuntimeError(f"image encoding failed for {path}")
     path.write_bytes(buf.tobytes())
 
 
@@ -618,7 +611,7 @@ def make_imagenet(out: Path, cfg: dict, seed: int) -> dict:
                                            _random_family(rng, seed, N_BLOB_FAMILIES), 0.9, 0.0),
                               _lut(0))
             rgb, _ = scene.render(0)
-            _write_jpeg(folder / f"{wnid}_{i}.JPEG", rgb)
+            _write_image(folder / f"{wnid}_{i}.JPEG", rgb)
             bar.update()
     bar.close()
     return {"classes": n_cls, "images": n_cls * per_cls}
@@ -634,7 +627,7 @@ def make_videos(out: Path, cfg: dict, seed: int) -> dict:
         folder = out / f"video_{v:04d}"
         folder.mkdir()
         for t in range(T):
-            _write_jpeg(folder / f"{t:05d}.jpg", scene.render(t)[0])
+            _write_image(folder / f"{t:05d}.jpg", scene.render(t)[0])
     return {"videos": cfg["count"], "frames": cfg["count"] * T}
 
 
@@ -671,7 +664,7 @@ def make_davis(out: Path, cfg: dict, seed: int) -> dict:
         ann_dir.mkdir(parents=True)
         for t in range(T):
             rgb, ids = first if t == 0 else scene.render(t)
-            _write_jpeg(img_dir / f"{t:05d}.jpg", rgb)
+            _write_image(img_dir / f"{t:05d}.jpg", rgb)
             _write_id_png(ann_dir / f"{t:05d}.png", ids, palette)
         n_objects += k_objects
     sets = out / "ImageSets" / "2017"
@@ -715,7 +708,7 @@ def make_vip(out: Path, cfg: dict, seed: int) -> dict:
         for t in range(T):
             rgb, ids = first if t == 0 else scene.render(t)
             stem = f"{t + 1:012d}"
-            _write_jpeg(img_dir / f"{stem}.jpg", rgb)
+            _write_image(img_dir / f"{stem}.jpg", rgb)
             _write_id_png(ann_dir / f"{stem}.png", ids, None)
     write_vallist("vip", out, out / "vip_vallist.txt", names=names, prefix=".")
     return {"videos": len(names), "frames": len(names) * T}
@@ -759,7 +752,7 @@ def make_jhmdb(out: Path, cfg: dict, seed: int) -> dict:
             img_dir = out / "Rename_Images" / cls / name
             img_dir.mkdir(parents=True)
             for t in range(T):
-                _write_png_rgb(img_dir / f"{t + 1:05d}.png", scene.render(t)[0])
+                _write_image(img_dir / f"{t + 1:05d}.png", scene.render(t)[0])
             mat_dir = out / "joint_positions" / cls / name
             mat_dir.mkdir(parents=True)
             pos_img = np.ascontiguousarray((joints + 1.0).transpose(2, 1, 0))  # (2, 15, T), 1-based
