@@ -210,13 +210,12 @@ class ViTEncoder(nn.Module):
     def initialize_weights(self) -> None:
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.embed_dim, self.grid_size, self.grid_size)[None])
         w = self.patch_embed.proj.weight.data  # xavier on the flattened (D, 3*p*p) view, like a Linear
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the conv bias keeps torch's default, as in MAE
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(_init_linear_and_norm)
 
     # -- pieces ---------------------------------------------------------------------------
-    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+    def patch_grid(self, x: torch.Tensor) -> tuple[int, int]:
         H, W = x.shape[-2:]
         p = self.patch_size
         if H % p or W % p:
@@ -225,7 +224,7 @@ class ViTEncoder(nn.Module):
 
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, L, D) patch tokens + position embedding (no cls)."""
-        gh, gw = self._grid(x)
+        gh, gw = self.patch_grid(x)
         pos = interpolate_pos_embed(self.pos_embed, gh, gw)
         return self.patch_embed(x) + pos[:, 1:]
 
@@ -260,7 +259,7 @@ class ViTEncoder(nn.Module):
 
     def dense_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D, H/p, W/p) final-norm patch tokens (not L2-normalised)."""
-        gh, gw = self._grid(x)
+        gh, gw = self.patch_grid(x)
         tokens = self.forward(x)[:, 1:]  # (B, gh*gw, D), row-major
         return tokens.transpose(1, 2).reshape(x.shape[0], self.embed_dim, gh, gw)
 
@@ -415,7 +414,7 @@ class CrossViewMAE(nn.Module):
         # target first, then anchors: the RNG stream equals the reference's for N = 1, r_a = 0
         target_latent, mask, ids_restore = self.encoder.forward_masked(target, target_mask)
         memory = self.forward_anchors(anchors, anchor_mask)
-        pred = self.forward_decoder(target_latent, ids_restore, memory, self.encoder._grid(target))
+        pred = self.forward_decoder(target_latent, ids_restore, memory, self.encoder.patch_grid(target))
         loss = self.forward_loss(target, pred, mask)
         return loss, pred, mask
 
