@@ -73,8 +73,18 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.n
     return big[oy:oy + h, ox:ox + w]
 
 
-def make_texture(rng: np.random.Generator, h: int, w: int, scale: float = 1.0) -> np.ndarray:
-    """HxWx3 uint8 texture: noise at two scales + an oriented grating through a colour ramp."""
+def scene_palette(rng: np.random.Generator, n: int = 4) -> np.ndarray:
+    """(n, 3) colours shared by every texture of one scene (background and objects alike)."""
+    return rng.uniform(15, 240, size=(n, 3))
+
+
+def make_texture(rng: np.random.Generator, h: int, w: int, scale: float = 1.0,
+                 palette: np.ndarray | None = None) -> np.ndarray:
+    """HxWx3 uint8 texture: noise at two scales + an oriented grating through a colour ramp.
+
+    The ramp's 3-4 colours are drawn (jittered, in a random order) from ``palette`` when given, so
+    that all textures of a scene share one colour distribution and differ in pattern only.
+    """
     field = (_smooth_noise(rng, h, w, rng.uniform(10, 24) * scale)
              + 0.6 * _smooth_noise(rng, h, w, rng.uniform(2.5, 5) * scale))
     angle, period = rng.uniform(0, np.pi), rng.uniform(4, 14) * scale
@@ -85,7 +95,12 @@ def make_texture(rng: np.random.Generator, h: int, w: int, scale: float = 1.0) -
     field = field + np.float32(rng.uniform(0, 1.2)) * grating
     # ≈ ±2 standard deviations onto a ramp through 3-4 random colours, as a 256-level lookup
     level = np.clip((field - field.mean()) / (4 * field.std() + 1e-6) + 0.5, 0, 1)
-    colors = rng.uniform(15, 240, size=(int(rng.integers(3, 5)), 3))
+    n_colors = int(rng.integers(3, 5))
+    if palette is None:
+        colors = rng.uniform(15, 240, size=(n_colors, 3))
+    else:
+        pick = rng.choice(len(palette), size=min(n_colors, len(palette)), replace=False)
+        colors = np.clip(palette[pick] + rng.normal(0, 8, (len(pick), 3)), 0, 255)
     knots = np.linspace(0, 255, len(colors))
     ramp = np.stack([np.interp(np.arange(256), knots, colors[:, ch]) for ch in range(3)],
                     1).astype(np.int16)
@@ -145,7 +160,7 @@ def blob_family(index: int, seed: int) -> dict:
                 aspect=float(rng.uniform(0.5, 1.0)), hole=bool(rng.random() < 0.3))
 
 
-def blob_sprite(rng, radius: float, family: dict) -> Sprite:
+def blob_sprite(rng, radius: float, family: dict, palette: np.ndarray | None = None) -> Sprite:
     """A textured lobed blob of roughly ``radius`` px (anchors: centre → centre + radius·x̂)."""
     import cv2
 
@@ -160,7 +175,7 @@ def blob_sprite(rng, radius: float, family: dict) -> Sprite:
     cv2.fillPoly(labels, [np.round(pts * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
     if family["hole"]:
         cv2.circle(labels, (int(c), int(c)), max(1, int(radius * 0.35)), 0, -1)
-    tex = make_texture(rng, size, size, scale=max(radius / 24, 0.4))
+    tex = make_texture(rng, size, size, scale=max(radius / 24, 0.4), palette=palette)
     return Sprite(tex, labels, np.array([c, c]), np.array([c + radius, c]))
 
 
@@ -198,8 +213,9 @@ class Puppet:
     """
 
     def __init__(self, rng, unit: float, frames: int, pelvis: np.ndarray, scale: np.ndarray,
-                 action: dict, t0: float = 0.0):
+                 action: dict, t0: float = 0.0, palette: np.ndarray | None = None):
         self.unit = unit
+        self.palette = palette
         t = np.arange(frames, dtype=np.float64) + t0
         w = action["omega"]
         self.angles = (action["base"][None] + action["amp"][None]
@@ -228,7 +244,8 @@ class Puppet:
         used = {VIP["face"], VIP["hair"], VIP["hat"], VIP["sunglasses"], VIP["scarf"], torso_id,
                 thigh_id, VIP["glove"], VIP["socks"], VIP["left_arm"], VIP["left_leg"],
                 VIP["left_shoe"]}
-        textures = {lab: make_texture(rng, tex_side, tex_side, scale=max(u / 80, 0.3))
+        textures = {lab: make_texture(rng, tex_side, tex_side, scale=max(u / 80, 0.3),
+                                      palette=self.palette)
                     for lab in sorted(used)}
         # left/right garments and skin share a texture (appearance does not tell the sides apart)
         for left, right in (("left_arm", "right_arm"), ("left_leg", "right_leg"),
@@ -388,10 +405,11 @@ class Scene:
     def __init__(self, rng, height: int, width: int, frames: int, camera_motion: float = 1.0):
         self.H, self.W, self.T = height, width, frames
         side = max(height, width)
+        self.palette = scene_palette(rng)
         # the canvas margin covers the camera's pan, zoom and roll (reflected beyond it)
         margin = 1.25 + 0.35 * camera_motion
         self.canvas = make_texture(rng, int(margin * height) + 8, int(margin * width) + 8,
-                                   scale=max(side / 128, 0.5))
+                                   scale=max(side / 128, 0.5), palette=self.palette)
         cy, cx = self.canvas.shape[0] / 2, self.canvas.shape[1] / 2
         t = np.arange(frames)
         pan = rng.uniform(-0.01, 0.01, 2) * camera_motion * side
@@ -471,7 +489,7 @@ def _moving_blob(rng, scene: Scene, radius: float, family: dict, spread: float,
                                         _oscillation(rng, T, 0.03 * side)], 1)
     angles = rng.uniform(0, 2 * np.pi) + rng.uniform(-0.08, 0.08) * np.arange(T)
     scales = 1 + _oscillation(rng, T, 0.15)
-    return RigidActor(blob_sprite(rng, radius, family), centers, angles, scales)
+    return RigidActor(blob_sprite(rng, radius, family, scene.palette), centers, angles, scales)
 
 
 def _moving_puppet(rng, scene: Scene, height_px: float, action: dict, spread: float,
@@ -483,7 +501,7 @@ def _moving_puppet(rng, scene: Scene, height_px: float, action: dict, spread: fl
     drift = rng.normal(0, 0.004, 2) * max(scene.H, scene.W)
     pelvis = pelvis0 + drift * np.arange(T)[:, None]
     scale = unit * (1 + _oscillation(rng, T, 0.08))
-    return Puppet(rng, unit, T, pelvis, scale, action, t0=t0)
+    return Puppet(rng, unit, T, pelvis, scale, action, t0=t0, palette=scene.palette)
 
 
 def _random_family(rng, seed: int, n_families: int) -> dict:

@@ -152,6 +152,28 @@ def test_jhmdb_format(generated):
         assert e.labels.read_bytes()[:50].startswith(b"MATLAB 5.0 MAT-file, written by")
 
 
+def test_raw_colour_does_not_solve_propagation(generated):
+    # 1-NN in RGB from frame 0 to later frames: with one colour palette per scene shared by the
+    # background and all objects, colour alone must stay far from solving the task
+    from scipy.spatial import cKDTree
+
+    ds = datasets.DavisDataset(generated / "davis")
+    scores = []
+    for seq in ds.sequences:
+        k = ds.num_objects(seq)
+        f0 = ds.read_frame(ds.frames(seq)[0]).reshape(-1, 3).astype(float)
+        l0 = ds.read_annotation(ds.annotations(seq)[0]).ravel()
+        tree = cKDTree(f0)
+        for t in range(1, len(ds.frames(seq))):
+            gt = ds.read_annotation(ds.annotations(seq)[t])
+            _, nn = tree.query(ds.read_frame(ds.frames(seq)[t]).reshape(-1, 3).astype(float))
+            pred = l0[nn].reshape(gt.shape)
+            for obj in range(1, k + 1):
+                union = ((pred == obj) | (gt == obj)).sum()
+                scores.append(((pred == obj) & (gt == obj)).sum() / union if union else 1.0)
+    assert np.mean(scores) < 0.5
+
+
 def test_similarity_maps_anchors():
     a, b = np.array([2.0, 3.0]), np.array([7.0, 3.0])
     A, B = np.array([10.0, 10.0]), np.array([10.0, 20.0])
