@@ -187,8 +187,9 @@ class _KeyedImages:
 
 
 def iter_feature_batches(encoder, source, keys: Sequence, batch_size: int, num_workers: int = 0,
-                         desc: str = "features"):
-    """Yield (start, TokenFeatures on CPU) for consecutive batches of ``keys``, in order."""
+                         desc: str = "features", keep_patches: bool = True):
+    """Yield (start, TokenFeatures on CPU) for consecutive batches of ``keys``, in order
+    (``keep_patches=False``: patch tokens are dropped on the device, only globals come back)."""
     import torch
 
     loader = torch.utils.data.DataLoader(_KeyedImages(source, keys, encoder.image_size),
@@ -198,12 +199,12 @@ def iter_feature_batches(encoder, source, keys: Sequence, batch_size: int, num_w
     start = 0
     for images in progress(loader, desc=desc, total=len(loader), unit="batch"):
         feats = encoder.encode(images)
-        feats.global_tokens = feats.global_tokens.cpu()
-        feats.patch_tokens = feats.patch_tokens.cpu()
         bad = ~torch.isfinite(feats.patch_tokens).all(dim=(1, 2)) | ~torch.isfinite(feats.global_tokens).all(1)
         if bad.any():
-            which = [source.describe(keys[start + int(i)]) for i in bad.nonzero().flatten()[:5]]
+            which = [source.describe(keys[start + int(i)]) for i in bad.nonzero().flatten()[:5].tolist()]
             raise FloatingPointError(f"non-finite features for {which}")
+        feats.global_tokens = feats.global_tokens.cpu()
+        feats.patch_tokens = feats.patch_tokens.cpu() if keep_patches else None
         yield start, feats
         start += len(images)
 
@@ -374,7 +375,8 @@ def global_embeddings(encoder, source: ImageListSource, batch_size: int, num_wor
             except (ValueError, OSError) as err:
                 LOG.warning("re-computing unreadable part %s (%s)", path, err)
         glob = torch.cat([f.global_tokens for _, f in iter_feature_batches(
-            encoder, source, keys, batch_size, num_workers, desc=f"part {p + 1}/{n_parts}")])
+            encoder, source, keys, batch_size, num_workers, desc=f"part {p + 1}/{n_parts}",
+            keep_patches=False)])
         if path is not None:
             with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, glob.numpy())
