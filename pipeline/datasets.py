@@ -374,6 +374,32 @@ class JhmdbDataset:
         return read_pos_img(self.joints_path(video))
 
 
+def jhmdb_split_videos(splits_dir: str | os.PathLike, split: int = 1, subset: str = "test") -> list[str]:
+    """``"<class>/<video>"`` names of one official JHMDB split (``splits/<class>_test_split<k>.txt``,
+    lines ``<video>.avi <1|2>``, 1 = train, 2 = test), classes in sorted order.
+
+    The reference evaluates split 1 test (268 videos); its list orders classes differently, which
+    does not change PCK (distances are pooled over all videos).
+    """
+    splits_dir = Path(splits_dir)
+    files = sorted(splits_dir.glob(f"*_test_split{split}.txt"))
+    if not files:
+        raise DatasetError(f"no JHMDB split files *_test_split{split}.txt in {splits_dir}")
+    flag = {"train": "1", "test": "2"}[subset]
+    names = []
+    for f in files:
+        cls = f.name[: -len(f"_test_split{split}.txt")]
+        for lineno, line in enumerate(f.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+                raise DatasetError(f"{f}:{lineno}: expected '<video>.avi <1|2>', got {line!r}")
+            if fields[1] == flag:
+                names.append(f"{cls}/{Path(fields[0]).stem}")
+    return names
+
+
 # ---------------------------------------------------------------------------------------------
 # val lists (reference formats, spec §3)
 
@@ -524,9 +550,24 @@ def main(argv=None) -> None:
     chk.add_argument("--root", required=True)
     chk.add_argument("--list", default=None, help="optional val list (reference format)")
     chk.add_argument("--deep", action="store_true", help="also read every annotation/joint file")
+    vl = sub.add_parser("vallist", help="write a val list in the reference format")
+    vl.add_argument("--kind", required=True, choices=VALLIST_KINDS)
+    vl.add_argument("--root", required=True)
+    vl.add_argument("--out", required=True)
+    vl.add_argument("--prefix", default=None,
+                    help="root as written in the lines (default: --root as given)")
+    vl.add_argument("--jhmdb-splits", default=None,
+                    help="JHMDB splits/ folder: list the videos of one official split")
+    vl.add_argument("--split", type=int, default=1, help="JHMDB split number (reference: 1)")
     args = ap.parse_args(argv)
     setup_logging()
     try:
+        if args.command == "vallist":
+            names = (jhmdb_split_videos(args.jhmdb_splits, args.split)
+                     if args.kind == "jhmdb" and args.jhmdb_splits else None)
+            lines = write_vallist(args.kind, args.root, args.out, names=names, prefix=args.prefix)
+            print(f"wrote {len(lines)} lines to {args.out}")
+            return
         counts = check_root(args.kind, args.root, args.list, deep=args.deep)
     except DatasetError as err:
         raise SystemExit(f"error: {err}")

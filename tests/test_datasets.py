@@ -250,3 +250,27 @@ def test_check_cli(roots, capsys, tmp_path):
     assert "classes_present" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="Annotations"):
         datasets.main(["check", "--kind", "vip", "--root", str(roots["davis"])])
+
+
+def test_jhmdb_official_split_and_vallist_cli(roots, tmp_path):
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    videos = JhmdbDataset(roots["jhmdb"]).videos  # 2 classes x 2 videos
+    by_class = {}
+    for v in videos:
+        cls, name = v.split("/")
+        by_class.setdefault(cls, []).append(name)
+    for cls, names in by_class.items():
+        # first video train (1), second test (2)
+        (splits / f"{cls}_test_split1.txt").write_text(f"{names[0]}.avi 1\n{names[1]}.avi 2\n")
+    test = datasets.jhmdb_split_videos(splits, 1)
+    assert test == [f"{cls}/{names[1]}" for cls, names in sorted(by_class.items())]
+    assert datasets.jhmdb_split_videos(splits, 1, "train") == [
+        f"{cls}/{names[0]}" for cls, names in sorted(by_class.items())]
+    with pytest.raises(DatasetError, match="split2"):
+        datasets.jhmdb_split_videos(splits, 2)
+    out = tmp_path / "jhmdb_vallist.txt"
+    datasets.main(["vallist", "--kind", "jhmdb", "--root", str(roots["jhmdb"]), "--out", str(out),
+                   "--jhmdb-splits", str(splits)])
+    assert [e.name for e in read_vallist("jhmdb", out)] == test
+    assert JhmdbDataset(roots["jhmdb"], split_list=out).videos == test
