@@ -1,6 +1,7 @@
 """Deterministic generator of the embedded synthetic datasets, in the official on-disk layouts.
 
-``python -m pipeline.synthetic --dataset {imagenet,videos,davis,vip,jhmdb} --out DIR --settings JSON --seed S``
+``python -m pipeline.synthetic --dataset {imagenet,videos,davis,vip,jhmdb} --out DIR
+--settings JSON --seed S``
 
 Every dataset is drawn from one scene distribution, so pretraining on the stills transfers to the
 videos:
@@ -258,7 +259,8 @@ class Puppet:
             L = max(2, int(round(length * u)))
             pad = lw // 2 + 2
             labels = np.zeros((lw + 2 * pad, L + lw + 2 * pad), np.uint8)
-            a, b = np.array([pad + lw / 2, pad + lw / 2]), np.array([pad + lw / 2 + L, pad + lw / 2])
+            mid = pad + lw / 2
+            a, b = np.array([mid, mid]), np.array([mid + L, mid])
             cv2.line(labels, tuple(np.round(a).astype(int)), tuple(np.round(b).astype(int)),
                      int(label_a), thickness=lw)
             if label_b is not None:  # lower part of the limb in another class (socks)
@@ -285,7 +287,8 @@ class Puppet:
         top = (labels > 0) & (yy < c - 0.3 * hr)
         labels[top] = VIP["hat"] if rng.random() < 0.25 else VIP["hair"]
         if rng.random() < 0.25:
-            labels[(labels == VIP["face"]) & (np.abs(yy - (c - 0.05 * hr)) < 0.15 * hr)] = VIP["sunglasses"]
+            band = (labels == VIP["face"]) & (np.abs(yy - (c - 0.05 * hr)) < 0.15 * hr)
+            labels[band] = VIP["sunglasses"]
         head = Sprite(_textured(rng, labels, textures), labels, np.array([c, c]),
                       np.array([c, c - hr]))
 
@@ -299,7 +302,8 @@ class Puppet:
                          [cx - hw - lw / 2, 2 + th]])
         cv2.fillPoly(labels, [np.round(poly * 16).astype(np.int32)], torso_id, shift=4)
         if rng.random() < 0.25:
-            labels[: max(2, int(0.12 * th)) + 2][labels[: max(2, int(0.12 * th)) + 2] > 0] = VIP["scarf"]
+            collar = labels[: max(2, int(0.12 * th)) + 2]  # a view: writes go to labels
+            collar[collar > 0] = VIP["scarf"]
         torso = Sprite(_textured(rng, labels, textures), labels, np.array([cx, 2.0]),
                        np.array([cx, 2.0 + th]))
 
@@ -388,7 +392,8 @@ class RigidActor:
 
     def placements(self, t: int, joints=None):
         A = self.centers[t]
-        B = A + self.radius * self.scales[t] * np.array([np.cos(self.angles[t]), np.sin(self.angles[t])])
+        direction = np.array([np.cos(self.angles[t]), np.sin(self.angles[t])])
+        B = A + self.radius * self.scales[t] * direction
         return [(self.sprite, similarity(self.sprite.a, self.sprite.b, A, B))]
 
 
@@ -415,8 +420,9 @@ class Scene:
         cy, cx = self.canvas.shape[0] / 2, self.canvas.shape[1] / 2
         t = np.arange(frames)
         pan = rng.uniform(-0.01, 0.01, 2) * camera_motion * side
-        cam = np.stack([cx + pan[0] * t + _oscillation(rng, frames, 0.02 * side * camera_motion),
-                        cy + pan[1] * t + _oscillation(rng, frames, 0.02 * side * camera_motion)], 1)
+        shake = 0.02 * side * camera_motion
+        cam = np.stack([cx + pan[0] * t + _oscillation(rng, frames, shake),
+                        cy + pan[1] * t + _oscillation(rng, frames, shake)], 1)
         zoom = rng.uniform(0.9, 1.1) * (1 + _oscillation(rng, frames, 0.06 * camera_motion))
         roll = rng.uniform(-0.1, 0.1) + _oscillation(rng, frames, 0.04 * camera_motion)
         self.cameras = []  # world (canvas) → frame, 2x3
@@ -534,14 +540,10 @@ def video_scene(rng, seed: int, height: int, width: int, frames: int, n_objects:
                                  _random_family(rng, seed, N_BLOB_FAMILIES),
                                  spread=0.5 if is_object else 0.9, speed=0.015)
         actors.append((actor, k + 1 if is_object else 0))
-    order = rng.permutation(len(actors))
-    object_slots = []
-    for slot, k in enumerate(order):
+    for k in rng.permutation(len(actors)):
         actor, obj_id = actors[k]
         scene.add(actor, _lut(obj_id))
-        if obj_id:
-            object_slots.append(slot)
-    return scene, object_slots
+    return scene
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,7 +645,7 @@ def make_videos(out: Path, cfg: dict, seed: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for v in progress(range(cfg["count"]), desc="videos", unit="video"):
         rng = _rng(seed, "videos", v)
-        scene, _ = video_scene(rng, seed, H, W, T, int(rng.integers(1, 4)), int(rng.integers(0, 3)))
+        scene = video_scene(rng, seed, H, W, T, int(rng.integers(1, 4)), int(rng.integers(0, 3)))
         folder = out / f"video_{v:04d}"
         folder.mkdir()
         for t in range(T):
@@ -670,7 +672,7 @@ def make_davis(out: Path, cfg: dict, seed: int) -> dict:
         k_objects = int(_rng(seed, "davis-count", i).integers(max(1, K - 1), K + 1))
         for attempt in range(MAX_ATTEMPTS):
             rng = _rng(seed, "davis", i, attempt)
-            scene, _ = video_scene(rng, seed, H, W, T, k_objects, int(rng.integers(1, 3)))
+            scene = video_scene(rng, seed, H, W, T, k_objects, int(rng.integers(1, 3)))
             first = scene.render(0)
             # every object must be in frame 0 (the reference cannot predict an unseen object)
             if _visible_enough(first[1], range(1, k_objects + 1), min_pixels):
@@ -705,10 +707,9 @@ def make_vip(out: Path, cfg: dict, seed: int) -> dict:
         for attempt in range(MAX_ATTEMPTS):
             rng = _rng(seed, "vip", i, attempt)
             scene = Scene(rng, H, W, T)
-            layers = [("person", None)] * int(rng.integers(1, 4)) + [("blob", 0)] * int(rng.integers(0, 3))
+            layers = ["person"] * int(rng.integers(1, 4)) + ["blob"] * int(rng.integers(0, 3))
             for li in rng.permutation(len(layers)):
-                kind, _ = layers[li]
-                if kind == "person":
+                if layers[li] == "person":
                     action = action_family(int(rng.integers(0, len(JHMDB_CLASSES))), seed)
                     scene.add(_moving_puppet(rng, scene, min(H, W) * rng.uniform(0.6, 0.9), action,
                                              spread=0.6, t0=rng.uniform(0, 20)), _lut(None))
@@ -748,15 +749,13 @@ def make_jhmdb(out: Path, cfg: dict, seed: int) -> dict:
             scene = Scene(rng, H, W, T, camera_motion=0.5)
             person = _moving_puppet(rng, scene, min(H, W) * rng.uniform(0.7, 0.85),
                                     action_family(c, seed), spread=0.1, t0=rng.uniform(0, 20))
-            occluder_front = rng.random() < 0.5
-            if not occluder_front:
-                scene.add(_moving_blob(rng, scene, min(H, W) * rng.uniform(0.1, 0.18),
-                                       _random_family(rng, seed, N_BLOB_FAMILIES), 0.8, 0.02), _lut(0))
-            scene.add(person, _lut(1))
-            p_index = len(scene.actors) - 1
-            if occluder_front:
-                scene.add(_moving_blob(rng, scene, min(H, W) * rng.uniform(0.06, 0.12),
-                                       _random_family(rng, seed, N_BLOB_FAMILIES), 0.8, 0.02), _lut(0))
+            occluder = _moving_blob(rng, scene, min(H, W) * rng.uniform(0.08, 0.16),
+                                    _random_family(rng, seed, N_BLOB_FAMILIES), 0.8, 0.02)
+            # the distractor passes behind or in front of the person (occluding joints)
+            layers = [(person, _lut(1)), (occluder, _lut(0))]
+            for actor, lut in (layers if rng.random() < 0.5 else layers[::-1]):
+                scene.add(actor, lut)
+            p_index = [a for a, _, _ in scene.actors].index(person)
             # keep every joint inside the frame: zoom out / recentre the camera if needed
             pts = scene.frame_joints(p_index).reshape(-1, 2)
             lo, hi = pts.min(0), pts.max(0)
