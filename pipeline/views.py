@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -96,7 +97,7 @@ def encode_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> 1-D uint8 array of JPEG bytes (libjpeg: deterministic)."""
     import cv2
 
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]),
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise ValueError("JPEG encoding failed")
@@ -264,11 +265,9 @@ class ShardWriter:
                                  "regenerations (check dtype: use bfloat16/float32)")
         return views, seeds
 
-    def write_part(self, j: int, lo: int, hi: int, bar, n_rejects_before: int) -> int:
-        import h5py
-
-        reals, ids, index = [], [], []
-        rej = []
+    def load_part(self, lo: int, hi: int):
+        """Decode the sources of [lo, hi): (reals, ids, global indices, rejects)."""
+        reals, ids, index, rej = [], [], [], []
         for i in range(lo, hi):
             rec = self.records[i]
             try:
@@ -278,28 +277,40 @@ class ShardWriter:
             except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ...
                 LOG.warning("rejecting %s: %s", rec.path, err)
                 rej.append((i, rec.image_id, str(rec.path), f"{type(err).__name__}: {err}"))
-                bar.update(1)
+        return reals, ids, index, rej
+
+    def _encode(self, reals, views):
+        real_jpg = [encode_jpeg(r, self.quality) for r in reals]
+        view_jpg = [[encode_jpeg(to_uint8(v), self.quality) for v in row] for row in views]
+        return real_jpg, view_jpg
+
+    def write_part(self, j: int, lo: int, hi: int, loaded, pool, bar, n_rejects_before: int) -> int:
+        """Generate and commit part ``j``; JPEG encoding runs in ``pool`` behind the generator."""
+        import h5py
+
+        reals, ids, index, rej = loaded
+        bar.update(len(rej))
         self._check_rejects(n_rejects_before + len(rej), final=False)
-        real_jpg, view_jpg, seeds = [], [], []
+        encoded, seeds = [], []
         for b0 in range(0, len(ids), self.batch_size):
             batch_ids = ids[b0:b0 + self.batch_size]
             batch_real = reals[b0:b0 + self.batch_size]
             views, s = self._generate_batch(batch_real, batch_ids)
-            for r, row in zip(batch_real, views):
-                real_jpg.append(encode_jpeg(r, self.quality))
-                view_jpg.append([encode_jpeg(to_uint8(v), self.quality) for v in row])
+            encoded.append(pool.submit(self._encode, batch_real, views))
             seeds.extend(s)
             bar.update(len(batch_ids))
+        real_jpg, view_jpg = [], []
+        for fut in encoded:  # in submission order: row order is the global index order
+            r, v = fut.result()
+            real_jpg.extend(r)
+            view_jpg.extend(v)
         with atomic_path(self.part_path(j)) as tmp:
             with h5py.File(tmp, "w") as f:
                 write_rows(f, real_jpg, view_jpg, ids, index, seeds, self.M)
                 f.create_dataset("reject_index", data=np.array([r[0] for r in rej], np.int64))
-                f.create_dataset("reject_image_id", data=np.array([r[1] for r in rej], object),
-                                 dtype=h5py.string_dtype())
-                f.create_dataset("reject_path", data=np.array([r[2] for r in rej], object),
-                                 dtype=h5py.string_dtype())
-                f.create_dataset("reject_reason", data=np.array([r[3] for r in rej], object),
-                                 dtype=h5py.string_dtype())
+                for k, col in (("reject_image_id", 1), ("reject_path", 2), ("reject_reason", 3)):
+                    f.create_dataset(k, data=np.array([r[col] for r in rej], object),
+                                     dtype=h5py.string_dtype())
                 f.attrs.update(fingerprint=self.fp, index_start=lo, index_end=hi,
                                sources_hash=self._ids_hash(lo, hi), expected_rows=len(ids))
                 f.attrs["complete"] = True  # last: a part without it is never trusted
@@ -329,17 +340,24 @@ class ShardWriter:
         n_rejects = sum(self._part_rejects(self.part_path(j)) for j, d in enumerate(done) if d)
         bar = progress(total=self.end - self.start, initial=initial, unit="img",
                        desc=f"views {self.generator_name} shard {self.shard}")
-        try:
-            for j, (lo, hi) in enumerate(parts):
-                if done[j]:
-                    self.parts_reused += 1
-                    LOG.info("reusing complete part %s", self.part_path(j).name)
-                    continue
-                n_rejects += self.write_part(j, lo, hi, bar, n_rejects)
-                self.parts_written += 1
-                LOG.info("wrote part %s", self.part_path(j).name)
-        finally:
-            bar.close()
+        todo = [(j, lo, hi) for j, (lo, hi) in enumerate(parts) if not done[j]]
+        for j in (j for j, d in enumerate(done) if d):
+            LOG.info("reusing complete part %s", self.part_path(j).name)
+        self.parts_reused = sum(done)
+        # source decoding of the next part and JPEG encoding overlap with generation (PIL, cv2
+        # and torch release the GIL); parts are still committed one at a time, in order
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            try:
+                nxt = pool.submit(self.load_part, *todo[0][1:]) if todo else None
+                for pos, (j, lo, hi) in enumerate(todo):
+                    loaded = nxt.result()
+                    nxt = (pool.submit(self.load_part, *todo[pos + 1][1:])
+                           if pos + 1 < len(todo) else None)
+                    n_rejects += self.write_part(j, lo, hi, loaded, pool, bar, n_rejects)
+                    self.parts_written += 1
+                    LOG.info("wrote part %s", self.part_path(j).name)
+            finally:
+                bar.close()
         return self.assemble(parts)
 
     @staticmethod
