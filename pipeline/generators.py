@@ -77,6 +77,9 @@ class ViewGenerator:
 
     name = "base"
     is_baseline = False
+    # Bump when a code change alters the views a given (image, seed, settings) produces: it is part
+    # of the part-file fingerprint, so stale parts are redone; cosmetic edits keep finished parts.
+    version = 1
 
     def __init__(self, settings: dict, image_size: int = 96, device: str | None = None):
         self.settings = dict(settings)

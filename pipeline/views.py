@@ -126,8 +126,16 @@ def view_seed(seed: int, image_id: str, view: int, attempt: int = 0) -> int:
 
 
 def fingerprint(generator: str, cfg: dict, seed: int) -> str:
-    """Hash of everything that determines the stored bytes (not batch size, shards or parts)."""
+    """Hash of everything that determines the stored bytes (not batch size, shards or parts).
+
+    Editing pipeline/views.py or generators.py re-runs generate_views (they are its code inputs),
+    but finished parts are reused unless this fingerprint changes (bump ``FORMAT_VERSION`` or the
+    generator's ``version`` when the bytes change), so a cosmetic edit costs only re-assembly.
+    """
+    from pipeline.generators import GENERATORS
+
     key = {"format": FORMAT_VERSION, "generator": generator, "seed": int(seed),
+           "generator_version": getattr(GENERATORS.get(generator), "version", None),
            "n_views": cfg["n_views"], "image_size": cfg["image_size"],
            "jpeg_quality": cfg["jpeg_quality"], "generator_settings": cfg["generators"][generator]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
