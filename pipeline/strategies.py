@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pipeline.encoders import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported for tests)
 
 STRATEGIES: dict[str, Callable[..., "EpochDataset"]] = {}
 
@@ -308,23 +307,31 @@ class VideoPairDataset(EpochDataset):
 # registry entries: (cell, settings, sources) -> dataset
 
 
-def load_knn(path: str | Path) -> dict:
-    """The consistency stage's neighbours file: ``image_id`` (N,), ``neighbours`` (N, k) int64."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"neighbours file not found: {path}")
-    with np.load(path, allow_pickle=False) as z:
-        for key in ("image_id", "neighbours"):
-            if key not in z:
-                raise KeyError(f"{path}: missing array {key!r} (has {sorted(z.files)})")
-        ids, neigh = z["image_id"].astype(str), z["neighbours"].astype(np.int64)
-    if neigh.ndim != 2 or len(neigh) != len(ids):
-        raise ValueError(f"{path}: neighbours has shape {neigh.shape}, expected ({len(ids)}, k)")
-    return {"row_of_id": {str(i): r for r, i in enumerate(ids)}, "neighbours": neigh}
+def knn_table(knn_path: str | Path, imagenet_root: str | Path) -> dict:
+    """The consistency stage's neighbours (rows = global indices of ``list_imagenet(root)``),
+    checked against the current image list, keyed by image id."""
+    from pipeline.consistency import read_knn
+    from pipeline.datasets import list_imagenet
+
+    ids = [r.image_id for r in list_imagenet(imagenet_root)]
+    neighbours = np.asarray(read_knn(knn_path, ids), dtype=np.int64)
+    return {"row_of_id": {i: r for r, i in enumerate(ids)}, "neighbours": neighbours}
+
+
+def _records(given, root, lister: str, flag: str, method: str) -> list:
+    """Records passed in, or listed from a dataset root by ``pipeline.datasets.<lister>``."""
+    if given is not None:
+        return list(given)
+    if root is None:
+        raise ValueError(f"method {method} needs {flag}")
+    import pipeline.datasets
+
+    return getattr(pipeline.datasets, lister)(root)
 
 
 @register_strategy("cdgmae")
-def build_cdgmae(cell: dict, settings: dict, *, seed: int, bag=None, knn=None, **_) -> BagViewsDataset:
+def build_cdgmae(cell: dict, settings: dict, *, seed: int, bag=None, knn=None, imagenet_root=None,
+                 **_) -> BagViewsDataset:
     if bag is None:
         raise ValueError("method cdgmae needs a bag of views (--bag results/views/<generator>/bag.h5)")
     if isinstance(bag, (str, Path)):
@@ -334,9 +341,10 @@ def build_cdgmae(cell: dict, settings: dict, *, seed: int, bag=None, knn=None, *
             raise FileNotFoundError(f"bag of views not found: {bag}")
         bag = BagDataset(str(bag))
     if cell["target"] == "knn":
-        if knn is None:
-            raise ValueError("target=knn needs --knn results/consistency/knn.npz")
-        knn = load_knn(knn) if isinstance(knn, (str, Path)) else knn
+        if knn is None or (isinstance(knn, (str, Path)) and imagenet_root is None):
+            raise ValueError("target=knn needs --knn results/consistency/knn.npz and --imagenet-root "
+                             "(the image list its rows index)")
+        knn = knn_table(knn, imagenet_root) if isinstance(knn, (str, Path)) else knn
     else:
         knn = None
     crop = settings["crop"]
@@ -347,12 +355,7 @@ def build_cdgmae(cell: dict, settings: dict, *, seed: int, bag=None, knn=None, *
 
 @register_strategy("cropmae")
 def build_cropmae(cell: dict, settings: dict, *, seed: int, imagenet_root=None, images=None, **_):
-    if images is None:
-        if imagenet_root is None:
-            raise ValueError("method cropmae needs --imagenet-root")
-        from pipeline.datasets import list_imagenet
-
-        images = list_imagenet(imagenet_root)
+    images = _records(images, imagenet_root, "list_imagenet", "--imagenet-root", "cropmae")
     cfg = settings["cropmae"]
     return GlobalToLocalDataset(images, img_size=settings["img_size"], seed=seed, global_scale=cfg["global_scale"],
                                 local_scale=cfg["local_scale"], ratio=settings["crop"]["ratio"],
@@ -361,12 +364,7 @@ def build_cropmae(cell: dict, settings: dict, *, seed: int, imagenet_root=None, 
 
 @register_strategy("siammae")
 def build_siammae(cell: dict, settings: dict, *, seed: int, videos_root=None, videos=None, **_):
-    if videos is None:
-        if videos_root is None:
-            raise ValueError("method siammae needs --videos-root")
-        from pipeline.datasets import list_videos
-
-        videos = list_videos(videos_root)
+    videos = _records(videos, videos_root, "list_videos", "--videos-root", "siammae")
     short = [v.name for v in videos if len(v.frames) < 2]
     if short:
         raise ValueError(f"videos with fewer than 2 frames: {short[:5]}")

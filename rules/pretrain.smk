@@ -5,8 +5,11 @@
 
 import shlex
 
-# the dataset a baseline method reads (cdgmae reads a bag of views)
-PRETRAIN_DATASET = {"cropmae": "imagenet", "siammae": "videos"}
+# the dataset a cell reads besides its bag of views: the baselines' images / videos, and for
+# target=knn the ImageNet list whose global indices the neighbours file holds
+pretrain_dataset = lambda wc: {"cropmae": "imagenet", "siammae": "videos"}.get(
+    wc.method, "imagenet" if wc.target == "knn" else None
+)
 
 
 rule pretrain:
@@ -15,7 +18,7 @@ rule pretrain:
         # image / video dataset (cropmae / siammae); [] where it does not apply
         bag=lambda wc: f"results/views/{wc.generator}/bag.h5" if wc.method == "cdgmae" else [],
         knn=lambda wc: "results/consistency/knn.npz" if wc.target == "knn" else [],
-        data=lambda wc: get_dataset_input(PRETRAIN_DATASET[wc.method]) if wc.method in PRETRAIN_DATASET else [],
+        data=lambda wc: get_dataset_input(pretrain_dataset(wc)) if pretrain_dataset(wc) else [],
         code=stage_code("pretrain", "models_mae", "strategies"),
     output:
         checkpoint=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/checkpoint.pth",
@@ -26,10 +29,9 @@ rule pretrain:
         cell=lambda wc: json.dumps(cell_from_wildcards(wc), sort_keys=True, default=lambda v: v.item()),
         # flags naming the cell's data (wildcards-only, so tracked like any param)
         sources=lambda wc: (
-            f"--bag results/views/{wc.generator}/bag.h5"
+            (f"--bag results/views/{wc.generator}/bag.h5" if wc.method == "cdgmae" else "")
             + (" --knn results/consistency/knn.npz" if wc.target == "knn" else "")
-            if wc.method == "cdgmae"
-            else f"--{PRETRAIN_DATASET[wc.method]}-root {shlex.quote(get_root(PRETRAIN_DATASET[wc.method]))}"
+            + (f" --{pretrain_dataset(wc)}-root {shlex.quote(get_root(pretrain_dataset(wc)))}" if pretrain_dataset(wc) else "")
         ),
         # training hyper-parameters only: editing the seed list or a table's cells reruns nothing
         settings=settings("pretrain", drop=("seeds", "cell_defaults")),

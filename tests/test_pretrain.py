@@ -224,7 +224,7 @@ def test_sigkill_then_rerun_resumes_the_same_curve(tmp_path):
     imagenet = tmp_path / "imagenet"
     write_imagenet(imagenet)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    epochs = 10
+    epochs = 6
 
     out_a, cmd_a = cli(tmp_path, "uninterrupted", imagenet, epochs)
     subprocess.run(cmd_a, env=env, cwd=ROOT, check=True, capture_output=True, timeout=300)
@@ -256,7 +256,7 @@ def test_cli_help():
     assert out.returncode == 0 and "--state-dir" in out.stdout
 
 
-def write_bag(path: Path, n=8, size=40, M=4):
+def write_bag(path: Path, ids, size=40, M=4):
     """A tiny merged bag in the views stage's HDF5 layout, through its own row writer."""
     import h5py
 
@@ -264,17 +264,21 @@ def write_bag(path: Path, n=8, size=40, M=4):
 
     rng = np.random.default_rng(1)
     img = lambda: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noqa: E731
-    ids = [f"c/{i:03d}" for i in range(n)]
+    n = len(ids)
     with h5py.File(path, "w") as f:
         write_rows(f, [encode_jpeg(img(), 95) for _ in ids], [[encode_jpeg(img(), 95) for _ in range(M)] for _ in ids],
-                   ids, list(range(n)), [[0] * M] * n, M)
+                   list(ids), list(range(n)), [[0] * M] * n, M)
         f.attrs.update(complete=True, expected_rows=n, generator="warp", is_baseline=True, n_views=M,
                        settings=json.dumps({}))
-    return ids
 
 
 def test_cli_cdgmae_knn_from_an_hdf5_bag(tmp_path):
-    ids = write_bag(tmp_path / "bag.h5")
+    from pipeline.datasets import list_imagenet
+
+    imagenet = tmp_path / "imagenet"
+    write_imagenet(imagenet, n=8)
+    ids = [r.image_id for r in list_imagenet(imagenet)]
+    write_bag(tmp_path / "bag.h5", ids)
     n = len(ids)
     np.savez(tmp_path / "knn.npz", image_id=np.array(ids), neighbours=np.array(
         [[(i + 1) % n, (i + 2) % n] for i in range(n)], dtype=np.int64))
@@ -284,8 +288,8 @@ def test_cli_cdgmae_knn_from_an_hdf5_bag(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "pipeline.pretrain", "--cell", json.dumps(cell), "--seed", "0",
            "--settings", json.dumps(settings), "--bag", str(tmp_path / "bag.h5"), "--knn", str(tmp_path / "knn.npz"),
-           "--output", str(out / "checkpoint.pth"), "--state-dir", str(out / "state"),
-           "--log-csv", str(out / "log.csv"), "--threads", "1"]
+           "--imagenet-root", str(imagenet), "--output", str(out / "checkpoint.pth"),
+           "--state-dir", str(out / "state"), "--log-csv", str(out / "log.csv"), "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -136,16 +136,22 @@ def test_knn_including_self_is_an_error():
         ds[(0, 2)]
 
 
-def test_knn_file_roundtrip(tmp_path):
-    from pipeline.strategies import load_knn
+def test_knn_table_checked_against_the_image_list(tmp_path):
+    from PIL import Image
 
-    path = tmp_path / "knn.npz"
-    np.savez(path, image_id=np.array(["c/000", "c/001"]), neighbours=np.array([[1], [0]], dtype=np.int64))
-    knn = load_knn(path)
-    assert knn["row_of_id"] == {"c/000": 0, "c/001": 1}
-    np.savez(tmp_path / "bad.npz", image_id=np.array(["a"]))
-    with pytest.raises(KeyError, match="neighbours"):
-        load_knn(tmp_path / "bad.npz")
+    from pipeline.strategies import knn_table
+
+    for name in ("a/x", "a/y", "b/z"):
+        (tmp_path / "train" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(constant(5, 8)).save(tmp_path / "train" / f"{name}.png")
+    neighbours = np.array([[1], [2], [0]], dtype=np.int64)
+    np.savez(tmp_path / "knn.npz", image_id=np.array(["a/x", "a/y", "b/z"]), neighbours=neighbours)
+    table = knn_table(tmp_path / "knn.npz", tmp_path)
+    assert table["row_of_id"] == {"a/x": 0, "a/y": 1, "b/z": 2}
+    assert np.array_equal(table["neighbours"], neighbours)
+    np.savez(tmp_path / "stale.npz", image_id=np.array(["a/x", "a/y"]), neighbours=neighbours[:2])
+    with pytest.raises(ValueError, match="another image list"):
+        knn_table(tmp_path / "stale.npz", tmp_path)
 
 
 def coordinate_image(size=128):
