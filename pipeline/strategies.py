@@ -4,7 +4,7 @@ A strategy turns a source item (a bag of views, an image, a video) into a float 
 ``(1 + N, 3, S, S)``, ImageNet-normalised, **index 0 = target**, 1..N = anchors — the layout
 ``pipeline.models_mae.CrossViewMAE.forward`` expects.
 
-Registry (``STRATEGIES``, by method name; ``build_dataset`` dispatches on ``cell["method"]``):
+Registry (``STRATEGIES``, method name -> dataset builder; ``build_dataset`` dispatches on ``cell["method"]``):
 
 - ``cdgmae``: bag of views (real image + M generated views). Target rule ``real``, ``generated``,
   ``either`` (uniform over the M + 1 images) or ``knn`` (target = the real image, anchors = real
@@ -34,15 +34,6 @@ from torch.utils.data import Dataset
 
 from pipeline.encoders import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported for tests)
 
-STRATEGIES: dict[str, Callable[..., "EpochDataset"]] = {}
-
-
-def register_strategy(name: str):
-    def deco(fn):
-        STRATEGIES[name] = fn
-        return fn
-
-    return deco
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +320,6 @@ def _records(given, root, lister: str, flag: str, method: str) -> list:
     return getattr(pipeline.datasets, lister)(root)
 
 
-@register_strategy("cdgmae")
 def build_cdgmae(cell: dict, settings: dict, *, seed: int, bag=None, knn=None, imagenet_root=None,
                  **_) -> BagViewsDataset:
     if bag is None:
@@ -353,7 +343,6 @@ def build_cdgmae(cell: dict, settings: dict, *, seed: int, bag=None, knn=None, i
                            flip=crop["flip"], knn=knn)
 
 
-@register_strategy("cropmae")
 def build_cropmae(cell: dict, settings: dict, *, seed: int, imagenet_root=None, images=None, **_):
     images = _records(images, imagenet_root, "list_imagenet", "--imagenet-root", "cropmae")
     cfg = settings["cropmae"]
@@ -362,7 +351,6 @@ def build_cropmae(cell: dict, settings: dict, *, seed: int, imagenet_root=None, 
                                 flip=settings["crop"]["flip"])
 
 
-@register_strategy("siammae")
 def build_siammae(cell: dict, settings: dict, *, seed: int, videos_root=None, videos=None, **_):
     videos = _records(videos, videos_root, "list_videos", "--videos-root", "siammae")
     short = [v.name for v in videos if len(v.frames) < 2]
@@ -372,6 +360,14 @@ def build_siammae(cell: dict, settings: dict, *, seed: int, videos_root=None, vi
     return VideoPairDataset(videos, img_size=settings["img_size"], seed=seed,
                             frame_gap=settings["siammae"]["frame_gap"], scale=crop["scale"],
                             ratio=crop["ratio"], flip=crop["flip"])
+
+
+# registry: method name -> builder(cell, settings, *, seed, **sources) -> EpochDataset
+STRATEGIES: dict[str, Callable[..., EpochDataset]] = {
+    "cdgmae": build_cdgmae,
+    "cropmae": build_cropmae,
+    "siammae": build_siammae,
+}
 
 
 def build_dataset(cell: dict, settings: dict, *, seed: int, **sources) -> EpochDataset:
