@@ -46,7 +46,7 @@ rule generate_views:
         # infrastructure knob, not a param: the views do not depend on the batch size
         views_batch_size=config["views"]["batch_size"],
     params:
-        root=get_root("imagenet"),
+        root=lambda wildcards: get_root("imagenet"),
         settings=lambda wildcards: json.dumps(
             {
                 **{k: config["views"][k] for k in VIEWS_SHARD_KEYS},
@@ -89,7 +89,7 @@ rule merge_views:
         "../envs/pipeline.yaml"
     threads: 1
     params:
-        root=get_root("imagenet"),
+        root=lambda wildcards: get_root("imagenet"),
         settings=settings(
             "views",
             drop=("generator", "generators", "gpus", "figure_images", "batch_size"),
