@@ -33,7 +33,6 @@ EVAL_DATASETS = config["propagation"]["evaluate"]
 
 wildcard_constraints:
     dataset="davis|vip|jhmdb",
-    synthetic="imagenet|videos|davis|vip|jhmdb",
     shard=r"\d+",
     seed=r"\d+",
     generator=r"[A-Za-z0-9_\-]+",
