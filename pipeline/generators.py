@@ -428,3 +428,19 @@ class SLDMGenerator(ViewGenerator):
             x = (x / 2 + 0.5).clamp(0, 1)  # (B*M, 3, h, w), NaN kept
         arr = _to_output(x.permute(0, 2, 3, 1), self.image_size)
         return arr.reshape(B, M, self.image_size, self.image_size, 3)
+
+
+def main(argv=None) -> None:
+    """List the registered generators (``python -m pipeline.generators``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.generators",
+                                 description="View generator registry: list the names.")
+    ap.parse_args(argv)
+    for name, cls in sorted(GENERATORS.items()):
+        kind = "BASELINE (weights-free)" if cls.is_baseline else "diffusion (local weights)"
+        print(f"{name:<14}{kind:<28}{(cls.__doc__ or '').strip().splitlines()[0]}")
+
+
+if __name__ == "__main__":
+    main()
