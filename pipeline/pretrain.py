@@ -82,10 +82,13 @@ def resolve_cell(cell: dict, settings: dict) -> dict:
     return full
 
 
-def fingerprint(cell: dict, settings: dict, seed: int) -> str:
-    """What a resumable state must agree on to be continued (infrastructure knobs excluded)."""
+def fingerprint(cell: dict, settings: dict, seed: int, data_signature=None) -> str:
+    """What a resumable state must agree on to be continued: the cell, the training settings
+    (infrastructure knobs excluded), the seed and the identity of the data (a job re-run because
+    its bag of views was regenerated starts over; a retry after a crash resumes)."""
     training = {k: v for k, v in settings.items() if k not in INFRA_KEYS}
-    return json.dumps({"cell": cell, "settings": training, "seed": int(seed)}, sort_keys=True)
+    return json.dumps({"cell": cell, "settings": training, "seed": int(seed), "data": data_signature},
+                      sort_keys=True, default=str)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +188,8 @@ def load_state(path: Path, expected_fingerprint: str):
         LOG.warning("resumable state %s is unreadable (%s); moved to %s, starting over", path, err, bad)
         return None
     if state.get("fingerprint") != expected_fingerprint:
-        LOG.warning("resumable state %s belongs to another configuration; starting over", path)
+        LOG.warning("resumable state %s belongs to another configuration or older input data; "
+                    "starting over", path)
         return None
     LOG.info("resuming from %s: epoch %d, step %d", path, state["epoch"], state["step"])
     return state
@@ -278,7 +282,7 @@ def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, 
     epoch_len = steps_per_epoch * s["batch_size"]  # drop_last, as the reference loader
     peak_lr = s["base_lr"] * s["batch_size"] / 256
     amp_dtype = resolve_precision(s["precision"], device)
-    fp = fingerprint(cell, s, seed)
+    fp = fingerprint(cell, s, seed, dataset.signature() if hasattr(dataset, "signature") else None)
 
     arch = resolve_arch(cell["arch"])
     n_patches = (s["img_size"] // arch["patch_size"]) ** 2

@@ -25,6 +25,7 @@ or whether the run was resumed. Datasets take ``(epoch, index)`` keys (see ``Epo
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -147,6 +148,24 @@ class EpochDataset(Dataset):
     def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         raise NotImplementedError
 
+    def source_files(self) -> list:
+        """Files whose identity stands for the data (for ``signature``); none for in-memory data."""
+        return []
+
+    def signature(self) -> list:
+        """(path, size, mtime_ns) of ``source_files()`` and the dataset length: a resumable training
+        state made from other data (a regenerated bag, a new neighbours file) must not be continued."""
+        out = [len(self)]
+        for path in self.source_files():
+            st = os.stat(path)
+            out.append([str(path), st.st_size, st.st_mtime_ns])
+        return out
+
+
+def _spread(items: Sequence) -> list:
+    """First, middle and last items: a cheap stand-in for a whole file list in ``signature``."""
+    return [items[i] for i in sorted({0, len(items) // 2, len(items) - 1})] if len(items) else []
+
 
 class BagViewsDataset(EpochDataset):
     """CDG-MAE samples from a bag of views (``pipeline.views.BagDataset`` or any sequence of the
@@ -170,6 +189,10 @@ class BagViewsDataset(EpochDataset):
 
     def __len__(self) -> int:
         return len(self.bag)
+
+    def source_files(self) -> list:
+        files = [self.bag.path] if getattr(self.bag, "path", None) is not None else []
+        return files + ([self.knn["path"]] if self.knn and self.knn.get("path") else [])
 
     def _bag_row(self, global_index: int) -> int:
         """Bag row of an image by its global index (the bag may hold a subset, e.g. max_images)."""
@@ -233,6 +256,9 @@ class GlobalToLocalDataset(EpochDataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def source_files(self) -> list:
+        return [r.path for r in _spread(self.images)]
+
     def crops(self, image: torch.Tensor, rng: np.random.Generator):
         """(global box on the image, local box on the resized global crop) and the two crops."""
         s = self.img_size
@@ -280,6 +306,9 @@ class VideoPairDataset(EpochDataset):
     def __len__(self) -> int:
         return len(self.videos)
 
+    def source_files(self) -> list:
+        return [f for v in _spread(self.videos) for f in _spread(v.frames)]
+
     def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         from pipeline.datasets import read_rgb
 
@@ -306,7 +335,7 @@ def knn_table(knn_path: str | Path, imagenet_root: str | Path) -> dict:
 
     ids = [r.image_id for r in list_imagenet(imagenet_root)]
     neighbours = np.asarray(read_knn(knn_path, ids), dtype=np.int64)
-    return {"row_of_id": {i: r for r, i in enumerate(ids)}, "neighbours": neighbours}
+    return {"row_of_id": {i: r for r, i in enumerate(ids)}, "neighbours": neighbours, "path": str(knn_path)}
 
 
 def _records(given, root, lister: str, flag: str, method: str) -> list:

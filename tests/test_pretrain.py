@@ -256,13 +256,13 @@ def test_cli_help():
     assert out.returncode == 0 and "--state-dir" in out.stdout
 
 
-def write_bag(path: Path, ids, size=40, M=4):
+def write_bag(path: Path, ids, size=40, M=4, seed=1):
     """A tiny merged bag in the views stage's HDF5 layout, through its own row writer."""
     import h5py
 
     from pipeline.views import encode_jpeg, write_rows
 
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     img = lambda: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noqa: E731
     n = len(ids)
     with h5py.File(path, "w") as f:
@@ -302,3 +302,25 @@ def test_mask_keeping_no_patch_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="target_mask=0.985 keeps no patch of the 16"):
         train({**cell, "target_mask": 0.985}, settings, dataset(), seed=0, output=tmp_path / "ck.pth",
               state_dir=tmp_path / "s")
+
+
+def test_regenerated_bag_starts_over_but_a_plain_rerun_resumes(tmp_path, caplog):
+    from pipeline.views import BagDataset
+
+    bag_path = tmp_path / "bag.h5"
+    write_bag(bag_path, [f"c/{i:03d}" for i in range(16)], seed=1)
+    cell, settings = setup(epochs=1)
+    run = lambda: train(cell, settings, BagViewsDataset(BagDataset(bag_path), img_size=32, anchors=2,  # noqa: E731
+                                                        target="either", seed=3),
+                        seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
+    caplog.set_level("INFO", logger="cdgmae.pretrain")
+    first = run()
+    caplog.clear()
+    assert run()["loss"] == first["loss"]
+    assert "resuming from" in caplog.text and "starting over" not in caplog.text  # a retry resumes
+    caplog.clear()
+    time.sleep(0.01)
+    write_bag(bag_path, [f"c/{i:03d}" for i in range(16)], seed=2)  # the views stage re-ran
+    again = run()
+    assert "older input data; starting over" in caplog.text and "resuming from" not in caplog.text
+    assert again["step"] == first["step"] and again["loss"] != first["loss"]  # trained anew on the new bag
