@@ -104,7 +104,12 @@ rule plot_bag_of_views:
         bag=f"results/views/{config['views']['generator']}/bag.h5",
         code=stage_code("views"),
     output:
-        figure="results/figures/bag_of_views.png",
+        figure=report(
+            "results/figures/bag_of_views.png",
+            caption="../report/bag_of_views.rst",
+            category="Figures",
+            labels={"figure": "5: bag of views"},
+        ),
     log:
         "results/logs/plot_bag_of_views.log",
     benchmark:
