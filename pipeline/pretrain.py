@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import section_defaults
-from pipeline.utils import (atomic_path, derive_seed, load_settings, progress, save_torch_atomic,
-                            set_threads, setup_logging, write_csv_atomic)
+from pipeline.utils import (atomic_path, derive_seed, file_sha256, load_settings, progress,
+                            save_torch_atomic, set_threads, setup_logging, write_csv_atomic)
 
 LOG = logging.getLogger("cdgmae.pretrain")
 
@@ -85,10 +85,14 @@ def resolve_cell(cell: dict, settings: dict) -> dict:
 def fingerprint(cell: dict, settings: dict, seed: int, data_signature=None) -> str:
     """What a resumable state must agree on to be continued: the cell, the training settings
     (infrastructure knobs excluded), the seed and the identity of the data (a job re-run because
-    its bag of views was regenerated starts over; a retry after a crash resumes)."""
+    its bag of views was regenerated or its code edited starts over; a retry after a crash resumes)."""
     training = {k: v for k, v in settings.items() if k not in INFRA_KEYS}
-    return json.dumps({"cell": cell, "settings": training, "seed": int(seed), "data": data_signature},
-                      sort_keys=True, default=str)
+    # the stage's own code too (the modules the rule lists as inputs): a state made by other code
+    # may not even load into the current model
+    here = Path(__file__).resolve().parent
+    code = {m: file_sha256(here / f"{m}.py") for m in ("pretrain", "models_mae", "strategies")}
+    return json.dumps({"cell": cell, "settings": training, "seed": int(seed), "data": data_signature,
+                       "code": code}, sort_keys=True, default=str)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +192,8 @@ def load_state(path: Path, expected_fingerprint: str):
         LOG.warning("resumable state %s is unreadable (%s); moved to %s, starting over", path, err, bad)
         return None
     if state.get("fingerprint") != expected_fingerprint:
-        LOG.warning("resumable state %s belongs to another configuration or older input data; "
-                    "starting over", path)
+        LOG.warning("resumable state %s belongs to another configuration, older input data or "
+                    "older code; starting over", path)
         return None
     LOG.info("resuming from %s: epoch %d, step %d", path, state["epoch"], state["step"])
     return state
