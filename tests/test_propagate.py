@@ -166,3 +166,114 @@ def test_segmentation_readout_upsamples_then_maps_ids():
     ids = P.segmentation_readout(pred, (4, 4), [0, 5], out_hw=(8, 8))
     assert ids.dtype == np.uint8 and ids.shape == (8, 8)
     assert ids[-1, -1] == 5 and ids[0, 0] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on tiny synthetic datasets
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("enc") / "random-init" / "checkpoint.pth"
+    P.init_random_encoder("vit_mini_patch8", 0, path, img_size=32)
+    return path
+
+
+def test_random_init_checkpoint_is_seeded_and_loadable(tiny_encoder, tmp_path):
+    from pipeline.models_mae import load_encoder
+
+    again = tmp_path / "again.pth"
+    P.init_random_encoder("vit_mini_patch8", 0, again, img_size=32)
+    a, b = load_encoder(tiny_encoder), load_encoder(again)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    other = tmp_path / "other.pth"
+    P.init_random_encoder("vit_mini_patch8", 1, other, img_size=32)
+    assert not torch.equal(load_encoder(other).blocks[0].attn.qkv.weight, a.blocks[0].attn.qkv.weight)
+    # an external checkpoint missing encoder keys fails loudly instead of keeping random weights
+    ckpt = torch.load(tiny_encoder, weights_only=True)
+    del ckpt["model"]["blocks.0.attn.qkv.weight"]
+    broken = tmp_path / "broken.pth"
+    torch.save(ckpt["model"], broken)
+    with pytest.raises(KeyError, match="blocks.0.attn.qkv.weight"):
+        P.import_external_encoder(broken, "vit_mini_patch8", tmp_path / "imported.pth")
+
+
+def test_davis_end_to_end_writes_every_output(tiny_encoder, tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline import synthetic
+
+    root = tmp_path / "davis"
+    synthetic.make_davis(root, dict(sequences=2, frames=5, height=40, width=56, max_objects=2), 0)
+    out = tmp_path / "eval"
+    settings = {"davis": {"size": [32, 48], "gt_mode": "native"}, "queue": 3, "figures": 1}
+    P.main(["--checkpoint", str(tiny_encoder), "--dataset", "davis", "--root", str(root),
+            "--output-dir", str(out), "--settings", __import__("json").dumps(settings),
+            "--model", "random-init/test", "--threads", "1"])
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics.columns[:5]) == ["dataset", "model", "J&F-Mean", "J-Mean", "F-Mean"]
+    row = metrics.iloc[0]
+    assert row["dataset"] == "davis" and row["patch_size"] == 8 and row["gt_mode"] == "native"
+    assert 0 <= row["J-Mean"] <= 100 and row["J&F-Mean"] == pytest.approx(
+        (row["J-Mean"] + row["F-Mean"]) / 2)
+    for seq in ("seq-000", "seq-001"):
+        pngs = sorted((out / "predictions" / seq).glob("*.png"))
+        assert [p.stem for p in pngs] == [f"{t:05d}" for t in range(5)]
+        with Image.open(pngs[1]) as im:  # indexed, at the native GT size
+            assert im.mode == "P" and im.size == (56, 40)
+        with Image.open(pngs[0]) as im, Image.open(root / "Annotations/480p" / seq / "00000.png") as gt:
+            # frame 0's prediction is its own label map (through the grid and back)
+            assert set(np.unique(np.array(im))) <= set(np.unique(np.array(gt)))
+    assert (out / "scores" / "per-sequence_results-val.csv").is_file()
+    assert (out / "figures" / "seq-000.png").is_file() and not (out / "figures" / "seq-001.png").exists()
+    # rerun with the same key resumes (nothing recomputed), a different protocol starts afresh
+    before = (out / "predictions" / "seq-000" / "00002.png").stat().st_mtime_ns
+    P.run(tiny_encoder, "davis", root, out, settings)
+    assert (out / "predictions" / "seq-000" / "00002.png").stat().st_mtime_ns == before
+    (out / "predictions" / "stale").mkdir()
+    P.run(tiny_encoder, "davis", root, out, {**settings, "queue": 2})
+    assert not (out / "predictions" / "stale").exists()
+
+
+def test_jhmdb_end_to_end_writes_pos_img_in_original_pixels(tiny_encoder, tmp_path):
+    import pandas as pd
+
+    from pipeline import synthetic
+    from pipeline.datasets import JhmdbDataset, read_pos_img
+
+    root = tmp_path / "jhmdb"
+    synthetic.make_jhmdb(root, dict(classes=1, videos_per_class=1, frames=4, height=48, width=64), 0)
+    out = tmp_path / "eval"
+    row = P.run(tiny_encoder, "jhmdb", root, out, {"jhmdb": {"size": [40, 40]}, "figures": 0})
+    ds = JhmdbDataset(root)
+    video = ds.videos[0]
+    pred, gt = read_pos_img(out / "predictions" / video / "joint_positions.mat"), ds.read_joints(video)
+    assert pred.shape == gt.shape
+    placed = np.isfinite(pred[0, :, 0])
+    # frame 0 is the read-out of its own heatmaps: within two grid cells (5x5 grid, 12.8 px wide)
+    assert placed.sum() >= 10
+    assert np.abs(pred[:, placed, 0] - gt[:, placed, 0]).max() < 2 * 64 / 5
+    assert {"PCK@0.1", "PCK@0.2"} <= set(pd.read_csv(out / "metrics.csv").columns)
+    assert 0 <= row["PCK@0.2"] <= 100
+
+
+def test_vip_end_to_end_writes_class_ids_at_the_gt_size(tiny_encoder, tmp_path):
+    from PIL import Image
+
+    from pipeline import synthetic
+    from pipeline.datasets import VipDataset
+
+    root = tmp_path / "vip"
+    synthetic.make_vip(root, dict(videos=1, frames=3, height=72, width=128), 0)
+    out = tmp_path / "eval"
+    # long side 128 -> 72 x 128 becomes 64 x 128 (short side floored to a multiple of 64)
+    row = P.run(tiny_encoder, "vip", root, out, {"vip": {"size": [128]}, "figures": 1})
+    ds = VipDataset(root)
+    video = ds.videos[0]
+    for gt_path in ds.annotations(video):
+        with Image.open(out / "predictions" / video / gt_path.name) as im, Image.open(gt_path) as gt:
+            assert im.mode == "L" and im.size == gt.size == (128, 72)
+    assert 0 <= row["mIoU"] <= 100 and row["size"] == "128"
+    assert (out / "figures" / f"{video}.png").is_file()
