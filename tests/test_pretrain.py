@@ -324,3 +324,11 @@ def test_regenerated_bag_starts_over_but_a_plain_rerun_resumes(tmp_path, caplog)
     again = run()
     assert "older input data or older code; starting over" in caplog.text and "resuming from" not in caplog.text
     assert again["step"] == first["step"] and again["loss"] != first["loss"]  # trained anew on the new bag
+
+
+def test_loss_curve_does_not_depend_on_loader_workers(tmp_path):
+    cell, settings = setup(epochs=1)
+    base = train(cell, settings, dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "sa")
+    cell, settings = setup(epochs=1, num_workers=2)
+    workers = train(cell, settings, dataset(), seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
+    assert workers["loss"] == base["loss"]
