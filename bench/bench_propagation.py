@@ -1,0 +1,169 @@
+"""Benchmark label propagation (pipeline.propagate) against the reference's straightforward design.
+
+On the synthetic DAVIS (``pipeline.synthetic.make_davis`` at ``--size``), for each patch size
+(/16 with ``vit_small_patch16``, /8 with ``vit_small_patch8``, random-init weights: speed does not
+depend on them), both implementations run in the same process on the same frames:
+
+- ours: features once per real frame (kept on the device), ``propagate`` (one affinity product
+  per query chunk against the stacked unique context frames, precomputed boolean radius mask,
+  frame 0's masked top-k reused for its duplicate slots);
+- baseline: the reference's design — ``queue`` padded copies of frame 0 encoded too, then
+  ``propagate_reference`` (host key bank gathered per 2-frame chunk, 100-query-cell chunks,
+  additive -1e10 mask, top-k over the slot axis).
+
+Printed per grid: feature and propagation seconds, frames/s (real frames over both), peak memory
+of the propagation call (CPU: peak RSS since a reset of the counter, minus the RSS before it; GPU:
+``torch.cuda.max_memory_allocated``), speed-up, and the largest difference of the soft
+predictions (must be ~1e-6).
+
+    OMP_NUM_THREADS=2 python -m bench.bench_propagation [--size 240 440 --sequences 2 --frames 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.bench_consistency import _peak_since, _start_peak
+
+ARCHS = {16: "vit_small_patch16", 8: "vit_small_patch8"}
+
+
+def _sync(device):
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _measure(fn, device):
+    """(result, seconds, peak MiB) of ``fn()``."""
+    import torch
+
+    _sync(device)
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _start_peak()
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    if str(device).startswith("cuda"):
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = _peak_since(base)
+    return out, seconds, peak
+
+
+def _sequence_inputs(root: Path, hw):
+    import cv2
+
+    from pipeline import propagate as P
+    from pipeline.datasets import DavisDataset, read_rgb
+
+    ds = DavisDataset(root)
+    for seq in ds.sequences:
+        frames = [P.load_frame(read_rgb(p), hw)[0] for p in ds.frames(seq)]
+        gt = ds.read_annotation(ds.annotations(seq)[0])
+        ids = cv2.resize(gt, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
+        yield seq, frames, ids
+
+
+def bench_grid(patch: int, root: Path, hw, args, device) -> list[dict]:
+    import torch
+
+    from pipeline import propagate as P
+    from pipeline.models_mae import build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder(ARCHS[patch], 224).to(device).eval()
+    grid = P.grid_size(hw, patch)
+    kw = dict(topk=args.topk, temperature=0.7, radius=args.radius, queue=args.queue)
+    totals = {name: dict(feat=0.0, prop=0.0, peak=0.0, frames=0, diff=0.0) for name in ("ours", "baseline")}
+    for seq, frames, ids in _sequence_inputs(root, hw):
+        label_set = np.unique(ids).tolist()
+        labels0 = torch.from_numpy(P.segmentation_labels(ids, label_set, grid)).reshape(-1, len(label_set))
+        with torch.inference_mode():
+            feats, t_feat, _ = _measure(lambda: P.encode_frames(encoder, frames, 5, device), device)
+            ours, t_prop, peak = _measure(
+                lambda: P.propagate(feats, labels0, grid, query_chunk=args.query_chunk, **kw), device)
+            # baseline: the padded copies of frame 0 are encoded as well, features moved to the host
+            padded = [frames[0]] * args.queue + frames
+            pfeats, b_feat, _ = _measure(lambda: P.encode_frames(encoder, padded, 5, device).cpu(),
+                                         device)
+            base, b_prop, b_peak = _measure(
+                lambda: P.propagate_reference(pfeats[args.queue:], labels0, grid, **kw), device)
+        diff = float((ours.cpu() - base).abs().max())
+        for name, tf, tp, pk in (("ours", t_feat, t_prop, peak), ("baseline", b_feat, b_prop, b_peak)):
+            tot = totals[name]
+            tot["feat"] += tf
+            tot["prop"] += tp
+            tot["peak"] = max(tot["peak"], pk)
+            tot["frames"] += len(frames)
+            tot["diff"] = max(tot["diff"], diff)
+        print(f"  /{patch} {seq}: {len(frames)} frames, ours {t_feat:.2f}+{t_prop:.2f} s, "
+              f"baseline {b_feat:.2f}+{b_prop:.2f} s, max |diff| {diff:.2e}", flush=True)
+    rows = []
+    base_fps = None
+    for name in ("baseline", "ours"):
+        tot = totals[name]
+        fps = tot["frames"] / (tot["feat"] + tot["prop"])
+        prop_fps = tot["frames"] / tot["prop"]
+        base_fps = base_fps or (fps, prop_fps)
+        rows.append(dict(grid=f"/{patch} {grid[0]}x{grid[1]}", impl=name, feat_s=tot["feat"],
+                         prop_s=tot["prop"], fps=fps, prop_fps=prop_fps, peak=tot["peak"],
+                         speedup=fps / base_fps[0], prop_speedup=prop_fps / base_fps[1],
+                         diff=tot["diff"]))
+    return rows
+
+
+def main(argv=None) -> None:
+    import torch
+
+    from pipeline import propagate as P
+    from pipeline.synthetic import make_davis
+    from pipeline.utils import set_threads
+
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_propagation", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, nargs=2, default=[240, 440], metavar=("H", "W"))
+    ap.add_argument("--sequences", type=int, default=2)
+    ap.add_argument("--frames", type=int, default=24)
+    ap.add_argument("--patches", type=int, nargs="+", default=[16, 8], choices=sorted(ARCHS))
+    ap.add_argument("--queue", type=int, default=20)
+    ap.add_argument("--topk", type=int, default=7)
+    ap.add_argument("--radius", type=float, default=20)
+    ap.add_argument("--query-chunk", type=int, default=4096)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    device = args.device or P.default_device()
+    hw = tuple(args.size)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "davis"
+        make_davis(root, dict(sequences=args.sequences, frames=args.frames, height=hw[0],
+                              width=hw[1], max_objects=3), 0)
+        rows = []
+        for patch in args.patches:
+            rows += bench_grid(patch, root, hw, args, device)
+    print(f"\ndevice {device}, torch threads {torch.get_num_threads()}, input {hw[0]}x{hw[1]}, "
+          f"{args.sequences} x {args.frames} frames, queue {args.queue}, top-k {args.topk}, "
+          f"radius {args.radius:g}")
+    print("| grid | implementation | features s | propagation s | frames/s | propagation frames/s "
+          "| peak MiB (propagation) | speed-up | propagation speed-up | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['grid']} | {r['impl']} | {r['feat_s']:.2f} | {r['prop_s']:.2f} | {r['fps']:.2f} "
+              f"| {r['prop_fps']:.2f} | {r['peak']:.0f} | {r['speedup']:.2f} | {r['prop_speedup']:.2f} "
+              f"| {r['diff']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
