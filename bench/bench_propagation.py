@@ -16,7 +16,7 @@ of the propagation call (CPU: peak RSS since a reset of the counter, minus the R
 ``torch.cuda.max_memory_allocated``), speed-up, and the largest difference of the soft
 predictions (must be ~1e-6).
 
-    OMP_NUM_THREADS=2 python -m bench.bench_propagation [--size 240 440 --sequences 2 --frames 24]
+    OMP_NUM_THREADS=2 python -m bench.bench_propagation [--size 240 448 --sequences 2 --frames 24]
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m bench.bench_propagation", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, nargs=2, default=[240, 440], metavar=("H", "W"))
+    ap.add_argument("--size", type=int, nargs=2, default=[240, 448], metavar=("H", "W"))
     ap.add_argument("--sequences", type=int, default=2)
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--patches", type=int, nargs="+", default=[16, 8], choices=sorted(ARCHS))
