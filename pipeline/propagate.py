@@ -149,15 +149,15 @@ def _gather_labels(labels, frame_of_key, cell_of_key, hw: int):
     return flat[(frame_of_key * hw + cell_of_key).reshape(-1)].reshape(*frame_of_key.shape, -1)
 
 
-def propagate(features, first_labels, grid: tuple[int, int], *, topk: int, temperature: float, radius: float,
-              queue: int, query_chunk: int = 4096, on_frame: Callable | None = None,
+def propagate(features, first_labels, grid: tuple[int, int], *, topk: int, temperature: float,
+              radius: float, queue: int, query_chunk: int = 4096, on_frame: Callable | None = None,
               show_progress: bool = False):
     """Propagate ``first_labels`` through a video; the fast exact path of spec §4.
 
     features: (T, hw, C) L2-normalised, on the compute device; cells row-major on ``grid``.
     first_labels: (hw, L) soft labels of frame 0 on the grid.
     Returns (T, hw, L) soft predictions (row 0 = ``first_labels``). ``on_frame(t, pred_t)`` is
-    called as each frame is done (read-out can overlap with the next frame's compute).
+    called as each frame is done, so the read-out never needs every frame's map at once.
     """
     import torch
     import torch.nn.functional as F
@@ -214,8 +214,9 @@ def _check_grid(features, grid: tuple[int, int]) -> tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
-def propagate_reference(features, first_labels, grid: tuple[int, int], *, topk: int, temperature: float, radius: float,
-                        queue: int, frame_chunk: int = 2, cell_chunk: int = 100):
+def propagate_reference(features, first_labels, grid: tuple[int, int], *, topk: int,
+                        temperature: float, radius: float, queue: int, frame_chunk: int = 2,
+                        cell_chunk: int = 100):
     """The reference's straightforward algorithm, for tests and the benchmark (not for runs).
 
     Host key bank: ``queue`` padded copies of frame 0 prepended, the (T, 1 + queue, hw, C) context
@@ -474,7 +475,8 @@ def propagate_video(encoder, frame_paths: Sequence[Path], read_frame: Callable, 
         labels0 = torch.from_numpy(first_labels(first, hw, grid)).reshape(grid[0] * grid[1], -1)
         propagate(feats, labels0, grid, topk=protocol.topk, temperature=protocol.temperature,
                   radius=protocol.radius, queue=protocol.queue, query_chunk=protocol.query_chunk,
-                  on_frame=lambda t, p: on_frame(t, p.reshape(*grid, -1).cpu().numpy()))
+                  on_frame=lambda t, p: on_frame(t, p.reshape(*grid, -1).cpu().numpy()),
+                  show_progress=True)
     return VideoResult(hw, grid, orig_hw, images)
 
 
