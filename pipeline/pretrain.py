@@ -426,6 +426,10 @@ def parse_args(argv=None):
     ap.add_argument("--curve-png", help="loss-curve PNG")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    # infrastructure knobs: they change neither the data order nor the result, so the rule passes
+    # them outside --settings (editing them must not re-run finished cells)
+    ap.add_argument("--num-workers", type=int, default=None, help="override pretrain.num_workers")
+    ap.add_argument("--checkpoint-every", type=int, default=None, help="override pretrain.checkpoint_every")
     return ap.parse_args(argv)
 
 
@@ -435,7 +439,11 @@ def main(argv=None) -> None:
     set_threads(args.threads)
     from pipeline.strategies import build_dataset
 
-    settings = resolve_settings(load_settings(args.settings))
+    overrides = load_settings(args.settings)
+    for key in ("num_workers", "checkpoint_every"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    settings = resolve_settings(overrides)
     try:
         cell = resolve_cell(json.loads(args.cell), settings)
     except json.JSONDecodeError as err:

@@ -169,8 +169,8 @@ def model_path(cell, seed):
 
 
 def cell_from_wildcards(wildcards):
-    """The cell dict of a job from its wildcards (types restored from the cell table)."""
-    return PARAMSPACE.instance(wildcards)
+    """The cell dict of a job from its wildcards, as plain Python types (JSON-serialisable)."""
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in PARAMSPACE.instance(wildcards).items()}
 
 
 def random_init_model(arch, seed=None):

@@ -25,8 +25,8 @@ rule pretrain:
         log_csv=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/train_log.csv",
         curve=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/loss_curve.png",
     params:
-        # canonical JSON of the cell (Paramspace gives NumPy scalars: .item() makes them plain)
-        cell=lambda wc: json.dumps(cell_from_wildcards(wc), sort_keys=True, default=lambda v: v.item()),
+        # canonical JSON of the cell
+        cell=lambda wc: json.dumps(cell_from_wildcards(wc), sort_keys=True),
         # flags naming the cell's data (wildcards-only, so tracked like any param)
         sources=lambda wc: (
             (f"--bag results/views/{wc.generator}/bag.h5" if wc.method == "cdgmae" else "")
@@ -34,10 +34,15 @@ rule pretrain:
             + (f" --{pretrain_dataset(wc)}-root {shlex.quote(get_root(pretrain_dataset(wc)))}" if pretrain_dataset(wc) else "")
         ),
         # training hyper-parameters only: editing the seed list or a table's cells reruns nothing
-        settings=settings("pretrain", drop=("seeds", "cell_defaults")),
+        settings=settings(
+            "pretrain", drop=("seeds", "cell_defaults", "gpus", "num_workers", "checkpoint_every")
+        ),
         state_dir=f"results/pretrain_state/{CELL_PATTERN}/seed~{{seed}}",
     resources:
+        # infrastructure knobs are resources, not params: editing them re-runs nothing
         gpu=config["pretrain"]["gpus"],
+        num_workers=config["pretrain"]["num_workers"],
+        checkpoint_every=config["pretrain"]["checkpoint_every"],
     threads: 2
     log:
         f"results/logs/pretrain/{CELL_PATTERN}/seed~{{seed}}.log",
@@ -53,7 +58,8 @@ rule pretrain:
         "python -m pipeline.lease --gpus {resources.gpu} -- $launch pipeline.pretrain "
         "--cell {params.cell:q} --seed {wildcards.seed} --settings {params.settings:q} {params.sources} "
         "--output {output.checkpoint} --state-dir {params.state_dir:q} --log-csv {output.log_csv} "
-        "--curve-png {output.curve} --threads {threads} > {log} 2>&1"
+        "--curve-png {output.curve} --threads {threads} --num-workers {resources.num_workers} "
+        "--checkpoint-every {resources.checkpoint_every} > {log} 2>&1"
 
 
 rule count_gflops:
