@@ -10,9 +10,10 @@ Both run in this process on the same weights and random views: forward, backward
   block. Same parameters, same masks.
 
 Before timing, the two losses are compared in eval mode with identical masks (must agree to ~1e-5).
-The table prints training samples/s, peak memory (CUDA max allocated on GPU; on CPU the peak
-resident-set growth during the timed steps over the
-RSS after ``malloc_trim``, sampled every 2 ms) and the ratio ours / reference.
+The table prints training samples/s (batch / median step time; the two implementations' steps are
+interleaved so that load changes on a shared machine hit both alike), peak memory of one step (CUDA
+max allocated on GPU; on CPU the resident-set growth over the RSS after ``malloc_trim``, sampled
+every 2 ms) and the ratios ours / reference.
 
     python -m bench.bench_pretrain [--arch vit_small_patch16 --img-size 224 --batch 64 --steps 10 \
         --cells "1:0,2:0.5,3:0.25" --threads 2]
@@ -24,6 +25,7 @@ import argparse
 import ctypes
 import gc
 import os
+import statistics
 import threading
 import time
 
@@ -145,29 +147,36 @@ class PeakRSS:
         self._thread.join()
 
 
-def time_steps(step, steps, warmup, device):
-    for _ in range(warmup):
-        step()
+def peak_memory(step, device):
+    """Peak memory (bytes) of one step: CUDA max allocated, or CPU RSS growth after malloc_trim."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        tracker = None
-    else:
-        gc.collect()
-        release_freed_memory()
-        tracker = PeakRSS().__enter__()
-    t0 = time.perf_counter()
-    for _ in range(steps):
         step()
-    if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    if tracker is None:
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        tracker.__exit__()
-        peak = tracker.peak
-    return seconds, peak
+        return torch.cuda.max_memory_allocated()
+    gc.collect()
+    release_freed_memory()
+    with PeakRSS() as tracker:
+        step()
+    return tracker.peak
+
+
+def interleaved_step_times(steps_by_name, n, device):
+    """Median seconds per step of each implementation, steps alternated so that load changes on a
+    shared machine hit both alike."""
+    times = {name: [] for name in steps_by_name}
+    for _ in range(n):
+        for name, step in steps_by_name.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def check_equivalence(model, views, target_mask, anchor_mask):
@@ -191,7 +200,7 @@ def main(argv=None):
     parser.add_argument("--arch", default="vit_small_patch16")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=None, help="samples per step (default 64 on GPU, 4 on CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on GPU, 3 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per implementation (default 10 on GPU, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--target-mask", type=float, default=0.9)
     parser.add_argument("--cells", default="1:0,2:0.5,3:0.25", help="ANCHORS:ANCHOR_MASK list")
@@ -238,17 +247,17 @@ def main(argv=None):
             anchor_noise = torch.rand(batch * n_anchors, L, device=device) if anchor_mask > 0 else None
             return ref_forward(model, views, args.target_mask, anchor_mask, target_noise, anchor_noise)
 
-        results = {}
-        for name, fwd in (("reference", reference), ("ours", ours)):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            seconds, peak = time_steps(make_step(fwd), steps, args.warmup, device)
-            results[name] = (batch * steps / seconds, peak / 2 ** 20)
-        (r_sps, r_mem), (o_sps, o_mem) = results["reference"], results["ours"]
+        steps_by_name = {"reference": make_step(reference), "ours": make_step(ours)}
+        for step in steps_by_name.values():
+            for _ in range(args.warmup):
+                step()
+        memory = {name: peak_memory(step, device) / 2 ** 20 for name, step in steps_by_name.items()}
+        seconds = interleaved_step_times(steps_by_name, steps, device)
+        r_sps, o_sps = batch / seconds["reference"], batch / seconds["ours"]
+        r_mem, o_mem = memory["reference"], memory["ours"]
         print(f"| {n_anchors} | {anchor_mask:g} | reference | {r_sps:.2f} | {r_mem:.0f} | 1.00 | 1.00 | |")
         print(f"| {n_anchors} | {anchor_mask:g} | ours | {o_sps:.2f} | {o_mem:.0f} | {o_sps / r_sps:.2f} | "
               f"{o_mem / max(r_mem, 1e-9):.2f} | {dloss:.1e} |", flush=True)
-
 
 if __name__ == "__main__":
     main()
