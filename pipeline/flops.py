@@ -115,7 +115,7 @@ def table8_gflops(arch: str = "vit_small_patch16", img_size: int = 224, target_m
         views = torch.randn(1, 1 + n_anchors, 3, img_size, img_size)
         gmacs = METHODS[method](model, views, target_mask, anchor_mask)
         LOG.info("N=%d r_a=%.3f r_t=%.3f: %.4f GMACs (%s)", n_anchors, anchor_mask, target_mask, gmacs, method)
-        rows.append({"anchors": n_anchors, "anchor_mask": anchor_mask, "gflops": round(gmacs, 4)})
+        rows.append({"anchors": n_anchors, "anchor_mask": anchor_mask, "gflops": round(gmacs, 6)})
     return rows
 
 
