@@ -166,8 +166,8 @@ def propagate(features, first_labels, grid: tuple[int, int], *, topk: int, tempe
     grid = _check_grid(features, grid)
     device = features.device
     mask = radius_mask(grid, radius, device=device)  # (hw, hw) bool, built once per grid
-    preds = torch.zeros(n_frames, hw, first_labels.shape[-1], dtype=torch.float32, device=device)
-    preds[0] = first_labels.to(device=device, dtype=torch.float32)
+    preds = torch.zeros(n_frames, hw, first_labels.shape[-1], dtype=features.dtype, device=device)
+    preds[0] = first_labels.to(device=device, dtype=features.dtype)
     if on_frame is not None:
         on_frame(0, preds[0])
     frames_iter = range(1, n_frames)
@@ -234,7 +234,7 @@ def propagate_reference(features, first_labels, grid: tuple[int, int], *, topk: 
     # slot table: query t (padded index t + queue) -> long slot 0 + padded indices t .. t+queue-1
     key_index = torch.cat([torch.zeros(n_query, 1, dtype=torch.long),
                            torch.arange(queue)[None] + torch.arange(n_query)[:, None]], dim=1)
-    additive = torch.zeros(hw, hw)
+    additive = torch.zeros(hw, hw, dtype=feats.dtype)
     additive[~radius_mask(grid, radius)] = MASKED_LOGIT
     weights_all, index_all = [], []
     for f0 in range(0, n_query, frame_chunk):
@@ -251,8 +251,8 @@ def propagate_reference(features, first_labels, grid: tuple[int, int], *, topk: 
             i_chunks.append(i)
         weights_all.extend(torch.cat(w_chunks, dim=-1))
         index_all.extend(torch.cat(i_chunks, dim=-1))
-    labels = torch.zeros(queue + n_frames, hw, first_labels.shape[-1])
-    labels[:queue + 1] = first_labels.detach().cpu().float()
+    labels = torch.zeros(queue + n_frames, hw, first_labels.shape[-1], dtype=feats.dtype)
+    labels[:queue + 1] = first_labels.detach().cpu().to(feats.dtype)
     for t in range(1, n_frames):
         ctx = labels[key_index[t]].reshape(-1, labels.shape[-1])  # (S*hw, L)
         labels[queue + t] = (ctx[index_all[t]] * weights_all[t][..., None]).sum(0)
