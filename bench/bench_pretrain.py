@@ -200,7 +200,8 @@ def main(argv=None):
     parser.add_argument("--arch", default="vit_small_patch16")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=None, help="samples per step (default 64 on GPU, 4 on CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per implementation (default 10 on GPU, 3 on CPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per implementation (default 10 on GPU, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--target-mask", type=float, default=0.9)
     parser.add_argument("--cells", default="1:0,2:0.5,3:0.25", help="ANCHORS:ANCHOR_MASK list")

@@ -507,3 +507,51 @@ def load_encoder(checkpoint_path: str | os.PathLike, device: str | torch.device 
     LOG.info("loaded %d encoder tensors from %s (arch %s, img_size %d)", len(expected), path,
              arch_name(arch) or arch, img_size)
     return encoder.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: parameter counts of an arch, or a checkpoint's encoder
+
+
+def parameter_counts(model: CrossViewMAE) -> dict[str, int]:
+    """Trainable parameters: encoder, decoder side (everything else), decoder blocks alone."""
+    trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+    return {"encoder": sum(v for n, v in trainable if n.startswith("encoder.")),
+            "decoder": sum(v for n, v in trainable if not n.startswith("encoder.")),
+            "decoder_blocks": sum(v for n, v in trainable if n.startswith("decoder_blocks."))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    from pipeline.utils import setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.models_mae",
+        description="Print an arch's parameter counts, or load a checkpoint's encoder and describe it.")
+    parser.add_argument("--arch", default="vit_small_patch16", choices=sorted(ARCHS))
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--checkpoint", default=None, help="our payload, an MAE/CropMAE checkpoint or "
+                        "an encoder state dict; --arch is used only if the file does not name one")
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.checkpoint:
+        try:
+            encoder = load_encoder(args.checkpoint)
+        except (KeyError, ValueError) as err:
+            if "pass arch=" not in str(err):
+                raise
+            encoder = load_encoder(args.checkpoint, arch=args.arch)
+        n = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+        info = {"checkpoint": args.checkpoint, "img_size": encoder.img_size,
+                "patch_size": encoder.patch_size, "embed_dim": encoder.embed_dim,
+                "depth": len(encoder.blocks), "encoder_params": n}
+    else:
+        info = {"arch": args.arch, "img_size": args.img_size, **resolve_arch(args.arch),
+                **{f"{k}_params": v for k, v in parameter_counts(CrossViewMAE(args.arch, args.img_size)).items()}}
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()

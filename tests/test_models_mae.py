@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models_mae import (ARCHS, CrossViewDecoderBlock, CrossViewMAE, ViTEncoder, build_encoder,
-                                 interpolate_pos_embed, load_encoder, random_masking, resolve_arch,
-                                 sincos_pos_embed_2d)
+                                 interpolate_pos_embed, load_encoder, main, parameter_counts, random_masking,
+                                 resolve_arch, sincos_pos_embed_2d)
 
 # tiny arch for fast tests: 32 px / 8 -> 4x4 = 16 patches
 TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=2,
@@ -249,13 +249,11 @@ def test_decoder_block_order_cross_mlp_self():
 def test_vit_small_patch16_parameter_counts():
     torch.manual_seed(0)
     model = CrossViewMAE("vit_small_patch16", 224)
-    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-    encoder = sum(v for n, v in trainable.items() if n.startswith("encoder."))
-    decoder = sum(v for n, v in trainable.items() if not n.startswith("encoder."))
-    blocks = sum(v for n, v in trainable.items() if n.startswith("decoder_blocks."))
-    assert encoder == 21_590_016  # 21.590 M
-    assert decoder == 6_611_712  # 6.612 M
-    assert blocks == 4 * 1_578_752  # 6.315 M (d_ff 2048; 4.214 M would mean d_ff 1024)
+    counts = parameter_counts(model)
+    assert counts["encoder"] == 21_590_016  # 21.590 M
+    assert counts["decoder"] == 6_611_712  # 6.612 M
+    assert counts["decoder_blocks"] == 4 * 1_578_752  # 6.315 M (d_ff 2048; 4.214 M would mean d_ff 1024)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 21_590_016 + 6_611_712
     assert model.encoder.pos_embed.shape == (1, 197, 384) and not model.encoder.pos_embed.requires_grad
     assert model.decoder_pos_embed.shape == (1, 197, 256) and not model.decoder_pos_embed.requires_grad
     # init (spec §6): Linear xavier-uniform / zero bias, LayerNorm 1/0, tokens N(0, 0.02)
@@ -376,3 +374,11 @@ def test_load_encoder_fails_loudly(tmp_path):
     (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="corrupt.pth"):
         load_encoder(tmp_path / "corrupt.pth")
+
+
+def test_cli_describes_checkpoint(tmp_path, capsys):
+    torch.manual_seed(0)
+    torch.save({"model": build_encoder("vit_mini_patch8", 64).state_dict()}, tmp_path / "mae.pth")
+    main(["--checkpoint", str(tmp_path / "mae.pth")])
+    out = capsys.readouterr().out
+    assert '"img_size": 64' in out and '"depth": 4' in out and '"patch_size": 8' in out
