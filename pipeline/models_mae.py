@@ -436,8 +436,12 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, t
 
 
 def encoder_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Encoder entries of a full-model state dict: ours (``encoder.*``), MAE/CropMAE (top level), DDP."""
-    state = _strip_prefix(state, "module.")
+    """Encoder entries of a full-model state dict: ours (``encoder.*``), MAE/CropMAE (top level).
+
+    Wrapper prefixes of DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) are removed first.
+    """
+    for wrapper in ("module.", "_orig_mod.", "module."):
+        state = _strip_prefix(state, wrapper)
     if any(k.startswith("encoder.") for k in state):
         return {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}

@@ -353,7 +353,8 @@ def test_load_encoder_from_mae_format_and_encoder_only(tmp_path):
     # a registered arch is inferred from the weights when not given
     torch.manual_seed(0)
     mini = build_encoder("vit_mini_patch8", 64)
-    torch.save(mini.state_dict(), tmp_path / "encoder_only.pth")
+    # DDP-wrapped names are accepted too
+    torch.save({f"module.{k}": v for k, v in mini.state_dict().items()}, tmp_path / "encoder_only.pth")
     enc2 = load_encoder(tmp_path / "encoder_only.pth")
     assert enc2.img_size == 64 and len(enc2.blocks) == 4 and enc2.blocks[0].attn.num_heads == 4
 
