@@ -11,12 +11,10 @@ import pandas as pd
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace, validate
 
-# The stage modules run as `python -m pipeline.<stage>`; make the package importable for jobs even
-# when it is not pip-installed (jobs inherit this environment; cluster jobs re-parse this file).
+# The stage modules run as `python -m pipeline.<stage>`; make the package importable at parse time
+# and in every job even when it is not pip-installed (e.g. inside a --sdm conda environment).
 sys.path.insert(0, workflow.basedir)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
-)
+shell.prefix(f'export PYTHONPATH="{workflow.basedir}:$PYTHONPATH"; ')
 
 from pipeline.config import ConfigError, validate_config  # noqa: E402  (cheap: yaml + jsonschema)
 
@@ -160,7 +158,7 @@ CELL_PATTERN = PARAMSPACE.wildcard_pattern
 
 
 def cell_path(cell):
-    return "/".join(f"{k}~{cell[k]}" for k in CELL_KEYS)
+    return os.path.join(*(f"{k}~{cell[k]}" for k in CELL_KEYS))
 
 
 def model_path(cell, seed):
@@ -204,6 +202,16 @@ def get_table_evals(table):
     models = [m for _, _, m in table_models(table)]
     models += [random_init_model(a) for a in table_archs(table)]
     return eval_metrics(models)
+
+
+def report_table(name, label):
+    """A results/<name>.csv output shown in the HTML report with its caption."""
+    return report(
+        f"results/{name}.csv",
+        caption=f"../report/{name}.rst",
+        category="Tables",
+        labels={"table": label},
+    )
 
 
 def get_final_targets():

@@ -19,17 +19,9 @@ localrules:
 
 REPORT_CMD = (
     "python -m pipeline.report table --name {params.name} --evals {input.evals} "
-    "--output {output.table} --per-seed {output.per_seed} --run-label {params.run_label}"
+    "--output {output.table} --per-seed {output.per_seed} --run-label {params.run_label} "
+    "{params.extra} 2> {log}"
 )
-
-
-def report_table(name, label):
-    return report(
-        f"results/{name}.csv",
-        caption=f"../report/{name}.rst",
-        category="Tables",
-        labels={"table": label},
-    )
 
 
 rule assemble_table2:
@@ -42,6 +34,7 @@ rule assemble_table2:
     params:
         name="table2",
         run_label=config["run_label"],
+        extra="",
     log:
         "results/logs/assemble_table2.log",
     benchmark:
@@ -49,7 +42,7 @@ rule assemble_table2:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        REPORT_CMD + " 2> {log}"
+        REPORT_CMD
 
 
 rule assemble_table3:
@@ -62,6 +55,7 @@ rule assemble_table3:
     params:
         name="table3",
         run_label=config["run_label"],
+        extra="",
     log:
         "results/logs/assemble_table3.log",
     benchmark:
@@ -69,7 +63,7 @@ rule assemble_table3:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        REPORT_CMD + " 2> {log}"
+        REPORT_CMD
 
 
 rule assemble_table4:
@@ -82,6 +76,7 @@ rule assemble_table4:
     params:
         name="table4",
         run_label=config["run_label"],
+        extra="",
     log:
         "results/logs/assemble_table4.log",
     benchmark:
@@ -89,7 +84,7 @@ rule assemble_table4:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        REPORT_CMD + " 2> {log}"
+        REPORT_CMD
 
 
 rule assemble_table5:
@@ -102,6 +97,7 @@ rule assemble_table5:
     params:
         name="table5",
         run_label=config["run_label"],
+        extra="",
     log:
         "results/logs/assemble_table5.log",
     benchmark:
@@ -109,7 +105,7 @@ rule assemble_table5:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        REPORT_CMD + " 2> {log}"
+        REPORT_CMD
 
 
 rule assemble_table8:
@@ -123,6 +119,7 @@ rule assemble_table8:
     params:
         name="table8",
         run_label=config["run_label"],
+        extra="--gflops results/gflops.csv",
     log:
         "results/logs/assemble_table8.log",
     benchmark:
@@ -130,7 +127,7 @@ rule assemble_table8:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        REPORT_CMD + " --gflops {input.gflops} 2> {log}"
+        REPORT_CMD
 
 
 rule assemble_table10:
@@ -143,6 +140,7 @@ rule assemble_table10:
     params:
         name="table10",
         run_label=config["run_label"],
+        extra="",
     log:
         "results/logs/assemble_table10.log",
     benchmark:
@@ -150,7 +148,7 @@ rule assemble_table10:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        REPORT_CMD + " 2> {log}"
+        REPORT_CMD
 
 
 rule assemble_figure4:
@@ -169,6 +167,7 @@ rule assemble_figure4:
     params:
         name="figure4",
         run_label=config["run_label"],
+        extra="--figure results/figure4.png",
     log:
         "results/logs/assemble_figure4.log",
     benchmark:
@@ -176,7 +175,7 @@ rule assemble_figure4:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        REPORT_CMD + " --figure {output.figure} 2> {log}"
+        REPORT_CMD
 
 
 rule assemble_table6:
