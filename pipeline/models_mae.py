@@ -525,6 +525,39 @@ def parameter_counts(model: CrossViewMAE) -> dict[str, int]:
             "decoder_blocks": sum(v for n, v in trainable if n.startswith("decoder_blocks."))}
 
 
+# ---------------------------------------------------------------------------------------------
+# encoders that are not pretraining outputs: random init and external checkpoints
+
+
+def _encoder_payload(encoder, arch, config: dict) -> dict:
+    """Checkpoint payload of docs/architecture.md with encoder weights only (MAE key names)."""
+    return {"model": encoder.state_dict(), "optimizer": None, "scaler": None, "epoch": 0, "step": 0,
+            "arch": resolve_arch(arch), "img_size": int(encoder.img_size), "config": config}
+
+
+def init_random_encoder(arch: str, seed: int, output: str | Path, img_size: int = 224) -> None:
+    """Randomly initialised encoder (the model's own init, seeded) saved as a checkpoint, so the
+    random-init reference row is evaluated by the same ``propagate`` rule as trained encoders."""
+    from pipeline.utils import save_torch_atomic, seed_everything
+
+    seed_everything(seed)
+    encoder = build_encoder(arch, img_size)
+    save_torch_atomic(_encoder_payload(encoder, arch, {"random_init_seed": seed, "arch": arch}),
+                      output)
+    logging.getLogger("cdgmae.models_mae").info("random-init %s (seed %d) -> %s", arch, seed, output)
+
+
+def import_external_encoder(source: str | Path, arch: str, output: str | Path) -> None:
+    """An MAE/CropMAE-format checkpoint converted to our payload; every encoder key must be there
+    (``load_encoder`` raises naming the missing keys, unlike the reference's silent partial load)."""
+    from pipeline.utils import save_torch_atomic
+
+    encoder = load_encoder(source, device="cpu", arch=arch)
+    save_torch_atomic(_encoder_payload(encoder, arch, {"source": str(source), "arch": arch}), output)
+    logging.getLogger("cdgmae.models_mae").info("imported %s (%s) -> %s", source, arch, output)
+
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
@@ -538,8 +571,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--checkpoint", default=None, help="our payload, an MAE/CropMAE checkpoint or "
                         "an encoder state dict; --arch is used only if the file does not name one")
+    sub = parser.add_subparsers(dest="command")
+    init = sub.add_parser("init-random", help="save a seeded randomly initialised encoder checkpoint")
+    init.add_argument("--arch", required=True)
+    init.add_argument("--seed", type=int, required=True)
+    init.add_argument("--img-size", type=int, default=224)
+    init.add_argument("--output", required=True)
+    imp = sub.add_parser("import-external", help="convert an MAE/CropMAE encoder checkpoint (strict)")
+    imp.add_argument("--source", required=True)
+    imp.add_argument("--arch", required=True)
+    imp.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     setup_logging()
+    if args.command == "init-random":
+        init_random_encoder(args.arch, args.seed, args.output, args.img_size)
+        return
+    if args.command == "import-external":
+        import_external_encoder(args.source, args.arch, args.output)
+        return
     if args.checkpoint:
         try:
             encoder = load_encoder(args.checkpoint)

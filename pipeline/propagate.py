@@ -837,42 +837,6 @@ def run(checkpoint: str | Path, dataset: str, root: str | Path, output_dir: str 
 
 
 # ---------------------------------------------------------------------------------------------
-# encoders that are not pretraining outputs: random init and external checkpoints
-
-
-def _encoder_payload(encoder, arch, config: dict) -> dict:
-    """Checkpoint payload of docs/architecture.md with encoder weights only (MAE key names)."""
-    from pipeline.models_mae import resolve_arch
-
-    return {"model": encoder.state_dict(), "optimizer": None, "scaler": None, "epoch": 0, "step": 0,
-            "arch": resolve_arch(arch), "img_size": int(encoder.img_size), "config": config}
-
-
-def init_random_encoder(arch: str, seed: int, output: str | Path, img_size: int = 224) -> None:
-    """Randomly initialised encoder (the model's own init, seeded) saved as a checkpoint, so the
-    random-init reference row is evaluated by the same ``propagate`` rule as trained encoders."""
-    from pipeline.models_mae import build_encoder
-    from pipeline.utils import save_torch_atomic, seed_everything
-
-    seed_everything(seed)
-    encoder = build_encoder(arch, img_size)
-    save_torch_atomic(_encoder_payload(encoder, arch, {"random_init_seed": seed, "arch": arch}),
-                      output)
-    LOG.info("random-init %s (seed %d) -> %s", arch, seed, output)
-
-
-def import_external_encoder(source: str | Path, arch: str, output: str | Path) -> None:
-    """An MAE/CropMAE-format checkpoint converted to our payload; every encoder key must be there
-    (``load_encoder`` raises naming the missing keys, unlike the reference's silent partial load)."""
-    from pipeline.models_mae import load_encoder
-    from pipeline.utils import save_torch_atomic
-
-    encoder = load_encoder(source, device="cpu", arch=arch)
-    save_torch_atomic(_encoder_payload(encoder, arch, {"source": str(source), "arch": arch}), output)
-    LOG.info("imported %s (%s) -> %s", source, arch, output)
-
-
-# ---------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -880,8 +844,8 @@ def _run_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.propagate",
         description="Label propagation of one encoder on one dataset (reference protocol), then "
-                    "scoring. Also: 'init-random' and 'import-external' subcommands (see their "
-                    "--help) to make checkpoints of a random-init or an external encoder.")
+                    "scoring. Checkpoints of a random-init or an external encoder are made by "
+                    "'python -m pipeline.models_mae init-random / import-external'.")
     ap.add_argument("--checkpoint", required=True, help="encoder checkpoint (payload or MAE format)")
     ap.add_argument("--dataset", required=True, choices=DATASETS)
     ap.add_argument("--root", required=True, help="dataset root in the official layout")
@@ -900,25 +864,6 @@ def main(argv=None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    if argv and argv[0] == "init-random":
-        ap = argparse.ArgumentParser(prog="python -m pipeline.propagate init-random",
-                                     description="Save a seeded randomly initialised encoder.")
-        ap.add_argument("--arch", required=True)
-        ap.add_argument("--seed", type=int, required=True)
-        ap.add_argument("--img-size", type=int, default=224)
-        ap.add_argument("--output", required=True)
-        args = ap.parse_args(argv[1:])
-        init_random_encoder(args.arch, args.seed, args.output, args.img_size)
-        return
-    if argv and argv[0] == "import-external":
-        ap = argparse.ArgumentParser(prog="python -m pipeline.propagate import-external",
-                                     description="Convert an MAE/CropMAE encoder checkpoint.")
-        ap.add_argument("--source", required=True)
-        ap.add_argument("--arch", required=True)
-        ap.add_argument("--output", required=True)
-        args = ap.parse_args(argv[1:])
-        import_external_encoder(args.source, args.arch, args.output)
-        return
     args = _run_parser().parse_args(argv)
     set_threads(args.threads)
     settings = load_settings(args.settings)

@@ -49,7 +49,7 @@ rule propagate:
 
 rule init_random_encoder:
     input:
-        code=stage_code("propagate", "models_mae"),
+        code=stage_code("models_mae"),
     output:
         checkpoint="results/pretrain/random-init/arch~{arch}/seed~{seed}/checkpoint.pth",
     params:
@@ -63,7 +63,7 @@ rule init_random_encoder:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.propagate init-random --arch {wildcards.arch} --seed {wildcards.seed} "
+        "python -m pipeline.models_mae init-random --arch {wildcards.arch} --seed {wildcards.seed} "
         "--img-size {params.img_size} --output {output.checkpoint:q} > {log} 2>&1"
 
 
@@ -72,7 +72,7 @@ rule import_external_encoder:
         name=EXTERNAL_NAMES,
     input:
         source=lambda wildcards: config["propagation"]["external"][wildcards.name]["path"],
-        code=stage_code("propagate", "models_mae"),
+        code=stage_code("models_mae"),
     output:
         checkpoint="results/pretrain/external/{name}/checkpoint.pth",
     params:
@@ -85,5 +85,5 @@ rule import_external_encoder:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.propagate import-external --source {input.source:q} "
+        "python -m pipeline.models_mae import-external --source {input.source:q} "
         "--arch {params.arch:q} --output {output.checkpoint:q} > {log} 2>&1"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline import propagate as P
+from pipeline.models_mae import import_external_encoder, init_random_encoder
 
 # ---------------------------------------------------------------------------------------------
 # geometry
@@ -175,7 +176,7 @@ def test_segmentation_readout_upsamples_then_maps_ids():
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
     path = tmp_path_factory.mktemp("enc") / "random-init" / "checkpoint.pth"
-    P.init_random_encoder("vit_mini_patch8", 0, path, img_size=32)
+    init_random_encoder("vit_mini_patch8", 0, path, img_size=32)
     return path
 
 
@@ -183,12 +184,12 @@ def test_random_init_checkpoint_is_seeded_and_loadable(tiny_encoder, tmp_path):
     from pipeline.models_mae import load_encoder
 
     again = tmp_path / "again.pth"
-    P.init_random_encoder("vit_mini_patch8", 0, again, img_size=32)
+    init_random_encoder("vit_mini_patch8", 0, again, img_size=32)
     a, b = load_encoder(tiny_encoder), load_encoder(again)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
     other = tmp_path / "other.pth"
-    P.init_random_encoder("vit_mini_patch8", 1, other, img_size=32)
+    init_random_encoder("vit_mini_patch8", 1, other, img_size=32)
     assert not torch.equal(load_encoder(other).blocks[0].attn.qkv.weight, a.blocks[0].attn.qkv.weight)
     # an external checkpoint missing encoder keys fails loudly instead of keeping random weights
     ckpt = torch.load(tiny_encoder, weights_only=True)
@@ -196,7 +197,7 @@ def test_random_init_checkpoint_is_seeded_and_loadable(tiny_encoder, tmp_path):
     broken = tmp_path / "broken.pth"
     torch.save(ckpt["model"], broken)
     with pytest.raises(KeyError, match="blocks.0.attn.qkv.weight"):
-        P.import_external_encoder(broken, "vit_mini_patch8", tmp_path / "imported.pth")
+        import_external_encoder(broken, "vit_mini_patch8", tmp_path / "imported.pth")
 
 
 def test_davis_end_to_end_writes_every_output(tiny_encoder, tmp_path):

@@ -1,0 +1,237 @@
+"""The end-to-end contract: the Table 4 chain runs on a tiny config, a second run does nothing, and
+each kind of edit re-runs exactly the stages it invalidates (checked through Snakemake's dry-run
+job counts and printed reasons). Also: the paper preset's full grid, the slurm profile's submission
+lines, killed-run recovery and the HTML report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COPY = ["Snakefile", "rules", "pipeline", "schemas", "config.yaml", "envs", "profiles", "report", "presets",
+        "tests/configs"]
+TINY = ["--configfile", "tests/configs/tiny.yaml"]
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(workdir)}
+    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table: {rule: count} (empty when nothing is to be done)."""
+    counts: dict[str, int] = {}
+    if "Job stats:" not in output:
+        return counts
+    block = output.split("Job stats:", 1)[1]
+    for line in block.splitlines()[3:]:
+        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        if m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def copy_workflow(dest: Path) -> Path:
+    for item in COPY:
+        src = ROOT / item
+        target = dest / item
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, target)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A completed tiny run of results/table4.csv in a private copy of the workflow."""
+    work = copy_workflow(tmp_path_factory.mktemp("wf"))
+    snakemake(work, "--cores", "2", *TINY, "results/table4.csv")
+    return work
+
+
+def dry(work: Path, *extra: str) -> tuple[dict[str, int], str]:
+    proc = snakemake(work, "-n", "--cores", "2", *TINY, *extra, "results/table4.csv")
+    return job_counts(proc.stdout + proc.stderr), proc.stdout + proc.stderr
+
+
+def edit(path: Path):
+    """Append a comment (a real content change); return a function restoring the original."""
+    original = path.read_text()
+    path.write_text(original + "\n# edited by test_workflow\n")
+
+    def restore():
+        path.write_text(original)
+
+    return restore
+
+
+def test_default_config_dry_run(repo_root):
+    proc = snakemake(repo_root, "-n", "--cores", "8", "results/table4.csv")
+    out = proc.stdout + proc.stderr
+    counts = job_counts(out)
+    assert counts["assemble_table4"] == 1
+    # already-built results of an earlier run are fine; a fresh checkout needs the whole chain
+    if not (repo_root / "results" / "table4.csv").exists():
+        assert counts["pretrain"] == 12 and counts["propagate"] == 39
+
+
+def test_tiny_chain_produces_table4(tiny_run):
+    table = pd.read_csv(tiny_run / "results" / "table4.csv")
+    trained = table[table["row"] == "trained"]
+    assert sorted(zip(trained["n_anchors"], trained["anchor_mask_ratio"])) == [(1, 0.0), (2, 0.5)]
+    assert (table["row"] == "random-init encoder (reference)").sum() == 1
+    for col in ("davis_jf_m_mean", "vip_miou_mean", "jhmdb_pck01_mean"):
+        assert table[col].notna().all() and ((table[col] >= 0) & (table[col] <= 100)).all()
+    per_seed = pd.read_csv(tiny_run / "results" / "table4_per_seed.csv")
+    assert len(per_seed) == 3
+    # never temp(): shards and checkpoints survive the run
+    assert list((tiny_run / "results" / "views" / "warp").glob("shard-*.h5"))
+    assert len(list((tiny_run / "results" / "pretrain").rglob("checkpoint.pth"))) == 3
+
+
+def test_nothing_to_do_on_second_run(tiny_run):
+    counts, out = dry(tiny_run)
+    assert counts == {}, out[-2000:]
+    assert "Nothing to be done" in out
+
+
+@pytest.mark.parametrize(
+    "module, expected",
+    [
+        # the report stage alone
+        ("report", {"assemble_table4": 1}),
+        # propagation of the 2 trained models + the random-init reference on 3 datasets, then the report
+        ("propagate", {"propagate": 9, "assemble_table4": 1}),
+        # the model: pretraining and everything after it, never the views or the data
+        ("models_mae", {"pretrain": 2, "init_random_encoder": 1, "propagate": 9, "assemble_table4": 1}),
+    ],
+)
+def test_code_edit_reruns_only_what_it_invalidates(tiny_run, module, expected):
+    restore = edit(tiny_run / "pipeline" / f"{module}.py")
+    try:
+        counts, out = dry(tiny_run)
+    finally:
+        restore()
+    assert counts == expected, counts
+    assert "Updated input files" in out and f"pipeline/{module}.py" in out
+
+
+def test_cell_change_adds_only_that_cell(tiny_run, tmp_path):
+    override = tiny_run / "tests" / "configs" / "tiny_cell.yaml"
+    override.write_text("tables:\n  table4:\n    cells:\n      - {anchors: 1, anchor_mask: 0.0}\n"
+                        "      - {anchors: 2, anchor_mask: 0.25}\n")
+    proc = snakemake(tiny_run, "-n", "--cores", "2", *TINY, "--configfile", str(override), "results/table4.csv")
+    out = proc.stdout + proc.stderr
+    counts = job_counts(out)
+    assert counts == {"pretrain": 1, "propagate": 3, "assemble_table4": 1}, counts
+    assert "anchor_mask~0.25" in out and "Missing output files" in out
+
+
+def test_html_report(tiny_run):
+    snakemake(tiny_run, "--cores", "1", *TINY, "--report", "results/report.html", "results/table4.csv")
+    html = (tiny_run / "results" / "report.html").read_text(errors="replace")
+    assert "table4" in html
+
+
+def test_paper_preset_lists_the_whole_grid(repo_root, tmp_path):
+    work = copy_workflow(tmp_path)
+    t0 = time.perf_counter()
+    proc = snakemake(work, "-n", "--cores", "8", "--configfile", "presets/paper.yaml")
+    elapsed = time.perf_counter() - t0
+    counts = job_counts(proc.stdout + proc.stderr)
+    # 17 cells x 3 seeds + the two single-seed N = 4 cells of Table 8
+    assert counts["pretrain"] == 53, counts
+    # (53 trained + 2 random-init archs) x 3 datasets
+    assert counts["propagate"] == 165
+    assert counts["init_random_encoder"] == 2
+    # 8 shards for each of the two diffusion generators (Tables 9/10)
+    assert counts["generate_views"] == 16 and counts["merge_views"] == 2
+    assert "make_synthetic_data" not in counts  # real roots: nothing synthetic
+    print(f"paper-preset DAG: {sum(counts.values())} jobs in {elapsed:.1f} s")
+
+
+def test_slurm_profile_requests_gpus_only_for_gpu_rules(tiny_run, tmp_path):
+    """A fake sbatch captures the submission lines of the first wave of jobs."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    captured = tmp_path / "sbatch.log"
+    (bindir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {captured}\necho 'Submitted batch job 4242'\n")
+    for tool in ("squeue", "sacct", "scancel", "sinfo", "sacctmgr"):
+        (bindir / tool).write_text("#!/bin/sh\nexit 0\n")
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(tiny_run)}
+    # force the GPU stages and one CPU stage to be submitted in the first wave
+    cmd = [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", *TINY,
+           "--forcerun", "generate_views", "init_random_encoder", "make_synthetic_data", "--", "results/table4.csv"]
+    proc = subprocess.Popen(cmd, cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not captured.exists() or captured.read_text().count("\n") < 3):
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    lines = captured.read_text().splitlines() if captured.exists() else []
+    assert lines, "no sbatch submission captured"
+    by_rule = {}
+    for line in lines:
+        m = re.search(r"--job-name\s+\S+|rule_(\w+)", line)
+        rule = next((r for r in ("generate_views", "init_random_encoder", "make_synthetic_data") if r in line), None)
+        if rule:
+            by_rule[rule] = line
+    assert "generate_views" in by_rule, lines
+    assert re.search(r"--gpus=a100:1|--gpus=1|--gres=gpu", by_rule["generate_views"]), by_rule["generate_views"]
+    cpu_rule = by_rule.get("make_synthetic_data") or by_rule.get("init_random_encoder")
+    assert cpu_rule is not None, lines
+    assert "--gpus" not in cpu_rule and "gres=gpu" not in cpu_rule
+    subprocess.run([sys.executable, "-m", "snakemake", "--unlock", *TINY], cwd=tiny_run, env=env,
+                   capture_output=True)
+
+
+def test_killed_pretraining_resumes_when_rerun(tmp_path):
+    """Kill the whole workflow (SIGKILL, like a node loss) mid-pretraining; the documented recovery
+    (`--unlock`, then `--rerun-incomplete`) resumes the job from its saved state."""
+    work = copy_workflow(tmp_path)
+    cfg = work / "tests" / "configs" / "tiny_kill.yaml"
+    cfg.write_text("pretrain: {cell_defaults: {epochs: 40}}\n"
+                   "tables: {table4: {cells: [{anchors: 1, anchor_mask: 0.0}]}}\n")
+    args = [*TINY, "--configfile", str(cfg)]
+    model = ("method~cdgmae/arch~vit_mini_patch8/generator~warp/target~either/anchors~1/anchor_mask~0.0/"
+             "target_mask~0.9/epochs~40/seed~0")
+    target = f"results/pretrain/{model}/checkpoint.pth"
+    state = work / "results" / "pretrain_state" / model / "last.pth"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(work)}
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2", *args, target], cwd=work, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not state.exists() and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "pretraining never saved a resumable state"
+    assert not (work / target).exists(), "the job finished before it could be killed"
+    snakemake(work, "--unlock", *args)
+    snakemake(work, "--cores", "2", "--rerun-incomplete", *args, target)
+    log = (work / "results" / "logs" / "pretrain" / f"{model}.log").read_text()
+    assert "resuming from" in log, log[-2000:]
+    assert (work / target).exists()
