@@ -51,6 +51,10 @@ ARCHS: dict[str, dict[str, int]] = {
     "vit_mini_patch8": dict(patch_size=8, embed_dim=128, depth=4, num_heads=4,
                             decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
                             decoder_ff=512),
+    # its smaller-patch sibling, for the demo's Figure 4 (patch size comparison at 64 px)
+    "vit_mini_patch4": dict(patch_size=4, embed_dim=128, depth=4, num_heads=4,
+                            decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+                            decoder_ff=512),
 }
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")

@@ -124,14 +124,12 @@ def get_cells(table):
     elif table == "table10":
         partials = [{"generator": g, "anchors": 1, "anchor_mask": 0.0} for g in t["table10"]["generators"]]
     elif table == "figure4":
+        # SiamMAE and CropMAE as configured for Table 5, and CDG-MAE-a1, at every patch size
+        baselines = [c for c in t["table5"]["cells"] if c.get("method") in ("siammae", "cropmae")]
         partials = [
-            {"method": m, "arch": a, **extra}
+            {**c, "arch": a}
             for a in t["figure4"]["archs"]
-            for m, extra in (
-                ("siammae", {"target_mask": 0.95}),
-                ("cropmae", {"target_mask": 0.985}),
-                ("cdgmae", {"anchors": 1, "anchor_mask": 0.0}),
-            )
+            for c in baselines + [{"method": "cdgmae", "anchors": 1, "anchor_mask": 0.0}]
         ]
     else:
         partials = t[table]["cells"]

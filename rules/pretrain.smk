@@ -43,7 +43,9 @@ rule pretrain:
         gpu=config["pretrain"]["gpus"],
         num_workers=config["pretrain"]["num_workers"],
         checkpoint_every=config["pretrain"]["checkpoint_every"],
-    threads: 2
+    # one intra-op thread: parallel jobs share CPUs better than oversubscribed threads (raise it
+    # with --set-threads pretrain=N on big CPU nodes; GPU jobs barely use it)
+    threads: 1
     log:
         f"results/logs/pretrain/{CELL_PATTERN}/seed~{{seed}}.log",
     benchmark:

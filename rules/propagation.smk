@@ -32,7 +32,7 @@ rule propagate:
         dataset_settings=lambda wildcards: settings("propagation", wildcards.dataset),
     resources:
         gpu=config["propagation"]["gpus"],
-    threads: 2
+    threads: 1  # see rules/pretrain.smk: parallel single-threaded jobs; --set-threads to raise
     log:
         "results/logs/propagate/{model}/{dataset}.log",
     benchmark:
