@@ -49,7 +49,7 @@ def test_missing_config_file_is_named(tmp_path):
 
 def test_section_defaults_merge_partial_settings():
     p = section_defaults("propagation", overrides={"davis": {"topk": 5}})
-    assert p["davis"] == {"topk": 5, "size": [480, 880], "gt_mode": "resized"}
+    assert p["davis"] == {"topk": 5, "size": [480, 880], "gt_mode": "resized", "vallist": None}
     assert p["vip"]["topk"] == 10
 
 
