@@ -178,6 +178,9 @@ def build_table(name: str, eval_files, run_label: str, gflops: str | None = None
                             right_on=["anchors", "anchor_mask_g"]).drop(columns=["anchor_mask_g"])
     if name in ("table5", "figure4"):
         table = _method_rows(name, table, metrics, run_label, cited)
+    for col in ("anchors", "epochs", "n_seeds"):
+        if col in table:  # integer keys stay integers next to the reference row's blanks
+            table[col] = pd.array(table[col], dtype="Int64")
     table["run_label"] = run_label
     table = table.rename(columns=rename)
     per_seed = long.rename(columns=rename)
