@@ -367,10 +367,17 @@ def summary_markdown(tables: dict[str, pd.DataFrame], run_label: str, data_note:
                 p = ref.get(pkey) if pkey is not None else None
                 ptxt = "–" if p is None else " / ".join(_fmt(x) for x in _paper_headline(name, p))
                 vals = [f"{_fmt(r.get(m + '_mean'))} ± {_fmt(r.get(m + '_std'))}" for m in HEADLINE]
-                lines.append("| " + " | ".join(_fmt(r.get(c), 2) for c in key_cols) + " | " + " | ".join(vals) +
+                lines.append("| " + " | ".join(_fmt_key(r.get(c)) for c in key_cols) + " | " + " | ".join(vals) +
                              " | " + "".join(f"{_fmt(r.get(e), 2)} | " for e in extra) + ptxt + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _fmt_key(v):
+    """Row keys as written in the config: 2, 0.25, 0.985, names."""
+    if isinstance(v, (int, float, np.integer, np.floating)) and not (isinstance(v, float) and math.isnan(v)):
+        return f"{v:g}"
+    return _fmt(v)
 
 
 def _paper_key(name, r):
