@@ -42,13 +42,14 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from pipeline import encoders
 from pipeline.config import section_defaults
 from pipeline.utils import (LOG, atomic_path, file_sha256, load_settings, progress, set_threads,
                             setup_logging, write_csv_atomic, write_text_atomic)
 
 DATASETS = ("davis", "vip", "jhmdb")
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGENET_MEAN = np.asarray(encoders.IMAGENET_MEAN, dtype=np.float32)
+IMAGENET_STD = np.asarray(encoders.IMAGENET_STD, dtype=np.float32)
 # The reference adds -1e10 (not -inf) to masked logits before dividing by the temperature; a masked
 # key can then still be picked (with weight exp(-1.4e10) = 0) when fewer than k keys are unmasked.
 MASKED_LOGIT = -1e10
@@ -586,10 +587,10 @@ def vip_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vide
             else:  # PIL nearest, as the reference VIP scorer resizes predictions
                 from PIL import Image
 
-                from pipeline.score import _pil_nearest
+                from pipeline.score import pil_nearest
 
                 with Image.open(gt_path) as im:
-                    out = _pil_nearest(ids, (im.height, im.width))
+                    out = pil_nearest(ids, (im.height, im.width))
             _write_png(out_dir / name / f"{frames[t].stem}.png", out)
 
         def overlay(t, img, state=state):

@@ -55,7 +55,7 @@ def _read_ids(path: Path) -> np.ndarray:
         raise ScoreError(f"bad prediction PNG: {err}") from err
 
 
-def _pil_nearest(ids: np.ndarray, hw: Sequence[int]) -> np.ndarray:
+def pil_nearest(ids: np.ndarray, hw: Sequence[int]) -> np.ndarray:
     """PIL nearest resize of an id map to (H, W) (how DAVIS_480_880 and the VIP scorer resize)."""
     from PIL import Image
 
@@ -141,7 +141,7 @@ def davis_scores(davis_root: str | os.PathLike, results_dir: str | os.PathLike,
     def read_gt(path: Path) -> np.ndarray:
         ids = ds.read_annotation(path)
         ids = np.where(ids == DAVIS_VOID, 0, ids)
-        return ids if gt_size is None else _pil_nearest(ids, gt_size)
+        return ids if gt_size is None else pil_nearest(ids, gt_size)
 
     rows, tolerances, n_frames = [], {}, 0
     for seq in progress(ds.sequences, desc="DAVIS sequences", unit="seq"):
@@ -221,7 +221,7 @@ def vip_scores(vip_root: str | os.PathLike, results_dir: str | os.PathLike,
             gt = ds.read_annotation(gt_path)
             pred = _read_ids(pred_path)
             if pred.shape != gt.shape:
-                pred = _pil_nearest(pred, gt.shape)
+                pred = pil_nearest(pred, gt.shape)
                 n_resized += 1
             if int(pred.max()) >= n_classes:
                 raise ScoreError(f"predicted class {int(pred.max())} outside 0..{n_classes - 1}: {pred_path}")
