@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.bench_consistency import _peak_since, _start_peak
+from pipeline.utils import resolve_device
 
 ARCHS = {16: "vit_small_patch16", 8: "vit_small_patch8"}
 
@@ -144,7 +145,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    device = args.device or P.default_device()
+    device = args.device or resolve_device()
     hw = tuple(args.size)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "davis"

@@ -27,6 +27,8 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.utils import resolve_device
+
 LOG = logging.getLogger("cdgmae.encoders")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,12 +43,6 @@ def register_encoder(name: str):
         return builder
 
     return wrap
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -73,7 +69,7 @@ def build_encoder(settings: dict, device: str | None = None) -> FeatureEncoder:
     name = settings["name"]
     if name not in ENCODERS:
         raise KeyError(f"consistency.encoder.name: unknown encoder {name!r}; known: {sorted(ENCODERS)}")
-    return ENCODERS[name](settings, device or default_device())
+    return ENCODERS[name](settings, resolve_device(device))
 
 
 def normalise_images(images, mean, std, device):

@@ -31,6 +31,8 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.utils import resolve_device
+
 LOG = logging.getLogger("cdgmae.generators")
 
 GENERATORS: dict[str, Callable[..., "ViewGenerator"]] = {}
@@ -52,14 +54,6 @@ def build_generator(name: str, settings: dict | None = None, image_size: int = 9
     if name not in GENERATORS:
         raise KeyError(f"unknown view generator {name!r}; known: {sorted(GENERATORS)}")
     return GENERATORS[name](settings or {}, image_size=image_size, device=device)
-
-
-def resolve_device(device: str | None = None) -> str:
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:

@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.config import section_defaults
 from pipeline.utils import (atomic_path, derive_seed, file_sha256, load_settings, progress,
-                            save_torch_atomic, set_threads, setup_logging, write_csv_atomic)
+                            resolve_device, save_torch_atomic, set_threads, setup_logging, write_csv_atomic)
 
 LOG = logging.getLogger("cdgmae.pretrain")
 
@@ -270,7 +270,7 @@ def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, 
 
     from pipeline.models_mae import CrossViewMAE, resolve_arch
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(resolve_device(device))
     s, epochs = settings, cell["epochs"]
     state_path = Path(state_dir) / "last.pth"
     if s["batch_size"] % (s["micro_batch"] * world_size):

@@ -44,8 +44,8 @@ import numpy as np
 
 from pipeline import encoders
 from pipeline.config import section_defaults
-from pipeline.utils import (LOG, atomic_path, file_sha256, load_settings, progress, set_threads,
-                            setup_logging, write_csv_atomic, write_text_atomic)
+from pipeline.utils import (LOG, atomic_path, file_sha256, load_settings, progress, resolve_device,
+                            set_threads, setup_logging, write_csv_atomic, write_text_atomic)
 
 DATASETS = ("davis", "vip", "jhmdb")
 IMAGENET_MEAN = np.asarray(encoders.IMAGENET_MEAN, dtype=np.float32)
@@ -762,12 +762,6 @@ def model_name_from_checkpoint(checkpoint: str | Path) -> str:
     return Path(checkpoint).parent.name
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run(checkpoint: str | Path, dataset: str, root: str | Path, output_dir: str | Path,
         settings: dict | None = None, model: str | None = None, device: str | None = None):
     """Propagate every video of ``dataset`` under ``root``, write predictions, score them, and write
@@ -787,7 +781,7 @@ def run(checkpoint: str | Path, dataset: str, root: str | Path, output_dir: str 
     names = [e.name for e in read_vallist(dataset, vallist)] if vallist else None
     output_dir, root = Path(output_dir), Path(root)
     pred_dir = output_dir / "predictions"
-    device = device or default_device()
+    device = resolve_device(device)
     model = model or model_name_from_checkpoint(checkpoint)
 
     run_key = json.dumps({"checkpoint_sha256": file_sha256(checkpoint), "protocol": protocol.__dict__,

@@ -122,6 +122,15 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
+def resolve_device(device: str | None = None) -> str:
+    """The requested torch device, else ``cuda`` when one is visible, else ``cpu``."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_settings(value: str | None) -> dict:
     """Parse a ``--settings`` argument: a JSON string, or a path to a JSON/YAML file, or None."""
     if value is None or value == "":
