@@ -37,24 +37,22 @@ ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads",
 
 # name -> architecture. Decoders follow CropMAE's factories (siam_mae_vit_small / _base); the
 # feed-forward width is DecoderBlock's constructor default 2048, never overridden there.
+# ViT-S encoder with CropMAE's siam_mae_vit_small decoder; the /16 and /8 archs differ only in patch
+_VIT_SMALL = dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4,
+                  decoder_num_heads=8, decoder_ff=2048)
+# CPU demo: a few hundred steps at 64 px train in well under a minute on one core.
+_VIT_MINI = dict(embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=128, decoder_depth=2,
+                 decoder_num_heads=4, decoder_ff=512)
+
 ARCHS: dict[str, dict[str, int]] = {
-    "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                              decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
-                              decoder_ff=2048),
-    "vit_small_patch8": dict(patch_size=8, embed_dim=384, depth=12, num_heads=6,
-                             decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
-                             decoder_ff=2048),
+    "vit_small_patch16": dict(patch_size=16, **_VIT_SMALL),
+    "vit_small_patch8": dict(patch_size=8, **_VIT_SMALL),
     "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
                              decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                              decoder_ff=2048),
-    # CPU demo: a few hundred steps at 64 px train in well under a minute on one core.
-    "vit_mini_patch8": dict(patch_size=8, embed_dim=128, depth=4, num_heads=4,
-                            decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
-                            decoder_ff=512),
+    "vit_mini_patch8": dict(patch_size=8, **_VIT_MINI),
     # its smaller-patch sibling, for the demo's Figure 4 (patch size comparison at 64 px)
-    "vit_mini_patch4": dict(patch_size=4, embed_dim=128, depth=4, num_heads=4,
-                            decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
-                            decoder_ff=512),
+    "vit_mini_patch4": dict(patch_size=4, **_VIT_MINI),
 }
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
