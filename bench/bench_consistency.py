@@ -1,6 +1,6 @@
 """Benchmark the consistency stage's batched pieces against straightforward per-item baselines.
 
-1. Pair metrics: ``pipeline.consistency.pair_metrics`` (all pairs as batched matrix products,
+1. Pair metrics: ``pipeline.consistency.scoring.pair_metrics`` (all pairs as batched matrix products,
    chunked) vs a per-pair Python loop of cosine / nested-max calls (what a first implementation
    writes). Pairs of ViT-B/16-sized token sets (L = 196, C = 768) by default.
 2. k-NN: ``nearest_neighbours`` (chunked query blocks against the normalised bank, top-k) vs the
@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import time
-
-import numpy as np
 
 
 def _status_mb(field: str) -> float:
@@ -80,7 +78,7 @@ def baseline_knn(emb, k):
 def _job(name, args, queue):
     import torch
 
-    from pipeline import consistency as C
+    from pipeline.consistency import scoring as C
 
     torch.set_num_threads(args.threads)
     if name.startswith("metrics"):
@@ -100,7 +98,7 @@ def _job(name, args, queue):
         ref = baseline_knn(emb, 5)
         items = args.images
     else:  # encoder throughput
-        from pipeline.encoders import build_encoder
+        from pipeline.consistency.encoders import build_encoder
 
         kind = name.split(":", 1)[1]
         settings = {"name": kind, "image_size": args.image_size, "patch_size": 16}
@@ -109,18 +107,16 @@ def _job(name, args, queue):
 
             import timm
 
-            model = timm.create_model(args.timm_model, pretrained=False, num_classes=0,
-                                      img_size=args.image_size)
+            model = timm.create_model(args.timm_model, pretrained=False, num_classes=0, img_size=args.image_size)
             path = tempfile.mktemp(suffix=".pth")
             torch.save({"model": model.state_dict()}, path)
             settings.update(timm_model=args.timm_model, checkpoint=path)
         enc = build_encoder(settings, "cpu")
-        imgs = torch.randint(0, 256, (args.encode_images, args.image_size, args.image_size, 3),
-                             dtype=torch.uint8)
+        imgs = torch.randint(0, 256, (args.encode_images, args.image_size, args.image_size, 3), dtype=torch.uint8)
         before = _start_peak()
         t = time.perf_counter()
         for s in range(0, len(imgs), 32):
-            enc.encode(imgs[s:s + 32])
+            enc.encode(imgs[s : s + 32])
         dt, peak = time.perf_counter() - t, _peak_since(before)
         res = ref = torch.zeros(1)
         items = args.encode_images
@@ -141,8 +137,12 @@ def run(name, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=500)
-    ap.add_argument("--baseline-pairs", type=int, default=50, help="the per-pair loop is slow: time "
-                    "it on fewer pairs and report per-pair throughput")
+    ap.add_argument(
+        "--baseline-pairs",
+        type=int,
+        default=50,
+        help="the per-pair loop is slow: time it on fewer pairs and report per-pair throughput",
+    )
     ap.add_argument("--tokens", type=int, default=196)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--images", type=int, default=8000, help="k-NN bank size")
@@ -164,9 +164,11 @@ def main(argv=None):
     for kind in ("sift-grid", "hog-grid", "timm"):
         rows.append(run(f"encode:{kind}", args) + ("",))
 
-    print(f"pairs {args.pairs} (baseline {args.baseline_pairs}), L={args.tokens}, C={args.dim}; "
-          f"k-NN bank {args.images}x{args.dim}, k=5; encoders at {args.image_size}px; "
-          f"{args.threads} threads")
+    print(
+        f"pairs {args.pairs} (baseline {args.baseline_pairs}), L={args.tokens}, C={args.dim}; "
+        f"k-NN bank {args.images}x{args.dim}, k=5; encoders at {args.image_size}px; "
+        f"{args.threads} threads"
+    )
     print(f"{'variant':28s} {'time s':>8s} {'items/s':>10s} {'peak MB':>8s} {'max |diff|':>10s} {'speed-up':>8s}")
     for name, dt, rate, peak, diff, speed in rows:
         print(f"{name:28s} {dt:8.2f} {rate:10.1f} {peak:8.0f} {diff:10.2e} {speed:>8s}")

@@ -19,7 +19,7 @@ import tracemalloc
 
 import numpy as np
 
-from pipeline import metrics
+from pipeline.propagation import metrics
 
 
 def baseline_frame(gt_ids, pred_ids, n_objects, bound_th=metrics.BOUNDARY_TH):
@@ -96,10 +96,14 @@ def main(argv=None):
 
     cv2.setNumThreads(args.cv_threads)
     n = args.frames * args.objects
-    print(f"DAVIS J+F, {args.frames} frames x {args.objects} objects at {args.size[0]}x{args.size[1]}, "
-          f"best of {args.repeats}, cv2 threads {args.cv_threads}")
-    print(f"{'scene':<10}{'implementation':<30}{'ms/object-frame':>16}{'object-frames/s':>17}"
-          f"{'peak MiB':>10}{'speed-up':>10}{'max |diff|':>12}")
+    print(
+        f"DAVIS J+F, {args.frames} frames x {args.objects} objects at {args.size[0]}x{args.size[1]}, "
+        f"best of {args.repeats}, cv2 threads {args.cv_threads}"
+    )
+    print(
+        f"{'scene':<10}{'implementation':<30}{'ms/object-frame':>16}{'object-frames/s':>17}"
+        f"{'peak MiB':>10}{'speed-up':>10}{'max |diff|':>12}"
+    )
     for scene, speckle in (("smooth", 0.0), ("speckled", 0.0005)):
         frames = make_frames(args.frames, args.objects, *args.size, speckle=speckle)
         run(metrics.davis_frame_scores, frames[:2], args.objects)  # warm-up (imports, kernel cache)
@@ -111,10 +115,14 @@ def main(argv=None):
             fast, t, m_fast = run(metrics.davis_frame_scores, frames, args.objects)
             t_fast = min(t_fast, t)
         diff = max(float(np.max(np.abs(np.r_[a[0] - b[0], a[1] - b[1]]))) for a, b in zip(base, fast))
-        print(f"{scene:<10}{'toolkit recipe (baseline)':<30}{1e3 * t_base / n:>16.2f}{n / t_base:>17.1f}"
-              f"{m_base / 2**20:>10.1f}{1.0:>10.2f}{'':>12}")
-        print(f"{scene:<10}{'metrics.davis_frame_scores':<30}{1e3 * t_fast / n:>16.2f}{n / t_fast:>17.1f}"
-              f"{m_fast / 2**20:>10.1f}{t_base / t_fast:>10.2f}{diff:>12.3g}")
+        print(
+            f"{scene:<10}{'toolkit recipe (baseline)':<30}{1e3 * t_base / n:>16.2f}{n / t_base:>17.1f}"
+            f"{m_base / 2**20:>10.1f}{1.0:>10.2f}{'':>12}"
+        )
+        print(
+            f"{scene:<10}{'metrics.davis_frame_scores':<30}{1e3 * t_fast / n:>16.2f}{n / t_fast:>17.1f}"
+            f"{m_fast / 2**20:>10.1f}{t_base / t_fast:>10.2f}{diff:>12.3g}"
+        )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Both run in this process on the same weights and random views: forward, backward, AdamW step.
 
-* ours: ``pipeline.models_mae.CrossViewMAE`` — all N anchors through the encoder in one batched
+* ours: ``pipeline.pretrain.models_mae.CrossViewMAE`` — all N anchors through the encoder in one batched
   call, fused attention (``scaled_dot_product_attention`` in the encoder, ``nn.MultiheadAttention``
   with ``need_weights=False`` in the decoder);
 * reference-style: the CropMAE/SiamMAE recipe generalised to N anchors the obvious way — one encoder
@@ -32,12 +32,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline.flops import parse_cells
-from pipeline.models_mae import CrossViewMAE, random_masking
-from pipeline.utils import set_threads
-
+from pipeline.devices import set_threads
+from pipeline.pretrain.flops import parse_cells
+from pipeline.pretrain.models_mae import CrossViewMAE, random_masking
 
 # ------------------------------------------------------------------ reference-style step
+
 
 def explicit_attention(q, k, v):
     """(B, h, Lq, d), (B, h, Lk, d) -> (B, h, Lq, d) with the attention matrix materialised."""
@@ -94,9 +94,13 @@ def ref_forward(model, views, target_mask, anchor_mask, target_noise, anchor_noi
     training = model.training
     latent, mask, ids_restore = ref_encode(model, views[:, 0], target_mask, target_noise)
     anchor_noise = anchor_noise.reshape(B, N, -1) if anchor_noise is not None else None
-    memory = torch.cat([ref_encode(model, views[:, 1 + j], anchor_mask,
-                                   anchor_noise[:, j] if anchor_noise is not None else None)[0]
-                        for j in range(N)], dim=1)
+    memory = torch.cat(
+        [
+            ref_encode(model, views[:, 1 + j], anchor_mask, anchor_noise[:, j] if anchor_noise is not None else None)[0]
+            for j in range(N)
+        ],
+        dim=1,
+    )
     x, memory = model.decoder_embed(latent), model.decoder_embed(memory)
     L, C = ids_restore.shape[1], x.shape[-1]
     x_ = torch.cat([x[:, 1:], model.mask_token.repeat(B, L + 1 - x.shape[1], 1)], dim=1)
@@ -111,6 +115,7 @@ def ref_forward(model, views, target_mask, anchor_mask, target_noise, anchor_noi
 
 
 # ------------------------------------------------------------------ measurement
+
 
 def release_freed_memory():
     """Hand memory freed by earlier runs back to the OS (glibc), so RSS growth measures this run."""
@@ -182,7 +187,7 @@ def interleaved_step_times(steps_by_name, n, device):
 def check_equivalence(model, views, target_mask, anchor_mask):
     """Same weights, same masks, eval mode: our forward and the reference-style one agree."""
     B, n_views = views.shape[:2]
-    L = model.encoder.grid_size ** 2
+    L = model.encoder.grid_size**2
     model.eval()
     with torch.no_grad():
         torch.manual_seed(0)
@@ -200,14 +205,19 @@ def main(argv=None):
     parser.add_argument("--arch", default="vit_small_patch16")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=None, help="samples per step (default 64 on GPU, 4 on CPU)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per implementation (default 10 on GPU, 3 on CPU)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per implementation (default 10 on GPU, 3 on CPU)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--target-mask", type=float, default=0.9)
     parser.add_argument("--cells", default="1:0,2:0.5,3:0.25", help="ANCHORS:ANCHOR_MASK list")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto = bf16 autocast on CUDA, fp32 on CPU",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -219,11 +229,12 @@ def main(argv=None):
     torch.manual_seed(0)
     model = CrossViewMAE(args.arch, args.img_size).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    L = model.encoder.grid_size ** 2
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads")
-    print(f"# {args.arch} {args.img_size}px, r_t={args.target_mask}, batch {batch}, {steps} timed steps "
-          f"(+{args.warmup} warm-up), {'bf16 autocast' if bf16 else 'fp32'}, {where}, torch {torch.__version__}")
+    L = model.encoder.grid_size**2
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"# {args.arch} {args.img_size}px, r_t={args.target_mask}, batch {batch}, {steps} timed steps "
+        f"(+{args.warmup} warm-up), {'bf16 autocast' if bf16 else 'fp32'}, {where}, torch {torch.__version__}"
+    )
     header = ("N", "r_a", "impl", "samples/s", "peak MiB", "speed ratio", "memory ratio", "|dloss|")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
 
@@ -238,6 +249,7 @@ def main(argv=None):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+
             return step
 
         def ours():
@@ -252,13 +264,17 @@ def main(argv=None):
         for step in steps_by_name.values():
             for _ in range(args.warmup):
                 step()
-        memory = {name: peak_memory(step, device) / 2 ** 20 for name, step in steps_by_name.items()}
+        memory = {name: peak_memory(step, device) / 2**20 for name, step in steps_by_name.items()}
         seconds = interleaved_step_times(steps_by_name, steps, device)
         r_sps, o_sps = batch / seconds["reference"], batch / seconds["ours"]
         r_mem, o_mem = memory["reference"], memory["ours"]
         print(f"| {n_anchors} | {anchor_mask:g} | reference | {r_sps:.2f} | {r_mem:.0f} | 1.00 | 1.00 | |")
-        print(f"| {n_anchors} | {anchor_mask:g} | ours | {o_sps:.2f} | {o_mem:.0f} | {o_sps / r_sps:.2f} | "
-              f"{o_mem / max(r_mem, 1e-9):.2f} | {dloss:.1e} |", flush=True)
+        print(
+            f"| {n_anchors} | {anchor_mask:g} | ours | {o_sps:.2f} | {o_mem:.0f} | {o_sps / r_sps:.2f} | "
+            f"{o_mem / max(r_mem, 1e-9):.2f} | {dloss:.1e} |",
+            flush=True,
+        )
+
 
 if __name__ == "__main__":
     main()

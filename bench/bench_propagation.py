@@ -1,6 +1,6 @@
-"""Benchmark label propagation (pipeline.propagate) against the reference's straightforward design.
+"""Benchmark label propagation (pipeline.propagation.runner) against the reference's straightforward design.
 
-On the synthetic DAVIS (``pipeline.synthetic.make_davis`` at ``--size``), for each patch size
+On the synthetic DAVIS (``pipeline.data.synthetic.make_davis`` at ``--size``), for each patch size
 (/16 with ``vit_small_patch16``, /8 with ``vit_small_patch8``, random-init weights: speed does not
 depend on them), both implementations run in the same process on the same frames:
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.bench_consistency import _peak_since, _start_peak
-from pipeline.utils import resolve_device
+from pipeline.devices import resolve_device
 
 ARCHS = {16: "vit_small_patch16", 8: "vit_small_patch8"}
 
@@ -65,8 +65,8 @@ def _measure(fn, device):
 def _sequence_inputs(root: Path, hw):
     import cv2
 
-    from pipeline import propagate as P
-    from pipeline.datasets import DavisDataset, read_rgb
+    from pipeline.data.readers import DavisDataset, read_rgb
+    from pipeline.propagation import runner as P
 
     ds = DavisDataset(root)
     for seq in ds.sequences:
@@ -79,8 +79,8 @@ def _sequence_inputs(root: Path, hw):
 def bench_grid(patch: int, root: Path, hw, args, device) -> list[dict]:
     import torch
 
-    from pipeline import propagate as P
-    from pipeline.models_mae import build_encoder
+    from pipeline.pretrain.models_mae import build_encoder
+    from pipeline.propagation import runner as P
 
     torch.manual_seed(0)
     encoder = build_encoder(ARCHS[patch], 224).to(device).eval()
@@ -93,13 +93,14 @@ def bench_grid(patch: int, root: Path, hw, args, device) -> list[dict]:
         with torch.inference_mode():
             feats, t_feat, _ = _measure(lambda: P.encode_frames(encoder, frames, 5, device), device)
             ours, t_prop, peak = _measure(
-                lambda: P.propagate(feats, labels0, grid, query_chunk=args.query_chunk, **kw), device)
+                lambda: P.propagate(feats, labels0, grid, query_chunk=args.query_chunk, **kw), device
+            )
             # baseline: the padded copies of frame 0 are encoded as well, features moved to the host
             padded = [frames[0]] * args.queue + frames
-            pfeats, b_feat, _ = _measure(lambda: P.encode_frames(encoder, padded, 5, device).cpu(),
-                                         device)
+            pfeats, b_feat, _ = _measure(lambda: P.encode_frames(encoder, padded, 5, device).cpu(), device)
             base, b_prop, b_peak = _measure(
-                lambda: P.propagate_reference(pfeats[args.queue:], labels0, grid, **kw), device)
+                lambda: P.propagate_reference(pfeats[args.queue :], labels0, grid, **kw), device
+            )
         diff = float((ours.cpu() - base).abs().max())
         for name, tf, tp, pk in (("ours", t_feat, t_prop, peak), ("baseline", b_feat, b_prop, b_peak)):
             tot = totals[name]
@@ -108,8 +109,11 @@ def bench_grid(patch: int, root: Path, hw, args, device) -> list[dict]:
             tot["peak"] = max(tot["peak"], pk)
             tot["frames"] += len(frames)
             tot["diff"] = max(tot["diff"], diff)
-        print(f"  /{patch} {seq}: {len(frames)} frames, ours {t_feat:.2f}+{t_prop:.2f} s, "
-              f"baseline {b_feat:.2f}+{b_prop:.2f} s, max |diff| {diff:.2e}", flush=True)
+        print(
+            f"  /{patch} {seq}: {len(frames)} frames, ours {t_feat:.2f}+{t_prop:.2f} s, "
+            f"baseline {b_feat:.2f}+{b_prop:.2f} s, max |diff| {diff:.2e}",
+            flush=True,
+        )
     rows = []
     base_fps = None
     for name in ("baseline", "ours"):
@@ -117,22 +121,34 @@ def bench_grid(patch: int, root: Path, hw, args, device) -> list[dict]:
         fps = tot["frames"] / (tot["feat"] + tot["prop"])
         prop_fps = tot["frames"] / tot["prop"]
         base_fps = base_fps or (fps, prop_fps)
-        rows.append(dict(grid=f"/{patch} {grid[0]}x{grid[1]}", impl=name, feat_s=tot["feat"],
-                         prop_s=tot["prop"], fps=fps, prop_fps=prop_fps, peak=tot["peak"],
-                         speedup=fps / base_fps[0], prop_speedup=prop_fps / base_fps[1],
-                         diff=tot["diff"]))
+        rows.append(
+            dict(
+                grid=f"/{patch} {grid[0]}x{grid[1]}",
+                impl=name,
+                feat_s=tot["feat"],
+                prop_s=tot["prop"],
+                fps=fps,
+                prop_fps=prop_fps,
+                peak=tot["peak"],
+                speedup=fps / base_fps[0],
+                prop_speedup=prop_fps / base_fps[1],
+                diff=tot["diff"],
+            )
+        )
     return rows
 
 
 def main(argv=None) -> None:
     import torch
 
-    from pipeline import propagate as P
-    from pipeline.synthetic import make_davis
-    from pipeline.utils import set_threads
+    from pipeline.data.synthetic import make_davis
+    from pipeline.devices import set_threads
 
-    ap = argparse.ArgumentParser(prog="python -m bench.bench_propagation", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.bench_propagation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--size", type=int, nargs=2, default=[240, 448], metavar=("H", "W"))
     ap.add_argument("--sequences", type=int, default=2)
     ap.add_argument("--frames", type=int, default=24)
@@ -149,21 +165,28 @@ def main(argv=None) -> None:
     hw = tuple(args.size)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "davis"
-        make_davis(root, dict(sequences=args.sequences, frames=args.frames, height=hw[0],
-                              width=hw[1], max_objects=3), 0)
+        make_davis(
+            root, dict(sequences=args.sequences, frames=args.frames, height=hw[0], width=hw[1], max_objects=3), 0
+        )
         rows = []
         for patch in args.patches:
             rows += bench_grid(patch, root, hw, args, device)
-    print(f"\ndevice {device}, torch threads {torch.get_num_threads()}, input {hw[0]}x{hw[1]}, "
-          f"{args.sequences} x {args.frames} frames, queue {args.queue}, top-k {args.topk}, "
-          f"radius {args.radius:g}")
-    print("| grid | implementation | features s | propagation s | frames/s | propagation frames/s "
-          "| peak MiB (propagation) | speed-up | propagation speed-up | max abs diff |")
+    print(
+        f"\ndevice {device}, torch threads {torch.get_num_threads()}, input {hw[0]}x{hw[1]}, "
+        f"{args.sequences} x {args.frames} frames, queue {args.queue}, top-k {args.topk}, "
+        f"radius {args.radius:g}"
+    )
+    print(
+        "| grid | implementation | features s | propagation s | frames/s | propagation frames/s "
+        "| peak MiB (propagation) | speed-up | propagation speed-up | max abs diff |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['grid']} | {r['impl']} | {r['feat_s']:.2f} | {r['prop_s']:.2f} | {r['fps']:.2f} "
-              f"| {r['prop_fps']:.2f} | {r['peak']:.0f} | {r['speedup']:.2f} | {r['prop_speedup']:.2f} "
-              f"| {r['diff']:.1e} |")
+        print(
+            f"| {r['grid']} | {r['impl']} | {r['feat_s']:.2f} | {r['prop_s']:.2f} | {r['fps']:.2f} "
+            f"| {r['prop_fps']:.2f} | {r['peak']:.0f} | {r['speedup']:.2f} | {r['prop_speedup']:.2f} "
+            f"| {r['diff']:.1e} |"
+        )
 
 
 if __name__ == "__main__":

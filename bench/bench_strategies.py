@@ -1,4 +1,4 @@
-"""Training-sample throughput of ``pipeline.strategies`` vs a reference-style transform pipeline.
+"""Training-sample throughput of ``pipeline.pretrain.strategies`` vs a reference-style transform pipeline.
 
     OMP_NUM_THREADS=1 python -m bench.bench_strategies [--size 256 --img-size 224 --samples 200]
 
@@ -30,7 +30,7 @@ def reference_cdgmae(images, img_size, generator):
     from PIL import Image
     from torchvision.transforms import functional as F
 
-    from pipeline.strategies import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 
     pils = [Image.fromarray(im) for im in images]
     i, j, h, w = T2.RandomResizedCrop.get_params(pils[0], scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
@@ -49,12 +49,18 @@ def reference_cropmae(image, img_size):
     import torchvision.transforms.v2 as T2
     from PIL import Image
 
-    from pipeline.strategies import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 
     g = T2.RandomResizedCrop(img_size, scale=(0.1, 1.0), antialias=True)
     loc = T2.RandomResizedCrop(img_size, scale=(0.3, 0.6), antialias=True)
-    post = T2.Compose([T2.RandomHorizontalFlip(), T2.ToImage(), T2.ToDtype(torch.float32, scale=True),
-                       T2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    post = T2.Compose(
+        [
+            T2.RandomHorizontalFlip(),
+            T2.ToImage(),
+            T2.ToDtype(torch.float32, scale=True),
+            T2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     glob = g(Image.fromarray(image))
     local = loc(glob)
     return torch.stack([post(local), post(glob)])
@@ -82,7 +88,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from pipeline.strategies import BagViewsDataset, GlobalToLocalDataset, normalize, to_chw
+    from pipeline.pretrain.strategies import BagViewsDataset, GlobalToLocalDataset, normalize, to_chw
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -105,7 +111,11 @@ def main(argv=None) -> None:
     rows = [
         (f"cdgmae 1+{args.anchors} views", "reference-style (PIL, per-view post)", lambda k: ref_bag(k)),
         (f"cdgmae 1+{args.anchors} views", "strategies.BagViewsDataset", lambda k: ours_bag[(0, k % len(bag))]),
-        ("cropmae global+local", "reference-style (PIL GlobalToLocal)", lambda k: reference_cropmae(bag[k % 8]["real"], args.img_size)),
+        (
+            "cropmae global+local",
+            "reference-style (PIL GlobalToLocal)",
+            lambda k: reference_cropmae(bag[k % 8]["real"], args.img_size),
+        ),
         ("cropmae global+local", "strategies.GlobalToLocalDataset", ours_crop),
     ]
     print(f"{args.size}px stored images -> {args.img_size}px crops, 1 thread, {args.samples} samples each")

@@ -1,4 +1,4 @@
-"""Benchmark the synthetic-data generator (pipeline.synthetic).
+"""Benchmark the synthetic-data generator (pipeline.data.synthetic).
 
 Two tables:
 1. Wall and CPU time (CPU time is the figure to read on a shared machine), throughput and the process's peak RSS so far of generating each dataset at its config
@@ -20,21 +20,26 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import synthetic
 from pipeline.config import section_defaults
+from pipeline.data import synthetic
 
-COUNT_KEYS = {"imagenet": "images_per_class", "videos": "count", "davis": "sequences",
-              "vip": "videos", "jhmdb": "videos_per_class"}
+COUNT_KEYS = {
+    "imagenet": "images_per_class",
+    "videos": "count",
+    "davis": "sequences",
+    "vip": "videos",
+    "jhmdb": "videos_per_class",
+}
 
 
 def baseline_texture(rng, h, w, scale=1.0):
     """The straightforward texture: same recipe, no lookup tables or separable grating."""
-    field = (synthetic._smooth_noise(rng, h, w, rng.uniform(10, 24) * scale)
-             + 0.6 * synthetic._smooth_noise(rng, h, w, rng.uniform(2.5, 5) * scale))
+    field = synthetic._smooth_noise(rng, h, w, rng.uniform(10, 24) * scale) + 0.6 * synthetic._smooth_noise(
+        rng, h, w, rng.uniform(2.5, 5) * scale
+    )
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     angle, period = rng.uniform(0, np.pi), rng.uniform(4, 14) * scale
-    grating = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * (2 * np.pi / period)
-                     + rng.uniform(0, 2 * np.pi))
+    grating = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * (2 * np.pi / period) + rng.uniform(0, 2 * np.pi))
     field = field + rng.uniform(0, 1.2) * grating
     lo, hi = np.percentile(field, [2, 98])
     field = np.clip((field - lo) / max(hi - lo, 1e-6), 0, 1)
@@ -60,8 +65,7 @@ def bench_generate(names, fraction):
             n = counts.get("images") or counts.get("frames")
             size = sum(p.stat().st_size for p in (Path(tmp) / name).rglob("*") if p.is_file())
             rows.append((name, n, dt, cpu, n / dt, peak / 2**20, size / 2**20))
-    print(f"{'dataset':<10}{'frames':>8}{'wall s':>9}{'CPU s':>8}{'frames/s':>10}"
-          f"{'maxRSS MiB':>11}{'disk MiB':>10}")
+    print(f"{'dataset':<10}{'frames':>8}{'wall s':>9}{'CPU s':>8}{'frames/s':>10}{'maxRSS MiB':>11}{'disk MiB':>10}")
     for name, n, dt, cpu, rate, peak, size in rows:
         print(f"{name:<10}{n:>8}{dt:>9.2f}{cpu:>8.2f}{rate:>10.1f}{peak:>11.1f}{size:>10.1f}")
 
@@ -77,16 +81,18 @@ def bench_texture(sizes=((160, 160), (160, 288), (40, 40)), repeats=100):
             for _ in range(repeats):
                 fn(rng, h, w)
             times[label] = (time.perf_counter() - t0) / repeats * 1e6
-        print(f"{f'{h}x{w}':<10}{times['ours']:>10.0f}{times['baseline']:>13.0f}"
-              f"{times['baseline'] / times['ours']:>10.2f}")
+        print(
+            f"{f'{h}x{w}':<10}{times['ours']:>10.0f}{times['baseline']:>13.0f}"
+            f"{times['baseline'] / times['ours']:>10.2f}"
+        )
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--datasets", nargs="+", default=list(synthetic.DATASETS),
-                    choices=synthetic.DATASETS)
-    ap.add_argument("--fraction", type=float, default=1.0,
-                    help="scale of the item counts relative to the config defaults")
+    ap.add_argument("--datasets", nargs="+", default=list(synthetic.DATASETS), choices=synthetic.DATASETS)
+    ap.add_argument(
+        "--fraction", type=float, default=1.0, help="scale of the item counts relative to the config defaults"
+    )
     args = ap.parse_args(argv)
     import cv2
 

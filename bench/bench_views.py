@@ -30,9 +30,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from pipeline.config import section_defaults  # noqa: E402
-from pipeline.datasets import list_imagenet  # noqa: E402
-from pipeline.generators import build_generator  # noqa: E402
-from pipeline.views import BagDataset, ShardWriter, load_real, to_uint8, view_seed  # noqa: E402
+from pipeline.data.readers import list_imagenet  # noqa: E402
+from pipeline.imaging import load_square  # noqa: E402
+from pipeline.views.generators import build_generator  # noqa: E402
+from pipeline.views.shards import BagDataset, ShardWriter, to_uint8, view_seed  # noqa: E402
 
 
 def make_sources(root: Path, n: int, size: int = 160) -> Path:
@@ -54,17 +55,25 @@ def baseline(records, gen, cfg, seed):
     B, M, S = cfg["batch_size"], cfg["n_views"], cfg["image_size"]
     out = []
     for b0 in range(0, len(records), B):
-        batch = records[b0:b0 + B]
-        reals = np.stack([load_real(r.path, S) for r in batch])
+        batch = records[b0 : b0 + B]
+        reals = np.stack([load_square(r.path, S) for r in batch])
         seeds = np.array([[view_seed(seed, r.image_id, m) for m in range(M)] for r in batch])
         out.append(to_uint8(gen.generate(reals, seeds)))
     return out
 
 
 def bench_generation(name, gen_settings, root, work, args):
-    cfg = section_defaults("views", overrides={
-        "n_views": 4, "shards": 1, "part_size": args.part_size, "batch_size": args.batch_size,
-        "image_size": args.image_size, "generators": {name: gen_settings}})
+    cfg = section_defaults(
+        "views",
+        overrides={
+            "n_views": 4,
+            "shards": 1,
+            "part_size": args.part_size,
+            "batch_size": args.batch_size,
+            "image_size": args.image_size,
+            "generators": {name: gen_settings},
+        },
+    )
     records = list_imagenet(root)
     gen = build_generator(name, cfg["generators"][name], image_size=args.image_size, device=args.device)
     baseline(records[: cfg["batch_size"]], gen, cfg, 0)  # warm-up (first-call allocations)
@@ -74,16 +83,30 @@ def bench_generation(name, gen_settings, root, work, args):
         baseline(records, gen, cfg, 0)
         base_t.append(time.perf_counter() - t0)
         run_dir = work / f"{name}-{rep}"
-        writer = ShardWriter(records, name, 0, cfg, 0, run_dir / "shard-0.h5",
-                             run_dir / "shard-0.rejects.csv", run_dir / "parts", device=args.device)
+        writer = ShardWriter(
+            records,
+            name,
+            0,
+            cfg,
+            0,
+            run_dir / "shard-0.h5",
+            run_dir / "shard-0.rejects.csv",
+            run_dir / "parts",
+            device=args.device,
+        )
         writer._gen = gen  # same loaded model: compare the code paths, not the weight loading
         t0 = time.perf_counter()
         writer.run()
         stage_t.append(time.perf_counter() - t0)
     n = len(records)
     b, s = min(base_t), min(stage_t)
-    return {"generator": name, "images": n, "baseline_img_s": n / b, "stage_img_s": n / s,
-            "overhead_pct": 100 * (s / b - 1)}, run_dir / "shard-0.h5"
+    return {
+        "generator": name,
+        "images": n,
+        "baseline_img_s": n / b,
+        "stage_img_s": n / s,
+        "overhead_pct": 100 * (s / b - 1),
+    }, run_dir / "shard-0.h5"
 
 
 def bench_read(path, workers, repeats):
@@ -92,8 +115,9 @@ def bench_read(path, workers, repeats):
     rows = []
     for w in sorted({0, workers}):
         ds = BagDataset(path)
-        loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=w, collate_fn=list,
-                                             persistent_workers=w > 0)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=16, num_workers=w, collate_fn=list, persistent_workers=w > 0
+        )
         for _ in loader:  # warm-up: worker start, page cache
             pass
         best = float("inf")
@@ -130,20 +154,25 @@ def main(argv=None):
             if name == "sd-variation":
                 from test_generators import build_tiny_sd_variation
 
-                settings = {"model_path": str(build_tiny_sd_variation(work / "sdv")),
-                            "steps": args.steps, "dtype": "float32"}
+                settings = {
+                    "model_path": str(build_tiny_sd_variation(work / "sdv")),
+                    "steps": args.steps,
+                    "dtype": "float32",
+                }
             row, shard = bench_generation(name, settings, root, work, args)
             gen_rows.append(row)
-            read_rows += [{"generator": name, **r} for r in bench_read(shard, args.workers,
-                                                                      args.repeats)]
-        print(f"\nGeneration: {args.images} images, M=4, {args.image_size}px, batch "
-              f"{args.batch_size}, part {args.part_size}, {args.threads} torch thread(s), "
-              f"best of {args.repeats}")
+            read_rows += [{"generator": name, **r} for r in bench_read(shard, args.workers, args.repeats)]
+        print(
+            f"\nGeneration: {args.images} images, M=4, {args.image_size}px, batch "
+            f"{args.batch_size}, part {args.part_size}, {args.threads} torch thread(s), "
+            f"best of {args.repeats}"
+        )
         print(f"{'generator':<14}{'baseline img/s':>16}{'stage img/s':>14}{'overhead %':>12}")
         for r in gen_rows:
-            print(f"{r['generator']:<14}{r['baseline_img_s']:>16.1f}{r['stage_img_s']:>14.1f}"
-                  f"{r['overhead_pct']:>12.1f}")
-        print(f"\nRead: BagDataset through a DataLoader (batch 16), bags/s")
+            print(
+                f"{r['generator']:<14}{r['baseline_img_s']:>16.1f}{r['stage_img_s']:>14.1f}{r['overhead_pct']:>12.1f}"
+            )
+        print("\nRead: BagDataset through a DataLoader (batch 16), bags/s")
         print(f"{'generator':<14}{'workers':>8}{'bags/s':>10}")
         for r in read_rows:
             print(f"{r['generator']:<14}{r['workers']:>8}{r['bags_s']:>10.1f}")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonschema import Draft202012Validator, validators
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -28,8 +31,6 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
 
 def _default_filling_validator(schema: dict):
     """Draft 2020-12 validator that inserts schema defaults while validating (like snakemake)."""
-    from jsonschema import Draft202012Validator, validators
-
     base = Draft202012Validator
 
     def set_defaults(validator, properties, instance, schema):
@@ -47,8 +48,6 @@ def _key_path(error) -> str:
     parts = [str(p) for p in error.absolute_path]
     if error.validator == "additionalProperties":
         # the offending key is in the message, not the path
-        import re
-
         m = re.findall(r"'([^']+)' was unexpected", error.message)
         if m:
             parts.append(m[0])
@@ -105,6 +104,21 @@ def section_defaults(*keys: str, overrides: dict | None = None) -> dict:
     return cfg
 
 
+def load_settings(value: str | None) -> dict:
+    """Parse a ``--settings`` argument: a JSON string, or a path to a JSON/YAML file, or None."""
+    if value is None or value == "":
+        return {}
+    text = value
+    if not value.lstrip().startswith("{"):
+        p = Path(value)
+        if not p.exists():
+            raise FileNotFoundError(f"--settings: {value} is neither JSON nor an existing file")
+        text = p.read_text()
+        if p.suffix in (".yaml", ".yml"):
+            return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
 def deep_update(base: dict, new: dict) -> dict:
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
@@ -115,8 +129,9 @@ def deep_update(base: dict, new: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.config",
-                                 description="Validate config files and print the resolved config.")
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.config", description="Validate config files and print the resolved config."
+    )
     ap.add_argument("configs", nargs="+", help="YAML files, later ones override earlier ones")
     args = ap.parse_args(argv)
     try:

@@ -85,8 +85,9 @@ def _try_lock(path: Path):
     return fd
 
 
-def acquire(k: int, n_slots: int, lock_dir: Path | None = None, poll: float = 2.0,
-            timeout: float | None = None) -> tuple[list[int], list[int]]:
+def acquire(
+    k: int, n_slots: int, lock_dir: Path | None = None, poll: float = 2.0, timeout: float | None = None
+) -> tuple[list[int], list[int]]:
     """Take ``k`` of ``n_slots`` device slots; returns (device ids, lock fds). Blocks (polls)."""
     if k > n_slots:
         raise LeaseError(f"asked for {k} GPUs but this node has {n_slots}")
@@ -113,8 +114,7 @@ def acquire(k: int, n_slots: int, lock_dir: Path | None = None, poll: float = 2.
 
 
 @contextlib.contextmanager
-def lease(k: int, lock_dir: str | os.PathLike | None = None, poll: float = 2.0,
-          timeout: float | None = None):
+def lease(k: int, lock_dir: str | os.PathLike | None = None, poll: float = 2.0, timeout: float | None = None):
     """In-process lease: yields the CUDA_VISIBLE_DEVICES value to use (None = leave as is)."""
     env, fds = plan(k, lock_dir, poll, timeout)
     try:
@@ -148,22 +148,24 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
         split = argv.index("--")
-        argv, command = argv[:split], argv[split + 1:]
+        argv, command = argv[:split], argv[split + 1 :]
     else:
         command = []
-    ap = argparse.ArgumentParser(prog="python -m pipeline.lease",
-                                 usage="python -m pipeline.lease --gpus K [options] -- COMMAND ...",
-                                 description="Lease K GPU slots, set CUDA_VISIBLE_DEVICES, run COMMAND.")
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.lease",
+        usage="python -m pipeline.lease --gpus K [options] -- COMMAND ...",
+        description="Lease K GPU slots, set CUDA_VISIBLE_DEVICES, run COMMAND.",
+    )
     ap.add_argument("--gpus", type=int, required=True, help="GPU slots the command needs (0 = CPU)")
-    ap.add_argument("--lock-dir", help="node-local lock directory (default: $CDGMAE_LOCK_DIR or "
-                    "/tmp/cdgmae-gpu-locks-<uid>)")
+    ap.add_argument(
+        "--lock-dir", help="node-local lock directory (default: $CDGMAE_LOCK_DIR or /tmp/cdgmae-gpu-locks-<uid>)"
+    )
     ap.add_argument("--poll", type=float, default=2.0, help="seconds between tries while waiting")
     ap.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     args = ap.parse_args(argv)
     if not command:
         ap.error("no command given after --")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         value, fds = plan(args.gpus, args.lock_dir, args.poll, args.timeout)
     except LeaseError as err:

@@ -42,7 +42,7 @@ rule find_neighbours:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency neighbours "
+        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency.scoring neighbours "
         "--imagenet-root {params.root:q} --settings {params.settings:q} --k {params.k} "
         "--state-dir {params.state_dir:q} --output {output:q} --threads {threads} "
         "--num-workers {resources.consistency_workers} > {log} 2>&1"
@@ -77,7 +77,7 @@ rule score_consistency:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency table1 "
+        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency.scoring table1 "
         "--bag {input.bag:q} --generator {params.generator:q} --knn {input.knn:q} "
         "--imagenet-root {params.imagenet_root:q} --videos-root {params.videos_root:q} "
         "--settings {params.settings:q} --seed {params.seed} --run-label {params.run_label:q} "
@@ -114,7 +114,7 @@ rule score_generators:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency table9 "
+        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency.scoring table9 "
         "{params.bags} --videos-root {params.videos_root:q} "
         "--settings {params.settings:q} --seed {params.seed} --run-label {params.run_label:q} "
         "--output {output.table:q} --pairs-output {output.pairs:q} --threads {threads} "

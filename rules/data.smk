@@ -23,5 +23,5 @@ rule make_synthetic_data:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.synthetic --dataset {wildcards.dataset} --out {output} "
+        "python -m pipeline.data.synthetic --dataset {wildcards.dataset} --out {output} "
         "--settings {params.settings:q} --seed {params.seed} --threads {threads} > {log} 2>&1"

@@ -57,7 +57,7 @@ rule pretrain:
         "if [ {resources.gpu} -gt 1 ]; then "
         "launch='torchrun --standalone --nproc_per_node {resources.gpu} -m'; "
         "else launch='python -m'; fi; "
-        "python -m pipeline.lease --gpus {resources.gpu} -- $launch pipeline.pretrain "
+        "python -m pipeline.lease --gpus {resources.gpu} -- $launch pipeline.pretrain.main_pretrain "
         "--cell {params.cell:q} --seed {wildcards.seed} --settings {params.settings:q} {params.sources} "
         "--output {output.checkpoint} --state-dir {params.state_dir:q} --log-csv {output.log_csv} "
         "--curve-png {output.curve} --threads {threads} --num-workers {resources.num_workers} "
@@ -82,5 +82,5 @@ rule count_gflops:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.flops --output {output} --arch {params.arch} --img-size {params.img_size} "
+        "python -m pipeline.pretrain.flops --output {output} --arch {params.arch} --img-size {params.img_size} "
         "--target-mask {params.target_mask} --cells {params.cells:q} --threads {threads} > {log} 2>&1"

@@ -40,7 +40,7 @@ rule propagate:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.propagate "
+        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.propagation.runner "
         "--checkpoint {input.checkpoint:q} --dataset {wildcards.dataset} --root {params.root:q} "
         "--output-dir {params.out_dir:q} --settings {params.settings:q} "
         "--dataset-settings {params.dataset_settings:q} --model {wildcards.model:q} "
@@ -63,7 +63,7 @@ rule init_random_encoder:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.models_mae init-random --arch {wildcards.arch} --seed {wildcards.seed} "
+        "python -m pipeline.pretrain.models_mae init-random --arch {wildcards.arch} --seed {wildcards.seed} "
         "--img-size {params.img_size} --output {output.checkpoint:q} > {log} 2>&1"
 
 
@@ -85,5 +85,5 @@ rule import_external_encoder:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.models_mae import-external --source {input.source:q} "
+        "python -m pipeline.pretrain.models_mae import-external --source {input.source:q} "
         "--arch {params.arch:q} --output {output.checkpoint:q} > {log} 2>&1"

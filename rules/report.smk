@@ -18,7 +18,7 @@ localrules:
 
 
 REPORT_CMD = (
-    "python -m pipeline.report table --name {params.name} --evals {input.evals} "
+    "python -m pipeline.report.tables table --name {params.name} --evals {input.evals} "
     "--output {output.table} --per-seed {output.per_seed} --run-label {params.run_label} "
     "{params.extra} 2> {log}"
 )
@@ -203,7 +203,7 @@ rule assemble_table6:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.report config-table --name table6 --settings {params.settings:q} "
+        "python -m pipeline.report.tables config-table --name table6 --settings {params.settings:q} "
         "--output {output} 2> {log}"
 
 
@@ -221,7 +221,7 @@ rule assemble_table7:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.report config-table --name table7 --settings {params.settings:q} "
+        "python -m pipeline.report.tables config-table --name table7 --settings {params.settings:q} "
         "--output {output} 2> {log}"
 
 
@@ -243,7 +243,7 @@ rule plot_loss_curves:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.report loss-curves --logs {input.logs} --output {output} 2> {log}"
+        "python -m pipeline.report.tables loss-curves --logs {input.logs} --output {output} 2> {log}"
 
 
 rule assemble_summary:
@@ -266,5 +266,5 @@ rule assemble_summary:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.report summary --tables {input.tables} --output {output} "
+        "python -m pipeline.report.tables summary --tables {input.tables} --output {output} "
         "--run-label {params.run_label} {params.synthetic} 2> {log}"

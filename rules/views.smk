@@ -62,7 +62,7 @@ rule generate_views:
         state_dir=lambda wildcards: f"results/views/{wildcards.generator}/parts/shard-{wildcards.shard}",
     shell:
         "python -m pipeline.lease --gpus {resources.gpu} -- "
-        "python -m pipeline.views generate --root {params.root:q} --generator {wildcards.generator} "
+        "python -m pipeline.views.shards generate --root {params.root:q} --generator {wildcards.generator} "
         "--shard {wildcards.shard} --out {output.shard} --rejects {output.rejects} "
         "--state-dir {params.state_dir} --settings {params.settings:q} --seed {params.seed} "
         "--batch-size {resources.views_batch_size} --threads {threads} > {log} 2>&1"
@@ -95,7 +95,7 @@ rule merge_views:
             drop=("generator", "generators", "gpus", "figure_images", "batch_size"),
         ),
     shell:
-        "python -m pipeline.views merge --shards {input.shards} --out {output.bag} "
+        "python -m pipeline.views.shards merge --shards {input.shards} --out {output.bag} "
         "--root {params.root:q} --settings {params.settings:q} --threads {threads} > {log} 2>&1"
 
 
@@ -121,5 +121,5 @@ rule plot_bag_of_views:
         n_images=config["views"]["figure_images"],
         seed=config["seed"],
     shell:
-        "python -m pipeline.views figure --bag {input.bag} --out {output.figure} "
+        "python -m pipeline.views.shards figure --bag {input.bag} --out {output.figure} "
         "--n-images {params.n_images} --seed {params.seed} --threads {threads} > {log} 2>&1"

@@ -1,7 +1,5 @@
 """Config schema: good configs pass with defaults filled; bad ones fail naming the key."""
 
-import copy
-
 import pytest
 import yaml
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import consistency as C
-from pipeline.encoders import ENCODERS, HogGridEncoder, SiftGridEncoder, TimmViTEncoder, build_encoder
+from pipeline.consistency import scoring as C
+from pipeline.consistency.encoders import ENCODERS, HogGridEncoder, SiftGridEncoder, TimmViTEncoder, build_encoder
 
 TIMM_MODEL = "vit_tiny_patch16_224"  # 5.7 M params; at 64 px it runs 16 patch tokens in ms
 
@@ -41,8 +41,17 @@ def timm_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def timm_encoder(timm_checkpoint):
-    return build_encoder({"name": "timm", "timm_model": TIMM_MODEL, "checkpoint": str(timm_checkpoint),
-                          "image_size": 64, "patch_size": 16, "batch_size": 4}, "cpu")
+    return build_encoder(
+        {
+            "name": "timm",
+            "timm_model": TIMM_MODEL,
+            "checkpoint": str(timm_checkpoint),
+            "image_size": 64,
+            "patch_size": 16,
+            "batch_size": 4,
+        },
+        "cpu",
+    )
 
 
 def batch(*images):
@@ -99,8 +108,9 @@ def test_timm_identical_images_score_one(timm_encoder):
     img = random_image(1)
     feats = timm_encoder.encode(batch(img, img))
     assert feats.patch_tokens.shape == (2, 16, 192) and feats.grid == (4, 4)
-    out = C.pair_metrics(feats.global_tokens[:1], feats.global_tokens[1:],
-                         feats.patch_tokens[:1], feats.patch_tokens[1:])
+    out = C.pair_metrics(
+        feats.global_tokens[:1], feats.global_tokens[1:], feats.patch_tokens[:1], feats.patch_tokens[1:]
+    )
     assert torch.allclose(out, torch.ones(1, 3), atol=1e-5)
 
 
@@ -114,8 +124,9 @@ def test_timm_patch_tokens_in_spatial_order(timm_encoder):
     assert torch.allclose(torch.roll(grid[0], 1, dims=1), grid[1], atol=1e-4)
     assert not torch.allclose(grid[0], grid[1], atol=1e-2)
     # LS drops, NPS stays at 1 (paper §3.2: pose change without content change)
-    gs, ls, nps = C.pair_metrics(feats.global_tokens[:1], feats.global_tokens[1:],
-                                 feats.patch_tokens[:1], feats.patch_tokens[1:])[0].tolist()
+    gs, ls, nps = C.pair_metrics(
+        feats.global_tokens[:1], feats.global_tokens[1:], feats.patch_tokens[:1], feats.patch_tokens[1:]
+    )[0].tolist()
     assert nps == pytest.approx(1.0, abs=1e-4) and gs == pytest.approx(1.0, abs=1e-4)
     assert ls < 0.95
 
@@ -133,20 +144,25 @@ def test_timm_checkpoint_missing_keys_fail(tmp_path):
 
 
 def test_cdgmae_encoder_reads_our_checkpoint(tmp_path):
-    from pipeline.models_mae import build_encoder as build_vit
+    from pipeline.pretrain.models_mae import build_encoder as build_vit
 
     torch.manual_seed(0)
     vit = build_vit("vit_mini_patch8", 32)
-    torch.save({"model": {f"encoder.{k}": v for k, v in vit.state_dict().items()}, "img_size": 32,
-                "arch": "vit_mini_patch8"}, tmp_path / "checkpoint.pth")
-    enc = build_encoder({"name": "cdgmae", "checkpoint": str(tmp_path / "checkpoint.pth"),
-                         "image_size": 32}, "cpu")
+    torch.save(
+        {"model": {f"encoder.{k}": v for k, v in vit.state_dict().items()}, "img_size": 32, "arch": "vit_mini_patch8"},
+        tmp_path / "checkpoint.pth",
+    )
+    enc = build_encoder({"name": "cdgmae", "checkpoint": str(tmp_path / "checkpoint.pth"), "image_size": 32}, "cpu")
     img = random_image(3, 32)
     feats = enc.encode(batch(img, img))
     assert feats.grid == (4, 4) and feats.patch_tokens.shape[:2] == (2, 16)
-    expect = vit(((torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255) -
-                  torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) /
-                 torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+    expect = vit(
+        (
+            (torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)
+            - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        )
+        / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    )
     assert torch.allclose(feats.patch_tokens[0], expect[0, 1:], atol=1e-5)
     assert torch.allclose(feats.global_tokens[0], expect[0, 0], atol=1e-5)
 
@@ -155,8 +171,7 @@ def test_cdgmae_encoder_reads_our_checkpoint(tmp_path):
 def test_descriptor_encoders(cls):
     enc = cls(64, 16)
     images = [random_image(s) for s in range(4)]
-    glob, patches = C.centre_descriptors(*(lambda f: (f.global_tokens, f.patch_tokens))(
-        enc.encode(batch(*images))))
+    glob, patches = C.centre_descriptors(*(lambda f: (f.global_tokens, f.patch_tokens))(enc.encode(batch(*images))))
     assert patches.shape[:2] == (4, 16) and enc.centre
     assert torch.allclose(glob, patches.mean(1), atol=1e-4)  # global = mean-pooled (centred) patches
     same = C.pair_metrics(glob[:1], glob[:1], patches[:1], patches[:1])
@@ -230,13 +245,29 @@ def test_neighbours_resume_and_tables(tmp_path):
     images = ListSource([random_image(s) for s in range(12)])
     enc = SiftGridEncoder(64, 16)
     settings = {"name": "sift-grid", "image_size": 64, "patch_size": 16}
-    out = C.find_neighbours(enc, images, k=3, batch_size=5, num_workers=0, encoder_settings=settings,
-                            state_dir=tmp_path / "state", part_size=5)
+    out = C.find_neighbours(
+        enc,
+        images,
+        k=3,
+        batch_size=5,
+        num_workers=0,
+        encoder_settings=settings,
+        state_dir=tmp_path / "state",
+        part_size=5,
+    )
     parts = sorted((tmp_path / "state").rglob("part-*.npy"))
     assert len(parts) == 3
     assert not (out["neighbours"] == np.arange(12)[:, None]).any()
-    again = C.find_neighbours(enc, images, k=3, batch_size=5, num_workers=0,
-                              encoder_settings=settings, state_dir=tmp_path / "state", part_size=5)
+    again = C.find_neighbours(
+        enc,
+        images,
+        k=3,
+        batch_size=5,
+        num_workers=0,
+        encoder_settings=settings,
+        state_dir=tmp_path / "state",
+        part_size=5,
+    )
     assert np.array_equal(out["neighbours"], again["neighbours"])
     C.write_npz_atomic(tmp_path / "knn.npz", out)
     nb = C.read_knn(tmp_path / "knn.npz", [f"img{i}" for i in range(12)])
@@ -244,10 +275,8 @@ def test_neighbours_resume_and_tables(tmp_path):
         C.read_knn(tmp_path / "knn.npz", [f"img{i}" for i in range(11)])
 
     kinds = [C.knn_kind(images, nb, 3, 6, seed=0), C.random_kind(images, 6, seed=0)]
-    identical = C.PairKind("random_images", "identical", images, [0, 1], [0, 1],
-                           [{"a_id": "img0"}, {"a_id": "img1"}])
-    table, pairs = C.score_table(enc, kinds + [identical], batch_size=4, num_workers=0, seed=0,
-                                 run_label="test")
+    identical = C.PairKind("random_images", "identical", images, [0, 1], [0, 1], [{"a_id": "img0"}, {"a_id": "img1"}])
+    table, pairs = C.score_table(enc, kinds + [identical], batch_size=4, num_workers=0, seed=0, run_label="test")
     assert list(table["views"]) == ["K-nn images", "Random images", "identical"]
     assert list(table["n_pairs"]) == [6, 6, 2] and len(pairs) == 14
     assert table.loc[2, C.METRICS].tolist() == pytest.approx([1, 1, 1], abs=1e-5)
@@ -259,14 +288,14 @@ def test_neighbours_resume_and_tables(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# end to end through the CLI: tiny ImageNet folder + videos, real warp/crop bags from pipeline.views
+# end to end through the CLI: tiny ImageNet folder + videos, real warp/crop bags from pipeline.views.shards
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     import cv2
 
-    from pipeline import views
+    from pipeline.views import shards as views
 
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
@@ -285,10 +314,22 @@ def tiny_data(tmp_path_factory):
     s = '{"shards": 1, "part_size": 8, "image_size": 32, "n_views": 2}'
     for g in ("warp", "crop"):
         shard = root / "views" / g / "shard-0.h5"
-        views.main(["generate", "--root", str(root / "imagenet"), "--generator", g, "--shard", "0",
-                    "--out", str(shard), "--settings", s])
-        views.main(["merge", "--shards", str(shard), "--out", str(root / "views" / g / "bag.h5"),
-                    "--settings", s])
+        views.main(
+            [
+                "generate",
+                "--root",
+                str(root / "imagenet"),
+                "--generator",
+                g,
+                "--shard",
+                "0",
+                "--out",
+                str(shard),
+                "--settings",
+                s,
+            ]
+        )
+        views.main(["merge", "--shards", str(shard), "--out", str(root / "views" / g / "bag.h5"), "--settings", s])
     return root
 
 
@@ -297,21 +338,66 @@ def test_cli_tables_end_to_end(tiny_data, tmp_path):
 
     r = tiny_data
     s = '{"encoder": {"name": "sift-grid", "image_size": 32, "patch_size": 8}, "n_pairs": 6, "knn_k": 2}'
-    C.main(["neighbours", "--imagenet-root", str(r / "imagenet"), "--settings", s, "--k", "3",
-            "--output", str(tmp_path / "knn.npz"), "--state-dir", str(tmp_path / "state")])
+    C.main(
+        [
+            "neighbours",
+            "--imagenet-root",
+            str(r / "imagenet"),
+            "--settings",
+            s,
+            "--k",
+            "3",
+            "--output",
+            str(tmp_path / "knn.npz"),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ]
+    )
     with np.load(tmp_path / "knn.npz") as z:
         assert z["neighbours"].shape == (12, 3) and z["neighbours"].dtype == np.int64
         assert not (z["neighbours"] == np.arange(12)[:, None]).any()
         assert z["image_id"][0] == "n00/img0"
-    t1 = ["table1", "--bag", str(r / "views/warp/bag.h5"), "--generator", "warp", "--knn",
-          str(tmp_path / "knn.npz"), "--imagenet-root", str(r / "imagenet"), "--videos-root",
-          str(r / "videos"), "--settings", s, "--seed", "3", "--run-label", "test"]
+    t1 = [
+        "table1",
+        "--bag",
+        str(r / "views/warp/bag.h5"),
+        "--generator",
+        "warp",
+        "--knn",
+        str(tmp_path / "knn.npz"),
+        "--imagenet-root",
+        str(r / "imagenet"),
+        "--videos-root",
+        str(r / "videos"),
+        "--settings",
+        s,
+        "--seed",
+        "3",
+        "--run-label",
+        "test",
+    ]
     C.main(t1 + ["--output", str(tmp_path / "t1.csv"), "--pairs-output", str(tmp_path / "p1.csv")])
     C.main(t1 + ["--output", str(tmp_path / "t1b.csv"), "--pairs-output", str(tmp_path / "p1b.csv")])
     assert (tmp_path / "p1.csv").read_text() == (tmp_path / "p1b.csv").read_text()  # seeded
-    C.main(["table9", "--bag", f"warp={r / 'views/warp/bag.h5'}", "--bag", f"crop={r / 'views/crop/bag.h5'}",
-            "--videos-root", str(r / "videos"), "--settings", s, "--seed", "3",
-            "--output", str(tmp_path / "t9.csv"), "--pairs-output", str(tmp_path / "p9.csv")])
+    C.main(
+        [
+            "table9",
+            "--bag",
+            f"warp={r / 'views/warp/bag.h5'}",
+            "--bag",
+            f"crop={r / 'views/crop/bag.h5'}",
+            "--videos-root",
+            str(r / "videos"),
+            "--settings",
+            s,
+            "--seed",
+            "3",
+            "--output",
+            str(tmp_path / "t9.csv"),
+            "--pairs-output",
+            str(tmp_path / "p9.csv"),
+        ]
+    )
     t1, t9 = pd.read_csv(tmp_path / "t1.csv"), pd.read_csv(tmp_path / "t9.csv")
     p1 = pd.read_csv(tmp_path / "p1.csv")
     assert list(t1.pair_kind) == ["video_frames", "generated", "knn_images", "random_images"]
@@ -337,7 +423,17 @@ def test_cli_names_a_corrupt_image(tmp_path):
         cv2.imwrite(str(d / f"ok{i}.png"), random_image(i, 32))
     (d / "bad.png").write_bytes(b"not an image")
     with pytest.raises(RuntimeError, match="bad.png"):
-        C.main(["neighbours", "--imagenet-root", str(tmp_path / "imagenet"), "--k", "1",
-                "--settings", '{"encoder": {"name": "hog-grid", "image_size": 32}}',
-                "--output", str(tmp_path / "knn.npz")])
+        C.main(
+            [
+                "neighbours",
+                "--imagenet-root",
+                str(tmp_path / "imagenet"),
+                "--k",
+                "1",
+                "--settings",
+                '{"encoder": {"name": "hog-grid", "image_size": 32}}',
+                "--output",
+                str(tmp_path / "knn.npz"),
+            ]
+        )
     assert not (tmp_path / "knn.npz").exists()

@@ -1,4 +1,4 @@
-"""pipeline.datasets: readers round-trip on generated data; malformed roots name the path."""
+"""pipeline.data.readers: readers round-trip on generated data; malformed roots name the path."""
 
 import shutil
 from pathlib import Path
@@ -9,9 +9,19 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from pipeline import datasets, synthetic
-from pipeline.datasets import (DatasetError, DavisDataset, JhmdbDataset, VipDataset,
-                               list_imagenet, list_videos, read_vallist, write_vallist)
+from pipeline.constants import pascal_palette
+from pipeline.data import readers as datasets
+from pipeline.data import synthetic
+from pipeline.data.readers import (
+    DatasetError,
+    DavisDataset,
+    JhmdbDataset,
+    VipDataset,
+    list_imagenet,
+    list_videos,
+    read_vallist,
+    write_vallist,
+)
 
 TINY = {
     "imagenet": {"classes": 3, "images_per_class": 3, "size": 24},
@@ -76,7 +86,7 @@ def test_davis_num_objects_ignores_void(tmp_path, roots):
     ids = np.array(Image.open(path))
     ids[0, 0] = 255  # void pixels do not count as an object
     im = Image.fromarray(ids)
-    im.putpalette(datasets.pascal_palette())
+    im.putpalette(pascal_palette())
     im.save(path)
     assert DavisDataset(root).num_objects("seq-000") == ids[ids != 255].max()
 
@@ -120,8 +130,9 @@ def test_vallist_round_trip(roots, tmp_path, kind, monkeypatch):
     monkeypatch.chdir(root.parent)
     write_vallist(kind, Path(root.name), tmp_path / "ref.txt", names=names)
     got = read_vallist(kind, tmp_path / "ref.txt")
-    assert [(e.name, e.frames.resolve(), e.labels.resolve()) for e in got] == \
-        [(e.name, e.frames.resolve(), e.labels.resolve()) for e in expected]
+    assert [(e.name, e.frames.resolve(), e.labels.resolve()) for e in got] == [
+        (e.name, e.frames.resolve(), e.labels.resolve()) for e in expected
+    ]
 
 
 def test_davis_vallist_defaults_to_val_txt_order(roots, tmp_path):
@@ -243,8 +254,18 @@ def test_check_cli(roots, capsys, tmp_path):
     datasets.main(["check", "--kind", "davis", "--root", str(roots["davis"])])
     out = capsys.readouterr().out
     assert "sequences: 3" in out and "annotations: 9" in out
-    datasets.main(["check", "--kind", "jhmdb", "--root", str(roots["jhmdb"]), "--deep",
-                   "--list", str(roots["jhmdb"] / "jhmdb_vallist.txt")])
+    datasets.main(
+        [
+            "check",
+            "--kind",
+            "jhmdb",
+            "--root",
+            str(roots["jhmdb"]),
+            "--deep",
+            "--list",
+            str(roots["jhmdb"] / "jhmdb_vallist.txt"),
+        ]
+    )
     assert "videos: 4" in capsys.readouterr().out
     datasets.main(["check", "--kind", "vip", "--root", str(roots["vip"]), "--deep"])
     assert "classes_present" in capsys.readouterr().out
@@ -266,11 +287,13 @@ def test_jhmdb_official_split_and_vallist_cli(roots, tmp_path):
     test = datasets.jhmdb_split_videos(splits, 1)
     assert test == [f"{cls}/{names[1]}" for cls, names in sorted(by_class.items())]
     assert datasets.jhmdb_split_videos(splits, 1, "train") == [
-        f"{cls}/{names[0]}" for cls, names in sorted(by_class.items())]
+        f"{cls}/{names[0]}" for cls, names in sorted(by_class.items())
+    ]
     with pytest.raises(DatasetError, match="split2"):
         datasets.jhmdb_split_videos(splits, 2)
     out = tmp_path / "jhmdb_vallist.txt"
-    datasets.main(["vallist", "--kind", "jhmdb", "--root", str(roots["jhmdb"]), "--out", str(out),
-                   "--jhmdb-splits", str(splits)])
+    datasets.main(
+        ["vallist", "--kind", "jhmdb", "--root", str(roots["jhmdb"]), "--out", str(out), "--jhmdb-splits", str(splits)]
+    )
     assert [e.name for e in read_vallist("jhmdb", out)] == test
     assert JhmdbDataset(roots["jhmdb"], split_list=out).videos == test

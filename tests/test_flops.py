@@ -7,11 +7,19 @@ import pytest
 import torch
 import yaml
 
-from pipeline.flops import gmacs_flopcounter, gmacs_fvcore, main, parse_cells, table8_gflops
-from pipeline.models_mae import CrossViewMAE
+from pipeline.pretrain.flops import gmacs_flopcounter, gmacs_fvcore, main, parse_cells, table8_gflops
+from pipeline.pretrain.models_mae import CrossViewMAE
 
-TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=2,
-            decoder_num_heads=2, decoder_ff=64)
+TINY = dict(
+    patch_size=8,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    decoder_embed_dim=16,
+    decoder_depth=2,
+    decoder_num_heads=2,
+    decoder_ff=64,
+)
 PAPER_NUMBERS = Path(__file__).resolve().parent.parent / "pipeline" / "paper_numbers.yaml"
 
 
@@ -27,15 +35,22 @@ def hand_macs(a, img_size, target_mask, anchors, anchor_mask):
         return a["depth"] * T * (2 * 5 * D + 3 * D * D + D * D + 2 * 4 * D * D) + 5 * T * D
 
     Q, M = 1 + L, T_a  # decoder queries (target incl. mask tokens), memory (all anchors)
-    block = (2 * Q * C * C + 2 * M * C * C  # cross-attention: q + out on queries, k, v on memory
-             + 2 * Q * C * F  # feed-forward
-             + 4 * Q * C * C  # self-attention: q, k, v, out
-             + 3 * 5 * Q * C)  # three LayerNorms
-    return ((1 + anchors) * L * P * D  # patch embedding of every patch of every view
-            + encoder(T_t) + encoder(T_a)
-            + (T_t + T_a) * D * C  # decoder_embed
-            + a["decoder_depth"] * block
-            + 5 * Q * C + Q * C * P)  # decoder_norm, decoder_pred
+    block = (
+        2 * Q * C * C
+        + 2 * M * C * C  # cross-attention: q + out on queries, k, v on memory
+        + 2 * Q * C * F  # feed-forward
+        + 4 * Q * C * C  # self-attention: q, k, v, out
+        + 3 * 5 * Q * C
+    )  # three LayerNorms
+    return (
+        (1 + anchors) * L * P * D  # patch embedding of every patch of every view
+        + encoder(T_t)
+        + encoder(T_a)
+        + (T_t + T_a) * D * C  # decoder_embed
+        + a["decoder_depth"] * block
+        + 5 * Q * C
+        + Q * C * P
+    )  # decoder_norm, decoder_pred
 
 
 @pytest.mark.parametrize("anchors,anchor_mask", [(1, 0.0), (2, 0.25), (3, 0.5)])
@@ -62,10 +77,9 @@ def test_table8_reproduces_paper_within_0_05():
         expected = paper[f"{row['anchors']}/{row['anchor_mask']}"][3]
         assert abs(row["gflops"] - expected) <= 0.05, (row, expected)
     # the 1/0 % cell also agrees with the hand count at ViT-S/16 (6.0365 GMACs)
-    from pipeline.models_mae import ARCHS
+    from pipeline.pretrain.models_mae import ARCHS
 
-    assert rows[0]["gflops"] == pytest.approx(hand_macs(ARCHS["vit_small_patch16"], 224, 0.9, 1, 0.0) / 1e9,
-                                              abs=1e-4)
+    assert rows[0]["gflops"] == pytest.approx(hand_macs(ARCHS["vit_small_patch16"], 224, 0.9, 1, 0.0) / 1e9, abs=1e-4)
 
 
 def test_cli_writes_csv(tmp_path):

@@ -5,7 +5,7 @@
 import numpy as np
 import pytest
 
-from pipeline.generators import GENERATORS, build_generator
+from pipeline.views.generators import GENERATORS, build_generator
 
 IMAGE_SIZE = 32
 
@@ -14,27 +14,46 @@ def _tiny_unet(cross_attention_dim=32):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8, norm_num_groups=32)
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
 
 
 def _tiny_vae():
     from diffusers import AutoencoderKL
 
     # two blocks -> downsampling factor 2: 16-px latent <-> 32-px image
-    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
-                         down_block_types=["DownEncoderBlock2D"] * 2,
-                         up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4,
-                         norm_num_groups=32, sample_size=32)
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
 
 
 def _scheduler():
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
 
 
 def build_tiny_sd_variation(folder):
@@ -44,13 +63,26 @@ def build_tiny_sd_variation(folder):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, image_size=32, patch_size=4))
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            image_size=32,
+            patch_size=4,
+        )
+    )
     pipe = StableDiffusionImageVariationPipeline(
-        vae=_tiny_vae(), image_encoder=encoder, unet=_tiny_unet(32), scheduler=_scheduler(),
-        safety_checker=None, feature_extractor=CLIPImageProcessor(size=32, crop_size=32),
-        requires_safety_checker=False)
+        vae=_tiny_vae(),
+        image_encoder=encoder,
+        unet=_tiny_unet(32),
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=CLIPImageProcessor(size=32, crop_size=32),
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder)
     return folder
 
@@ -60,14 +92,22 @@ def build_tiny_sldm(folder):
     import timm
     import torch
 
-    from pipeline.generators import save_sldm
+    from pipeline.views.generators import save_sldm
 
     torch.manual_seed(0)
     kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
     encoder = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kwargs)
     projector = torch.nn.Linear(48, 32)
-    return save_sldm(folder, _tiny_unet(32), _tiny_vae(), _scheduler(), encoder,
-                     "vit_tiny_patch16_224", projector, encoder_kwargs=kwargs)
+    return save_sldm(
+        folder,
+        _tiny_unet(32),
+        _tiny_vae(),
+        _scheduler(),
+        encoder,
+        "vit_tiny_patch16_224",
+        projector,
+        encoder_kwargs=kwargs,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -112,15 +152,16 @@ def test_baselines_are_per_view_deterministic(name):
 
 def test_warp_is_a_geometric_change_of_the_image():
     img = _images(1, size=IMAGE_SIZE)
-    zero = build_generator("warp", {"perspective": 0.0, "elastic_alpha": 0.0, "crop_scale": [1, 1]},
-                           image_size=IMAGE_SIZE)
+    zero = build_generator(
+        "warp", {"perspective": 0.0, "elastic_alpha": 0.0, "crop_scale": [1, 1]}, image_size=IMAGE_SIZE
+    )
     np.testing.assert_allclose(zero.generate(img, _seeds(1, 1))[0, 0], img[0] / 255.0, atol=1e-6)
     warped = build_generator("warp", {}, image_size=IMAGE_SIZE).generate(img, _seeds(1, 1))[0, 0]
     assert np.abs(warped - img[0] / 255.0).mean() > 0.05
 
 
 def test_crop_box_within_image_and_scale():
-    from pipeline.generators import random_resized_crop_box
+    from pipeline.views.generators import random_resized_crop_box
 
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -139,9 +180,12 @@ def test_diffusion_generators_need_a_local_folder(tmp_path):
 
 
 def test_sd_variation_from_saved_folder_is_batch_invariant(sd_variation_dir):
-    gen = build_generator("sd-variation", {"model_path": str(sd_variation_dir), "steps": 2,
-                                           "guidance_scale": 6.0, "dtype": "float16"},
-                          image_size=IMAGE_SIZE, device="cpu")
+    gen = build_generator(
+        "sd-variation",
+        {"model_path": str(sd_variation_dir), "steps": 2, "guidance_scale": 6.0, "dtype": "float16"},
+        image_size=IMAGE_SIZE,
+        device="cpu",
+    )
     assert gen.native == 32  # unet sample 16 x VAE factor 2
     images, seeds = _images(2), _seeds(2, 2)
     out = gen.generate(images, seeds)
@@ -166,21 +210,27 @@ def test_sldm_from_saved_folder(sldm_dir):
     # the conditioning image matters, and so does the null condition of the CFG
     other = gen.generate(images[::-1].copy(), seeds)
     assert not np.allclose(other[0], out[0])
-    zero = build_generator("sldm", {**settings, "null_condition": "zero_token"}, image_size=24,
-                           device="cpu").generate(images, seeds)
+    zero = build_generator("sldm", {**settings, "null_condition": "zero_token"}, image_size=24, device="cpu").generate(
+        images, seeds
+    )
     assert not np.allclose(zero, out)
 
 
 def test_sldm_embedding_is_the_projected_cls_token(sldm_dir):
     import torch
 
-    gen = build_generator("sldm", {"model_path": str(sldm_dir), "steps": 1}, image_size=24,
-                          device="cpu")
+    gen = build_generator("sldm", {"model_path": str(sldm_dir), "steps": 1}, image_size=24, device="cpu")
     with torch.no_grad():
         z = gen.embed(_images(2))
         feats = gen.encoder.forward_features(
             torch.nn.functional.interpolate(
-                torch.from_numpy(_images(2)).permute(0, 3, 1, 2).float() / 255, size=(32, 32),
-                mode="bicubic", antialias=True).sub(gen.mean).div(gen.std))
+                torch.from_numpy(_images(2)).permute(0, 3, 1, 2).float() / 255,
+                size=(32, 32),
+                mode="bicubic",
+                antialias=True,
+            )
+            .sub(gen.mean)
+            .div(gen.std)
+        )
     assert z.shape == (2, 48)
     torch.testing.assert_close(z, feats[:, 0])  # CLS token after the final norm

@@ -32,8 +32,23 @@ def _env(n_gpus=None, **extra):
 
 
 def _lease_cmd(lock_dir, gpus=1, sleep=0.0, *opts):
-    return [sys.executable, "-m", "pipeline.lease", "--gpus", str(gpus), "--lock-dir", str(lock_dir),
-            "--poll", "0.05", *opts, "--", sys.executable, "-c", SHOW, str(sleep)]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.lease",
+        "--gpus",
+        str(gpus),
+        "--lock-dir",
+        str(lock_dir),
+        "--poll",
+        "0.05",
+        *opts,
+        "--",
+        sys.executable,
+        "-c",
+        SHOW,
+        str(sleep),
+    ]
 
 
 def _run(cmd, env, timeout=60):
@@ -44,8 +59,9 @@ def test_two_concurrent_leases_get_different_devices(tmp_path):
     env = _env(2)
     release = tmp_path / "release"
     locks = tmp_path / "locks"
-    procs = [subprocess.Popen(_lease_cmd(locks, sleep=release), env=env, stdout=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(_lease_cmd(locks, sleep=release), env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     # both hold their lease until released: the second cannot reuse the first one's slot
     devices = sorted(p.stdout.readline().strip() for p in procs)
     release.touch()
@@ -57,8 +73,7 @@ def test_two_concurrent_leases_get_different_devices(tmp_path):
 
 def test_busy_slot_makes_the_next_job_wait(tmp_path):
     env = _env(1)
-    holder = subprocess.Popen(_lease_cmd(tmp_path, sleep=30), env=env, stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(_lease_cmd(tmp_path, sleep=30), env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "0"
         waiting = _run(_lease_cmd(tmp_path, 1, 0, "--timeout", "0.5"), env)
@@ -70,8 +85,7 @@ def test_busy_slot_makes_the_next_job_wait(tmp_path):
 
 def test_dead_holder_frees_its_slot(tmp_path):
     env = _env(1)
-    holder = subprocess.Popen(_lease_cmd(tmp_path, sleep=60), env=env, stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(_lease_cmd(tmp_path, sleep=60), env=env, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "0"
     # the lease exec()s the command: its pid holds the lock; SIGKILL leaves no chance to clean up
     os.kill(holder.pid, signal.SIGKILL)
@@ -96,8 +110,22 @@ def test_no_gpu_runs_on_cpu_and_gpus_zero_hides_devices(tmp_path):
 
 
 def test_exit_status_of_the_command_is_returned(tmp_path):
-    res = _run([sys.executable, "-m", "pipeline.lease", "--gpus", "1", "--lock-dir", str(tmp_path),
-                "--", sys.executable, "-c", "raise SystemExit(7)"], _env(1))
+    res = _run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.lease",
+            "--gpus",
+            "1",
+            "--lock-dir",
+            str(tmp_path),
+            "--",
+            sys.executable,
+            "-c",
+            "raise SystemExit(7)",
+        ],
+        _env(1),
+    )
     assert res.returncode == 7
 
 

@@ -7,13 +7,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models_mae import (ARCHS, CrossViewDecoderBlock, CrossViewMAE, ViTEncoder, build_encoder,
-                                 interpolate_pos_embed, load_encoder, main, parameter_counts, random_masking,
-                                 resolve_arch, sincos_pos_embed_2d)
+from pipeline.pretrain.models_mae import (
+    ARCHS,
+    CrossViewDecoderBlock,
+    CrossViewMAE,
+    ViTEncoder,
+    build_encoder,
+    interpolate_pos_embed,
+    load_encoder,
+    main,
+    parameter_counts,
+    random_masking,
+    resolve_arch,
+    sincos_pos_embed_2d,
+)
 
 # tiny arch for fast tests: 32 px / 8 -> 4x4 = 16 patches
-TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=2,
-            decoder_num_heads=2, decoder_ff=64)
+TINY = dict(
+    patch_size=8,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    decoder_embed_dim=16,
+    decoder_depth=2,
+    decoder_num_heads=2,
+    decoder_ff=64,
+)
 
 
 def tiny_model(seed=0, **kw):
@@ -27,6 +46,7 @@ def tiny_views(b=2, n=2, seed=1, size=32):
 
 
 # ---------------------------------------------------------------- masking
+
 
 @pytest.mark.parametrize("ratio,keep", [(0.9, 19), (0.985, 2), (0.25, 147), (0.5, 98), (0.95, 9)])
 def test_random_masking_counts(ratio, keep):
@@ -65,6 +85,7 @@ def test_masks_independent_per_sample_and_per_anchor():
 
 
 # ---------------------------------------------------------------- loss
+
 
 def test_patchify_roundtrip_and_order():
     model = tiny_model()
@@ -106,10 +127,11 @@ def test_loss_without_norm_pix():
     model = tiny_model(norm_pix_loss=False)
     imgs = torch.randn(1, 3, 32, 32)
     mask = torch.ones(1, 16)
-    assert torch.allclose(model.forward_loss(imgs, torch.zeros(1, 16, 192), mask), (imgs ** 2).mean())
+    assert torch.allclose(model.forward_loss(imgs, torch.zeros(1, 16, 192), mask), (imgs**2).mean())
 
 
 # ---------------------------------------------------------------- forward / gradients
+
 
 def test_forward_shapes_and_determinism():
     views = tiny_views(2, 3)
@@ -125,8 +147,9 @@ def test_forward_shapes_and_determinism():
     assert torch.equal(loss, loss2) and torch.equal(pred, pred2) and torch.equal(mask, mask2)
 
 
-@pytest.mark.parametrize("bad", [dict(target_mask=1.0), dict(anchor_mask=-0.1), dict(shape=(2, 1, 3, 32, 32)),
-                                 dict(shape=(2, 3, 32, 32))])
+@pytest.mark.parametrize(
+    "bad", [dict(target_mask=1.0), dict(anchor_mask=-0.1), dict(shape=(2, 1, 3, 32, 32)), dict(shape=(2, 3, 32, 32))]
+)
 def test_forward_rejects_bad_input(bad):
     model = tiny_model()
     views = torch.randn(*bad.get("shape", (2, 2, 3, 32, 32)))
@@ -246,6 +269,7 @@ def test_decoder_block_order_cross_mlp_self():
 
 # ---------------------------------------------------------------- sizes, keys, init
 
+
 def test_vit_small_patch16_parameter_counts():
     torch.manual_seed(0)
     model = CrossViewMAE("vit_small_patch16", 224)
@@ -267,10 +291,23 @@ def test_encoder_state_dict_keys_are_mae_compatible():
     keys = list(build_encoder(TINY, 32).state_dict())
     block0 = [k for k in keys if k.startswith("blocks.0.")]
     assert keys[:4] == ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
-    assert block0 == [f"blocks.0.{n}" for n in (
-        "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-        "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
-        "mlp.fc2.weight", "mlp.fc2.bias")]
+    assert block0 == [
+        f"blocks.0.{n}"
+        for n in (
+            "norm1.weight",
+            "norm1.bias",
+            "attn.qkv.weight",
+            "attn.qkv.bias",
+            "attn.proj.weight",
+            "attn.proj.bias",
+            "norm2.weight",
+            "norm2.bias",
+            "mlp.fc1.weight",
+            "mlp.fc1.bias",
+            "mlp.fc2.weight",
+            "mlp.fc2.bias",
+        )
+    ]
     assert keys[-2:] == ["norm.weight", "norm.bias"]
     dec = [k for k in tiny_model().state_dict() if k.startswith("decoder_blocks.0.")]
     assert "decoder_blocks.0.multihead_attn.in_proj_weight" in dec and "decoder_blocks.0.linear1.weight" in dec
@@ -282,8 +319,16 @@ def test_sincos_pos_embed_matches_mae_formula():
     assert emb.shape == (1 + 6, 8) and torch.all(emb[0] == 0)
     tok = emb[1 + 1 * 3 + 2]  # h=1, w=2
     omega = [1.0, 0.01]  # 1 / 10000^(k / 2), k = 0, 1
-    expected = [math.sin(2 * omega[0]), math.sin(2 * omega[1]), math.cos(2 * omega[0]), math.cos(2 * omega[1]),
-                math.sin(1 * omega[0]), math.sin(1 * omega[1]), math.cos(1 * omega[0]), math.cos(1 * omega[1])]
+    expected = [
+        math.sin(2 * omega[0]),
+        math.sin(2 * omega[1]),
+        math.cos(2 * omega[0]),
+        math.cos(2 * omega[1]),
+        math.sin(1 * omega[0]),
+        math.sin(1 * omega[1]),
+        math.cos(1 * omega[0]),
+        math.cos(1 * omega[1]),
+    ]
     assert torch.allclose(tok, torch.tensor(expected), atol=1e-6)
 
 
@@ -297,6 +342,7 @@ def test_arch_registry_and_validation():
 
 
 # ---------------------------------------------------------------- dense features
+
 
 @pytest.mark.parametrize("patch,grid", [(16, (30, 55)), (8, (60, 110))])
 def test_dense_features_non_square_grid(patch, grid):
@@ -331,11 +377,21 @@ def test_pos_embed_interpolation_keeps_cls_and_smooth_grid():
 
 # ---------------------------------------------------------------- loading
 
+
 def test_load_encoder_from_our_payload(tmp_path):
     model = tiny_model(seed=4)
     path = tmp_path / "checkpoint.pth"
-    torch.save({"model": model.state_dict(), "arch": model.arch, "img_size": 32, "epoch": 1, "step": 10,
-                "config": {"method": "cdgmae"}}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "arch": model.arch,
+            "img_size": 32,
+            "epoch": 1,
+            "step": 10,
+            "config": {"method": "cdgmae"},
+        },
+        path,
+    )
     enc = load_encoder(path)
     assert isinstance(enc, ViTEncoder) and not enc.training
     for k, v in model.encoder.state_dict().items():

@@ -16,26 +16,40 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.pretrain import (EpochSampler, NonFiniteLossError, build_optimizer, lr_at, resolve_cell,
-                               resolve_settings, train)
-from pipeline.strategies import BagViewsDataset
+from pipeline.pretrain.main_pretrain import (
+    EpochSampler,
+    NonFiniteLossError,
+    build_optimizer,
+    lr_at,
+    resolve_cell,
+    resolve_settings,
+    train,
+)
+from pipeline.pretrain.strategies import BagViewsDataset
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {"img_size": 32, "batch_size": 8, "micro_batch": 4, "base_lr": 1e-3, "warmup_epochs": 1,
-            "num_workers": 0, "samples_per_epoch": 16}
+SETTINGS = {
+    "img_size": 32,
+    "batch_size": 8,
+    "micro_batch": 4,
+    "base_lr": 1e-3,
+    "warmup_epochs": 1,
+    "num_workers": 0,
+    "samples_per_epoch": 16,
+}
 
 
 def tiny_bag(n=16, size=40, seed=0):
     rng = np.random.default_rng(seed)
     img = lambda: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noqa: E731
-    return [{"image_id": f"c/{i:03d}", "index": i, "real": img(), "views": [img() for _ in range(4)]}
-            for i in range(n)]
+    return [{"image_id": f"c/{i:03d}", "index": i, "real": img(), "views": [img() for _ in range(4)]} for i in range(n)]
 
 
 def setup(epochs=3, anchors=2, anchor_mask=0.25, **overrides):
     settings = resolve_settings({**SETTINGS, **overrides})
-    cell = resolve_cell({"arch": "vit_mini_patch8", "anchors": anchors, "anchor_mask": anchor_mask,
-                         "epochs": epochs}, settings)
+    cell = resolve_cell(
+        {"arch": "vit_mini_patch8", "anchors": anchors, "anchor_mask": anchor_mask, "epochs": epochs}, settings
+    )
     return cell, settings
 
 
@@ -78,7 +92,7 @@ def test_lr_schedule_hand_values():
 
 
 def test_weight_decay_groups():
-    from pipeline.models_mae import CrossViewMAE
+    from pipeline.pretrain.models_mae import CrossViewMAE
 
     model = CrossViewMAE("vit_mini_patch8", 32)
     opt = build_optimizer(model, 1e-3, 0.05)
@@ -113,8 +127,16 @@ def test_epoch_sampler_order():
 
 def test_schedule_applied_before_step_and_logs(tmp_path):
     cell, settings = setup(epochs=2)
-    hist = train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state",
-                 log_csv=tmp_path / "log.csv", curve_png=tmp_path / "curve.png")
+    hist = train(
+        cell,
+        settings,
+        dataset(),
+        seed=0,
+        output=tmp_path / "ck.pth",
+        state_dir=tmp_path / "state",
+        log_csv=tmp_path / "log.csv",
+        curve_png=tmp_path / "curve.png",
+    )
     peak = 1e-3 * 8 / 256
     assert hist["lr"][0] == 0.0 and hist["lr"][1] == pytest.approx(peak / 2)  # 2 steps per epoch
     assert hist["lr"][2] == pytest.approx(peak)
@@ -126,7 +148,7 @@ def test_schedule_applied_before_step_and_logs(tmp_path):
 
 
 def test_checkpoint_weights_only_and_load_encoder(tmp_path):
-    from pipeline.models_mae import load_encoder
+    from pipeline.pretrain.models_mae import load_encoder
 
     cell, settings = setup(epochs=1)
     train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
@@ -146,8 +168,14 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     full = train(cell, settings, dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "sa")
 
     with pytest.raises(RuntimeError, match="simulated crash"):  # dies during epoch 2
-        train(cell, settings, dataset(FaultyBag, at_epoch=2, mode="crash"), seed=0,
-              output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
+        train(
+            cell,
+            settings,
+            dataset(FaultyBag, at_epoch=2, mode="crash"),
+            seed=0,
+            output=tmp_path / "b.pth",
+            state_dir=tmp_path / "sb",
+        )
     assert not (tmp_path / "b.pth").exists()
     assert torch.load(tmp_path / "sb" / "last.pth", weights_only=True)["epoch"] == 2
     resumed = train(cell, settings, dataset(), seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
@@ -175,16 +203,28 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     cell, settings = setup(epochs=3)
     state = tmp_path / "state" / "last.pth"
     with pytest.raises(NonFiniteLossError, match=r"at step 2 \(epoch 1\).*last good checkpoint .*epoch 1"):
-        train(cell, settings, dataset(FaultyBag, at_epoch=1, mode="nan"), seed=0, output=tmp_path / "ck.pth",
-              state_dir=tmp_path / "state")
+        train(
+            cell,
+            settings,
+            dataset(FaultyBag, at_epoch=1, mode="nan"),
+            seed=0,
+            output=tmp_path / "ck.pth",
+            state_dir=tmp_path / "state",
+        )
     assert not (tmp_path / "ck.pth").exists()
     kept = torch.load(state, weights_only=True)
     assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values())
     digest = sha(state)
     # retrying keeps failing at the same step and never overwrites the good state
     with pytest.raises(NonFiniteLossError, match="at step 2"):
-        train(cell, settings, dataset(FaultyBag, at_epoch=1, mode="nan"), seed=0, output=tmp_path / "ck.pth",
-              state_dir=tmp_path / "state")
+        train(
+            cell,
+            settings,
+            dataset(FaultyBag, at_epoch=1, mode="nan"),
+            seed=0,
+            output=tmp_path / "ck.pth",
+            state_dir=tmp_path / "state",
+        )
     assert sha(state) == digest
 
 
@@ -210,14 +250,42 @@ def write_imagenet(root: Path, n=16):
 
 def cli(tmp_path, name, imagenet, epochs):
     settings = {**SETTINGS, "batch_size": 4, "micro_batch": 4, "samples_per_epoch": 8}
-    cell = {"method": "cropmae", "arch": "vit_mini_patch8", "generator": "none", "target": "none",
-            "anchors": 1, "anchor_mask": 0.0, "target_mask": 0.75, "epochs": epochs}
+    cell = {
+        "method": "cropmae",
+        "arch": "vit_mini_patch8",
+        "generator": "none",
+        "target": "none",
+        "anchors": 1,
+        "anchor_mask": 0.0,
+        "target_mask": 0.75,
+        "epochs": epochs,
+    }
     out = tmp_path / name
-    return out, [sys.executable, "-m", "pipeline.pretrain", "--cell", json.dumps(cell), "--seed", "0",
-                 "--settings", json.dumps(settings), "--imagenet-root", str(imagenet),
-                 "--output", str(out / "checkpoint.pth"), "--state-dir", str(out / "state"),
-                 "--log-csv", str(out / "train_log.csv"), "--curve-png", str(out / "loss_curve.png"),
-                 "--threads", "1", "--device", "cpu"]
+    return out, [
+        sys.executable,
+        "-m",
+        "pipeline.pretrain.main_pretrain",
+        "--cell",
+        json.dumps(cell),
+        "--seed",
+        "0",
+        "--settings",
+        json.dumps(settings),
+        "--imagenet-root",
+        str(imagenet),
+        "--output",
+        str(out / "checkpoint.pth"),
+        "--state-dir",
+        str(out / "state"),
+        "--log-csv",
+        str(out / "train_log.csv"),
+        "--curve-png",
+        str(out / "loss_curve.png"),
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_sigkill_then_rerun_resumes_the_same_curve(tmp_path):
@@ -251,8 +319,13 @@ def test_sigkill_then_rerun_resumes_the_same_curve(tmp_path):
 
 
 def test_cli_help():
-    out = subprocess.run([sys.executable, "-m", "pipeline.pretrain", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.pretrain.main_pretrain", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0 and "--state-dir" in out.stdout
 
 
@@ -260,36 +333,76 @@ def write_bag(path: Path, ids, size=40, M=4, seed=1):
     """A tiny merged bag in the views stage's HDF5 layout, through its own row writer."""
     import h5py
 
-    from pipeline.views import encode_jpeg, write_rows
+    from pipeline.views.shards import encode_jpeg, write_rows
 
     rng = np.random.default_rng(seed)
     img = lambda: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noqa: E731
     n = len(ids)
     with h5py.File(path, "w") as f:
-        write_rows(f, [encode_jpeg(img(), 95) for _ in ids], [[encode_jpeg(img(), 95) for _ in range(M)] for _ in ids],
-                   list(ids), list(range(n)), [[0] * M] * n, M)
-        f.attrs.update(complete=True, expected_rows=n, generator="warp", is_baseline=True, n_views=M,
-                       settings=json.dumps({}))
+        write_rows(
+            f,
+            [encode_jpeg(img(), 95) for _ in ids],
+            [[encode_jpeg(img(), 95) for _ in range(M)] for _ in ids],
+            list(ids),
+            list(range(n)),
+            [[0] * M] * n,
+            M,
+        )
+        f.attrs.update(
+            complete=True, expected_rows=n, generator="warp", is_baseline=True, n_views=M, settings=json.dumps({})
+        )
 
 
 def test_cli_cdgmae_knn_from_an_hdf5_bag(tmp_path):
-    from pipeline.datasets import list_imagenet
+    from pipeline.data.readers import list_imagenet
 
     imagenet = tmp_path / "imagenet"
     write_imagenet(imagenet, n=8)
     ids = [r.image_id for r in list_imagenet(imagenet)]
     write_bag(tmp_path / "bag.h5", ids)
     n = len(ids)
-    np.savez(tmp_path / "knn.npz", image_id=np.array(ids), neighbours=np.array(
-        [[(i + 1) % n, (i + 2) % n] for i in range(n)], dtype=np.int64))
+    np.savez(
+        tmp_path / "knn.npz",
+        image_id=np.array(ids),
+        neighbours=np.array([[(i + 1) % n, (i + 2) % n] for i in range(n)], dtype=np.int64),
+    )
     settings = {**SETTINGS, "batch_size": 4, "micro_batch": 2, "samples_per_epoch": None}
-    cell = {"method": "cdgmae", "arch": "vit_mini_patch8", "generator": "warp", "target": "knn",
-            "anchors": 2, "anchor_mask": 0.5, "target_mask": 0.75, "epochs": 1}
+    cell = {
+        "method": "cdgmae",
+        "arch": "vit_mini_patch8",
+        "generator": "warp",
+        "target": "knn",
+        "anchors": 2,
+        "anchor_mask": 0.5,
+        "target_mask": 0.75,
+        "epochs": 1,
+    }
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pipeline.pretrain", "--cell", json.dumps(cell), "--seed", "0",
-           "--settings", json.dumps(settings), "--bag", str(tmp_path / "bag.h5"), "--knn", str(tmp_path / "knn.npz"),
-           "--imagenet-root", str(imagenet), "--output", str(out / "checkpoint.pth"),
-           "--state-dir", str(out / "state"), "--log-csv", str(out / "log.csv"), "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.pretrain.main_pretrain",
+        "--cell",
+        json.dumps(cell),
+        "--seed",
+        "0",
+        "--settings",
+        json.dumps(settings),
+        "--bag",
+        str(tmp_path / "bag.h5"),
+        "--knn",
+        str(tmp_path / "knn.npz"),
+        "--imagenet-root",
+        str(imagenet),
+        "--output",
+        str(out / "checkpoint.pth"),
+        "--state-dir",
+        str(out / "state"),
+        "--log-csv",
+        str(out / "log.csv"),
+        "--threads",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -300,19 +413,36 @@ def test_cli_cdgmae_knn_from_an_hdf5_bag(tmp_path):
 def test_mask_keeping_no_patch_is_a_clear_error(tmp_path):
     cell, settings = setup(epochs=1)  # 32 px / patch 8 = 16 patches; 0.985 keeps int(0.24) = 0
     with pytest.raises(ValueError, match="target_mask=0.985 keeps no patch of the 16"):
-        train({**cell, "target_mask": 0.985}, settings, dataset(), seed=0, output=tmp_path / "ck.pth",
-              state_dir=tmp_path / "s")
+        train(
+            {**cell, "target_mask": 0.985},
+            settings,
+            dataset(),
+            seed=0,
+            output=tmp_path / "ck.pth",
+            state_dir=tmp_path / "s",
+        )
 
 
 def test_regenerated_bag_starts_over_but_a_plain_rerun_resumes(tmp_path, caplog):
-    from pipeline.views import BagDataset
+    from pipeline.views.shards import BagDataset
 
     bag_path = tmp_path / "bag.h5"
     write_bag(bag_path, [f"c/{i:03d}" for i in range(16)], seed=1)
     cell, settings = setup(epochs=1)
-    run = lambda: train(cell, settings, BagViewsDataset(BagDataset(bag_path), img_size=32, anchors=2,  # noqa: E731
-                                                        target="either", seed=3),
-                        seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
+    run = lambda: train(
+        cell,
+        settings,
+        BagViewsDataset(
+            BagDataset(bag_path),
+            img_size=32,
+            anchors=2,  # noqa: E731
+            target="either",
+            seed=3,
+        ),
+        seed=0,
+        output=tmp_path / "ck.pth",
+        state_dir=tmp_path / "state",
+    )
     caplog.set_level("INFO", logger="cdgmae.pretrain")
     first = run()
     caplog.clear()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import propagate as P
-from pipeline.models_mae import import_external_encoder, init_random_encoder
+from pipeline.pretrain.models_mae import import_external_encoder, init_random_encoder
+from pipeline.propagation import runner as P
 
 # ---------------------------------------------------------------------------------------------
 # geometry
@@ -82,8 +82,7 @@ def test_one_hot_position_features_reproduce_frame0_on_a_static_video():
     feats = torch.eye(hw)[None].repeat(n_frames, 1, 1)  # feature = one-hot of the cell position
     ids = torch.randint(0, 3, (hw,), generator=torch.Generator().manual_seed(0))
     labels0 = torch.nn.functional.one_hot(ids, 3).float()
-    preds = P.propagate(feats, labels0, grid, topk=7, temperature=0.7, radius=20, queue=20,
-                        query_chunk=5)
+    preds = P.propagate(feats, labels0, grid, topk=7, temperature=0.7, radius=20, queue=20, query_chunk=5)
     torch.testing.assert_close(preds, labels0[None].expand_as(preds), atol=1e-6, rtol=0)
     for t in range(n_frames):
         out = P.segmentation_readout(preds[t].reshape(*grid, 3).numpy(), grid, [0, 1, 2])
@@ -181,7 +180,7 @@ def tiny_encoder(tmp_path_factory):
 
 
 def test_random_init_checkpoint_is_seeded_and_loadable(tiny_encoder, tmp_path):
-    from pipeline.models_mae import load_encoder
+    from pipeline.pretrain.models_mae import load_encoder
 
     again = tmp_path / "again.pth"
     init_random_encoder("vit_mini_patch8", 0, again, img_size=32)
@@ -204,21 +203,35 @@ def test_davis_end_to_end_writes_every_output(tiny_encoder, tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from pipeline import synthetic
+    from pipeline.data import synthetic
 
     root = tmp_path / "davis"
     synthetic.make_davis(root, dict(sequences=2, frames=5, height=40, width=56, max_objects=2), 0)
     out = tmp_path / "eval"
     settings = {"davis": {"size": [32, 48], "gt_mode": "native"}, "queue": 3, "figures": 1}
-    P.main(["--checkpoint", str(tiny_encoder), "--dataset", "davis", "--root", str(root),
-            "--output-dir", str(out), "--settings", __import__("json").dumps(settings),
-            "--model", "random-init/test", "--threads", "1"])
+    P.main(
+        [
+            "--checkpoint",
+            str(tiny_encoder),
+            "--dataset",
+            "davis",
+            "--root",
+            str(root),
+            "--output-dir",
+            str(out),
+            "--settings",
+            __import__("json").dumps(settings),
+            "--model",
+            "random-init/test",
+            "--threads",
+            "1",
+        ]
+    )
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics.columns[:5]) == ["dataset", "model", "J&F-Mean", "J-Mean", "F-Mean"]
     row = metrics.iloc[0]
     assert row["dataset"] == "davis" and row["patch_size"] == 8 and row["gt_mode"] == "native"
-    assert 0 <= row["J-Mean"] <= 100 and row["J&F-Mean"] == pytest.approx(
-        (row["J-Mean"] + row["F-Mean"]) / 2)
+    assert 0 <= row["J-Mean"] <= 100 and row["J&F-Mean"] == pytest.approx((row["J-Mean"] + row["F-Mean"]) / 2)
     for seq in ("seq-000", "seq-001"):
         pngs = sorted((out / "predictions" / seq).glob("*.png"))
         assert [p.stem for p in pngs] == [f"{t:05d}" for t in range(5)]
@@ -241,8 +254,8 @@ def test_davis_end_to_end_writes_every_output(tiny_encoder, tmp_path):
 def test_jhmdb_end_to_end_writes_pos_img_in_original_pixels(tiny_encoder, tmp_path):
     import pandas as pd
 
-    from pipeline import synthetic
-    from pipeline.datasets import JhmdbDataset, read_pos_img
+    from pipeline.data import synthetic
+    from pipeline.data.readers import JhmdbDataset, read_pos_img
 
     root = tmp_path / "jhmdb"
     synthetic.make_jhmdb(root, dict(classes=1, videos_per_class=1, frames=4, height=48, width=64), 0)
@@ -263,8 +276,8 @@ def test_jhmdb_end_to_end_writes_pos_img_in_original_pixels(tiny_encoder, tmp_pa
 def test_vip_end_to_end_writes_class_ids_at_the_gt_size(tiny_encoder, tmp_path):
     from PIL import Image
 
-    from pipeline import synthetic
-    from pipeline.datasets import VipDataset
+    from pipeline.data import synthetic
+    from pipeline.data.readers import VipDataset
 
     root = tmp_path / "vip"
     synthetic.make_vip(root, dict(videos=1, frames=3, height=72, width=128), 0)

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from pipeline import report
+from pipeline.report import tables as report
 
 CELL = "method~cdgmae/arch~vit_mini_patch8/generator~{g}/target~either/anchors~{n}/anchor_mask~{ra}/target_mask~0.9/epochs~4/seed~{s}"
 VALUES = {"davis": ("J&F-Mean", "J-Mean", "F-Mean"), "vip": ("mIoU",), "jhmdb": ("PCK@0.1", "PCK@0.2")}
@@ -69,8 +69,14 @@ def test_table8_joins_gflops(table4_evals, tmp_path):
 def test_table5_names_and_cited_rows(tmp_path):
     files = write_eval(tmp_path, CELL.format(g="warp", n=1, ra=0.0, s=0), 30.0, 10.0, 20.0)
     files += write_eval(tmp_path, CELL.format(g="sldm", n=3, ra=0.25, s=0), 31.0, 11.0, 21.0)
-    files += write_eval(tmp_path, "method~cropmae/arch~vit_mini_patch8/generator~none/target~none/anchors~1/"
-                                  "anchor_mask~0.0/target_mask~0.985/epochs~4/seed~0", 25.0, 9.0, 19.0)
+    files += write_eval(
+        tmp_path,
+        "method~cropmae/arch~vit_mini_patch8/generator~none/target~none/anchors~1/"
+        "anchor_mask~0.0/target_mask~0.985/epochs~4/seed~0",
+        25.0,
+        9.0,
+        19.0,
+    )
     table, _ = report.build_table("table5", files, "test")
     methods = list(table["method"])
     assert "CropMAE" in methods and "CDG-MAE-a3" in methods
@@ -104,6 +110,19 @@ def test_cli_writes_table_and_figure(table4_evals, tmp_path):
     out = tmp_path / "t.csv"
     fig = tmp_path / "f.png"
     files = table4_evals
-    report.main(["table", "--name", "figure4", "--evals", *files, "--output", str(out),
-                 "--per-seed", str(tmp_path / "p.csv"), "--figure", str(fig)])
+    report.main(
+        [
+            "table",
+            "--name",
+            "figure4",
+            "--evals",
+            *files,
+            "--output",
+            str(out),
+            "--per-seed",
+            str(tmp_path / "p.csv"),
+            "--figure",
+            str(fig),
+        ]
+    )
     assert out.exists() and fig.stat().st_size > 1000

@@ -1,4 +1,4 @@
-"""Folder scorers (pipeline.score) on tiny hand-built datasets in the official layouts."""
+"""Folder scorers (pipeline.propagation.score) on tiny hand-built datasets in the official layouts."""
 
 import json
 
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import score
-from pipeline.score import ScoreError
+from pipeline.propagation import score
+from pipeline.propagation.score import ScoreError
 
 H, W = 20, 30
 
@@ -36,6 +36,7 @@ def _obj(box, value=1, hw=(H, W)):
 
 # ---------------------------------------------------------------------------- DAVIS
 
+
 @pytest.fixture
 def davis(tmp_path):
     """Sequence A: 1 object; sequence B: 2 objects (ids 1, 2) plus a void (255) border; 5 frames."""
@@ -58,14 +59,14 @@ def _write_davis_results(res, gts, size=None):
     """A perfect on scored frames 1-3; B: object 1 half-predicted in frame 2, object 2 never."""
     for seq, gt in gts.items():
         gt = np.where(gt == 255, 0, gt)
-        for t in (0, 1, 2, 3):                  # frame 4 (last) is absent: it is not scored
+        for t in (0, 1, 2, 3):  # frame 4 (last) is absent: it is not scored
             pred = gt.copy()
             if seq == "B":
                 pred[pred == 2] = 0
                 if t == 2:
-                    pred[2:6, 4:6] = 0          # 8 of 16 px of object 1 -> J 0.5
+                    pred[2:6, 4:6] = 0  # 8 of 16 px of object 1 -> J 0.5
             if t == 0:
-                pred[:] = 0                     # frame 0 is not scored either
+                pred[:] = 0  # frame 0 is not scored either
             if size is not None:
                 pred = np.array(Image.fromarray(pred).resize(size[::-1], Image.NEAREST))
             _save_ids(res / seq / f"{t:05d}.png", pred)
@@ -77,12 +78,12 @@ def test_davis_global_weights_objects_equally(davis, tmp_path):
     _write_davis_results(res, gts)
     out = tmp_path / "out"
     (out).mkdir()
-    (out / "global_results-val.csv").write_text("J&F-Mean\n0.999\n")   # stale: must not be reused
+    (out / "global_results-val.csv").write_text("J&F-Mean\n0.999\n")  # stale: must not be reused
     r = score.davis_scores(root, res, out)
     g = r["global"].iloc[0]
     j_b1 = (1 + 0.5 + 1) / 3
-    assert g["J-Mean"] == pytest.approx((1 + j_b1 + 0) / 3)          # per sequence: (1 + (j_b1+0)/2)/2
-    assert g["J-Recall"] == pytest.approx((1 + 2 / 3 + 0) / 3)        # 0.5 is not > 0.5
+    assert g["J-Mean"] == pytest.approx((1 + j_b1 + 0) / 3)  # per sequence: (1 + (j_b1+0)/2)/2
+    assert g["J-Recall"] == pytest.approx((1 + 2 / 3 + 0) / 3)  # 0.5 is not > 0.5
     assert r["per_sequence"]["Sequence"].tolist() == ["A_1", "B_1", "B_2"]
     np.testing.assert_allclose(r["per_sequence"]["J-Mean"], [1.0, j_b1, 0.0])
     f = r["per_sequence"]["F-Mean"].to_numpy()
@@ -112,8 +113,7 @@ def test_davis_resized_gt_mode(davis, tmp_path):
     # native-size predictions cannot be scored against the resized GT
     _write_davis_results(tmp_path / "native", {"A": gts["A"]})
     with pytest.raises(ScoreError, match=r"differs from the ground truth.*A/00001\.png"):
-        score.davis_scores(root, tmp_path / "native", None, gt_mode="resized", size=(40, 60),
-                           sequences=["A"])
+        score.davis_scores(root, tmp_path / "native", None, gt_mode="resized", size=(40, 60), sequences=["A"])
 
 
 def test_davis_malformed_results_name_the_file(davis, tmp_path):
@@ -121,7 +121,7 @@ def test_davis_malformed_results_name_the_file(davis, tmp_path):
     res = tmp_path / "res"
     _write_davis_results(res, gts)
     bad = np.where(gts["A"] == 255, 0, gts["A"])
-    bad[0, 0] = 2                                             # A has one object
+    bad[0, 0] = 2  # A has one object
     _save_ids(res / "A" / "00002.png", bad)
     with pytest.raises(ScoreError, match=r"predicted id 2 above the 1 object.*A/00002\.png"):
         score.davis_scores(root, res)
@@ -140,30 +140,44 @@ def test_davis_cli(davis, tmp_path):
     res = tmp_path / "res"
     _write_davis_results(res, gts)
     out = tmp_path / "cli"
-    score.main(["davis", "--davis-root", str(root), "--results", str(res), "--output-dir", str(out),
-                "--gt-size", str(H), str(W)])
+    score.main(
+        [
+            "davis",
+            "--davis-root",
+            str(root),
+            "--results",
+            str(res),
+            "--output-dir",
+            str(out),
+            "--gt-size",
+            str(H),
+            str(W),
+        ]
+    )
     assert json.loads((out / "scoring.json").read_text())["gt_mode"] == "resized"
     with pytest.raises(SystemExit):
-        score.main(["davis", "--davis-root", str(root), "--results", str(tmp_path / "missing"),
-                    "--output-dir", str(out)])
+        score.main(
+            ["davis", "--davis-root", str(root), "--results", str(tmp_path / "missing"), "--output-dir", str(out)]
+        )
 
 
 # ---------------------------------------------------------------------------- VIP
 
+
 def test_vip_miou_from_one_confusion_matrix(tmp_path):
     root = tmp_path / "vip"
     gt1 = np.zeros((4, 6), np.uint8)
-    gt1[:, 3:] = 2                                            # 12 px background, 12 px class 2
+    gt1[:, 3:] = 2  # 12 px background, 12 px class 2
     gt2 = gt1.copy()
-    gt2[0, :] = 255                                           # ignored
+    gt2[0, :] = 255  # ignored
     for stem, gt in ((1, gt1), (2, gt2)):
         _save_jpg(root / "Images/videos7" / f"{stem}.jpg", (4, 6))
         _save_ids(root / "Annotations/Category_ids/videos7" / f"{stem}.png", gt, mode="L")
     res = tmp_path / "res"
     pred1 = gt1.copy()
-    pred1[:, 2] = 5                                           # 4 background px -> class 5
-    pred2 = np.where(gt2 == 255, 3, gt2)                      # class 3 only on ignored px
-    pred2 = np.repeat(np.repeat(pred2, 2, 0), 2, 1)           # at 2x: PIL-nearest back to GT size
+    pred1[:, 2] = 5  # 4 background px -> class 5
+    pred2 = np.where(gt2 == 255, 3, gt2)  # class 3 only on ignored px
+    pred2 = np.repeat(np.repeat(pred2, 2, 0), 2, 1)  # at 2x: PIL-nearest back to GT size
     _save_ids(res / "videos7/1.png", pred1, mode="L")
     _save_ids(res / "videos7/2.png", pred2, mode="L")
     out = tmp_path / "out"
@@ -189,6 +203,7 @@ def test_vip_miou_from_one_confusion_matrix(tmp_path):
 
 # ---------------------------------------------------------------------------- JHMDB
 
+
 def _save_mat(path, pos):
     import scipy.io
 
@@ -200,16 +215,16 @@ def test_jhmdb_pck_on_videos_present(tmp_path):
     root = tmp_path / "jhmdb"
     t = 3
     base = np.stack([np.r_[np.linspace(10, 13, 14), 11.0], np.r_[np.linspace(20, 24, 14), 22.0]])
-    gt = np.repeat(base[:, :, None], t, axis=2)               # box diagonal 5 -> normaliser 3
-    for video in ("walk/v1", "walk/v2"):                      # v2 has no result: not scored
+    gt = np.repeat(base[:, :, None], t, axis=2)  # box diagonal 5 -> normaliser 3
+    for video in ("walk/v1", "walk/v2"):  # v2 has no result: not scored
         for k in range(1, t + 1):
             _save_jpg(root / "Rename_Images" / video / f"{k:05d}.png", (24, 32))
         _save_mat(root / "joint_positions" / video / "joint_positions.mat", gt)
     pred = gt.copy()
-    pred[:, :, 0] += 40.0                                     # frame 0: excluded
-    pred[:, 1, 1] += [0.3, 0.4]                               # 0.5 / 3 = 0.167
-    pred[:, 2, 2] += [0.0, 1.2]                               # 1.2 / 3 = 0.4 (inside 0.5 only)
-    pred[:, 4, 1] = np.nan                                    # not placed: invisible
+    pred[:, :, 0] += 40.0  # frame 0: excluded
+    pred[:, 1, 1] += [0.3, 0.4]  # 0.5 / 3 = 0.167
+    pred[:, 2, 2] += [0.0, 1.2]  # 1.2 / 3 = 0.4 (inside 0.5 only)
+    pred[:, 4, 1] = np.nan  # not placed: invisible
     res = tmp_path / "res"
     _save_mat(res / "walk/v1/joint_positions.mat", pred)
     out = tmp_path / "out"
@@ -226,6 +241,6 @@ def test_jhmdb_pck_on_videos_present(tmp_path):
     _save_mat(res / "walk/v1/joint_positions.mat", pred[:, :, :2])
     with pytest.raises(ScoreError, match=r"shape .*walk/v1/joint_positions\.mat"):
         score.jhmdb_scores(root, res)
-    _save_mat(res / "run/v9/joint_positions.mat", pred)       # no such GT video
+    _save_mat(res / "run/v9/joint_positions.mat", pred)  # no such GT video
     with pytest.raises(Exception, match="run/v9"):
         score.jhmdb_scores(root, res)

@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.strategies import (IMAGENET_MEAN, IMAGENET_STD, STRATEGIES, BagViewsDataset, GlobalToLocalDataset,
-                                 VideoPairDataset, build_dataset, choose_bag_indices, sample_frame_pair,
-                                 sample_rrc_box)
+from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.pretrain.strategies import (
+    STRATEGIES,
+    BagViewsDataset,
+    GlobalToLocalDataset,
+    VideoPairDataset,
+    build_dataset,
+    choose_bag_indices,
+    sample_frame_pair,
+    sample_rrc_box,
+)
 
 M = 4
 
@@ -19,8 +27,15 @@ def constant(value, size=40):
 
 def colour_bag(n=6, size=40):
     """Bag item i: real image grey 10 + 40 * 0 ... views grey 10 + 40 * k, so a crop's colour names its source."""
-    return [{"image_id": f"c/{i:03d}", "index": i, "real": constant(10 + i, size),
-             "views": [constant(10 + 40 * k + i, size) for k in range(1, M + 1)]} for i in range(n)]
+    return [
+        {
+            "image_id": f"c/{i:03d}",
+            "index": i,
+            "real": constant(10 + i, size),
+            "views": [constant(10 + 40 * k + i, size) for k in range(1, M + 1)],
+        }
+        for i in range(n)
+    ]
 
 
 def source_values(views: torch.Tensor) -> list[int]:
@@ -139,7 +154,7 @@ def test_knn_including_self_is_an_error():
 def test_knn_table_checked_against_the_image_list(tmp_path):
     from PIL import Image
 
-    from pipeline.strategies import knn_table
+    from pipeline.pretrain.strategies import knn_table
 
     for name in ("a/x", "a/y", "b/z"):
         (tmp_path / "train" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +179,7 @@ def coordinate_image(size=128):
 
 
 def test_cropmae_local_crop_lies_inside_the_global_crop():
-    from pipeline.strategies import to_chw
+    from pipeline.pretrain.strategies import to_chw
 
     ds = GlobalToLocalDataset([], img_size=32, seed=0, flip=False)
     image = to_chw(coordinate_image())
@@ -184,8 +199,9 @@ def test_cropmae_dataset_target_first(tmp_path):
 
     path = tmp_path / "img.png"
     Image.fromarray(coordinate_image(64)).save(path)
-    ds = GlobalToLocalDataset([SimpleNamespace(path=path)], img_size=16, seed=0, flip=False,
-                              global_scale=(0.9, 1.0), local_scale=(0.1, 0.1))
+    ds = GlobalToLocalDataset(
+        [SimpleNamespace(path=path)], img_size=16, seed=0, flip=False, global_scale=(0.9, 1.0), local_scale=(0.1, 0.1)
+    )
     x = ds[(0, 0)]
     assert x.shape == (2, 3, 16, 16)
     # the local crop (target, index 0) spans a much smaller x range than the global one

@@ -1,4 +1,4 @@
-"""pipeline.synthetic: determinism, official formats, scene properties (tiny sizes)."""
+"""pipeline.data.synthetic: determinism, official formats, scene properties (tiny sizes)."""
 
 import json
 from pathlib import Path
@@ -8,8 +8,10 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from pipeline import datasets, synthetic
-from pipeline.datasets import JHMDB_JOINTS, read_vallist
+from pipeline.constants import pascal_palette
+from pipeline.data import readers as datasets
+from pipeline.data import synthetic
+from pipeline.data.readers import JHMDB_JOINTS, read_vallist
 
 TINY = {
     "imagenet": {"classes": 3, "images_per_class": 2, "size": 32},
@@ -80,7 +82,7 @@ def test_davis_format(generated):
     root = generated / "davis"
     names = (root / "ImageSets" / "2017" / "val.txt").read_text().split()
     assert names == sorted(names) and len(names) == 2
-    palette = datasets.pascal_palette()
+    palette = pascal_palette()
     assert palette[3:6] == [128, 0, 0] and palette[6:9] == [0, 128, 0]  # DAVIS object 1, 2
     for seq in names:
         frames = sorted((root / "JPEGImages" / "480p" / seq).glob("*.jpg"))
@@ -195,8 +197,12 @@ def test_puppet_bones_are_rigid():
     assert joints.shape == (T, 15, 2)
     j = {n: i for i, n in enumerate(JHMDB_JOINTS)}
     for side in ("right", "left"):
-        for a, b, bone in (("shoulder", "elbow", "upper_arm"), ("elbow", "wrist", "forearm"),
-                           ("hip", "knee", "thigh"), ("knee", "ankle", "shin")):
+        for a, b, bone in (
+            ("shoulder", "elbow", "upper_arm"),
+            ("elbow", "wrist", "forearm"),
+            ("hip", "knee", "thigh"),
+            ("knee", "ankle", "shin"),
+        ):
             length = np.linalg.norm(joints[:, j[f"{side}_{a}"]] - joints[:, j[f"{side}_{b}"]], axis=1)
             np.testing.assert_allclose(length, synthetic.BODY[bone] * scale, rtol=1e-9)
     # the limbs articulate: the elbow angle changes over time

@@ -14,10 +14,9 @@ import pandas as pd
 import pytest
 
 from pipeline.config import section_defaults
-from pipeline.datasets import list_imagenet
-from pipeline.generators import GENERATORS, ViewGenerator
-from pipeline.views import (BagDataset, ShardWriter, ViewsError, merge_shards, plot_bag,
-                            shard_range, view_seed)
+from pipeline.data.readers import list_imagenet
+from pipeline.views.generators import GENERATORS, ViewGenerator
+from pipeline.views.shards import BagDataset, ShardWriter, ViewsError, merge_shards, plot_bag, shard_range, view_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 3
@@ -32,8 +31,7 @@ def _make_imagenet(root: Path, classes=3, per_class=4, size=(40, 56)):
         d.mkdir(parents=True)
         for i in range(per_class):
             h, w = size[0] + i, size[1]
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-                d / f"n{c:08d}_{i}.JPEG", quality=90)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"n{c:08d}_{i}.JPEG", quality=90)
     return root
 
 
@@ -44,8 +42,12 @@ def imagenet(tmp_path_factory):
 
 def _cfg(**kw):
     gens = kw.pop("generators", {})
-    base = {**dict(n_views=3, shards=1, part_size=4, batch_size=2, image_size=24, jpeg_quality=90,
-                   max_reject_fraction=0.25), **kw}
+    base = {
+        **dict(
+            n_views=3, shards=1, part_size=4, batch_size=2, image_size=24, jpeg_quality=90, max_reject_fraction=0.25
+        ),
+        **kw,
+    }
     return section_defaults("views", overrides={**base, "generators": gens})
 
 
@@ -55,9 +57,18 @@ def _run_shards(root, out_dir, generator="warp", batch_size=None, **kw):
     paths = []
     for k in range(cfg["shards"]):
         out = Path(out_dir) / f"shard-{k}.h5"
-        ShardWriter(records, generator, k, cfg, SEED, out, out.with_suffix(".rejects.csv"),
-                    Path(out_dir) / "parts" / f"shard-{k}", batch_size=batch_size,
-                    device="cpu").run()
+        ShardWriter(
+            records,
+            generator,
+            k,
+            cfg,
+            SEED,
+            out,
+            out.with_suffix(".rejects.csv"),
+            Path(out_dir) / "parts" / f"shard-{k}",
+            batch_size=batch_size,
+            device="cpu",
+        ).run()
         paths.append(out)
     return paths
 
@@ -68,8 +79,12 @@ def _by_image(paths):
     for p in paths:
         with h5py.File(p, "r") as f:
             for i, iid in enumerate(f["image_id"].asstr()[:]):
-                rows[iid] = (int(f["index"][i]), bytes(f["real"][i]),
-                             [bytes(v) for v in f["views"][i]], f["seed"][i].tolist())
+                rows[iid] = (
+                    int(f["index"][i]),
+                    bytes(f["real"][i]),
+                    [bytes(v) for v in f["views"][i]],
+                    f["seed"][i].tolist(),
+                )
     return rows
 
 
@@ -115,30 +130,43 @@ def test_diffusion_views_identical_across_shard_counts(imagenet, tmp_path_factor
 
     model = build_tiny_sd_variation(tmp_path_factory.mktemp("sdv"))
     gens = {"sd-variation": {"model_path": str(model), "steps": 2, "dtype": "float32"}}
-    kw = dict(generator="sd-variation", generators=gens, n_views=2, part_size=3, max_images=6,
-              image_size=32)
+    kw = dict(generator="sd-variation", generators=gens, n_views=2, part_size=3, max_images=6, image_size=32)
     tmp = tmp_path_factory.mktemp("sdv-runs")
     ref = _by_image(_run_shards(imagenet, tmp / "a", shards=1, batch_size=3, **kw))
     assert ref == _by_image(_run_shards(imagenet, tmp / "b", shards=2, batch_size=3, **kw))
     # another batch size changes float kernels only: near-identical pixels
     b1 = BagDataset(_run_shards(imagenet, tmp / "c", shards=1, batch_size=1, **kw)[0])
     b3 = BagDataset(tmp / "a" / "shard-0.h5")
-    diff = max(np.abs(b1[i]["views"][m].astype(int) - b3[i]["views"][m]).mean()
-               for i in range(6) for m in range(2))
+    diff = max(np.abs(b1[i]["views"][m].astype(int) - b3[i]["views"][m]).mean() for i in range(6) for m in range(2))
     assert diff < 0.5
 
 
 def _cli_generate(root, out, settings, extra=()):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return [sys.executable, "-m", "pipeline.views", "generate", "--root", str(root),
-            "--generator", "warp", "--shard", "0", "--out", str(out), "--settings", settings,
-            "--seed", str(SEED), *extra], env
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.views.shards",
+        "generate",
+        "--root",
+        str(root),
+        "--generator",
+        "warp",
+        "--shard",
+        "0",
+        "--out",
+        str(out),
+        "--settings",
+        settings,
+        "--seed",
+        str(SEED),
+        *extra,
+    ], env
 
 
 def test_killed_run_resumes_to_identical_content(imagenet, tmp_path):
     # large views make one part take a noticeable time, so the kill lands mid-shard
-    settings = ('{"n_views": 4, "shards": 1, "part_size": 2, "batch_size": 1, "image_size": 320, '
-                '"jpeg_quality": 90}')
+    settings = '{"n_views": 4, "shards": 1, "part_size": 2, "batch_size": 1, "image_size": 320, "jpeg_quality": 90}'
     ref_cmd, env = _cli_generate(imagenet, tmp_path / "ref" / "shard-0.h5", settings)
     subprocess.run(ref_cmd, env=env, check=True, capture_output=True)
     out = tmp_path / "run" / "shard-0.h5"
@@ -169,14 +197,14 @@ def test_corrupt_or_stale_parts_are_redone(imagenet, tmp_path):
     with open(parts / "part-00001.h5", "r+b") as fh:  # truncated write
         fh.truncate(300)
     cfg = _cfg()
-    w = ShardWriter(list_imagenet(imagenet), "warp", 0, cfg, SEED, path,
-                    path.with_suffix(".rejects.csv"), parts)
+    w = ShardWriter(list_imagenet(imagenet), "warp", 0, cfg, SEED, path, path.with_suffix(".rejects.csv"), parts)
     w.run()
     assert (w.parts_written, w.parts_reused) == (1, 2)
     assert _by_image([path]) == ref
     # a settings change invalidates every part (fingerprint), not just the missing ones
-    w = ShardWriter(list_imagenet(imagenet), "warp", 0, _cfg(jpeg_quality=80), SEED, path,
-                    path.with_suffix(".rejects.csv"), parts)
+    w = ShardWriter(
+        list_imagenet(imagenet), "warp", 0, _cfg(jpeg_quality=80), SEED, path, path.with_suffix(".rejects.csv"), parts
+    )
     w.run()
     assert (w.parts_written, w.parts_reused) == (3, 0)
 
@@ -226,13 +254,15 @@ def test_non_finite_views_are_regenerated_with_recorded_seeds(imagenet, tmp_path
     cfg = _cfg(max_images=4)
     cfg["generators"]["nan-first-try"] = {}
     out = tmp_path / "shard-0.h5"
-    ShardWriter(records, "nan-first-try", 0, cfg, SEED, out, tmp_path / "r.csv",
-                tmp_path / "parts").run()
+    ShardWriter(records, "nan-first-try", 0, cfg, SEED, out, tmp_path / "r.csv", tmp_path / "parts").run()
     with h5py.File(out, "r") as f:
         seeds = f["seed"][:]
     for r, row in zip(records, seeds):
-        assert row.tolist() == [view_seed(SEED, r.image_id, 0), view_seed(SEED, r.image_id, 1, 1),
-                                view_seed(SEED, r.image_id, 2)]
+        assert row.tolist() == [
+            view_seed(SEED, r.image_id, 0),
+            view_seed(SEED, r.image_id, 1, 1),
+            view_seed(SEED, r.image_id, 2),
+        ]
 
 
 def test_merge_copy_and_vds_and_dataloader(imagenet, tmp_path):
@@ -284,12 +314,42 @@ def test_figure_and_cli_merge(imagenet, tmp_path):
     paths = _run_shards(imagenet, tmp_path, shards=2)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     bag, fig = tmp_path / "bag.h5", tmp_path / "fig.png"
-    subprocess.run([sys.executable, "-m", "pipeline.views", "merge", "--shards", *map(str, paths),
-                    "--out", str(bag), "--root", str(imagenet), "--settings",
-                    '{"shards": 2, "part_size": 4}'], env=env, check=True, capture_output=True)
-    bad = subprocess.run([sys.executable, "-m", "pipeline.views", "merge", "--shards", str(paths[0]),
-                          "--out", str(tmp_path / "x.h5"), "--settings", '{"shards": 2}'],
-                         env=env, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.views.shards",
+            "merge",
+            "--shards",
+            *map(str, paths),
+            "--out",
+            str(bag),
+            "--root",
+            str(imagenet),
+            "--settings",
+            '{"shards": 2, "part_size": 4}',
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.views.shards",
+            "merge",
+            "--shards",
+            str(paths[0]),
+            "--out",
+            str(tmp_path / "x.h5"),
+            "--settings",
+            '{"shards": 2}',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "1 shard files given, views.shards = 2" in bad.stderr
     plot_bag(bag, fig, n_images=3)
     import matplotlib.image

@@ -19,8 +19,18 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COPY = ["Snakefile", "rules", "pipeline", "schemas", "config.yaml", "envs", "profiles", "report", "presets",
-        "tests/configs"]
+COPY = [
+    "Snakefile",
+    "rules",
+    "pipeline",
+    "schemas",
+    "config.yaml",
+    "envs",
+    "profiles",
+    "report",
+    "presets",
+    "tests/configs",
+]
 # `=` form: --configfile takes several values and would swallow the target that follows
 TINY = ["--configfile=tests/configs/tiny.yaml"]
 pytestmark = pytest.mark.slow
@@ -28,8 +38,14 @@ pytestmark = pytest.mark.slow
 
 def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(workdir)}
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -139,10 +155,21 @@ def test_code_edit_reruns_only_what_it_invalidates(tiny_run, module, expected):
 
 def test_cell_change_adds_only_that_cell(tiny_run, tmp_path):
     override = tiny_run / "tests" / "configs" / "tiny_cell.yaml"
-    override.write_text("tables:\n  table4:\n    cells:\n      - {anchors: 1, anchor_mask: 0.0}\n"
-                        "      - {anchors: 2, anchor_mask: 0.25}\n")
-    proc = snakemake(tiny_run, "-n", "--cores", "2", "--configfile", "tests/configs/tiny.yaml", str(override),
-                     "--", "results/table4.csv")
+    override.write_text(
+        "tables:\n  table4:\n    cells:\n      - {anchors: 1, anchor_mask: 0.0}\n"
+        "      - {anchors: 2, anchor_mask: 0.25}\n"
+    )
+    proc = snakemake(
+        tiny_run,
+        "-n",
+        "--cores",
+        "2",
+        "--configfile",
+        "tests/configs/tiny.yaml",
+        str(override),
+        "--",
+        "results/table4.csv",
+    )
     out = proc.stdout + proc.stderr
     counts = job_counts(out)
     assert counts == {"pretrain": 1, "propagate": 3, "assemble_table4": 1}, counts
@@ -205,10 +232,22 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(tiny_run, tmp_path):
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(tiny_run)}
     # force a GPU stage (views) and a CPU stage (random-init encoder) into the first wave
-    cmd = [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", *TINY,
-           "--forcerun", "generate_views", "init_random_encoder", "--", "results/table4.csv"]
-    proc = subprocess.Popen(cmd, cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--profile",
+        "profiles/slurm",
+        *TINY,
+        "--forcerun",
+        "generate_views",
+        "init_random_encoder",
+        "--",
+        "results/table4.csv",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and (not captured.exists() or captured.read_text().count("\n") < 3):
         time.sleep(1)
@@ -228,8 +267,7 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(tiny_run, tmp_path):
     cpu_rule = by_rule.get("init_random_encoder")
     assert cpu_rule is not None, lines
     assert "--gpus" not in cpu_rule and "gres=gpu" not in cpu_rule
-    subprocess.run([sys.executable, "-m", "snakemake", "--unlock", *TINY], cwd=tiny_run, env=env,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "snakemake", "--unlock", *TINY], cwd=tiny_run, env=env, capture_output=True)
 
 
 def test_killed_pretraining_resumes_when_rerun(tmp_path):
@@ -237,16 +275,25 @@ def test_killed_pretraining_resumes_when_rerun(tmp_path):
     (`--unlock`, then `--rerun-incomplete`) resumes the job from its saved state."""
     work = copy_workflow(tmp_path)
     cfg = work / "tests" / "configs" / "tiny_kill.yaml"
-    cfg.write_text("pretrain: {cell_defaults: {epochs: 40}}\n"
-                   "tables: {table4: {cells: [{anchors: 1, anchor_mask: 0.0}]}}\n")
+    cfg.write_text(
+        "pretrain: {cell_defaults: {epochs: 40}}\ntables: {table4: {cells: [{anchors: 1, anchor_mask: 0.0}]}}\n"
+    )
     args = ["--configfile", "tests/configs/tiny.yaml", str(cfg), "--cores", "2"]
-    model = ("method~cdgmae/arch~vit_mini_patch8/generator~warp/target~either/anchors~1/anchor_mask~0.0/"
-             "target_mask~0.9/epochs~40/seed~0")
+    model = (
+        "method~cdgmae/arch~vit_mini_patch8/generator~warp/target~either/anchors~1/anchor_mask~0.0/"
+        "target_mask~0.9/epochs~40/seed~0"
+    )
     target = f"results/pretrain/{model}/checkpoint.pth"
     state = work / "results" / "pretrain_state" / model / "last.pth"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(work)}
-    proc = subprocess.Popen([sys.executable, "-m", "snakemake", *args, "--", target], cwd=work, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snakemake", *args, "--", target],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and not state.exists() and proc.poll() is None:
         time.sleep(0.2)
@@ -265,8 +312,9 @@ def test_killed_pretraining_resumes_when_rerun(tmp_path):
 def test_every_table_builds_on_a_tiny_config(tmp_path):
     """The default target (every table, figure and the summary) on tiny data: each rule runs."""
     work = copy_workflow(tmp_path)
-    snakemake(work, "--cores", "2", "--configfile", "tests/configs/tiny.yaml", "tests/configs/tiny_all.yaml",
-              timeout=1500)
+    snakemake(
+        work, "--cores", "2", "--configfile", "tests/configs/tiny.yaml", "tests/configs/tiny_all.yaml", timeout=1500
+    )
     results = work / "results"
     for i in range(1, 11):
         assert (results / f"table{i}.csv").stat().st_size > 0, f"table{i}.csv"

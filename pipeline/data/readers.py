@@ -1,7 +1,7 @@
 """Readers for the official on-disk layouts (ImageNet folder, frame-folder videos, DAVIS-2017,
 VIP, JHMDB) and the reference val lists.
 
-The same readers serve the embedded synthetic datasets (``pipeline.synthetic``) and real data
+The same readers serve the embedded synthetic datasets (``pipeline.data.synthetic``) and real data
 roots from config. A missing or malformed root raises ``DatasetError`` naming the path and the
 expected layout. Frames are read with OpenCV and converted BGR → RGB as the reference propagation
 code does; annotations are read with PIL as integer ids (palette indices for DAVIS, class ids for
@@ -25,9 +25,9 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -37,24 +37,62 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 VIDEO_FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 # The 15 JHMDB joints in the order of pos_img's second axis (puppet joint order).
-JHMDB_JOINTS = ("neck", "belly", "face", "right_shoulder", "left_shoulder", "right_hip",
-                "left_hip", "right_elbow", "left_elbow", "right_knee", "left_knee",
-                "right_wrist", "left_wrist", "right_ankle", "left_ankle")
+JHMDB_JOINTS = (
+    "neck",
+    "belly",
+    "face",
+    "right_shoulder",
+    "left_shoulder",
+    "right_hip",
+    "left_hip",
+    "right_elbow",
+    "left_elbow",
+    "right_knee",
+    "left_knee",
+    "right_wrist",
+    "left_wrist",
+    "right_ankle",
+    "left_ankle",
+)
 
 # VIP / CIHP human-parsing classes; id = position (0 = background).
-VIP_CLASSES = ("background", "hat", "hair", "glove", "sunglasses", "upper_clothes", "dress",
-               "coat", "socks", "pants", "jumpsuits", "scarf", "skirt", "face", "left_arm",
-               "right_arm", "left_leg", "right_leg", "left_shoe", "right_shoe")
+VIP_CLASSES = (
+    "background",
+    "hat",
+    "hair",
+    "glove",
+    "sunglasses",
+    "upper_clothes",
+    "dress",
+    "coat",
+    "socks",
+    "pants",
+    "jumpsuits",
+    "scarf",
+    "skirt",
+    "face",
+    "left_arm",
+    "right_arm",
+    "left_leg",
+    "right_leg",
+    "left_shoe",
+    "right_shoe",
+)
 
 LAYOUTS = {
     "imagenet": "<root>/<split>/<class>/<name>.JPEG",
     "videos": "<root>/<video>/<frame>.jpg (one folder of frames per video)",
-    "davis": ("<root>/JPEGImages/480p/<seq>/00000.jpg, <root>/Annotations/480p/<seq>/00000.png "
-              "(palette PNG of object ids), <root>/ImageSets/2017/val.txt"),
-    "vip": ("<root>/Images/videos<N>/<frame>.jpg, "
-            "<root>/Annotations/Category_ids/videos<N>/<frame>.png (class ids 0-19)"),
-    "jhmdb": ("<root>/Rename_Images/<class>/<video>/00001.png, "
-              "<root>/joint_positions/<class>/<video>/joint_positions.mat (pos_img 2x15xT)"),
+    "davis": (
+        "<root>/JPEGImages/480p/<seq>/00000.jpg, <root>/Annotations/480p/<seq>/00000.png "
+        "(palette PNG of object ids), <root>/ImageSets/2017/val.txt"
+    ),
+    "vip": (
+        "<root>/Images/videos<N>/<frame>.jpg, <root>/Annotations/Category_ids/videos<N>/<frame>.png (class ids 0-19)"
+    ),
+    "jhmdb": (
+        "<root>/Rename_Images/<class>/<video>/00001.png, "
+        "<root>/joint_positions/<class>/<video>/joint_positions.mat (pos_img 2x15xT)"
+    ),
 }
 
 KINDS = tuple(LAYOUTS)
@@ -82,28 +120,14 @@ def _natural_key(path: Path):
 
 
 def _list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes
-                   and not p.name.startswith(".")), key=_natural_key)
+    return sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")),
+        key=_natural_key,
+    )
 
 
 def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def pascal_palette() -> list[int]:
-    """The PASCAL VOC colour map of DAVIS annotations (256 entries, flattened RGB, for
-    ``PIL.Image.putpalette``)."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,8 +151,7 @@ def read_id_png(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L"):
-                raise DatasetError(f"annotation must be an indexed (P) or grey (L) PNG, "
-                                   f"got mode {im.mode}: {path}")
+                raise DatasetError(f"annotation must be an indexed (P) or grey (L) PNG, got mode {im.mode}: {path}")
             return np.array(im, dtype=np.uint8)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
         raise DatasetError(f"cannot read annotation (missing or corrupt): {path} ({err})") from err
@@ -208,18 +231,17 @@ class _LabelledVideos:
         self._annotations: dict[str, list[Path]] = {}
         for name in names:
             frames = _list_files(_require_dir(self.kind, self.image_dir / name, unit), (".jpg",))
-            labels = _list_files(_require_dir(self.kind, self.label_dir / name, "annotation"),
-                                 (".png",))
+            labels = _list_files(_require_dir(self.kind, self.label_dir / name, "annotation"), (".png",))
             if not frames:
                 raise _layout_error(self.kind, self.image_dir / name, f"no .jpg frames in {unit}")
             if not labels:
                 raise _layout_error(self.kind, self.label_dir / name, f"no .png annotations in {unit}")
             if labels[0].stem != frames[0].stem:
-                raise _layout_error(self.kind, self.label_dir / name,
-                                    f"first frame {frames[0].name} has no annotation in")
+                raise _layout_error(
+                    self.kind, self.label_dir / name, f"first frame {frames[0].name} has no annotation in"
+                )
             if len(labels) != len(frames):
-                LOG.warning("%s %s: %d frames but %d annotations", self.kind, name, len(frames),
-                            len(labels))
+                LOG.warning("%s %s: %d frames but %d annotations", self.kind, name, len(frames), len(labels))
             self._frames[name], self._annotations[name] = frames, labels
 
     def __len__(self) -> int:
@@ -249,13 +271,11 @@ class DavisDataset(_LabelledVideos):
 
     kind = "davis"
 
-    def __init__(self, root: str | os.PathLike, split: str = "val",
-                 sequences: Iterable[str] | None = None):
+    def __init__(self, root: str | os.PathLike, split: str = "val", sequences: Iterable[str] | None = None):
         self.root = Path(root)
         _require_dir("davis", self.root, "root")
         self.image_dir = _require_dir("davis", self.root / "JPEGImages" / "480p", "JPEGImages/480p")
-        self.label_dir = _require_dir("davis", self.root / "Annotations" / "480p",
-                                      "Annotations/480p")
+        self.label_dir = _require_dir("davis", self.root / "Annotations" / "480p", "Annotations/480p")
         if sequences is None:
             split_file = self.root / "ImageSets" / "2017" / f"{split}.txt"
             if not split_file.is_file():
@@ -291,8 +311,7 @@ class VipDataset(_LabelledVideos):
         self.root = Path(root)
         _require_dir("vip", self.root, "root")
         self.image_dir = _require_dir("vip", self.root / "Images", "Images")
-        self.label_dir = _require_dir("vip", self.root / "Annotations" / "Category_ids",
-                                      "Annotations/Category_ids")
+        self.label_dir = _require_dir("vip", self.root / "Annotations" / "Category_ids", "Annotations/Category_ids")
         if videos is None:
             videos = sorted((d.name for d in _subdirs(self.image_dir)), key=lambda n: (_vip_number(n), n))
             if not videos:
@@ -336,11 +355,14 @@ class JhmdbDataset:
         self.image_dir = _require_dir("jhmdb", self.root / "Rename_Images", "Rename_Images")
         self.joint_dir = _require_dir("jhmdb", self.root / "joint_positions", "joint_positions")
         if split_list is None:
-            videos = [f"{c.name}/{v.name}" for c in _subdirs(self.image_dir) for v in _subdirs(c)
-                      if (self.joint_dir / c.name / v.name / "joint_positions.mat").is_file()]
+            videos = [
+                f"{c.name}/{v.name}"
+                for c in _subdirs(self.image_dir)
+                for v in _subdirs(c)
+                if (self.joint_dir / c.name / v.name / "joint_positions.mat").is_file()
+            ]
             if not videos:
-                raise _layout_error("jhmdb", self.root, "no video with both frames and "
-                                    "joint_positions.mat in")
+                raise _layout_error("jhmdb", self.root, "no video with both frames and joint_positions.mat in")
         elif isinstance(split_list, (str, os.PathLike)):
             videos = [e.name for e in read_vallist("jhmdb", split_list)]
         else:
@@ -422,12 +444,16 @@ def _list_lines(kind: str, names: Sequence[str], prefix: str) -> list[str]:
     if kind == "vip":
         return [f"{at('Images/' + v)} {at('Annotations/Category_ids/' + v)}" for v in names]
     # JHMDB: label first (CropMAE's order; videowalk put the frames first)
-    return [f"{at('joint_positions/' + v + '/joint_positions.mat')} {at('Rename_Images/' + v)}"
-            for v in names]
+    return [f"{at('joint_positions/' + v + '/joint_positions.mat')} {at('Rename_Images/' + v)}" for v in names]
 
 
-def write_vallist(kind: str, root: str | os.PathLike, path: str | os.PathLike,
-                  names: Sequence[str] | None = None, prefix: str | None = None) -> list[str]:
+def write_vallist(
+    kind: str,
+    root: str | os.PathLike,
+    path: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    prefix: str | None = None,
+) -> list[str]:
     """Write the reference val list of ``root`` to ``path`` (one space, two fields, no trailing
     newline) and return its lines.
 
@@ -436,7 +462,7 @@ def write_vallist(kind: str, root: str | os.PathLike, path: str | os.PathLike,
     root, which ``read_vallist`` resolves against the list's folder, so a list stored inside its
     root keeps working when the tree is moved.
     """
-    from pipeline.utils import write_text_atomic
+    from pipeline.io import write_text_atomic
 
     if kind not in VALLIST_KINDS:
         raise ValueError(f"val list kind must be one of {VALLIST_KINDS}, got {kind!r}")
@@ -480,8 +506,10 @@ def read_vallist(kind: str, path: str | os.PathLike) -> list[ValEntry]:
         if kind == "jhmdb":
             labels, frames = (_resolve(f, path.parent) for f in fields)
             if labels.name != "joint_positions.mat":
-                raise DatasetError(f"{path}:{lineno}: JHMDB lists are label first "
-                                   f"(<...>/joint_positions.mat <frames dir>), got {line!r}")
+                raise DatasetError(
+                    f"{path}:{lineno}: JHMDB lists are label first "
+                    f"(<...>/joint_positions.mat <frames dir>), got {line!r}"
+                )
             name = f"{frames.parent.name}/{frames.name}"
         else:
             frames, labels = (_resolve(f, path.parent) for f in fields)
@@ -496,8 +524,9 @@ def read_vallist(kind: str, path: str | os.PathLike) -> list[ValEntry]:
 # CLI: validate a root
 
 
-def check_root(kind: str, root: str | os.PathLike, vallist: str | os.PathLike | None = None,
-               deep: bool = False) -> dict:
+def check_root(
+    kind: str, root: str | os.PathLike, vallist: str | os.PathLike | None = None, deep: bool = False
+) -> dict:
     """Open ``root`` with the reader of ``kind`` and return counts; ``deep`` reads every label."""
     names = [e.name for e in read_vallist(kind, vallist)] if vallist else None
     if kind == "imagenet":
@@ -508,14 +537,20 @@ def check_root(kind: str, root: str | os.PathLike, vallist: str | os.PathLike | 
         return {"videos": len(vids), "frames": sum(len(v.frames) for v in vids)}
     if kind == "davis":
         ds = DavisDataset(root, sequences=names)
-        out = {"sequences": len(ds), "frames": sum(len(ds.frames(s)) for s in ds.sequences),
-               "annotations": sum(len(ds.annotations(s)) for s in ds.sequences),
-               "objects": sum(ds.num_objects(s) for s in ds.sequences)}
+        out = {
+            "sequences": len(ds),
+            "frames": sum(len(ds.frames(s)) for s in ds.sequences),
+            "annotations": sum(len(ds.annotations(s)) for s in ds.sequences),
+            "objects": sum(ds.num_objects(s) for s in ds.sequences),
+        }
         return out
     if kind == "vip":
         ds = VipDataset(root, videos=names)
-        out = {"videos": len(ds), "frames": sum(len(ds.frames(v)) for v in ds.videos),
-               "annotations": sum(len(ds.annotations(v)) for v in ds.videos)}
+        out = {
+            "videos": len(ds),
+            "frames": sum(len(ds.frames(v)) for v in ds.videos),
+            "annotations": sum(len(ds.annotations(v)) for v in ds.videos),
+        }
         if deep:
             ids = set()
             for v in ds.videos:
@@ -533,17 +568,19 @@ def check_root(kind: str, root: str | os.PathLike, vallist: str | os.PathLike | 
             for v in ds.videos:
                 pos = ds.read_joints(v)
                 if pos.shape[2] < len(ds.frames(v)):
-                    raise DatasetError(f"pos_img has {pos.shape[2]} frames but the video has "
-                                       f"{len(ds.frames(v))}: {ds.joints_path(v)}")
+                    raise DatasetError(
+                        f"pos_img has {pos.shape[2]} frames but the video has {len(ds.frames(v))}: {ds.joints_path(v)}"
+                    )
         return out
     raise ValueError(f"unknown dataset kind {kind!r}; one of {KINDS}")
 
 
 def main(argv=None) -> None:
-    from pipeline.utils import setup_logging
+    from pipeline.runtime import setup_logging
 
-    ap = argparse.ArgumentParser(prog="python -m pipeline.datasets",
-                                 description="Readers for the official dataset layouts.")
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.data.readers", description="Readers for the official dataset layouts."
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     chk = sub.add_parser("check", help="validate a dataset root and print counts")
     chk.add_argument("--kind", required=True, choices=KINDS)
@@ -554,17 +591,18 @@ def main(argv=None) -> None:
     vl.add_argument("--kind", required=True, choices=VALLIST_KINDS)
     vl.add_argument("--root", required=True)
     vl.add_argument("--out", required=True)
-    vl.add_argument("--prefix", default=None,
-                    help="root as written in the lines (default: --root as given)")
-    vl.add_argument("--jhmdb-splits", default=None,
-                    help="JHMDB splits/ folder: list the videos of one official split")
+    vl.add_argument("--prefix", default=None, help="root as written in the lines (default: --root as given)")
+    vl.add_argument("--jhmdb-splits", default=None, help="JHMDB splits/ folder: list the videos of one official split")
     vl.add_argument("--split", type=int, default=1, help="JHMDB split number (reference: 1)")
     args = ap.parse_args(argv)
     setup_logging()
     try:
         if args.command == "vallist":
-            names = (jhmdb_split_videos(args.jhmdb_splits, args.split)
-                     if args.kind == "jhmdb" and args.jhmdb_splits else None)
+            names = (
+                jhmdb_split_videos(args.jhmdb_splits, args.split)
+                if args.kind == "jhmdb" and args.jhmdb_splits
+                else None
+            )
             lines = write_vallist(args.kind, args.root, args.out, names=names, prefix=args.prefix)
             print(f"wrote {len(lines)} lines to {args.out}")
             return

@@ -15,7 +15,7 @@ cross-attention decoder) from one unmasked anchor to N anchors, each masked inde
 
 Attention goes through ``F.scaled_dot_product_attention`` (timm's fused attention) and
 ``nn.MultiheadAttention(need_weights=False)``, so FLOP counters skip the QK^T / AV products exactly as
-the paper's Table 8 convention does (see ``pipeline.flops``).
+the paper's Table 8 convention does (see ``pipeline.pretrain.flops``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from functools import partial
-from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -32,24 +32,41 @@ import torch.nn.functional as F
 
 LOG = logging.getLogger("cdgmae.models_mae")
 
-ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads",
-             "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "decoder_ff")
+ARCH_KEYS = (
+    "patch_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+    "decoder_ff",
+)
 
 # name -> architecture. Decoders follow CropMAE's factories (siam_mae_vit_small / _base); the
 # feed-forward width is DecoderBlock's constructor default 2048, never overridden there.
 # ViT-S encoder with CropMAE's siam_mae_vit_small decoder; the /16 and /8 archs differ only in patch
-_VIT_SMALL = dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4,
-                  decoder_num_heads=8, decoder_ff=2048)
+_VIT_SMALL = dict(
+    embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, decoder_ff=2048
+)
 # CPU demo: a few hundred steps at 64 px train in well under a minute on one core.
-_VIT_MINI = dict(embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=128, decoder_depth=2,
-                 decoder_num_heads=4, decoder_ff=512)
+_VIT_MINI = dict(
+    embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, decoder_ff=512
+)
 
 ARCHS: dict[str, dict[str, int]] = {
     "vit_small_patch16": dict(patch_size=16, **_VIT_SMALL),
     "vit_small_patch8": dict(patch_size=8, **_VIT_SMALL),
-    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                             decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                             decoder_ff=2048),
+    "vit_base_patch16": dict(
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        decoder_embed_dim=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+        decoder_ff=2048,
+    ),
     "vit_mini_patch8": dict(patch_size=8, **_VIT_MINI),
     # its smaller-patch sibling, for the demo's Figure 4 (patch size comparison at 64 px)
     "vit_mini_patch4": dict(patch_size=4, **_VIT_MINI),
@@ -69,8 +86,7 @@ def resolve_arch(arch: str | Mapping) -> dict[str, int]:
     missing = [k for k in ARCH_KEYS if k not in arch]
     unknown = [k for k in arch if k not in ARCH_KEYS]
     if missing or unknown:
-        raise KeyError(f"arch dict: missing keys {missing}, unknown keys {unknown}; "
-                       f"expected exactly {list(ARCH_KEYS)}")
+        raise KeyError(f"arch dict: missing keys {missing}, unknown keys {unknown}; expected exactly {list(ARCH_KEYS)}")
     for key in ARCH_KEYS:
         if int(arch[key]) != arch[key] or arch[key] <= 0:
             raise ValueError(f"arch dict: {key}={arch[key]!r} must be a positive integer")
@@ -98,7 +114,7 @@ def sincos_pos_embed_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     if embed_dim % 2:
         raise ValueError(f"sin-cos embedding needs an even width, got {embed_dim}")
     omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000 ** omega  # (D/2,)
+    omega = 1.0 / 10000**omega  # (D/2,)
     out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None]  # (M, D/2)
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
@@ -110,8 +126,9 @@ def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int, cls_token: boo
     """
     if embed_dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {embed_dim}")
-    hh, ww = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
-                            torch.arange(grid_w, dtype=torch.float64), indexing="ij")  # (gh, gw)
+    hh, ww = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )  # (gh, gw)
     emb = torch.cat([sincos_pos_embed_1d(embed_dim // 2, ww), sincos_pos_embed_1d(embed_dim // 2, hh)], dim=1)
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), emb], dim=0)
@@ -133,12 +150,14 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> 
     dim = pos_embed.shape[-1]
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, g, g)
-    patch_pos = F.interpolate(patch_pos.float(),
-                              scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
-                              mode="bicubic", align_corners=False)
+    patch_pos = F.interpolate(
+        patch_pos.float(),
+        scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
+        mode="bicubic",
+        align_corners=False,
+    )
     if patch_pos.shape[-2:] != (grid_h, grid_w):
-        raise RuntimeError(f"pos-embed interpolation gave {tuple(patch_pos.shape[-2:])}, "
-                           f"expected {(grid_h, grid_w)}")
+        raise RuntimeError(f"pos-embed interpolation gave {tuple(patch_pos.shape[-2:])}, expected {(grid_h, grid_w)}")
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim).to(pos_embed.dtype)
     return torch.cat([cls_pos, patch_pos], dim=1)
 
@@ -187,8 +206,15 @@ def _init_linear_and_norm(module: nn.Module) -> None:
 class ViTEncoder(nn.Module):
     """MAE-style ViT encoder with a fixed sin-cos position embedding (keys MAE/CropMAE compatible)."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
-                 num_heads: int = 6, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         from timm.layers import PatchEmbed
         from timm.models.vision_transformer import Block
@@ -200,12 +226,12 @@ class ViTEncoder(nn.Module):
         # strict_img_size=False: dense_features runs on any multiple of the patch size
         self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim, strict_img_size=False)
         self.grid_size = img_size // patch_size
-        num_patches = self.grid_size ** 2
+        num_patches = self.grid_size**2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-            for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+        )
         self.norm = norm_layer(embed_dim)
         self.initialize_weights()
 
@@ -277,8 +303,7 @@ class CrossViewDecoderBlock(nn.Module):
     reference decoder weights load unchanged.
     """
 
-    def __init__(self, dim: int, num_heads: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 eps: float = 1e-6):
+    def __init__(self, dim: int, num_heads: int, dim_feedforward: int = 2048, dropout: float = 0.1, eps: float = 1e-6):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.multihead_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
@@ -315,8 +340,13 @@ class CrossViewMAE(nn.Module):
     with view 0 the target and 1..N the anchors.
     """
 
-    def __init__(self, arch: str | Mapping = "vit_small_patch16", img_size: int = 224,
-                 norm_pix_loss: bool = True, decoder_dropout: float = 0.1):
+    def __init__(
+        self,
+        arch: str | Mapping = "vit_small_patch16",
+        img_size: int = 224,
+        norm_pix_loss: bool = True,
+        decoder_dropout: float = 0.1,
+    ):
         super().__init__()
         self.arch = resolve_arch(arch)
         self.img_size = int(img_size)
@@ -324,17 +354,20 @@ class CrossViewMAE(nn.Module):
         a = self.arch
         self.encoder = build_encoder(a, img_size)
         self.patch_size = a["patch_size"]
-        num_patches = self.encoder.grid_size ** 2
+        num_patches = self.encoder.grid_size**2
         dec = a["decoder_embed_dim"]
 
         self.decoder_embed = nn.Linear(a["embed_dim"], dec)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dec), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList([
-            CrossViewDecoderBlock(dec, a["decoder_num_heads"], a["decoder_ff"], dropout=decoder_dropout)
-            for _ in range(a["decoder_depth"])])
+        self.decoder_blocks = nn.ModuleList(
+            [
+                CrossViewDecoderBlock(dec, a["decoder_num_heads"], a["decoder_ff"], dropout=decoder_dropout)
+                for _ in range(a["decoder_depth"])
+            ]
+        )
         self.decoder_norm = nn.LayerNorm(dec, eps=1e-6)
-        self.decoder_pred = nn.Linear(dec, self.patch_size ** 2 * 3)
+        self.decoder_pred = nn.Linear(dec, self.patch_size**2 * 3)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -385,8 +418,13 @@ class CrossViewMAE(nn.Module):
         latent, _, _ = self.encoder.forward_masked(anchors.flatten(0, 1), mask_ratio)  # (B*N, 1+k, D)
         return latent.reshape(B, N * latent.shape[1], latent.shape[2])
 
-    def forward_decoder(self, target_latent: torch.Tensor, ids_restore: torch.Tensor,
-                        memory: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward_decoder(
+        self,
+        target_latent: torch.Tensor,
+        ids_restore: torch.Tensor,
+        memory: torch.Tensor,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """target_latent (B, 1+k, D), ids_restore (B, L), memory (B, M, D) -> pred (B, L, p*p*3).
 
         ``grid`` = the target's patch grid (h, w) when it is not the pretraining one.
@@ -427,13 +465,18 @@ class CrossViewMAE(nn.Module):
 
 def build_encoder(arch: str | Mapping, img_size: int = 224) -> ViTEncoder:
     a = resolve_arch(arch)
-    return ViTEncoder(img_size=img_size, patch_size=a["patch_size"], embed_dim=a["embed_dim"],
-                      depth=a["depth"], num_heads=a["num_heads"])
+    return ViTEncoder(
+        img_size=img_size,
+        patch_size=a["patch_size"],
+        embed_dim=a["embed_dim"],
+        depth=a["depth"],
+        num_heads=a["num_heads"],
+    )
 
 
 def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
+        return {k[len(prefix) :]: v for k, v in state.items()}
     return dict(state)
 
 
@@ -445,7 +488,7 @@ def encoder_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     for wrapper in ("module.", "_orig_mod.", "module."):
         state = _strip_prefix(state, wrapper)
     if any(k.startswith("encoder.") for k in state):
-        return {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        return {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
 
 
@@ -457,16 +500,21 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     except KeyError as err:
         raise KeyError(f"cannot infer the arch: encoder key {err} missing; pass arch=") from None
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    hits = [n for n, a in ARCHS.items()
-            if (a["patch_size"], a["embed_dim"], a["depth"]) == (patch, dim, depth)]
+    hits = [n for n, a in ARCHS.items() if (a["patch_size"], a["embed_dim"], a["depth"]) == (patch, dim, depth)]
     if len(hits) != 1:
-        raise ValueError(f"cannot infer the arch (patch {patch}, dim {dim}, depth {depth}) from the "
-                         f"registry (matches: {hits}); pass arch=")
+        raise ValueError(
+            f"cannot infer the arch (patch {patch}, dim {dim}, depth {depth}) from the "
+            f"registry (matches: {hits}); pass arch="
+        )
     return resolve_arch(hits[0])
 
 
-def load_encoder(checkpoint_path: str | os.PathLike, device: str | torch.device = "cpu",
-                 arch: str | Mapping | None = None, img_size: int | None = None) -> ViTEncoder:
+def load_encoder(
+    checkpoint_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    arch: str | Mapping | None = None,
+    img_size: int | None = None,
+) -> ViTEncoder:
     """Encoder from our checkpoint payload, an MAE/CropMAE checkpoint, or an encoder-only state dict.
 
     arch / img_size: explicit > the checkpoint's ``arch`` / ``img_size`` > inferred from the weights.
@@ -505,13 +553,17 @@ def load_encoder(checkpoint_path: str | os.PathLike, device: str | torch.device 
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise KeyError(f"{path}: {len(missing)} of {len(expected)} encoder keys missing: {shown}")
-    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-           if state[k].shape != v.shape]
+    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
     if bad:
         raise ValueError(f"{path}: encoder shape mismatch: {'; '.join(bad[:8])}")
     encoder.load_state_dict({k: state[k] for k in expected}, strict=True)
-    LOG.info("loaded %d encoder tensors from %s (arch %s, img_size %d)", len(expected), path,
-             arch_name(arch) or arch, img_size)
+    LOG.info(
+        "loaded %d encoder tensors from %s (arch %s, img_size %d)",
+        len(expected),
+        path,
+        arch_name(arch) or arch,
+        img_size,
+    )
     return encoder.to(device).eval()
 
 
@@ -522,9 +574,11 @@ def load_encoder(checkpoint_path: str | os.PathLike, device: str | torch.device 
 def parameter_counts(model: CrossViewMAE) -> dict[str, int]:
     """Trainable parameters: encoder, decoder side (everything else), decoder blocks alone."""
     trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
-    return {"encoder": sum(v for n, v in trainable if n.startswith("encoder.")),
-            "decoder": sum(v for n, v in trainable if not n.startswith("encoder.")),
-            "decoder_blocks": sum(v for n, v in trainable if n.startswith("decoder_blocks."))}
+    return {
+        "encoder": sum(v for n, v in trainable if n.startswith("encoder.")),
+        "decoder": sum(v for n, v in trainable if not n.startswith("encoder.")),
+        "decoder_blocks": sum(v for n, v in trainable if n.startswith("decoder_blocks.")),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,46 +587,58 @@ def parameter_counts(model: CrossViewMAE) -> dict[str, int]:
 
 def _encoder_payload(encoder, arch, config: dict) -> dict:
     """Checkpoint payload of docs/architecture.md with encoder weights only (MAE key names)."""
-    return {"model": encoder.state_dict(), "optimizer": None, "scaler": None, "epoch": 0, "step": 0,
-            "arch": resolve_arch(arch), "img_size": int(encoder.img_size), "config": config}
+    return {
+        "model": encoder.state_dict(),
+        "optimizer": None,
+        "scaler": None,
+        "epoch": 0,
+        "step": 0,
+        "arch": resolve_arch(arch),
+        "img_size": int(encoder.img_size),
+        "config": config,
+    }
 
 
 def init_random_encoder(arch: str, seed: int, output: str | Path, img_size: int = 224) -> None:
     """Randomly initialised encoder (the model's own init, seeded) saved as a checkpoint, so the
     random-init reference row is evaluated by the same ``propagate`` rule as trained encoders."""
-    from pipeline.utils import save_torch_atomic, seed_everything
+    from pipeline.devices import seed_everything
+    from pipeline.pretrain.checkpoints import save_torch_atomic
 
     seed_everything(seed)
     encoder = build_encoder(arch, img_size)
-    save_torch_atomic(_encoder_payload(encoder, arch, {"random_init_seed": seed, "arch": arch}),
-                      output)
+    save_torch_atomic(_encoder_payload(encoder, arch, {"random_init_seed": seed, "arch": arch}), output)
     logging.getLogger("cdgmae.models_mae").info("random-init %s (seed %d) -> %s", arch, seed, output)
 
 
 def import_external_encoder(source: str | Path, arch: str, output: str | Path) -> None:
     """An MAE/CropMAE-format checkpoint converted to our payload; every encoder key must be there
     (``load_encoder`` raises naming the missing keys, unlike the reference's silent partial load)."""
-    from pipeline.utils import save_torch_atomic
+    from pipeline.pretrain.checkpoints import save_torch_atomic
 
     encoder = load_encoder(source, device="cpu", arch=arch)
     save_torch_atomic(_encoder_payload(encoder, arch, {"source": str(source), "arch": arch}), output)
     logging.getLogger("cdgmae.models_mae").info("imported %s (%s) -> %s", source, arch, output)
 
 
-
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    from pipeline.utils import setup_logging
+    from pipeline.runtime import setup_logging
 
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.models_mae",
-        description="Print an arch's parameter counts, or load a checkpoint's encoder and describe it.")
+        prog="python -m pipeline.pretrain.models_mae",
+        description="Print an arch's parameter counts, or load a checkpoint's encoder and describe it.",
+    )
     parser.add_argument("--arch", default="vit_small_patch16", choices=sorted(ARCHS))
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--checkpoint", default=None, help="our payload, an MAE/CropMAE checkpoint or "
-                        "an encoder state dict; --arch is used only if the file does not name one")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="our payload, an MAE/CropMAE checkpoint or "
+        "an encoder state dict; --arch is used only if the file does not name one",
+    )
     sub = parser.add_subparsers(dest="command")
     init = sub.add_parser("init-random", help="save a seeded randomly initialised encoder checkpoint")
     init.add_argument("--arch", required=True)
@@ -599,12 +665,21 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             encoder = load_encoder(args.checkpoint, arch=args.arch)
         n = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
-        info = {"checkpoint": args.checkpoint, "img_size": encoder.img_size,
-                "patch_size": encoder.patch_size, "embed_dim": encoder.embed_dim,
-                "depth": len(encoder.blocks), "encoder_params": n}
+        info = {
+            "checkpoint": args.checkpoint,
+            "img_size": encoder.img_size,
+            "patch_size": encoder.patch_size,
+            "embed_dim": encoder.embed_dim,
+            "depth": len(encoder.blocks),
+            "encoder_params": n,
+        }
     else:
-        info = {"arch": args.arch, "img_size": args.img_size, **resolve_arch(args.arch),
-                **{f"{k}_params": v for k, v in parameter_counts(CrossViewMAE(args.arch, args.img_size)).items()}}
+        info = {
+            "arch": args.arch,
+            "img_size": args.img_size,
+            **resolve_arch(args.arch),
+            **{f"{k}_params": v for k, v in parameter_counts(CrossViewMAE(args.arch, args.img_size)).items()},
+        }
     print(json.dumps(info, indent=2))
 
 

@@ -2,7 +2,7 @@
 
 A strategy turns a source item (a bag of views, an image, a video) into a float tensor
 ``(1 + N, 3, S, S)``, ImageNet-normalised, **index 0 = target**, 1..N = anchors — the layout
-``pipeline.models_mae.CrossViewMAE.forward`` expects.
+``pipeline.pretrain.models_mae.CrossViewMAE.forward`` expects.
 
 Registry (``STRATEGIES``, method name -> dataset builder; ``build_dataset`` dispatches on ``cell["method"]``):
 
@@ -19,30 +19,29 @@ Registry (``STRATEGIES``, method name -> dataset builder; ``build_dataset`` disp
 Determinism: every random choice of a sample comes from ``numpy.random.default_rng([seed, epoch,
 index])``, so a sample depends only on (seed, epoch, index) — not on worker count, batch position
 or whether the run was resumed. Datasets take ``(epoch, index)`` keys (see ``EpochSampler`` in
-``pipeline.pretrain``) so persistent workers need no epoch broadcast.
+``pipeline.pretrain.main_pretrain``) so persistent workers need no epoch broadcast.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.encoders import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported for tests)
-
-
+from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 
 # ---------------------------------------------------------------------------------------------
 # geometry: boxes, crops, flips
 
 
-def sample_rrc_box(rng: np.random.Generator, height: int, width: int,
-                   scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
+def sample_rrc_box(
+    rng: np.random.Generator, height: int, width: int, scale: Sequence[float], ratio: Sequence[float]
+) -> tuple[int, int, int, int]:
     """BYOL/TF-style single-shot random-resized-crop box ``(top, left, h, w)``.
 
     As CropMAE's ``RRC`` (used by its GlobalToLocal and SiamMAE pipelines), not torchvision's
@@ -72,8 +71,9 @@ def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int,
     from torchvision.transforms.v2 import functional as TF
 
     top, left, h, w = box
-    out = TF.resized_crop(image, top, left, h, w, [size, size],
-                          interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    out = TF.resized_crop(
+        image, top, left, h, w, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True
+    )
     return TF.horizontal_flip(out) if flip else out
 
 
@@ -168,12 +168,23 @@ def _spread(items: Sequence) -> list:
 
 
 class BagViewsDataset(EpochDataset):
-    """CDG-MAE samples from a bag of views (``pipeline.views.BagDataset`` or any sequence of the
+    """CDG-MAE samples from a bag of views (``pipeline.views.shards.BagDataset`` or any sequence of the
     same items: ``{"image_id", "index", "real": HxWx3 uint8, "views": [HxWx3 uint8] * M}``)."""
 
-    def __init__(self, bag, *, img_size: int, anchors: int, target: str, seed: int,
-                 scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), shared: bool = True, flip: bool = True,
-                 knn: dict | None = None):
+    def __init__(
+        self,
+        bag,
+        *,
+        img_size: int,
+        anchors: int,
+        target: str,
+        seed: int,
+        scale=(0.5, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        shared: bool = True,
+        flip: bool = True,
+        knn: dict | None = None,
+    ):
         super().__init__(seed)
         if target not in TARGET_RULES:
             raise ValueError(f"unknown target rule {target!r}; expected one of {TARGET_RULES}")
@@ -184,8 +195,10 @@ class BagViewsDataset(EpochDataset):
         self.knn = knn
         self._row_of_index: dict[int, int] | None = None
         if knn is not None and self.anchors > knn["neighbours"].shape[1]:
-            raise ValueError(f"{self.anchors} anchors but the neighbours file holds only "
-                             f"k = {knn['neighbours'].shape[1]} neighbours per image")
+            raise ValueError(
+                f"{self.anchors} anchors but the neighbours file holds only "
+                f"k = {knn['neighbours'].shape[1]} neighbours per image"
+            )
 
     def __len__(self) -> int:
         return len(self.bag)
@@ -246,8 +259,17 @@ class BagViewsDataset(EpochDataset):
 class GlobalToLocalDataset(EpochDataset):
     """CropMAE GlobalToLocal samples from single images (``ImageRecord``s with ``.path``)."""
 
-    def __init__(self, images: Sequence, *, img_size: int, seed: int, global_scale=(0.1, 1.0),
-                 local_scale=(0.3, 0.6), ratio=(3 / 4, 4 / 3), flip: bool = True):
+    def __init__(
+        self,
+        images: Sequence,
+        *,
+        img_size: int,
+        seed: int,
+        global_scale=(0.1, 1.0),
+        local_scale=(0.3, 0.6),
+        ratio=(3 / 4, 4 / 3),
+        flip: bool = True,
+    ):
         super().__init__(seed)
         self.images, self.img_size = list(images), int(img_size)
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
@@ -274,7 +296,7 @@ class GlobalToLocalDataset(EpochDataset):
         return gbox, lbox, global_crop, local_crop
 
     def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        from pipeline.datasets import read_rgb
+        from pipeline.data.readers import read_rgb
 
         path = self.images[index].path
         image = to_chw(read_rgb(path), str(path))
@@ -297,8 +319,17 @@ def sample_frame_pair(rng: np.random.Generator, n_frames: int, gap_range=(4, 48)
 class VideoPairDataset(EpochDataset):
     """SiamMAE samples: two frames of one video (``VideoRecord``s with ``.name``, ``.frames``)."""
 
-    def __init__(self, videos: Sequence, *, img_size: int, seed: int, frame_gap=(4, 48),
-                 scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True):
+    def __init__(
+        self,
+        videos: Sequence,
+        *,
+        img_size: int,
+        seed: int,
+        frame_gap=(4, 48),
+        scale=(0.5, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        flip: bool = True,
+    ):
         super().__init__(seed)
         self.videos, self.img_size = list(videos), int(img_size)
         self.frame_gap, self.scale, self.ratio, self.flip = tuple(frame_gap), tuple(scale), tuple(ratio), bool(flip)
@@ -310,7 +341,7 @@ class VideoPairDataset(EpochDataset):
         return [f for v in _spread(self.videos) for f in _spread(v.frames)]
 
     def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        from pipeline.datasets import read_rgb
+        from pipeline.data.readers import read_rgb
 
         video = self.videos[index]
         f1, f2 = sample_frame_pair(rng, len(video.frames), self.frame_gap)
@@ -319,8 +350,9 @@ class VideoPairDataset(EpochDataset):
         box = sample_rrc_box(rng, *future.shape[-2:], self.scale, self.ratio)
         flip = self.flip and bool(rng.random() < 0.5)
         # target = future frame, anchor = past frame, one box and flip for both
-        return normalize(torch.stack([resized_crop(future, box, self.img_size, flip),
-                                      resized_crop(past, box, self.img_size, flip)]))
+        return normalize(
+            torch.stack([resized_crop(future, box, self.img_size, flip), resized_crop(past, box, self.img_size, flip)])
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,8 +362,8 @@ class VideoPairDataset(EpochDataset):
 def knn_table(knn_path: str | Path, imagenet_root: str | Path) -> dict:
     """The consistency stage's neighbours (rows = global indices of ``list_imagenet(root)``),
     checked against the current image list, keyed by image id."""
-    from pipeline.consistency import read_knn
-    from pipeline.datasets import list_imagenet
+    from pipeline.consistency.scoring import read_knn
+    from pipeline.data.readers import list_imagenet
 
     ids = [r.image_id for r in list_imagenet(imagenet_root)]
     neighbours = np.asarray(read_knn(knn_path, ids), dtype=np.int64)
@@ -339,45 +371,62 @@ def knn_table(knn_path: str | Path, imagenet_root: str | Path) -> dict:
 
 
 def _records(given, root, lister: str, flag: str, method: str) -> list:
-    """Records passed in, or listed from a dataset root by ``pipeline.datasets.<lister>``."""
+    """Records passed in, or listed from a dataset root by ``pipeline.data.readers.<lister>``."""
     if given is not None:
         return list(given)
     if root is None:
         raise ValueError(f"method {method} needs {flag}")
-    import pipeline.datasets
+    import pipeline.data.readers
 
-    return getattr(pipeline.datasets, lister)(root)
+    return getattr(pipeline.data.readers, lister)(root)
 
 
-def build_cdgmae(cell: dict, settings: dict, *, seed: int, bag=None, knn=None, imagenet_root=None,
-                 **_) -> BagViewsDataset:
+def build_cdgmae(
+    cell: dict, settings: dict, *, seed: int, bag=None, knn=None, imagenet_root=None, **_
+) -> BagViewsDataset:
     if bag is None:
         raise ValueError("method cdgmae needs a bag of views (--bag results/views/<generator>/bag.h5)")
     if isinstance(bag, (str, Path)):
-        from pipeline.views import BagDataset
+        from pipeline.views.shards import BagDataset
 
         if not Path(bag).exists():
             raise FileNotFoundError(f"bag of views not found: {bag}")
         bag = BagDataset(str(bag))
     if cell["target"] == "knn":
         if knn is None or (isinstance(knn, (str, Path)) and imagenet_root is None):
-            raise ValueError("target=knn needs --knn results/consistency/knn.npz and --imagenet-root "
-                             "(the image list its rows index)")
+            raise ValueError(
+                "target=knn needs --knn results/consistency/knn.npz and --imagenet-root (the image list its rows index)"
+            )
         knn = knn_table(knn, imagenet_root) if isinstance(knn, (str, Path)) else knn
     else:
         knn = None
     crop = settings["crop"]
-    return BagViewsDataset(bag, img_size=settings["img_size"], anchors=cell["anchors"], target=cell["target"],
-                           seed=seed, scale=crop["scale"], ratio=crop["ratio"], shared=crop["shared"],
-                           flip=crop["flip"], knn=knn)
+    return BagViewsDataset(
+        bag,
+        img_size=settings["img_size"],
+        anchors=cell["anchors"],
+        target=cell["target"],
+        seed=seed,
+        scale=crop["scale"],
+        ratio=crop["ratio"],
+        shared=crop["shared"],
+        flip=crop["flip"],
+        knn=knn,
+    )
 
 
 def build_cropmae(cell: dict, settings: dict, *, seed: int, imagenet_root=None, images=None, **_):
     images = _records(images, imagenet_root, "list_imagenet", "--imagenet-root", "cropmae")
     cfg = settings["cropmae"]
-    return GlobalToLocalDataset(images, img_size=settings["img_size"], seed=seed, global_scale=cfg["global_scale"],
-                                local_scale=cfg["local_scale"], ratio=settings["crop"]["ratio"],
-                                flip=settings["crop"]["flip"])
+    return GlobalToLocalDataset(
+        images,
+        img_size=settings["img_size"],
+        seed=seed,
+        global_scale=cfg["global_scale"],
+        local_scale=cfg["local_scale"],
+        ratio=settings["crop"]["ratio"],
+        flip=settings["crop"]["flip"],
+    )
 
 
 def build_siammae(cell: dict, settings: dict, *, seed: int, videos_root=None, videos=None, **_):
@@ -386,9 +435,15 @@ def build_siammae(cell: dict, settings: dict, *, seed: int, videos_root=None, vi
     if short:
         raise ValueError(f"videos with fewer than 2 frames: {short[:5]}")
     crop = settings["crop"]
-    return VideoPairDataset(videos, img_size=settings["img_size"], seed=seed,
-                            frame_gap=settings["siammae"]["frame_gap"], scale=crop["scale"],
-                            ratio=crop["ratio"], flip=crop["flip"])
+    return VideoPairDataset(
+        videos,
+        img_size=settings["img_size"],
+        seed=seed,
+        frame_gap=settings["siammae"]["frame_gap"],
+        scale=crop["scale"],
+        ratio=crop["ratio"],
+        flip=crop["flip"],
+    )
 
 
 # registry: method name -> builder(cell, settings, *, seed, **sources) -> EpochDataset

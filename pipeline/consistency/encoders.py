@@ -11,7 +11,7 @@ Registry (``consistency.encoder.name``):
 - ``timm``: any timm ViT (default ``vit_base_patch16_224.mae``, the paper's MAE ViT-B/16), created
   with ``pretrained=False`` and loaded from a local checkpoint; global = [CLS], patches = final-norm
   patch tokens.
-- ``cdgmae``: a checkpoint of our pretraining stage (``pipeline.models_mae.load_encoder``).
+- ``cdgmae``: a checkpoint of our pretraining stage (``pipeline.pretrain.models_mae.load_encoder``).
 - ``sift-grid`` / ``hog-grid``: weights-free dense descriptors on the patch grid (views-and-hdf5.md
   §10). ``centre = True``: the caller subtracts the dataset-mean descriptor (non-negative
   descriptors otherwise compress every cosine towards 1); global = mean-pooled patch descriptors.
@@ -21,20 +21,19 @@ Registry (``consistency.encoder.name``):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from pipeline.utils import resolve_device
+from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.devices import resolve_device
 
 LOG = logging.getLogger("cdgmae.encoders")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ENCODERS: dict[str, Callable[..., "FeatureEncoder"]] = {}
+ENCODERS: dict[str, Callable[..., FeatureEncoder]] = {}
 
 
 def register_encoder(name: str):
@@ -47,8 +46,8 @@ def register_encoder(name: str):
 
 @dataclass
 class TokenFeatures:
-    global_tokens: "torch.Tensor"  # (B, C) float32
-    patch_tokens: "torch.Tensor"  # (B, L, C) float32, L = h * w, row-major over the patch grid
+    global_tokens: torch.Tensor  # (B, C) float32
+    patch_tokens: torch.Tensor  # (B, L, C) float32, L = h * w, row-major over the patch grid
     grid: tuple[int, int]  # (h, w)
 
 
@@ -108,7 +107,7 @@ def read_state_dict(path: str | Path, key: str = "consistency.encoder.checkpoint
         if isinstance(ckpt.get(k), dict):
             ckpt = ckpt[k]
             break
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in ckpt.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in ckpt.items()}
 
 
 def load_timm_checkpoint(model, path: str | Path) -> None:
@@ -165,10 +164,10 @@ def _build_timm(settings: dict, device: str) -> FeatureEncoder:
 
 
 class CdgmaeEncoder(FeatureEncoder):
-    """Encoder of a ``results/pretrain/{model}/checkpoint.pth`` via ``pipeline.models_mae``."""
+    """Encoder of a ``results/pretrain/{model}/checkpoint.pth`` via ``pipeline.pretrain.models_mae``."""
 
     def __init__(self, checkpoint: str | Path, image_size: int, device: str = "cpu"):
-        from pipeline.models_mae import load_encoder
+        from pipeline.pretrain.models_mae import load_encoder
 
         if checkpoint is None:
             raise ValueError("consistency.encoder.checkpoint is null: the cdgmae encoder needs one")
@@ -208,8 +207,9 @@ class GridDescriptorEncoder(FeatureEncoder):
 
     def __init__(self, image_size: int, patch_size: int, device: str = "cpu"):
         if image_size % patch_size:
-            raise ValueError(f"consistency.encoder.image_size {image_size} is not a multiple of "
-                             f"patch_size {patch_size}")
+            raise ValueError(
+                f"consistency.encoder.image_size {image_size} is not a multiple of patch_size {patch_size}"
+            )
         self.image_size, self.patch_size, self.device = image_size, patch_size, device
         self.grid = (image_size // patch_size,) * 2
         self.name = f"{self.kind} (weights-free, {patch_size}px cells, mean-centred)"
@@ -266,8 +266,14 @@ class HogGridEncoder(GridDescriptorEncoder):
         from skimage.feature import hog
 
         half = self.patch_size // 2
-        blocks = hog(gray, orientations=9, pixels_per_cell=(half, half), cells_per_block=(2, 2),
-                     block_norm="L2-Hys", feature_vector=False)  # (2h-1, 2w-1, 2, 2, 9), stride half
+        blocks = hog(
+            gray,
+            orientations=9,
+            pixels_per_cell=(half, half),
+            cells_per_block=(2, 2),
+            block_norm="L2-Hys",
+            feature_vector=False,
+        )  # (2h-1, 2w-1, 2, 2, 9), stride half
         blocks = blocks[::2, ::2]  # (h, w, 2, 2, 9): the blocks that tile the patch grid exactly
         return blocks.reshape(self.grid[0] * self.grid[1], -1).astype(np.float32)  # (L, 36)
 

@@ -16,10 +16,10 @@ pretraining images). Table 9 = ``generated`` for every generator in ``consistenc
 Features are extracted once per distinct image of a pair kind; descriptor encoders are mean-centred
 over the images of that pair kind (so a generator's row is identical in Tables 1 and 9).
 
-    python -m pipeline.consistency neighbours --imagenet-root R --settings JSON --k 5 --output knn.npz
-    python -m pipeline.consistency table1 --bag B --generator G --videos-root V --imagenet-root R \
+    python -m pipeline.consistency.scoring neighbours --imagenet-root R --settings JSON --k 5 --output knn.npz
+    python -m pipeline.consistency.scoring table1 --bag B --generator G --videos-root V --imagenet-root R \
         --knn knn.npz --settings JSON --seed 0 --output table1.csv --pairs-output pairs.csv
-    python -m pipeline.consistency table9 --bag G=B [--bag G2=B2 ...] --videos-root V ...
+    python -m pipeline.consistency.scoring table9 --bag G=B [--bag G2=B2 ...] --videos-root V ...
 """
 
 from __future__ import annotations
@@ -29,28 +29,38 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from pipeline.utils import (atomic_path, derive_seed, load_settings, progress, set_threads,
-                            setup_logging, write_csv_atomic)
+from pipeline.config import load_settings
+from pipeline.constants import views_label
+from pipeline.devices import set_threads
+from pipeline.imaging import load_square, resize_square
+from pipeline.io import atomic_path, write_csv_atomic, write_npz_atomic
+from pipeline.runtime import derive_seed, progress, setup_logging
 
 LOG = logging.getLogger("cdgmae.consistency")
 
 METRICS = ("global_sim", "local_sim", "nearest_patch_sim")
-KIND_LABELS = {"video_frames": "Video frames", "knn_images": "K-nn images",
-               "random_images": "Random images"}  # the paper's row names (paper_numbers.yaml)
-NPS_DIRECTION = {"video_frames": "earlier frame -> later frame", "generated": "real -> generated view",
-                 "knn_images": "query image -> neighbour", "random_images": "first image -> second image"}
+KIND_LABELS = {
+    "video_frames": "Video frames",
+    "knn_images": "K-nn images",
+    "random_images": "Random images",
+}  # the paper's row names (paper_numbers.yaml)
+NPS_DIRECTION = {
+    "video_frames": "earlier frame -> later frame",
+    "generated": "real -> generated view",
+    "knn_images": "query image -> neighbour",
+    "random_images": "first image -> second image",
+}
 
 
 def generated_label(generator: str) -> str:
     """Row label of real<->generated pairs; weights-free pseudo-views are named as baselines."""
-    from pipeline.report import views_label
-
     return "Diffusion (S-LDM)" if generator == "sldm" else views_label(generator)
 
 
@@ -74,8 +84,8 @@ def pair_metrics(global_a, global_b, patches_a, patches_b, chunk: int = 64):
     gs = F.cosine_similarity(global_a.float(), global_b.float(), dim=-1, eps=1e-8)  # (P,)
     ls, nps = [], []
     for s in range(0, patches_a.shape[0], chunk):
-        a = F.normalize(patches_a[s:s + chunk].float(), dim=-1, eps=1e-8)  # (p, L, C)
-        b = F.normalize(patches_b[s:s + chunk].float(), dim=-1, eps=1e-8)  # (p, L, C)
+        a = F.normalize(patches_a[s : s + chunk].float(), dim=-1, eps=1e-8)  # (p, L, C)
+        b = F.normalize(patches_b[s : s + chunk].float(), dim=-1, eps=1e-8)  # (p, L, C)
         ls.append((a * b).sum(-1).mean(-1))  # (p,) same-position cosines
         sim = torch.bmm(a, b.transpose(1, 2))  # (p, L, L): sim[i, j] = cos(a_i, b_j)
         nps.append(sim.amax(dim=2).mean(-1))  # (p,) best match in b for every patch of a
@@ -90,9 +100,7 @@ def pair_metrics(global_a, global_b, patches_a, patches_b, chunk: int = 64):
 
 def _load_square(path, size: int) -> np.ndarray:
     """Short side to ``size`` + centre crop: the same preprocessing as the bag's real images."""
-    from pipeline.views import load_real
-
-    return load_real(path, size)
+    return load_square(path, size)
 
 
 class ImageListSource:
@@ -135,7 +143,7 @@ class BagSource:
     def __init__(self, path: str | Path):
         import h5py
 
-        from pipeline.views import BagDataset
+        from pipeline.views.shards import BagDataset
 
         self.path = Path(path)
         self.bag = BagDataset(str(self.path))  # checks presence, completeness, VDS sources
@@ -152,8 +160,6 @@ class BagSource:
         return self.image_ids[position]
 
     def load(self, key, size: int) -> np.ndarray:
-        from pipeline.generators import resize_square
-
         position, view = key
         item = self.bag[position]
         return resize_square(item["real"] if view < 0 else item["views"][view], size)
@@ -181,21 +187,33 @@ class _KeyedImages:
         except Exception as err:  # name the file, whatever went wrong while decoding it
             raise RuntimeError(f"cannot read image {self.source.describe(key)}: {err}") from err
         if image.shape != (self.size, self.size, 3) or image.dtype != np.uint8:
-            raise ValueError(f"{self.source.describe(key)}: expected a {self.size}x{self.size}x3 uint8 "
-                             f"image, got {image.shape} {image.dtype}")
+            raise ValueError(
+                f"{self.source.describe(key)}: expected a {self.size}x{self.size}x3 uint8 "
+                f"image, got {image.shape} {image.dtype}"
+            )
         return torch.from_numpy(np.ascontiguousarray(image))
 
 
-def iter_feature_batches(encoder, source, keys: Sequence, batch_size: int, num_workers: int = 0,
-                         desc: str = "features", keep_patches: bool = True):
+def iter_feature_batches(
+    encoder,
+    source,
+    keys: Sequence,
+    batch_size: int,
+    num_workers: int = 0,
+    desc: str = "features",
+    keep_patches: bool = True,
+):
     """Yield (start, TokenFeatures on CPU) for consecutive batches of ``keys``, in order
     (``keep_patches=False``: patch tokens are dropped on the device, only globals come back)."""
     import torch
 
-    loader = torch.utils.data.DataLoader(_KeyedImages(source, keys, encoder.image_size),
-                                         batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers,
-                                         persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        _KeyedImages(source, keys, encoder.image_size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
     start = 0
     for images in progress(loader, desc=desc, total=len(loader), unit="batch"):
         feats = encoder.encode(images)
@@ -209,8 +227,7 @@ def iter_feature_batches(encoder, source, keys: Sequence, batch_size: int, num_w
         start += len(images)
 
 
-def extract_features(encoder, source, keys: Sequence, batch_size: int, num_workers: int = 0,
-                     desc: str = "features"):
+def extract_features(encoder, source, keys: Sequence, batch_size: int, num_workers: int = 0, desc: str = "features"):
     """Features of every key, once each: (global (N, C), patches (N, L, C)) on CPU, float32."""
     import torch
 
@@ -257,8 +274,9 @@ def sample_generated_pairs(n_images: int, n_views: int, n: int, seed: int) -> li
     return [(int(p), int(v)) for p, v in zip(positions, views)]
 
 
-def sample_video_pairs(lengths: Sequence[int], gap_range: Sequence[float], n: int,
-                       seed: int) -> list[tuple[int, int, int]]:
+def sample_video_pairs(
+    lengths: Sequence[int], gap_range: Sequence[float], n: int, seed: int
+) -> list[tuple[int, int, int]]:
     """(video, first frame, gap) triples: video uniform, gap uniform in the integer range
     [gap_lo, gap_hi] clipped to the video length, first frame uniform among valid starts."""
     lo, hi = int(math.ceil(gap_range[0])), int(math.floor(gap_range[1]))
@@ -282,8 +300,9 @@ def sample_video_pairs(lengths: Sequence[int], gap_range: Sequence[float], n: in
 def sample_knn_pairs(neighbours: np.ndarray, k: int, n: int, seed: int) -> list[tuple[int, int, int]]:
     """(query, neighbour, rank 1..k): distinct queries, rank uniform among the k nearest."""
     if k > neighbours.shape[1]:
-        raise ValueError(f"consistency.knn_k = {k} exceeds the {neighbours.shape[1]} neighbours in "
-                         "knn.npz (pretrain.knn_k)")
+        raise ValueError(
+            f"consistency.knn_k = {k} exceeds the {neighbours.shape[1]} neighbours in knn.npz (pretrain.knn_k)"
+        )
     rng = pair_rng(seed, "knn_images")
     queries = _distinct(rng, len(neighbours), n, "knn_images")
     ranks = rng.integers(0, k, size=len(queries))
@@ -326,26 +345,32 @@ def nearest_neighbours(embeddings, k: int, device: str = "cpu", chunk: int = 102
     idx_out = torch.empty(n, k, dtype=torch.int64)
     sim_out = torch.empty(n, k, dtype=torch.float32)
     for s in progress(range(0, n, chunk), desc="k-NN", unit="chunk"):
-        q = bank[s:s + chunk]  # (c, C)
+        q = bank[s : s + chunk]  # (c, C)
         sim = q @ bank.T  # (c, N)
         rows = torch.arange(q.shape[0], device=device)
         sim[rows, rows + s] = -math.inf  # never self
         top = sim.topk(k, dim=1)
-        idx_out[s:s + chunk] = top.indices.cpu()
-        sim_out[s:s + chunk] = top.values.cpu()
+        idx_out[s : s + chunk] = top.indices.cpu()
+        sim_out[s : s + chunk] = top.values.cpu()
     return idx_out, sim_out
 
 
 def _fingerprint(encoder_settings: dict, image_ids: Sequence[str], part_size: int) -> str:
-    h = hashlib.sha256(json.dumps({"encoder": encoder_settings, "part_size": part_size},
-                                  sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"encoder": encoder_settings, "part_size": part_size}, sort_keys=True).encode())
     for i in image_ids:
         h.update(i.encode() + b"\n")
     return h.hexdigest()[:16]
 
 
-def global_embeddings(encoder, source: ImageListSource, batch_size: int, num_workers: int,
-                      state_dir: str | Path | None, encoder_settings: dict, part_size: int = 8192):
+def global_embeddings(
+    encoder,
+    source: ImageListSource,
+    batch_size: int,
+    num_workers: int,
+    state_dir: str | Path | None,
+    encoder_settings: dict,
+    part_size: int = 8192,
+):
     """(N, C) global embeddings of every pretraining image; resumable through ``state_dir``.
 
     Each part of ``part_size`` images is written atomically as ``part-XXXXXX.npy`` under a folder
@@ -374,9 +399,14 @@ def global_embeddings(encoder, source: ImageListSource, batch_size: int, num_wor
                     continue
             except (ValueError, OSError) as err:
                 LOG.warning("re-computing unreadable part %s (%s)", path, err)
-        glob = torch.cat([f.global_tokens for _, f in iter_feature_batches(
-            encoder, source, keys, batch_size, num_workers, desc=f"part {p + 1}/{n_parts}",
-            keep_patches=False)])
+        glob = torch.cat(
+            [
+                f.global_tokens
+                for _, f in iter_feature_batches(
+                    encoder, source, keys, batch_size, num_workers, desc=f"part {p + 1}/{n_parts}", keep_patches=False
+                )
+            ]
+        )
         if path is not None:
             with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, glob.numpy())
@@ -387,18 +417,24 @@ def global_embeddings(encoder, source: ImageListSource, batch_size: int, num_wor
     return ids, emb
 
 
-def find_neighbours(encoder, source: ImageListSource, k: int, batch_size: int, num_workers: int,
-                    encoder_settings: dict, state_dir=None, part_size: int = 8192) -> dict:
-    ids, emb = global_embeddings(encoder, source, batch_size, num_workers, state_dir,
-                                 encoder_settings, part_size)
+def find_neighbours(
+    encoder,
+    source: ImageListSource,
+    k: int,
+    batch_size: int,
+    num_workers: int,
+    encoder_settings: dict,
+    state_dir=None,
+    part_size: int = 8192,
+) -> dict:
+    ids, emb = global_embeddings(encoder, source, batch_size, num_workers, state_dir, encoder_settings, part_size)
     neighbours, sims = nearest_neighbours(emb, k, device=encoder.device)
-    return {"image_id": np.asarray(ids), "neighbours": neighbours.numpy().astype(np.int64),
-            "similarity": sims.numpy(), "encoder": np.asarray(encoder.name)}
-
-
-def write_npz_atomic(path: str | Path, arrays: dict) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+    return {
+        "image_id": np.asarray(ids),
+        "neighbours": neighbours.numpy().astype(np.int64),
+        "similarity": sims.numpy(),
+        "encoder": np.asarray(encoder.name),
+    }
 
 
 def read_knn(path: str | Path, image_ids: Sequence[str]) -> np.ndarray:
@@ -412,8 +448,10 @@ def read_knn(path: str | Path, image_ids: Sequence[str]) -> np.ndarray:
                 raise KeyError(f"{path}: missing array {key!r}")
         stored, neighbours = data["image_id"], data["neighbours"]
     if len(stored) != len(image_ids) or any(a != b for a, b in zip(stored, image_ids)):
-        raise ValueError(f"{path} was built for another image list ({len(stored)} images, now "
-                         f"{len(image_ids)}): re-run find_neighbours")
+        raise ValueError(
+            f"{path} was built for another image list ({len(stored)} images, now "
+            f"{len(image_ids)}): re-run find_neighbours"
+        )
     return neighbours
 
 
@@ -440,8 +478,7 @@ def score_kind(encoder, pk: PairKind, batch_size: int, num_workers: int = 0):
     """(P, 3) numpy metrics of one pair kind; features extracted once per distinct key."""
     unique = list(dict.fromkeys(pk.keys_a + pk.keys_b))
     where = {key: i for i, key in enumerate(unique)}
-    glob, patches = extract_features(encoder, pk.source, unique, batch_size, num_workers,
-                                     desc=f"{pk.kind} features")
+    glob, patches = extract_features(encoder, pk.source, unique, batch_size, num_workers, desc=f"{pk.kind} features")
     if encoder.centre:
         glob, patches = centre_descriptors(glob, patches)
     ia = [where[k] for k in pk.keys_a]
@@ -462,44 +499,87 @@ def generated_kind(bag: BagSource, generator: str, n: int, seed: int) -> PairKin
     records = []
     for pos, view in pairs:
         image_id = bag.image_id(pos)
-        records.append({"a_id": image_id, "b_id": image_id, "a_index": pos, "b_index": pos,
-                        "view": view})
-    return PairKind("generated", generated_label(generator), bag, [(p, -1) for p, _ in pairs],
-                    [(p, v) for p, v in pairs], records, generator, bag.is_baseline)
+        records.append({"a_id": image_id, "b_id": image_id, "a_index": pos, "b_index": pos, "view": view})
+    return PairKind(
+        "generated",
+        generated_label(generator),
+        bag,
+        [(p, -1) for p, _ in pairs],
+        [(p, v) for p, v in pairs],
+        records,
+        generator,
+        bag.is_baseline,
+    )
 
 
 def video_kind(videos, gap_range, n: int, seed: int) -> PairKind:
     pairs = sample_video_pairs([len(v.frames) for v in videos], gap_range, n, seed)
-    records = [{"a_id": videos[v].name, "b_id": videos[v].name, "a_frame": t, "b_frame": t + g,
-                "gap": g} for v, t, g in pairs]
-    return PairKind("video_frames", KIND_LABELS["video_frames"], VideoFrameSource(videos),
-                    [(v, t) for v, t, _ in pairs], [(v, t + g) for v, t, g in pairs], records)
+    records = [
+        {"a_id": videos[v].name, "b_id": videos[v].name, "a_frame": t, "b_frame": t + g, "gap": g} for v, t, g in pairs
+    ]
+    return PairKind(
+        "video_frames",
+        KIND_LABELS["video_frames"],
+        VideoFrameSource(videos),
+        [(v, t) for v, t, _ in pairs],
+        [(v, t + g) for v, t, g in pairs],
+        records,
+    )
 
 
 def knn_kind(images: ImageListSource, neighbours: np.ndarray, k: int, n: int, seed: int) -> PairKind:
     pairs = sample_knn_pairs(neighbours, k, n, seed)
-    records = [{"a_id": images.image_id(q), "b_id": images.image_id(nb), "a_index": q, "b_index": nb,
-                "neighbour_rank": r} for q, nb, r in pairs]
-    return PairKind("knn_images", KIND_LABELS["knn_images"], images, [q for q, _, _ in pairs],
-                    [nb for _, nb, _ in pairs], records)
+    records = [
+        {"a_id": images.image_id(q), "b_id": images.image_id(nb), "a_index": q, "b_index": nb, "neighbour_rank": r}
+        for q, nb, r in pairs
+    ]
+    return PairKind(
+        "knn_images", KIND_LABELS["knn_images"], images, [q for q, _, _ in pairs], [nb for _, nb, _ in pairs], records
+    )
 
 
 def random_kind(images: ImageListSource, n: int, seed: int) -> PairKind:
     pairs = sample_random_pairs(len(images), n, seed)
-    records = [{"a_id": images.image_id(i), "b_id": images.image_id(j), "a_index": i, "b_index": j}
-               for i, j in pairs]
-    return PairKind("random_images", KIND_LABELS["random_images"], images, [i for i, _ in pairs],
-                    [j for _, j in pairs], records)
+    records = [{"a_id": images.image_id(i), "b_id": images.image_id(j), "a_index": i, "b_index": j} for i, j in pairs]
+    return PairKind(
+        "random_images", KIND_LABELS["random_images"], images, [i for i, _ in pairs], [j for _, j in pairs], records
+    )
 
 
-PAIR_COLUMNS = ["pair_kind", "views", "generator", "pair", "a_id", "b_id", "a_index", "b_index",
-                "a_frame", "b_frame", "gap", "view", "neighbour_rank", *METRICS, "encoder", "seed"]
-TABLE_COLUMNS = ["pair_kind", "views", "generator", *METRICS, *(f"{m}_std" for m in METRICS),
-                 "n_pairs", "encoder", "is_baseline", "nps_direction", "seed", "run_label"]
+PAIR_COLUMNS = [
+    "pair_kind",
+    "views",
+    "generator",
+    "pair",
+    "a_id",
+    "b_id",
+    "a_index",
+    "b_index",
+    "a_frame",
+    "b_frame",
+    "gap",
+    "view",
+    "neighbour_rank",
+    *METRICS,
+    "encoder",
+    "seed",
+]
+TABLE_COLUMNS = [
+    "pair_kind",
+    "views",
+    "generator",
+    *METRICS,
+    *(f"{m}_std" for m in METRICS),
+    "n_pairs",
+    "encoder",
+    "is_baseline",
+    "nps_direction",
+    "seed",
+    "run_label",
+]
 
 
-def score_table(encoder, kinds: Sequence[PairKind], batch_size: int, num_workers: int, seed: int,
-                run_label: str):
+def score_table(encoder, kinds: Sequence[PairKind], batch_size: int, num_workers: int, seed: int, run_label: str):
     """(table, per-pair) DataFrames; one table row per pair kind (mean and std over its pairs)."""
     import pandas as pd
 
@@ -507,15 +587,34 @@ def score_table(encoder, kinds: Sequence[PairKind], batch_size: int, num_workers
     for pk in kinds:
         scores = score_kind(encoder, pk, batch_size, num_workers)
         for i, (rec, s) in enumerate(zip(pk.records, scores)):
-            pair_rows.append({"pair_kind": pk.kind, "views": pk.views, "generator": pk.generator,
-                              "pair": i, **rec, **dict(zip(METRICS, map(float, s))),
-                              "encoder": encoder.name, "seed": seed})
+            pair_rows.append(
+                {
+                    "pair_kind": pk.kind,
+                    "views": pk.views,
+                    "generator": pk.generator,
+                    "pair": i,
+                    **rec,
+                    **dict(zip(METRICS, map(float, s))),
+                    "encoder": encoder.name,
+                    "seed": seed,
+                }
+            )
         row = {"pair_kind": pk.kind, "views": pk.views, "generator": pk.generator}
         row.update({m: float(scores[:, c].mean()) for c, m in enumerate(METRICS)})
-        row.update({f"{m}_std": float(scores[:, c].std(ddof=1)) if len(scores) > 1 else math.nan
-                    for c, m in enumerate(METRICS)})
-        row.update(n_pairs=len(scores), encoder=encoder.name, is_baseline=pk.is_baseline,
-                   nps_direction=NPS_DIRECTION[pk.kind], seed=seed, run_label=run_label)
+        row.update(
+            {
+                f"{m}_std": float(scores[:, c].std(ddof=1)) if len(scores) > 1 else math.nan
+                for c, m in enumerate(METRICS)
+            }
+        )
+        row.update(
+            n_pairs=len(scores),
+            encoder=encoder.name,
+            is_baseline=pk.is_baseline,
+            nps_direction=NPS_DIRECTION[pk.kind],
+            seed=seed,
+            run_label=run_label,
+        )
         rows.append(row)
         LOG.info("%-40s GS %.3f  LS %.3f  NPS %.3f  (%d pairs)", pk.views, *scores.mean(0), len(scores))
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
@@ -544,7 +643,7 @@ def _resolved(args) -> dict:
 
 
 def _encoder(cfg: dict, device: str | None):
-    from pipeline.encoders import build_encoder
+    from pipeline.consistency.encoders import build_encoder
 
     encoder = build_encoder(cfg["encoder"], device)
     LOG.info("encoder %s on %s", encoder.name, encoder.device)
@@ -552,13 +651,13 @@ def _encoder(cfg: dict, device: str | None):
 
 
 def _list_videos(root):
-    from pipeline.datasets import list_videos
+    from pipeline.data.readers import list_videos
 
     return list_videos(root)
 
 
 def _list_images(root):
-    from pipeline.datasets import list_imagenet
+    from pipeline.data.readers import list_imagenet
 
     return ImageListSource(list_imagenet(root))
 
@@ -573,8 +672,16 @@ def cmd_neighbours(args) -> None:
     cfg = _resolved(args)
     encoder = _encoder(cfg, args.device)
     images = _list_images(args.imagenet_root)
-    out = find_neighbours(encoder, images, args.k, cfg["encoder"]["batch_size"], cfg["num_workers"],
-                          cfg["encoder"], args.state_dir, args.part_size)
+    out = find_neighbours(
+        encoder,
+        images,
+        args.k,
+        cfg["encoder"]["batch_size"],
+        cfg["num_workers"],
+        cfg["encoder"],
+        args.state_dir,
+        args.part_size,
+    )
     write_npz_atomic(args.output, out)
     LOG.info("wrote %s: %d images x %d neighbours", args.output, *out["neighbours"].shape)
 
@@ -585,12 +692,13 @@ def cmd_table1(args) -> None:
     n, seed = cfg["n_pairs"], args.seed
     images = _list_images(args.imagenet_root)
     neighbours = read_knn(args.knn, [images.image_id(i) for i in range(len(images))])
-    kinds = [video_kind(_list_videos(args.videos_root), cfg["frame_gap"], n, seed),
-             generated_kind(BagSource(args.bag), args.generator, n, seed),
-             knn_kind(images, neighbours, cfg["knn_k"], n, seed),
-             random_kind(images, n, seed)]
-    table, pairs = score_table(encoder, kinds, cfg["encoder"]["batch_size"], cfg["num_workers"],
-                               seed, args.run_label)
+    kinds = [
+        video_kind(_list_videos(args.videos_root), cfg["frame_gap"], n, seed),
+        generated_kind(BagSource(args.bag), args.generator, n, seed),
+        knn_kind(images, neighbours, cfg["knn_k"], n, seed),
+        random_kind(images, n, seed),
+    ]
+    table, pairs = score_table(encoder, kinds, cfg["encoder"]["batch_size"], cfg["num_workers"], seed, args.run_label)
     _write_tables(table, pairs, args.output, args.pairs_output)
 
 
@@ -609,19 +717,22 @@ def cmd_table9(args) -> None:
     if args.videos_root:  # the paper's reference row
         kinds.append(video_kind(_list_videos(args.videos_root), cfg["frame_gap"], n, seed))
     kinds += [generated_kind(BagSource(path), name, n, seed) for name, path in args.bag]
-    table, pairs = score_table(encoder, kinds, cfg["encoder"]["batch_size"], cfg["num_workers"],
-                               seed, args.run_label)
+    table, pairs = score_table(encoder, kinds, cfg["encoder"]["batch_size"], cfg["num_workers"], seed, args.run_label)
     _write_tables(table, pairs, args.output, args.pairs_output)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.consistency", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.consistency.scoring",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--settings", help="consistency config section (JSON string or file); "
-                       "missing keys take the schema defaults")
+        p.add_argument(
+            "--settings", help="consistency config section (JSON string or file); missing keys take the schema defaults"
+        )
         p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
         p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
         p.add_argument("--batch-size", type=int, default=None, help="override encoder.batch_size")

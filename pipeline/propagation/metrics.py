@@ -23,7 +23,7 @@ import numpy as np
 BOUNDARY_TH = 0.008
 
 VIP_NUM_CLASSES = 20
-# Joint and class names live in pipeline.datasets (JHMDB_JOINTS, VIP_CLASSES).
+# Joint and class names live in pipeline.data.readers (JHMDB_JOINTS, VIP_CLASSES).
 PCK_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 # Reference normaliser: 0.6 x diagonal of the per-frame box of the visible GT joints.
 PCK_BOX_SCALE = 0.6
@@ -32,6 +32,7 @@ PCK_BOX_SCALE = 0.6
 # ----------------------------------------------------------------------------------------------
 # DAVIS: region similarity J
 # ----------------------------------------------------------------------------------------------
+
 
 def db_eval_iou(annotation: np.ndarray, segmentation: np.ndarray):
     """Jaccard index of binary masks ``(..., H, W)``; 1 where the union is empty (toolkit rule)."""
@@ -50,6 +51,7 @@ def db_eval_iou(annotation: np.ndarray, segmentation: np.ndarray):
 # ----------------------------------------------------------------------------------------------
 # DAVIS: boundary F
 # ----------------------------------------------------------------------------------------------
+
 
 def seg2bmap(seg: np.ndarray) -> np.ndarray:
     """One-pixel boundary map of binary masks ``(..., H, W)`` (toolkit ``_seg2bmap``).
@@ -105,7 +107,7 @@ def boundary_points(ids: np.ndarray, n_objects: int) -> list[tuple[np.ndarray, n
     h, w = ids.shape
     flats, owners = [], []
     for dy, dx in ((0, 1), (1, 0), (1, 1)):
-        here, there = ids[:h - dy, :w - dx], ids[dy:, dx:]
+        here, there = ids[: h - dy, : w - dx], ids[dy:, dx:]
         rel = np.flatnonzero(here != there)  # 1-D nonzero is much faster than 2-D np.nonzero
         y, x = np.divmod(rel, w - dx)
         flat = y * w + x
@@ -119,8 +121,12 @@ def boundary_points(ids: np.ndarray, n_objects: int) -> list[tuple[np.ndarray, n
 def _window(points: tuple[np.ndarray, np.ndarray], pad: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
     """Bounding box ``(y0, y1, x0, x1)`` of non-empty points, padded by ``pad``, clipped to the image."""
     ys, xs = points
-    return (max(int(ys.min()) - pad, 0), min(int(ys.max()) + pad + 1, shape[0]),
-            max(int(xs.min()) - pad, 0), min(int(xs.max()) + pad + 1, shape[1]))
+    return (
+        max(int(ys.min()) - pad, 0),
+        min(int(ys.max()) + pad + 1, shape[0]),
+        max(int(xs.min()) - pad, 0),
+        min(int(xs.max()) + pad + 1, shape[1]),
+    )
 
 
 def _canvas(points: tuple[np.ndarray, np.ndarray], window: tuple[int, int, int, int]) -> np.ndarray:
@@ -133,8 +139,9 @@ def _canvas(points: tuple[np.ndarray, np.ndarray], window: tuple[int, int, int, 
     return canvas
 
 
-def _hits_within(points: tuple[np.ndarray, np.ndarray], target: tuple[np.ndarray, np.ndarray],
-                 radius: int, shape: tuple[int, int]) -> int:
+def _hits_within(
+    points: tuple[np.ndarray, np.ndarray], target: tuple[np.ndarray, np.ndarray], radius: int, shape: tuple[int, int]
+) -> int:
     """How many distinct ``points`` pixels lie within ``radius`` (skimage disk) of a ``target`` pixel.
 
     Equals the toolkit's ``sum(points_map * cv2.dilate(target_map, disk(radius)))``; the dilation
@@ -154,8 +161,9 @@ def _count_distinct(points: tuple[np.ndarray, np.ndarray], shape: tuple[int, int
     return int(np.count_nonzero(_canvas(points, _window(points, 0, shape))))
 
 
-def _f_from_points(fg: tuple[np.ndarray, np.ndarray], gt: tuple[np.ndarray, np.ndarray], radius: int,
-                   shape: tuple[int, int]) -> float:
+def _f_from_points(
+    fg: tuple[np.ndarray, np.ndarray], gt: tuple[np.ndarray, np.ndarray], radius: int, shape: tuple[int, int]
+) -> float:
     """Boundary F from the predicted and GT boundary pixels (toolkit ``f_measure`` arithmetic)."""
     n_fg, n_gt = _count_distinct(fg, shape), _count_distinct(gt, shape)
     # Toolkit special cases: both empty -> F 1; exactly one empty -> F 0.
@@ -175,8 +183,7 @@ def f_measure(foreground_mask: np.ndarray, gt_mask: np.ndarray, bound_th: float 
     if foreground_mask.shape != gt_mask.shape or foreground_mask.ndim != 2:
         raise ValueError(f"expected two (H, W) masks, got {foreground_mask.shape} and {gt_mask.shape}")
     radius = boundary_tolerance(gt_mask.shape, bound_th)
-    return _f_from_points(np.nonzero(seg2bmap(foreground_mask)), np.nonzero(seg2bmap(gt_mask)), radius,
-                          gt_mask.shape)
+    return _f_from_points(np.nonzero(seg2bmap(foreground_mask)), np.nonzero(seg2bmap(gt_mask)), radius, gt_mask.shape)
 
 
 def db_eval_boundary(annotation: np.ndarray, segmentation: np.ndarray, bound_th: float = BOUNDARY_TH):
@@ -194,8 +201,10 @@ def db_eval_boundary(annotation: np.ndarray, segmentation: np.ndarray, bound_th:
 # DAVIS: all objects of one frame, and per-object statistics
 # ----------------------------------------------------------------------------------------------
 
-def davis_frame_scores(gt_ids: np.ndarray, pred_ids: np.ndarray, n_objects: int,
-                       bound_th: float = BOUNDARY_TH) -> tuple[np.ndarray, np.ndarray]:
+
+def davis_frame_scores(
+    gt_ids: np.ndarray, pred_ids: np.ndarray, n_objects: int, bound_th: float = BOUNDARY_TH
+) -> tuple[np.ndarray, np.ndarray]:
     """J and F of objects ``1..n_objects`` in one frame from two ``(H, W)`` id maps.
 
     ``gt_ids`` must already have the void label (255) zeroed; GT ids above ``n_objects`` (objects
@@ -250,7 +259,7 @@ def db_statistics(per_frame_values: np.ndarray, uint8_bins: bool = True) -> tupl
     """
     values = np.asarray(per_frame_values, dtype=np.float64)
     ids = decay_bin_edges(len(values), uint8_bins)
-    bins = [values[ids[i]:ids[i + 1] + 1] for i in range(4)]
+    bins = [values[ids[i] : ids[i + 1] + 1] for i in range(4)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)
         mean = float(np.nanmean(values))
@@ -279,6 +288,7 @@ def davis_global(j_stats: np.ndarray, f_stats: np.ndarray) -> dict[str, float]:
 # VIP: confusion matrix and IoU
 # ----------------------------------------------------------------------------------------------
 
+
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, n_classes: int = VIP_NUM_CLASSES) -> np.ndarray:
     """``(n, n)`` int64 histogram, rows = GT class, columns = predicted class (``fast_hist``).
 
@@ -292,7 +302,7 @@ def confusion_matrix(gt: np.ndarray, pred: np.ndarray, n_classes: int = VIP_NUM_
     if pred.size and (pred.min() < 0 or pred.max() >= n_classes):
         raise ValueError(f"predicted classes must lie in 0..{n_classes - 1}, found {pred.min()}..{pred.max()}")
     keep = (gt >= 0) & (gt < n_classes)
-    return np.bincount(n_classes * gt[keep] + pred[keep], minlength=n_classes ** 2).reshape(n_classes, n_classes)
+    return np.bincount(n_classes * gt[keep] + pred[keep], minlength=n_classes**2).reshape(n_classes, n_classes)
 
 
 def iou_from_confusion(hist: np.ndarray) -> np.ndarray:
@@ -315,6 +325,7 @@ def mean_iou(hist: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------------
 # JHMDB: PCK
 # ----------------------------------------------------------------------------------------------
+
 
 def joint_visibility(pred: np.ndarray) -> np.ndarray:
     """``(15, T)`` bool: a predicted joint is visible unless its x is negative or a coordinate NaN.
@@ -345,8 +356,9 @@ def pck_normalisers(gt: np.ndarray, visible: np.ndarray, scale: float = PCK_BOX_
     return scale * np.hypot(maxx - minx, maxy - miny)
 
 
-def pck_distances(gt: np.ndarray, pred: np.ndarray, exclude_first: bool = True,
-                  scale: float = PCK_BOX_SCALE) -> tuple[np.ndarray, np.ndarray]:
+def pck_distances(
+    gt: np.ndarray, pred: np.ndarray, exclude_first: bool = True, scale: float = PCK_BOX_SCALE
+) -> tuple[np.ndarray, np.ndarray]:
     """Normalised joint distances of one video.
 
     ``gt`` and ``pred`` are ``(2, 15, T)`` in the same pixel frame (both 1-based or both 0-based).
@@ -390,4 +402,3 @@ def pck_mean(per_joint: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)
         return np.nanmean(per_joint, axis=-1)
-

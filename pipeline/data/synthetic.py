@@ -1,6 +1,6 @@
 """Deterministic generator of the embedded synthetic datasets, in the official on-disk layouts.
 
-``python -m pipeline.synthetic --dataset {imagenet,videos,davis,vip,jhmdb} --out DIR
+``python -m pipeline.data.synthetic --dataset {imagenet,videos,davis,vip,jhmdb} --out DIR
 --settings JSON --seed S``
 
 Every dataset is drawn from one scene distribution, so pretraining on the stills transfers to the
@@ -39,8 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import JHMDB_JOINTS, VIP_CLASSES, pascal_palette, write_vallist
-from pipeline.utils import derive_seed, load_settings, progress, setup_logging
+from pipeline.config import load_settings
+from pipeline.constants import pascal_palette
+from pipeline.data.readers import JHMDB_JOINTS, VIP_CLASSES, write_vallist
+from pipeline.runtime import derive_seed, progress, setup_logging
 
 LOG = logging.getLogger("cdgmae.synthetic")
 
@@ -49,16 +51,48 @@ JPEG_QUALITY = 90  # fixed encoder settings: same pixels → same bytes
 PNG_COMPRESSION = 3
 
 # JHMDB's 21 action classes, in the official order; extra classes get generic names.
-JHMDB_CLASSES = ("brush_hair", "catch", "clap", "climb_stairs", "golf", "jump", "kick_ball",
-                 "pick", "pour", "pullup", "push", "run", "shoot_ball", "shoot_bow", "shoot_gun",
-                 "sit", "stand", "swing_baseball", "throw", "walk", "wave")
+JHMDB_CLASSES = (
+    "brush_hair",
+    "catch",
+    "clap",
+    "climb_stairs",
+    "golf",
+    "jump",
+    "kick_ball",
+    "pick",
+    "pour",
+    "pullup",
+    "push",
+    "run",
+    "shoot_ball",
+    "shoot_bow",
+    "shoot_gun",
+    "sit",
+    "stand",
+    "swing_baseball",
+    "throw",
+    "walk",
+    "wave",
+)
 
 VIP = {name: i for i, name in enumerate(VIP_CLASSES)}
 J = {name: i for i, name in enumerate(JHMDB_JOINTS)}
 
 # Puppet proportions in body units (≈ 0.9 unit from ankle to the top of the head).
-BODY = dict(torso=0.30, neck=0.085, head_r=0.065, shoulder=0.085, hip=0.055, upper_arm=0.15,
-            forearm=0.14, thigh=0.20, shin=0.19, limb_w=0.05, hand_r=0.028, foot_r=0.035)
+BODY = dict(
+    torso=0.30,
+    neck=0.085,
+    head_r=0.065,
+    shoulder=0.085,
+    hip=0.055,
+    upper_arm=0.15,
+    forearm=0.14,
+    thigh=0.20,
+    shin=0.19,
+    limb_w=0.05,
+    hand_r=0.028,
+    foot_r=0.035,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +107,7 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.n
     small = rng.standard_normal((gh, gw)).astype(np.float32)
     big = cv2.resize(small, (int(gw * cell), int(gh * cell)), interpolation=cv2.INTER_CUBIC)
     oy, ox = rng.integers(0, big.shape[0] - h + 1), rng.integers(0, big.shape[1] - w + 1)
-    return big[oy:oy + h, ox:ox + w]
+    return big[oy : oy + h, ox : ox + w]
 
 
 def scene_palette(rng: np.random.Generator, n: int = 4) -> np.ndarray:
@@ -81,15 +115,17 @@ def scene_palette(rng: np.random.Generator, n: int = 4) -> np.ndarray:
     return rng.uniform(15, 240, size=(n, 3))
 
 
-def make_texture(rng: np.random.Generator, h: int, w: int, scale: float = 1.0,
-                 palette: np.ndarray | None = None) -> np.ndarray:
+def make_texture(
+    rng: np.random.Generator, h: int, w: int, scale: float = 1.0, palette: np.ndarray | None = None
+) -> np.ndarray:
     """HxWx3 uint8 texture: noise at two scales + an oriented grating through a colour ramp.
 
     The ramp's 3-4 colours are drawn (jittered, in a random order) from ``palette`` when given, so
     that all textures of a scene share one colour distribution and differ in pattern only.
     """
-    field = (_smooth_noise(rng, h, w, rng.uniform(10, 24) * scale)
-             + 0.6 * _smooth_noise(rng, h, w, rng.uniform(2.5, 5) * scale))
+    field = _smooth_noise(rng, h, w, rng.uniform(10, 24) * scale) + 0.6 * _smooth_noise(
+        rng, h, w, rng.uniform(2.5, 5) * scale
+    )
     angle, period = rng.uniform(0, np.pi), rng.uniform(4, 14) * scale
     fx, fy = 2 * np.pi / period * np.cos(angle), 2 * np.pi / period * np.sin(angle)
     x = fx * np.arange(w, dtype=np.float32)[None, :]
@@ -105,8 +141,7 @@ def make_texture(rng: np.random.Generator, h: int, w: int, scale: float = 1.0,
         pick = rng.choice(len(palette), size=min(n_colors, len(palette)), replace=False)
         colors = np.clip(palette[pick] + rng.normal(0, 8, (len(pick), 3)), 0, 255)
     knots = np.linspace(0, 255, len(colors))
-    ramp = np.stack([np.interp(np.arange(256), knots, colors[:, ch]) for ch in range(3)],
-                    1).astype(np.int16)
+    ramp = np.stack([np.interp(np.arange(256), knots, colors[:, ch]) for ch in range(3)], 1).astype(np.int16)
     rgb = ramp[(level * 255).astype(np.uint8)]
     rgb += rng.integers(-8, 9, size=rgb.shape, dtype=np.int16)  # sensor-like grain
     return np.clip(rgb, 0, 255).astype(np.uint8)
@@ -152,15 +187,19 @@ def _textured(rng, labels: np.ndarray, textures: dict) -> np.ndarray:
         tex = textures[int(lab)]
         oy, ox = rng.integers(0, tex.shape[0] - h + 1), rng.integers(0, tex.shape[1] - w + 1)
         m = labels == lab
-        out[m] = tex[oy:oy + h, ox:ox + w][m]
+        out[m] = tex[oy : oy + h, ox : ox + w][m]
     return out
 
 
 def blob_family(index: int, seed: int) -> dict:
     """Shape parameters of a blob family (lobes, lobe depth, aspect, hole)."""
     rng = np.random.default_rng(derive_seed(seed, "blob-family", index))
-    return dict(lobes=int(rng.integers(2, 7)), depth=float(rng.uniform(0.1, 0.4)),
-                aspect=float(rng.uniform(0.5, 1.0)), hole=bool(rng.random() < 0.3))
+    return dict(
+        lobes=int(rng.integers(2, 7)),
+        depth=float(rng.uniform(0.1, 0.4)),
+        aspect=float(rng.uniform(0.5, 1.0)),
+        hole=bool(rng.random() < 0.3),
+    )
 
 
 def blob_sprite(rng, radius: float, family: dict, palette: np.ndarray | None = None) -> Sprite:
@@ -171,8 +210,11 @@ def blob_sprite(rng, radius: float, family: dict, palette: np.ndarray | None = N
     size = int(np.ceil(2 * radius * (1 + family["depth"] + 0.1))) + 4
     c = size / 2.0
     theta = np.linspace(0, 2 * np.pi, 96, endpoint=False)
-    r = radius * (1 + family["depth"] * np.cos(family["lobes"] * theta + rng.uniform(0, 2 * np.pi))
-                  + 0.06 * np.cos(3 * theta + rng.uniform(0, 2 * np.pi)))
+    r = radius * (
+        1
+        + family["depth"] * np.cos(family["lobes"] * theta + rng.uniform(0, 2 * np.pi))
+        + 0.06 * np.cos(3 * theta + rng.uniform(0, 2 * np.pi))
+    )
     pts = np.stack([c + r * np.cos(theta), c + family["aspect"] * r * np.sin(theta)], 1)
     labels = np.zeros((size, size), np.uint8)
     cv2.fillPoly(labels, [np.round(pts * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
@@ -190,16 +232,24 @@ def action_family(index: int, seed: int) -> dict:
     """Limb-angle oscillators of one action (radians, per frame), as in a JHMDB class."""
     rng = np.random.default_rng(derive_seed(seed, "action-family", index))
     # angles: shoulder, elbow (relative), hip, knee (relative); right side, left side
-    base = np.concatenate([rng.uniform(0.1, 2.4, 2), rng.uniform(-1.4, 1.4, 2),
-                           rng.uniform(-0.1, 0.4, 2), rng.uniform(-0.9, 0.0, 2)])
-    amp = np.concatenate([rng.uniform(0.1, 1.0, 2), rng.uniform(0.0, 0.9, 2),
-                          rng.uniform(0.0, 0.5, 2), rng.uniform(0.0, 0.6, 2)])
+    base = np.concatenate(
+        [rng.uniform(0.1, 2.4, 2), rng.uniform(-1.4, 1.4, 2), rng.uniform(-0.1, 0.4, 2), rng.uniform(-0.9, 0.0, 2)]
+    )
+    amp = np.concatenate(
+        [rng.uniform(0.1, 1.0, 2), rng.uniform(0.0, 0.9, 2), rng.uniform(0.0, 0.5, 2), rng.uniform(0.0, 0.6, 2)]
+    )
     phase = rng.uniform(0, 2 * np.pi, 8)
     if rng.random() < 0.5:  # alternating limbs (walk/run-like) vs. symmetric (clap/jump-like)
         phase[1::2] = phase[0::2] + np.pi
-    return dict(base=base, amp=amp, phase=phase, omega=float(rng.uniform(0.25, 0.8)),
-                bob=float(rng.uniform(0, 0.04)), lean=float(rng.uniform(0, 0.15)),
-                stride=float(rng.uniform(-0.01, 0.01)))
+    return dict(
+        base=base,
+        amp=amp,
+        phase=phase,
+        omega=float(rng.uniform(0.25, 0.8)),
+        bob=float(rng.uniform(0, 0.04)),
+        lean=float(rng.uniform(0, 0.15)),
+        stride=float(rng.uniform(-0.01, 0.01)),
+    )
 
 
 def _rot(v: np.ndarray, ang: np.ndarray) -> np.ndarray:
@@ -215,18 +265,27 @@ class Puppet:
     (T, 2), scale (T,) in pixels per unit, lean (T,) and the 8 limb angles (T, 8).
     """
 
-    def __init__(self, rng, unit: float, frames: int, pelvis: np.ndarray, scale: np.ndarray,
-                 action: dict, t0: float = 0.0, palette: np.ndarray | None = None):
+    def __init__(
+        self,
+        rng,
+        unit: float,
+        frames: int,
+        pelvis: np.ndarray,
+        scale: np.ndarray,
+        action: dict,
+        t0: float = 0.0,
+        palette: np.ndarray | None = None,
+    ):
         self.unit = unit
         self.palette = palette
         t = np.arange(frames, dtype=np.float64) + t0
         w = action["omega"]
-        self.angles = (action["base"][None] + action["amp"][None]
-                       * np.sin(w * t[:, None] + action["phase"][None]))  # (T, 8)
+        self.angles = action["base"][None] + action["amp"][None] * np.sin(
+            w * t[:, None] + action["phase"][None]
+        )  # (T, 8)
         self.lean = action["lean"] * np.sin(0.5 * w * t + rng.uniform(0, 2 * np.pi))
         self.scale = scale
-        self.pelvis = pelvis + np.stack([action["stride"] * scale * t,
-                                         action["bob"] * scale * np.sin(2 * w * t)], 1)
+        self.pelvis = pelvis + np.stack([action["stride"] * scale * t, action["bob"] * scale * np.sin(2 * w * t)], 1)
         self._build_parts(rng)
 
     # --- appearance ------------------------------------------------------------------------
@@ -237,22 +296,41 @@ class Puppet:
         lw = max(2, int(round(BODY["limb_w"] * u)))
         # garments (VIP classes); one texture per garment, shared by the parts that wear it
         r = rng.random(4)
-        torso_id = VIP["dress"] if r[0] < 0.15 else VIP["jumpsuits"] if r[0] < 0.3 else (
-            VIP["coat"] if r[1] < 0.4 else VIP["upper_clothes"])
-        thigh_id = torso_id if torso_id in (VIP["dress"], VIP["jumpsuits"]) else (
-            VIP["skirt"] if r[2] < 0.25 else VIP["pants"])
+        torso_id = (
+            VIP["dress"]
+            if r[0] < 0.15
+            else VIP["jumpsuits"]
+            if r[0] < 0.3
+            else (VIP["coat"] if r[1] < 0.4 else VIP["upper_clothes"])
+        )
+        thigh_id = (
+            torso_id
+            if torso_id in (VIP["dress"], VIP["jumpsuits"])
+            else (VIP["skirt"] if r[2] < 0.25 else VIP["pants"])
+        )
         sleeve = r[3] < 0.5
         # one texture per garment, large enough for the largest sprite (torso / thigh capsule)
         tex_side = int(np.ceil(max(BODY["torso"], BODY["thigh"]) * u + 2 * lw)) + 16
-        used = {VIP["face"], VIP["hair"], VIP["hat"], VIP["sunglasses"], VIP["scarf"], torso_id,
-                thigh_id, VIP["glove"], VIP["socks"], VIP["left_arm"], VIP["left_leg"],
-                VIP["left_shoe"]}
-        textures = {lab: make_texture(rng, tex_side, tex_side, scale=max(u / 80, 0.3),
-                                      palette=self.palette)
-                    for lab in sorted(used)}
+        used = {
+            VIP["face"],
+            VIP["hair"],
+            VIP["hat"],
+            VIP["sunglasses"],
+            VIP["scarf"],
+            torso_id,
+            thigh_id,
+            VIP["glove"],
+            VIP["socks"],
+            VIP["left_arm"],
+            VIP["left_leg"],
+            VIP["left_shoe"],
+        }
+        textures = {
+            lab: make_texture(rng, tex_side, tex_side, scale=max(u / 80, 0.3), palette=self.palette)
+            for lab in sorted(used)
+        }
         # left/right garments and skin share a texture (appearance does not tell the sides apart)
-        for left, right in (("left_arm", "right_arm"), ("left_leg", "right_leg"),
-                            ("left_shoe", "right_shoe")):
+        for left, right in (("left_arm", "right_arm"), ("left_leg", "right_leg"), ("left_shoe", "right_shoe")):
             textures[VIP[right]] = textures[VIP[left]]
 
         def capsule(length: float, label_a: int, label_b: int | None = None) -> Sprite:
@@ -261,10 +339,9 @@ class Puppet:
             labels = np.zeros((lw + 2 * pad, L + lw + 2 * pad), np.uint8)
             mid = pad + lw / 2
             a, b = np.array([mid, mid]), np.array([mid + L, mid])
-            cv2.line(labels, tuple(np.round(a).astype(int)), tuple(np.round(b).astype(int)),
-                     int(label_a), thickness=lw)
+            cv2.line(labels, tuple(np.round(a).astype(int)), tuple(np.round(b).astype(int)), int(label_a), thickness=lw)
             if label_b is not None:  # lower part of the limb in another class (socks)
-                labels[:, int(a[0] + 0.6 * L):][labels[:, int(a[0] + 0.6 * L):] > 0] = label_b
+                labels[:, int(a[0] + 0.6 * L) :][labels[:, int(a[0] + 0.6 * L) :] > 0] = label_b
             return Sprite(_textured(rng, labels, textures), labels, a, b)
 
         def disc(radius: float, label: int, stretch: float = 1.0) -> Sprite:
@@ -272,10 +349,10 @@ class Puppet:
             size = int(np.ceil(2 * rad * max(1.0, stretch))) + 4
             c = size / 2.0
             labels = np.zeros((size, size), np.uint8)
-            cv2.ellipse(labels, (int(c), int(c)), (max(1, int(rad)), max(1, int(rad * stretch))),
-                        0, 0, 360, int(label), -1)
-            return Sprite(_textured(rng, labels, textures), labels, np.array([c, c]),
-                          np.array([c, c - rad]))
+            cv2.ellipse(
+                labels, (int(c), int(c)), (max(1, int(rad)), max(1, int(rad * stretch))), 0, 0, 360, int(label), -1
+            )
+            return Sprite(_textured(rng, labels, textures), labels, np.array([c, c]), np.array([c, c - rad]))
 
         # head: face with hair on top, optional hat and sunglasses (anchors: centre → crown)
         hr = max(2.0, BODY["head_r"] * u)
@@ -289,8 +366,7 @@ class Puppet:
         if rng.random() < 0.25:
             band = (labels == VIP["face"]) & (np.abs(yy - (c - 0.05 * hr)) < 0.15 * hr)
             labels[band] = VIP["sunglasses"]
-        head = Sprite(_textured(rng, labels, textures), labels, np.array([c, c]),
-                      np.array([c, c - hr]))
+        head = Sprite(_textured(rng, labels, textures), labels, np.array([c, c]), np.array([c, c - hr]))
 
         # torso: trapezoid from the shoulders (neck) to the hips (pelvis), optional scarf
         sw, hw, th = BODY["shoulder"] * u, BODY["hip"] * u * 1.3, BODY["torso"] * u
@@ -298,27 +374,27 @@ class Puppet:
         height = int(np.ceil(th)) + 4
         cx = width / 2.0
         labels = np.zeros((height, width), np.uint8)
-        poly = np.array([[cx - sw - lw / 2, 2], [cx + sw + lw / 2, 2], [cx + hw + lw / 2, 2 + th],
-                         [cx - hw - lw / 2, 2 + th]])
+        poly = np.array(
+            [[cx - sw - lw / 2, 2], [cx + sw + lw / 2, 2], [cx + hw + lw / 2, 2 + th], [cx - hw - lw / 2, 2 + th]]
+        )
         cv2.fillPoly(labels, [np.round(poly * 16).astype(np.int32)], torso_id, shift=4)
         if rng.random() < 0.25:
             collar = labels[: max(2, int(0.12 * th)) + 2]  # a view: writes go to labels
             collar[collar > 0] = VIP["scarf"]
-        torso = Sprite(_textured(rng, labels, textures), labels, np.array([cx, 2.0]),
-                       np.array([cx, 2.0 + th]))
+        torso = Sprite(_textured(rng, labels, textures), labels, np.array([cx, 2.0]), np.array([cx, 2.0 + th]))
 
         glove = rng.random() < 0.3
         socks = rng.random() < 0.15
         self.parts = {"head": head, "torso": torso}
-        for side, arm, leg, shoe in (("r", "right_arm", "right_leg", "right_shoe"),
-                                     ("l", "left_arm", "left_leg", "left_shoe")):
-            self.parts[f"{side}_upper_arm"] = capsule(BODY["upper_arm"],
-                                                      torso_id if sleeve else VIP[arm])
+        for side, arm, leg, shoe in (
+            ("r", "right_arm", "right_leg", "right_shoe"),
+            ("l", "left_arm", "left_leg", "left_shoe"),
+        ):
+            self.parts[f"{side}_upper_arm"] = capsule(BODY["upper_arm"], torso_id if sleeve else VIP[arm])
             self.parts[f"{side}_forearm"] = capsule(BODY["forearm"], VIP[arm])
             self.parts[f"{side}_hand"] = disc(BODY["hand_r"], VIP["glove"] if glove else VIP[arm])
             self.parts[f"{side}_thigh"] = capsule(BODY["thigh"], thigh_id)
-            self.parts[f"{side}_shin"] = capsule(BODY["shin"], VIP[leg],
-                                                 VIP["socks"] if socks else None)
+            self.parts[f"{side}_shin"] = capsule(BODY["shin"], VIP[leg], VIP["socks"] if socks else None)
             self.parts[f"{side}_foot"] = disc(BODY["foot_r"], VIP[shoe], stretch=0.6)
 
     # --- kinematics ------------------------------------------------------------------------
@@ -345,8 +421,14 @@ class Puppet:
             d_thigh = _rot(down, sign * a[:, 4 + k])
             knee = hip + d_thigh * BODY["thigh"] * s
             ankle = knee + _rot(d_thigh, sign * a[:, 6 + k]) * BODY["shin"] * s
-            for name, val in (("shoulder", shoulder), ("hip", hip), ("elbow", elbow),
-                              ("wrist", wrist), ("knee", knee), ("ankle", ankle)):
+            for name, val in (
+                ("shoulder", shoulder),
+                ("hip", hip),
+                ("elbow", elbow),
+                ("wrist", wrist),
+                ("knee", knee),
+                ("ankle", ankle),
+            ):
                 out[:, J[f"{side}_{name}"]] = val
         return out
 
@@ -415,22 +497,23 @@ class Scene:
         self.palette = scene_palette(rng)
         # the canvas margin covers the camera's pan, zoom and roll (reflected beyond it)
         margin = 1.25 + 0.35 * camera_motion
-        self.canvas = make_texture(rng, int(margin * height) + 8, int(margin * width) + 8,
-                                   scale=max(side / 128, 0.5), palette=self.palette)
+        self.canvas = make_texture(
+            rng, int(margin * height) + 8, int(margin * width) + 8, scale=max(side / 128, 0.5), palette=self.palette
+        )
         cy, cx = self.canvas.shape[0] / 2, self.canvas.shape[1] / 2
         t = np.arange(frames)
         pan = rng.uniform(-0.01, 0.01, 2) * camera_motion * side
         shake = 0.02 * side * camera_motion
-        cam = np.stack([cx + pan[0] * t + _oscillation(rng, frames, shake),
-                        cy + pan[1] * t + _oscillation(rng, frames, shake)], 1)
+        cam = np.stack(
+            [cx + pan[0] * t + _oscillation(rng, frames, shake), cy + pan[1] * t + _oscillation(rng, frames, shake)], 1
+        )
         zoom = rng.uniform(0.9, 1.1) * (1 + _oscillation(rng, frames, 0.06 * camera_motion))
         roll = rng.uniform(-0.1, 0.1) + _oscillation(rng, frames, 0.04 * camera_motion)
         self.cameras = []  # world (canvas) → frame, 2x3
         for k in range(frames):
             c, s = np.cos(roll[k]) * zoom[k], np.sin(roll[k]) * zoom[k]
             lin = np.array([[c, -s], [s, c]])
-            self.cameras.append(np.hstack([lin, (np.array([width / 2, height / 2])
-                                                 - lin @ cam[k])[:, None]]))
+            self.cameras.append(np.hstack([lin, (np.array([width / 2, height / 2]) - lin @ cam[k])[:, None]]))
         self.world_center = np.array([cx, cy])
         self.actors: list[tuple[object, np.ndarray, np.ndarray | None]] = []
 
@@ -451,8 +534,7 @@ class Scene:
         import cv2
 
         C = self.cameras[t]
-        rgb = cv2.warpAffine(self.canvas, C, (self.W, self.H), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_REFLECT)
+        rgb = cv2.warpAffine(self.canvas, C, (self.W, self.H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         ids = np.zeros((self.H, self.W), np.uint8)
         for actor, lut, joints in self.actors:
             for sprite, M in actor.placements(t, joints):
@@ -465,13 +547,20 @@ class Scene:
                 if x1 <= x0 or y1 <= y0:
                     continue
                 M = M - np.array([[0, 0, x0], [0, 0, y0]])
-                lab = cv2.warpAffine(sprite.labels, M, (x1 - x0, y1 - y0), flags=cv2.INTER_NEAREST,
-                                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+                lab = cv2.warpAffine(
+                    sprite.labels,
+                    M,
+                    (x1 - x0, y1 - y0),
+                    flags=cv2.INTER_NEAREST,
+                    borderMode=cv2.BORDER_CONSTANT,
+                    borderValue=0,
+                )
                 m = lab > 0
                 if not m.any():
                     continue
-                tex = cv2.warpAffine(sprite.texture, M, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
-                                     borderMode=cv2.BORDER_REFLECT)
+                tex = cv2.warpAffine(
+                    sprite.texture, M, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+                )
                 rgb[y0:y1, x0:x1][m] = tex[m]
                 ids[y0:y1, x0:x1][m] = lut[lab[m]]
         return rgb, ids
@@ -486,22 +575,19 @@ def _lut(value: int | None = None) -> np.ndarray:
     return lut
 
 
-def _moving_blob(rng, scene: Scene, radius: float, family: dict, spread: float,
-                 speed: float) -> RigidActor:
+def _moving_blob(rng, scene: Scene, radius: float, family: dict, spread: float, speed: float) -> RigidActor:
     T, side = scene.T, max(scene.H, scene.W)
     start = scene.world_center + rng.uniform(-1, 1, 2) * spread * np.array([scene.W, scene.H]) / 2
     v = rng.normal(0, 1, 2)
     v = v / max(np.hypot(*v), 1e-9) * speed * side * rng.uniform(0.3, 1.0)
     t = np.arange(T)[:, None]
-    centers = start + v * t + np.stack([_oscillation(rng, T, 0.03 * side),
-                                        _oscillation(rng, T, 0.03 * side)], 1)
+    centers = start + v * t + np.stack([_oscillation(rng, T, 0.03 * side), _oscillation(rng, T, 0.03 * side)], 1)
     angles = rng.uniform(0, 2 * np.pi) + rng.uniform(-0.08, 0.08) * np.arange(T)
     scales = 1 + _oscillation(rng, T, 0.15)
     return RigidActor(blob_sprite(rng, radius, family, scene.palette), centers, angles, scales)
 
 
-def _moving_puppet(rng, scene: Scene, height_px: float, action: dict, spread: float,
-                   t0: float = 0.0) -> Puppet:
+def _moving_puppet(rng, scene: Scene, height_px: float, action: dict, spread: float, t0: float = 0.0) -> Puppet:
     T = scene.T
     unit = height_px / 0.9
     pelvis0 = scene.world_center + rng.uniform(-1, 1, 2) * spread * np.array([scene.W, scene.H]) / 2
@@ -519,8 +605,9 @@ def _random_family(rng, seed: int, n_families: int) -> dict:
 N_BLOB_FAMILIES = 16
 
 
-def video_scene(rng, seed: int, height: int, width: int, frames: int, n_objects: int,
-                n_distractors: int, puppet_prob: float = 0.35) -> tuple[Scene, list[int]]:
+def video_scene(
+    rng, seed: int, height: int, width: int, frames: int, n_objects: int, n_distractors: int, puppet_prob: float = 0.35
+) -> tuple[Scene, list[int]]:
     """A generic moving scene; returns it and the actor indices of the ``n_objects`` objects.
 
     Objects and distractors are drawn from the same families and textures; the depth order is
@@ -533,12 +620,23 @@ def video_scene(rng, seed: int, height: int, width: int, frames: int, n_objects:
         is_object = k < n_objects
         if rng.random() < puppet_prob:
             action = action_family(int(rng.integers(0, len(JHMDB_CLASSES))), seed)
-            actor = _moving_puppet(rng, scene, side * rng.uniform(0.45, 0.8), action,
-                                   spread=0.5 if is_object else 0.9, t0=rng.uniform(0, 20))
+            actor = _moving_puppet(
+                rng,
+                scene,
+                side * rng.uniform(0.45, 0.8),
+                action,
+                spread=0.5 if is_object else 0.9,
+                t0=rng.uniform(0, 20),
+            )
         else:
-            actor = _moving_blob(rng, scene, side * rng.uniform(0.1, 0.22),
-                                 _random_family(rng, seed, N_BLOB_FAMILIES),
-                                 spread=0.5 if is_object else 0.9, speed=0.015)
+            actor = _moving_blob(
+                rng,
+                scene,
+                side * rng.uniform(0.1, 0.22),
+                _random_family(rng, seed, N_BLOB_FAMILIES),
+                spread=0.5 if is_object else 0.9,
+                speed=0.015,
+            )
         actors.append((actor, k + 1 if is_object else 0))
     for k in rng.permutation(len(actors)):
         actor, obj_id = actors[k]
@@ -554,9 +652,11 @@ def _write_image(path: Path, rgb: np.ndarray) -> None:
     """RGB frame as JPEG (quality ``JPEG_QUALITY``) or PNG, by the suffix of ``path``."""
     import cv2
 
-    ext, params = ((".png", [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
-                   if path.suffix.lower() == ".png" else
-                   (".jpg", [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]))
+    ext, params = (
+        (".png", [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+        if path.suffix.lower() == ".png"
+        else (".jpg", [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    )
     ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise RuntimeError(f"image encoding failed for {path}")
@@ -581,7 +681,7 @@ def _write_mat(path: Path, variables: dict) -> None:
     buf = io.BytesIO()
     scipy.io.savemat(buf, variables, do_compression=False, oned_as="column")
     data = bytearray(buf.getvalue())
-    header = b"MATLAB 5.0 MAT-file, written by pipeline.synthetic"
+    header = b"MATLAB 5.0 MAT-file, written by pipeline.data.synthetic"
     data[:116] = header.ljust(116, b" ")
     path.write_bytes(bytes(data))
 
@@ -617,21 +717,46 @@ def make_imagenet(out: Path, cfg: dict, seed: int) -> dict:
             front = rng.random(n_distractors) < 0.3
             for k in range(n_distractors):
                 if not front[k]:
-                    scene.add(_moving_blob(rng, scene, size * rng.uniform(0.08, 0.16),
-                                           _random_family(rng, seed, N_BLOB_FAMILIES), 0.9, 0.0),
-                              _lut(0))
+                    scene.add(
+                        _moving_blob(
+                            rng,
+                            scene,
+                            size * rng.uniform(0.08, 0.16),
+                            _random_family(rng, seed, N_BLOB_FAMILIES),
+                            0.9,
+                            0.0,
+                        ),
+                        _lut(0),
+                    )
             if is_puppet:
-                scene.add(_moving_puppet(rng, scene, size * rng.uniform(0.55, 0.85),
-                                         action_family(c, seed), spread=0.3,
-                                         t0=rng.uniform(0, 50)), _lut(1))
+                scene.add(
+                    _moving_puppet(
+                        rng,
+                        scene,
+                        size * rng.uniform(0.55, 0.85),
+                        action_family(c, seed),
+                        spread=0.3,
+                        t0=rng.uniform(0, 50),
+                    ),
+                    _lut(1),
+                )
             else:
-                scene.add(_moving_blob(rng, scene, size * rng.uniform(0.2, 0.32),
-                                       blob_family(c, seed), 0.3, 0.0), _lut(1))
+                scene.add(
+                    _moving_blob(rng, scene, size * rng.uniform(0.2, 0.32), blob_family(c, seed), 0.3, 0.0), _lut(1)
+                )
             for k in range(n_distractors):
                 if front[k]:
-                    scene.add(_moving_blob(rng, scene, size * rng.uniform(0.06, 0.12),
-                                           _random_family(rng, seed, N_BLOB_FAMILIES), 0.9, 0.0),
-                              _lut(0))
+                    scene.add(
+                        _moving_blob(
+                            rng,
+                            scene,
+                            size * rng.uniform(0.06, 0.12),
+                            _random_family(rng, seed, N_BLOB_FAMILIES),
+                            0.9,
+                            0.0,
+                        ),
+                        _lut(0),
+                    )
             rgb, _ = scene.render(0)
             _write_image(folder / f"{wnid}_{i}.JPEG", rgb)
             bar.update()
@@ -678,8 +803,10 @@ def make_davis(out: Path, cfg: dict, seed: int) -> dict:
             if _visible_enough(first[1], range(1, k_objects + 1), min_pixels):
                 break
         else:
-            raise RuntimeError(f"DAVIS sequence {seq}: could not place {k_objects} visible "
-                               f"objects in {MAX_ATTEMPTS} attempts; enlarge height/width")
+            raise RuntimeError(
+                f"DAVIS sequence {seq}: could not place {k_objects} visible "
+                f"objects in {MAX_ATTEMPTS} attempts; enlarge height/width"
+            )
         img_dir = out / "JPEGImages" / "480p" / seq
         ann_dir = out / "Annotations" / "480p" / seq
         img_dir.mkdir(parents=True)
@@ -699,8 +826,7 @@ def make_davis(out: Path, cfg: dict, seed: int) -> dict:
 def make_vip(out: Path, cfg: dict, seed: int) -> dict:
     """VIP layout: people (1-3, part ids 0-19) among distractors, grey class-id PNGs."""
     H, W, T = cfg["height"], cfg["width"], cfg["frames"]
-    numbers = _rng(seed, "vip-names").choice(np.arange(1, 405 + cfg["videos"]), cfg["videos"],
-                                             replace=False)
+    numbers = _rng(seed, "vip-names").choice(np.arange(1, 405 + cfg["videos"]), cfg["videos"], replace=False)
     names = [f"videos{int(n)}" for n in numbers]  # unsorted, like the reference list
     min_pixels = max(4, int(0.01 * H * W))
     for i, name in enumerate(progress(names, desc="vip", unit="video")):
@@ -711,12 +837,24 @@ def make_vip(out: Path, cfg: dict, seed: int) -> dict:
             for li in rng.permutation(len(layers)):
                 if layers[li] == "person":
                     action = action_family(int(rng.integers(0, len(JHMDB_CLASSES))), seed)
-                    scene.add(_moving_puppet(rng, scene, min(H, W) * rng.uniform(0.6, 0.9), action,
-                                             spread=0.6, t0=rng.uniform(0, 20)), _lut(None))
+                    scene.add(
+                        _moving_puppet(
+                            rng, scene, min(H, W) * rng.uniform(0.6, 0.9), action, spread=0.6, t0=rng.uniform(0, 20)
+                        ),
+                        _lut(None),
+                    )
                 else:
-                    scene.add(_moving_blob(rng, scene, min(H, W) * rng.uniform(0.08, 0.16),
-                                           _random_family(rng, seed, N_BLOB_FAMILIES), 0.9, 0.015),
-                              _lut(0))
+                    scene.add(
+                        _moving_blob(
+                            rng,
+                            scene,
+                            min(H, W) * rng.uniform(0.08, 0.16),
+                            _random_family(rng, seed, N_BLOB_FAMILIES),
+                            0.9,
+                            0.015,
+                        ),
+                        _lut(0),
+                    )
             first = scene.render(0)
             if (first[1] > 0).sum() >= min_pixels:
                 break
@@ -738,8 +876,7 @@ def make_vip(out: Path, cfg: dict, seed: int) -> dict:
 def make_jhmdb(out: Path, cfg: dict, seed: int) -> dict:
     """JHMDB layout: one person per video doing its class's action; PNG frames, pos_img .mat."""
     H, W, T = cfg["height"], cfg["width"], cfg["frames"]
-    classes = [JHMDB_CLASSES[c] if c < len(JHMDB_CLASSES) else f"action_{c}"
-               for c in range(cfg["classes"])]
+    classes = [JHMDB_CLASSES[c] if c < len(JHMDB_CLASSES) else f"action_{c}" for c in range(cfg["classes"])]
     margin = 0.06 * min(H, W)
     videos = []
     bar = progress(total=len(classes) * cfg["videos_per_class"], desc="jhmdb", unit="video")
@@ -747,13 +884,20 @@ def make_jhmdb(out: Path, cfg: dict, seed: int) -> dict:
         for i in range(cfg["videos_per_class"]):
             rng = _rng(seed, "jhmdb", c, i)
             scene = Scene(rng, H, W, T, camera_motion=0.5)
-            person = _moving_puppet(rng, scene, min(H, W) * rng.uniform(0.7, 0.85),
-                                    action_family(c, seed), spread=0.1, t0=rng.uniform(0, 20))
-            occluder = _moving_blob(rng, scene, min(H, W) * rng.uniform(0.08, 0.16),
-                                    _random_family(rng, seed, N_BLOB_FAMILIES), 0.8, 0.02)
+            person = _moving_puppet(
+                rng,
+                scene,
+                min(H, W) * rng.uniform(0.7, 0.85),
+                action_family(c, seed),
+                spread=0.1,
+                t0=rng.uniform(0, 20),
+            )
+            occluder = _moving_blob(
+                rng, scene, min(H, W) * rng.uniform(0.08, 0.16), _random_family(rng, seed, N_BLOB_FAMILIES), 0.8, 0.02
+            )
             # the distractor passes behind or in front of the person (occluding joints)
             layers = [(person, _lut(1)), (occluder, _lut(0))]
-            for actor, lut in (layers if rng.random() < 0.5 else layers[::-1]):
+            for actor, lut in layers if rng.random() < 0.5 else layers[::-1]:
                 scene.add(actor, lut)
             p_index = [a for a, _, _ in scene.actors].index(person)
             # keep every joint inside the frame: zoom out / recentre the camera if needed
@@ -784,12 +928,10 @@ def make_jhmdb(out: Path, cfg: dict, seed: int) -> dict:
     return {"classes": len(classes), "videos": len(videos), "frames": len(videos) * T}
 
 
-MAKERS = {"imagenet": make_imagenet, "videos": make_videos, "davis": make_davis,
-          "vip": make_vip, "jhmdb": make_jhmdb}
+MAKERS = {"imagenet": make_imagenet, "videos": make_videos, "davis": make_davis, "vip": make_vip, "jhmdb": make_jhmdb}
 
 
-def generate(dataset: str, out: str | os.PathLike, settings: dict | None = None,
-             seed: int = 0) -> dict:
+def generate(dataset: str, out: str | os.PathLike, settings: dict | None = None, seed: int = 0) -> dict:
     """Write ``dataset`` to ``out`` atomically (temp folder + rename); return the manifest."""
     if dataset not in MAKERS:
         raise ValueError(f"unknown synthetic dataset {dataset!r}; one of {DATASETS}")
@@ -802,8 +944,13 @@ def generate(dataset: str, out: str | os.PathLike, settings: dict | None = None,
     tmp.mkdir()
     try:
         counts = MAKERS[dataset](tmp, cfg, seed)
-        manifest = {"dataset": dataset, "seed": seed, "settings": cfg, "counts": counts,
-                    "generator": "pipeline.synthetic"}
+        manifest = {
+            "dataset": dataset,
+            "seed": seed,
+            "settings": cfg,
+            "counts": counts,
+            "generator": "pipeline.data.synthetic",
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -820,14 +967,17 @@ def generate(dataset: str, out: str | os.PathLike, settings: dict | None = None,
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.synthetic",
-                                 description="Generate an embedded synthetic dataset in its "
-                                             "official on-disk layout (deterministic per seed).")
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.data.synthetic",
+        description="Generate an embedded synthetic dataset in its official on-disk layout (deterministic per seed).",
+    )
     ap.add_argument("--dataset", required=True, choices=DATASETS)
     ap.add_argument("--out", required=True, help="dataset root to create (replaced atomically)")
-    ap.add_argument("--settings", default=None,
-                    help="JSON (or a JSON/YAML file) of data.synthetic.<dataset>; missing keys "
-                         "take the schema defaults")
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="JSON (or a JSON/YAML file) of data.synthetic.<dataset>; missing keys take the schema defaults",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)

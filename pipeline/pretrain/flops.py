@@ -16,7 +16,7 @@ At ViT-S/16, 224 px, r_t = 0.9 this reproduces all eight Table 8 cells within 0.
 ``nn.MultiheadAttention`` does not take its eval fast path, which the counter cannot see); it agrees
 with fvcore and needs no TorchScript tracing.
 
-    python -m pipeline.flops --output results/gflops.csv [--arch vit_small_patch16 --img-size 224 \
+    python -m pipeline.pretrain.flops --output results/gflops.csv [--arch vit_small_patch16 --img-size 224 \
         --target-mask 0.9 --cells "1:0,2:0,2:0.25,2:0.5,3:0.25,3:0.5,4:0.25,4:0.5"]
 """
 
@@ -29,7 +29,9 @@ import warnings
 import torch
 import torch.nn as nn
 
-from pipeline.utils import set_threads, setup_logging, write_csv_atomic
+from pipeline.devices import set_threads
+from pipeline.io import write_csv_atomic
+from pipeline.runtime import setup_logging
 
 LOG = logging.getLogger("cdgmae.flops")
 
@@ -37,7 +39,7 @@ TABLE8_CELLS = "1:0,2:0,2:0.25,2:0.5,3:0.25,3:0.5,4:0.25,4:0.5"
 
 
 def parse_cells(text: str) -> list[tuple[int, float]]:
-    """"1:0,2:0.25" -> [(1, 0.0), (2, 0.25)]; anchor masks as fractions (0.25, not 25)."""
+    """ "1:0,2:0.25" -> [(1, 0.0), (2, 0.25)]; anchor masks as fractions (0.25, not 25)."""
     cells = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         try:
@@ -83,8 +85,11 @@ def gmacs_flopcounter(model: nn.Module, views: torch.Tensor, target_mask: float,
     if not model.training:
         raise ValueError("gmacs_flopcounter needs the model in train mode (MHA eval fast path is invisible)")
     layer_norm_macs = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: layer_norm_macs.append(5 * inp[0].numel()))
-             for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: layer_norm_macs.append(5 * inp[0].numel()))
+        for m in model.modules()
+        if isinstance(m, nn.LayerNorm)
+    ]
     try:
         with FlopCounterMode(display=False) as counter:
             model(views, target_mask, anchor_mask)
@@ -99,11 +104,16 @@ def gmacs_flopcounter(model: nn.Module, views: torch.Tensor, target_mask: float,
 METHODS = {"fvcore": gmacs_fvcore, "flopcounter": gmacs_flopcounter}
 
 
-def table8_gflops(arch: str = "vit_small_patch16", img_size: int = 224, target_mask: float = 0.9,
-                  cells: list[tuple[int, float]] | None = None, method: str = "fvcore",
-                  seed: int = 0) -> list[dict]:
+def table8_gflops(
+    arch: str = "vit_small_patch16",
+    img_size: int = 224,
+    target_mask: float = 0.9,
+    cells: list[tuple[int, float]] | None = None,
+    method: str = "fvcore",
+    seed: int = 0,
+) -> list[dict]:
     """Rows {anchors, anchor_mask, gflops} for one training sample of every cell (forward only)."""
-    from pipeline.models_mae import CrossViewMAE
+    from pipeline.pretrain.models_mae import CrossViewMAE
 
     if method not in METHODS:
         raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -120,9 +130,11 @@ def table8_gflops(arch: str = "vit_small_patch16", img_size: int = 224, target_m
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.flops", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.pretrain.flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="CSV with columns anchors,anchor_mask,gflops")
-    parser.add_argument("--arch", default="vit_small_patch16", help="registry name in pipeline.models_mae.ARCHS")
+    parser.add_argument(
+        "--arch", default="vit_small_patch16", help="registry name in pipeline.pretrain.models_mae.ARCHS"
+    )
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--target-mask", type=float, default=0.9, help="r_t as a fraction")
     parser.add_argument("--cells", default=TABLE8_CELLS, help="comma-separated ANCHORS:ANCHOR_MASK (fractions)")

@@ -26,16 +26,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from pipeline.utils import resolve_device
+from pipeline.devices import resolve_device
+from pipeline.imaging import resize_square
 
 LOG = logging.getLogger("cdgmae.generators")
 
-GENERATORS: dict[str, Callable[..., "ViewGenerator"]] = {}
+GENERATORS: dict[str, Callable[..., ViewGenerator]] = {}
 SLDM_MANIFEST = "sldm.json"
 
 
@@ -48,22 +49,13 @@ def register(name: str):
     return deco
 
 
-def build_generator(name: str, settings: dict | None = None, image_size: int = 96,
-                    device: str | None = None) -> "ViewGenerator":
+def build_generator(
+    name: str, settings: dict | None = None, image_size: int = 96, device: str | None = None
+) -> ViewGenerator:
     """Instantiate the generator ``name`` with its ``views.generators.<name>`` settings."""
     if name not in GENERATORS:
         raise KeyError(f"unknown view generator {name!r}; known: {sorted(GENERATORS)}")
     return GENERATORS[name](settings or {}, image_size=image_size, device=device)
-
-
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize an (H, W, C) image to (size, size); area interpolation when shrinking."""
-    import cv2
-
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    interp = cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_CUBIC
-    return cv2.resize(image, (size, size), interpolation=interp)
 
 
 class ViewGenerator:
@@ -82,8 +74,7 @@ class ViewGenerator:
 
     def describe(self) -> dict:
         """Everything that determines the views, recorded as an HDF5 attribute."""
-        return {"name": self.name, "is_baseline": self.is_baseline, "image_size": self.image_size,
-                **self.settings}
+        return {"name": self.name, "is_baseline": self.is_baseline, "image_size": self.image_size, **self.settings}
 
     def generate(self, images: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
@@ -123,8 +114,7 @@ class WarpGenerator(ViewGenerator):
         src = np.float32([[0, 0], [S - 1, 0], [S - 1, S - 1], [0, S - 1]])
         dst = src + rng.uniform(-1, 1, (4, 2)).astype(np.float32) * s.get("perspective", 0.12) * S
         H = cv2.getPerspectiveTransform(src, dst)
-        img = cv2.warpPerspective(img, H, (S, S), flags=cv2.INTER_LINEAR,
-                                  borderMode=cv2.BORDER_REFLECT_101)
+        img = cv2.warpPerspective(img, H, (S, S), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
         # elastic: Gaussian-smoothed random displacement field (Simard et al. 2003)
         alpha, sigma = s.get("elastic_alpha", 6.0), s.get("elastic_sigma", 8.0)
         if alpha > 0:
@@ -133,19 +123,19 @@ class WarpGenerator(ViewGenerator):
             dx = cv2.GaussianBlur(d[0], (k, k), sigma) * alpha * S / 32
             dy = cv2.GaussianBlur(d[1], (k, k), sigma) * alpha * S / 32
             gy, gx = np.mgrid[0:S, 0:S].astype(np.float32)
-            img = cv2.remap(img, gx + dx, gy + dy, cv2.INTER_LINEAR,
-                            borderMode=cv2.BORDER_REFLECT_101)
+            img = cv2.remap(img, gx + dx, gy + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
         # crop: a square of side sqrt(scale) * S at a random position, resized back
         lo, hi = s.get("crop_scale", [0.6, 1.0])
         side = max(2, int(round(math.sqrt(rng.uniform(lo, hi)) * S)))
         y0 = int(rng.integers(0, S - side + 1))
         x0 = int(rng.integers(0, S - side + 1))
-        img = cv2.resize(img[y0:y0 + side, x0:x0 + side], (S, S), interpolation=cv2.INTER_LINEAR)
+        img = cv2.resize(img[y0 : y0 + side, x0 : x0 + side], (S, S), interpolation=cv2.INTER_LINEAR)
         return np.clip(img, 0.0, 1.0)
 
 
-def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
-                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    rng: np.random.Generator, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """torchvision ``RandomResizedCrop.get_params`` with a NumPy generator: (top, left, h, w)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -180,12 +170,19 @@ class CropGenerator(ViewGenerator):
 
         rng = np.random.default_rng(seed)
         img = resize_square(image, self.image_size)
-        top, left, h, w = random_resized_crop_box(rng, img.shape[0], img.shape[1],
-                                                  tuple(self.settings.get("scale", [0.3, 1.0])),
-                                                  tuple(self.settings.get("ratio", [0.75, 4 / 3])))
-        crop = img[top:top + h, left:left + w]
-        out = cv2.resize(crop, (self.image_size, self.image_size), interpolation=cv2.INTER_CUBIC
-                         if h < self.image_size else cv2.INTER_AREA)
+        top, left, h, w = random_resized_crop_box(
+            rng,
+            img.shape[0],
+            img.shape[1],
+            tuple(self.settings.get("scale", [0.3, 1.0])),
+            tuple(self.settings.get("ratio", [0.75, 4 / 3])),
+        )
+        crop = img[top : top + h, left : left + w]
+        out = cv2.resize(
+            crop,
+            (self.image_size, self.image_size),
+            interpolation=cv2.INTER_CUBIC if h < self.image_size else cv2.INTER_AREA,
+        )
         return out.astype(np.float32) / 255.0
 
 
@@ -212,8 +209,10 @@ def _cpu_generators(seeds: np.ndarray) -> list:
 def _model_dir(settings: dict, name: str) -> Path:
     path = settings.get("model_path")
     if not path:
-        raise ValueError(f"views.generators.{name}.model_path is not set: {name} needs a local "
-                         "weights folder (nothing is downloaded)")
+        raise ValueError(
+            f"views.generators.{name}.model_path is not set: {name} needs a local "
+            "weights folder (nothing is downloaded)"
+        )
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"views.generators.{name}.model_path: {path} is not a directory")
@@ -251,8 +250,8 @@ class SDVariationGenerator(ViewGenerator):
         path = _model_dir(self.settings, self.name)
         # the safety checker would black out views; it is not part of the paper's generation
         self.pipe = StableDiffusionImageVariationPipeline.from_pretrained(
-            path, local_files_only=True, dtype=dtype, safety_checker=None,
-            requires_safety_checker=False)
+            path, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
@@ -265,12 +264,17 @@ class SDVariationGenerator(ViewGenerator):
         B, M = seeds.shape
         s = self.settings
         with self._torch.inference_mode():
-            out = self.pipe(image=[Image.fromarray(np.asarray(im)) for im in images],
-                            height=self.native, width=self.native,
-                            num_inference_steps=int(s.get("steps", 50)),
-                            guidance_scale=float(s.get("guidance_scale", 6.0)),
-                            eta=float(s.get("eta", 0.0)), num_images_per_prompt=M,
-                            generator=_cpu_generators(seeds), output_type="pt").images
+            out = self.pipe(
+                image=[Image.fromarray(np.asarray(im)) for im in images],
+                height=self.native,
+                width=self.native,
+                num_inference_steps=int(s.get("steps", 50)),
+                guidance_scale=float(s.get("guidance_scale", 6.0)),
+                eta=float(s.get("eta", 0.0)),
+                num_images_per_prompt=M,
+                generator=_cpu_generators(seeds),
+                output_type="pt",
+            ).images
         # (B*M, 3, h, w) ordered image-major (the pipeline repeats each embedding M times)
         arr = _to_output(out.permute(0, 2, 3, 1), self.image_size)
         return arr.reshape(B, M, self.image_size, self.image_size, 3)
@@ -278,9 +282,20 @@ class SDVariationGenerator(ViewGenerator):
 
 # ---- S-LDM ------------------------------------------------------------------------------------
 
-def save_sldm(folder, unet, vae, scheduler, encoder, encoder_name: str, projector,
-              encoder_kwargs: dict | None = None, mean=(0.485, 0.456, 0.406),
-              std=(0.229, 0.224, 0.225), embedding_norm: str = "none") -> Path:
+
+def save_sldm(
+    folder,
+    unet,
+    vae,
+    scheduler,
+    encoder,
+    encoder_name: str,
+    projector,
+    encoder_kwargs: dict | None = None,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    embedding_norm: str = "none",
+) -> Path:
     """Write an S-LDM folder in the layout :class:`SLDMGenerator` loads.
 
     Layout: ``unet/``, ``vae/``, ``scheduler/`` (diffusers ``save_pretrained``),
@@ -295,18 +310,28 @@ def save_sldm(folder, unet, vae, scheduler, encoder, encoder_name: str, projecto
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     scheduler.save_pretrained(folder / "scheduler")
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()},
-              folder / "encoder.safetensors")
-    save_file({k: v.contiguous() for k, v in projector.state_dict().items()},
-              folder / "projector.safetensors")
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, folder / "encoder.safetensors")
+    save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, folder / "projector.safetensors")
     manifest = {
-        "format": "cdgmae-sldm", "version": 1,
-        "encoder": {"timm_name": encoder_name, "kwargs": encoder_kwargs or {},
-                    "weights": "encoder.safetensors", "input_size": int(encoder.patch_embed.img_size[0]),
-                    "mean": list(mean), "std": list(std), "embedding_norm": embedding_norm},
-        "projector": {"weights": "projector.safetensors", "in_features": projector.in_features,
-                      "out_features": projector.out_features},
-        "unet": "unet", "vae": "vae", "scheduler": "scheduler",
+        "format": "cdgmae-sldm",
+        "version": 1,
+        "encoder": {
+            "timm_name": encoder_name,
+            "kwargs": encoder_kwargs or {},
+            "weights": "encoder.safetensors",
+            "input_size": int(encoder.patch_embed.img_size[0]),
+            "mean": list(mean),
+            "std": list(std),
+            "embedding_norm": embedding_norm,
+        },
+        "projector": {
+            "weights": "projector.safetensors",
+            "in_features": projector.in_features,
+            "out_features": projector.out_features,
+        },
+        "unet": "unet",
+        "vae": "vae",
+        "scheduler": "scheduler",
     }
     (folder / SLDM_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
@@ -344,8 +369,9 @@ class SLDMGenerator(ViewGenerator):
                 raise KeyError(f"{manifest_path}: manifest lacks key {key!r}")
         self.manifest = man
         enc = man["encoder"]
-        self.encoder = timm.create_model(enc["timm_name"], pretrained=False, num_classes=0,
-                                         global_pool="token", **enc.get("kwargs", {}))
+        self.encoder = timm.create_model(
+            enc["timm_name"], pretrained=False, num_classes=0, global_pool="token", **enc.get("kwargs", {})
+        )
         self.encoder.load_state_dict(load_file(path / enc["weights"]), strict=True)
         self.enc_size = int(enc["input_size"])
         self.enc_norm = enc.get("embedding_norm", "none")
@@ -358,8 +384,10 @@ class SLDMGenerator(ViewGenerator):
         self.vae = AutoencoderKL.from_pretrained(path / man["vae"], local_files_only=True)
         self.scheduler = DDIMScheduler.from_pretrained(path / man["scheduler"], local_files_only=True)
         if self.unet.config.cross_attention_dim != self.projector.out_features:
-            raise ValueError(f"{path}: projector width {self.projector.out_features} != UNet "
-                             f"cross_attention_dim {self.unet.config.cross_attention_dim}")
+            raise ValueError(
+                f"{path}: projector width {self.projector.out_features} != UNet "
+                f"cross_attention_dim {self.unet.config.cross_attention_dim}"
+            )
         self.encoder.to(self.device).eval()
         self.projector.to(self.device).eval()
         self.unet.to(self.device, self.dtype).eval()
@@ -375,8 +403,7 @@ class SLDMGenerator(ViewGenerator):
         import torch.nn.functional as F
 
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        x = F.interpolate(x, size=(self.enc_size, self.enc_size), mode="bicubic",
-                          align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(self.enc_size, self.enc_size), mode="bicubic", align_corners=False, antialias=True)
         x = ((x - self.mean) / self.std).to(self.device)
         z = self.encoder(x)  # (B, D_enc): CLS token after the final norm
         if self.enc_norm == "l2":
@@ -404,8 +431,10 @@ class SLDMGenerator(ViewGenerator):
             gens = _cpu_generators(seeds)
             c = self.unet.config
             shape = (B * M, c.in_channels, c.sample_size, c.sample_size)
-            latents = randn_tensor(shape, generator=gens, device=torch.device(self.device),
-                                   dtype=self.dtype) * self.scheduler.init_noise_sigma
+            latents = (
+                randn_tensor(shape, generator=gens, device=torch.device(self.device), dtype=self.dtype)
+                * self.scheduler.init_noise_sigma
+            )
             self.scheduler.set_timesteps(int(s.get("steps", 50)), device=self.device)
             use_cfg = w != 1.0
             for t in self.scheduler.timesteps:
@@ -416,8 +445,7 @@ class SLDMGenerator(ViewGenerator):
                 if use_cfg:
                     eps_u, eps_c = eps.chunk(2)
                     eps = eps_u + w * (eps_c - eps_u)
-                latents = self.scheduler.step(eps, t, latents, eta=float(s.get("eta", 0.0)),
-                                              generator=gens).prev_sample
+                latents = self.scheduler.step(eps, t, latents, eta=float(s.get("eta", 0.0)), generator=gens).prev_sample
             x = self.vae.decode(latents.float() / self.vae.config.scaling_factor).sample
             x = (x / 2 + 0.5).clamp(0, 1)  # (B*M, 3, h, w), NaN kept
         arr = _to_output(x.permute(0, 2, 3, 1), self.image_size)
@@ -425,11 +453,12 @@ class SLDMGenerator(ViewGenerator):
 
 
 def main(argv=None) -> None:
-    """List the registered generators (``python -m pipeline.generators``)."""
+    """List the registered generators (``python -m pipeline.views.generators``)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m pipeline.generators",
-                                 description="View generator registry: list the names.")
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.views.generators", description="View generator registry: list the names."
+    )
     ap.parse_args(argv)
     for name, cls in sorted(GENERATORS.items()):
         kind = "BASELINE (weights-free)" if cls.is_baseline else "diffusion (local weights)"

@@ -2,12 +2,12 @@
 
 Usable on any method's results folder::
 
-    python -m pipeline.score davis --davis-root ROOT --results DIR --output-dir OUT [--gt-size 480 880]
-    python -m pipeline.score vip   --vip-root ROOT   --results DIR --output-dir OUT
-    python -m pipeline.score jhmdb --jhmdb-root ROOT --results DIR --output-dir OUT
+    python -m pipeline.propagation.score davis --davis-root ROOT --results DIR --output-dir OUT [--gt-size 480 880]
+    python -m pipeline.propagation.score vip   --vip-root ROOT   --results DIR --output-dir OUT
+    python -m pipeline.propagation.score jhmdb --jhmdb-root ROOT --results DIR --output-dir OUT
 
-Ground truth is read through :mod:`pipeline.datasets`; the metric definitions live in
-:mod:`pipeline.metrics`. Every run computes from scratch and replaces the CSVs in ``OUT``
+Ground truth is read through :mod:`pipeline.data.readers`; the metric definitions live in
+:mod:`pipeline.propagation.metrics`. Every run computes from scratch and replaces the CSVs in ``OUT``
 atomically (the official DAVIS toolkit silently reuses an existing CSV; we never do). A malformed
 results folder (missing frame, wrong size, id above the object count, bad ``pos_img``) raises
 :class:`ScoreError` naming the file.
@@ -23,13 +23,15 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from pipeline import metrics
-from pipeline.utils import progress, setup_logging, write_csv_atomic, write_text_atomic
+from pipeline.imaging import pil_nearest
+from pipeline.io import write_csv_atomic, write_text_atomic
+from pipeline.propagation import metrics
+from pipeline.runtime import progress, setup_logging
 
 LOG = logging.getLogger("cdgmae.score")
 
@@ -45,7 +47,7 @@ class ScoreError(ValueError):
 
 def _read_ids(path: Path) -> np.ndarray:
     """HxW uint8 ids of a prediction PNG (indexed or grey), or ScoreError naming the file."""
-    from pipeline.datasets import DatasetError, read_id_png
+    from pipeline.data.readers import DatasetError, read_id_png
 
     if not path.is_file():
         raise ScoreError(f"missing prediction: {path}")
@@ -53,15 +55,6 @@ def _read_ids(path: Path) -> np.ndarray:
         return read_id_png(path)
     except DatasetError as err:
         raise ScoreError(f"bad prediction PNG: {err}") from err
-
-
-def pil_nearest(ids: np.ndarray, hw: Sequence[int]) -> np.ndarray:
-    """PIL nearest resize of an id map to (H, W) (how DAVIS_480_880 and the VIP scorer resize)."""
-    from PIL import Image
-
-    if ids.shape == tuple(hw):
-        return ids
-    return np.array(Image.fromarray(ids).resize((int(hw[1]), int(hw[0])), Image.NEAREST))
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -77,8 +70,9 @@ def _fresh(path: Path) -> None:
 # DAVIS-2017
 
 
-def davis_sequence_scores(gt_paths: Sequence[Path], pred_dir: Path, read_gt, n_objects: int,
-                          bound_th: float = metrics.BOUNDARY_TH) -> tuple[np.ndarray, np.ndarray]:
+def davis_sequence_scores(
+    gt_paths: Sequence[Path], pred_dir: Path, read_gt, n_objects: int, bound_th: float = metrics.BOUNDARY_TH
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-object, per-frame J and F ``(n_objects, len(gt_paths))`` of one sequence.
 
     ``read_gt(path)`` returns the GT id map as scored (void zeroed, resized if asked); the
@@ -89,27 +83,38 @@ def davis_sequence_scores(gt_paths: Sequence[Path], pred_dir: Path, read_gt, n_o
     pred_paths = [pred_dir / f"{p.stem}.png" for p in gt_paths]
     missing = [p for p in pred_paths if not p.is_file()]
     if missing:
-        raise ScoreError(f"missing prediction: {missing[0]} ({len(missing)} of {len(pred_paths)} "
-                         f"frames of {pred_dir.name} missing; one PNG per GT frame is expected)")
+        raise ScoreError(
+            f"missing prediction: {missing[0]} ({len(missing)} of {len(pred_paths)} "
+            f"frames of {pred_dir.name} missing; one PNG per GT frame is expected)"
+        )
     for i, (gt_path, pred_path) in enumerate(zip(gt_paths, pred_paths)):
         gt = read_gt(gt_path)
         pred = _read_ids(pred_path)
         if pred.shape != gt.shape:
-            raise ScoreError(f"prediction size {pred.shape[1]}x{pred.shape[0]} (WxH) differs from the "
-                             f"ground truth {gt.shape[1]}x{gt.shape[0]}: {pred_path}")
+            raise ScoreError(
+                f"prediction size {pred.shape[1]}x{pred.shape[0]} (WxH) differs from the "
+                f"ground truth {gt.shape[1]}x{gt.shape[0]}: {pred_path}"
+            )
         top = int(pred.max())
         if top > n_objects:
-            raise ScoreError(f"predicted id {top} above the {n_objects} object(s) of the first-frame "
-                             f"ground truth: {pred_path}")
+            raise ScoreError(
+                f"predicted id {top} above the {n_objects} object(s) of the first-frame ground truth: {pred_path}"
+            )
         j[:, i], f[:, i] = metrics.davis_frame_scores(gt, pred, n_objects, bound_th)
     return j, f
 
 
-def davis_scores(davis_root: str | os.PathLike, results_dir: str | os.PathLike,
-                 output_dir: str | os.PathLike | None = None, gt_mode: str = "native",
-                 size: Sequence[int] | None = None, sequences: Iterable[str] | None = None,
-                 split: str = "val", bound_th: float = metrics.BOUNDARY_TH,
-                 uint8_bins: bool = True) -> dict:
+def davis_scores(
+    davis_root: str | os.PathLike,
+    results_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    gt_mode: str = "native",
+    size: Sequence[int] | None = None,
+    sequences: Iterable[str] | None = None,
+    split: str = "val",
+    bound_th: float = metrics.BOUNDARY_TH,
+    uint8_bins: bool = True,
+) -> dict:
     """Score DAVIS-2017 semi-supervised results with the official toolkit's definitions.
 
     Objects = ids 1..max id of the frame-0 GT (255 zeroed); the first and last frames are not
@@ -124,7 +129,7 @@ def davis_scores(davis_root: str | os.PathLike, results_dir: str | os.PathLike,
     """
     import pandas as pd
 
-    from pipeline.datasets import DavisDataset
+    from pipeline.data.readers import DavisDataset
 
     if gt_mode not in ("native", "resized"):
         raise ValueError(f"gt_mode must be 'native' or 'resized', got {gt_mode!r}")
@@ -147,11 +152,15 @@ def davis_scores(davis_root: str | os.PathLike, results_dir: str | os.PathLike,
     for seq in progress(ds.sequences, desc="DAVIS sequences", unit="seq"):
         annotations = ds.annotations(seq)
         if len(annotations) != len(ds.frames(seq)):
-            raise ScoreError(f"{len(ds.frames(seq))} frames but {len(annotations)} annotations in "
-                             f"{ds.label_dir / seq}: every DAVIS frame must be annotated")
+            raise ScoreError(
+                f"{len(ds.frames(seq))} frames but {len(annotations)} annotations in "
+                f"{ds.label_dir / seq}: every DAVIS frame must be annotated"
+            )
         if len(annotations) < 3:
-            raise ScoreError(f"sequence {seq} has {len(annotations)} frame(s); the first and last "
-                             f"are not scored, so at least 3 are needed: {ds.label_dir / seq}")
+            raise ScoreError(
+                f"sequence {seq} has {len(annotations)} frame(s); the first and last "
+                f"are not scored, so at least 3 are needed: {ds.label_dir / seq}"
+            )
         first = read_gt(annotations[0])
         n_objects = int(first.max())
         tolerances[seq] = metrics.boundary_tolerance(first.shape, bound_th)
@@ -160,27 +169,57 @@ def davis_scores(davis_root: str | os.PathLike, results_dir: str | os.PathLike,
         for k in range(n_objects):
             jm, jr, jd = metrics.db_statistics(j[k], uint8_bins)
             fm, fr, fd = metrics.db_statistics(f[k], uint8_bins)
-            rows.append({"Sequence": f"{seq}_{k + 1}", "J-Mean": jm, "J-Recall": jr, "J-Decay": jd,
-                         "F-Mean": fm, "F-Recall": fr, "F-Decay": fd})
+            rows.append(
+                {
+                    "Sequence": f"{seq}_{k + 1}",
+                    "J-Mean": jm,
+                    "J-Recall": jr,
+                    "J-Decay": jd,
+                    "F-Mean": fm,
+                    "F-Recall": fr,
+                    "F-Decay": fd,
+                }
+            )
     if not rows:
         raise ScoreError(f"no object in the first-frame ground truth of any sequence under {davis_root}")
     per_object = pd.DataFrame(rows)
-    glob = metrics.davis_global(per_object[["J-Mean", "J-Recall", "J-Decay"]].to_numpy(),
-                                per_object[["F-Mean", "F-Recall", "F-Decay"]].to_numpy())
+    glob = metrics.davis_global(
+        per_object[["J-Mean", "J-Recall", "J-Decay"]].to_numpy(),
+        per_object[["F-Mean", "F-Recall", "F-Decay"]].to_numpy(),
+    )
     global_df = pd.DataFrame([glob], columns=list(metrics.DAVIS_GLOBAL_COLUMNS))
     per_sequence = per_object[["Sequence", "J-Mean", "F-Mean"]].copy()
-    info = {"dataset": "davis", "davis_root": str(davis_root), "results": str(results_dir),
-            "split": split, "gt_mode": gt_mode, "gt_size": list(gt_size) if gt_size else None,
-            "bound_th": bound_th, "boundary_tolerance_px": tolerances, "uint8_decay_bins": uint8_bins,
-            "sequences": len(ds.sequences), "objects": len(per_object), "frames_scored": n_frames,
-            "global": glob}
-    LOG.info("DAVIS (%s GT%s): J&F %.4f, J %.4f, F %.4f over %d objects, %d frames", gt_mode,
-             f" {gt_size[0]}x{gt_size[1]}" if gt_size else "", glob["J&F-Mean"], glob["J-Mean"],
-             glob["F-Mean"], len(per_object), n_frames)
+    info = {
+        "dataset": "davis",
+        "davis_root": str(davis_root),
+        "results": str(results_dir),
+        "split": split,
+        "gt_mode": gt_mode,
+        "gt_size": list(gt_size) if gt_size else None,
+        "bound_th": bound_th,
+        "boundary_tolerance_px": tolerances,
+        "uint8_decay_bins": uint8_bins,
+        "sequences": len(ds.sequences),
+        "objects": len(per_object),
+        "frames_scored": n_frames,
+        "global": glob,
+    }
+    LOG.info(
+        "DAVIS (%s GT%s): J&F %.4f, J %.4f, F %.4f over %d objects, %d frames",
+        gt_mode,
+        f" {gt_size[0]}x{gt_size[1]}" if gt_size else "",
+        glob["J&F-Mean"],
+        glob["J-Mean"],
+        glob["F-Mean"],
+        len(per_object),
+        n_frames,
+    )
     if output_dir is not None:
         out = Path(output_dir)
-        for name, table in ((f"global_results-{split}.csv", global_df),
-                            (f"per-sequence_results-{split}.csv", per_sequence)):
+        for name, table in (
+            (f"global_results-{split}.csv", global_df),
+            (f"per-sequence_results-{split}.csv", per_sequence),
+        ):
             _fresh(out / name)
             write_csv_atomic(table, out / name, float_format=DAVIS_CSV_FLOAT)
         _write_json(out / "scoring.json", info)
@@ -191,9 +230,13 @@ def davis_scores(davis_root: str | os.PathLike, results_dir: str | os.PathLike,
 # VIP
 
 
-def vip_scores(vip_root: str | os.PathLike, results_dir: str | os.PathLike,
-               output_dir: str | os.PathLike | None = None, videos: Iterable[str] | None = None,
-               n_classes: int = metrics.VIP_NUM_CLASSES) -> dict:
+def vip_scores(
+    vip_root: str | os.PathLike,
+    results_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    videos: Iterable[str] | None = None,
+    n_classes: int = metrics.VIP_NUM_CLASSES,
+) -> dict:
     """VIP mIoU from one confusion matrix over every annotated frame of every video (frame 0 too).
 
     ``results_dir/videos<N>/<stem>.png`` holds single-channel class ids for each GT annotation
@@ -207,7 +250,7 @@ def vip_scores(vip_root: str | os.PathLike, results_dir: str | os.PathLike,
     """
     import pandas as pd
 
-    from pipeline.datasets import VipDataset
+    from pipeline.data.readers import VipDataset
 
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -233,23 +276,34 @@ def vip_scores(vip_root: str | os.PathLike, results_dir: str | os.PathLike,
     miou = metrics.mean_iou(hist)
     names = _vip_class_names(n_classes)
     per_class = pd.DataFrame({"class_id": np.arange(n_classes), "class": names, "iou": iou})
-    info = {"dataset": "vip", "vip_root": str(vip_root), "results": str(results_dir),
-            "videos": len(ds.videos), "frames_scored": n_frames, "resized_predictions": n_resized,
-            "classes_scored": int(np.count_nonzero(~np.isnan(iou))), "mIoU": miou}
+    info = {
+        "dataset": "vip",
+        "vip_root": str(vip_root),
+        "results": str(results_dir),
+        "videos": len(ds.videos),
+        "frames_scored": n_frames,
+        "resized_predictions": n_resized,
+        "classes_scored": int(np.count_nonzero(~np.isnan(iou))),
+        "mIoU": miou,
+    }
     LOG.info("VIP: mIoU %.4f over %d frames of %d videos", miou, n_frames, len(ds.videos))
     if output_dir is not None:
         out = Path(output_dir)
         row = {"mIoU": miou, **{f"IoU-{n}": v for n, v in zip(names, iou)}}
         _fresh(out / "miou.csv")
         write_csv_atomic(pd.DataFrame([row]), out / "miou.csv")
-        write_csv_atomic(pd.DataFrame(hist, index=names, columns=names), out / "confusion_matrix.csv",
-                         index=True, index_label="gt\\pred")
+        write_csv_atomic(
+            pd.DataFrame(hist, index=names, columns=names),
+            out / "confusion_matrix.csv",
+            index=True,
+            index_label="gt\\pred",
+        )
         _write_json(out / "scoring.json", info)
     return {"miou": miou, "per_class": per_class, "confusion": hist, "info": info}
 
 
 def _vip_class_names(n_classes: int) -> list[str]:
-    from pipeline.datasets import VIP_CLASSES
+    from pipeline.data.readers import VIP_CLASSES
 
     return [VIP_CLASSES[i] if i < len(VIP_CLASSES) else f"class{i}" for i in range(n_classes)]
 
@@ -260,13 +314,15 @@ def _vip_class_names(n_classes: int) -> list[str]:
 
 def jhmdb_result_videos(results_dir: Path) -> list[str]:
     """``"<class>/<video>"`` names of every ``<class>/<video>/joint_positions.mat`` in a results folder."""
-    return sorted(f"{p.parent.parent.name}/{p.parent.name}"
-                  for p in results_dir.glob("*/*/joint_positions.mat"))
+    return sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in results_dir.glob("*/*/joint_positions.mat"))
 
 
-def jhmdb_scores(jhmdb_root: str | os.PathLike, results_dir: str | os.PathLike,
-                 output_dir: str | os.PathLike | None = None,
-                 thresholds: Sequence[float] = metrics.PCK_THRESHOLDS) -> dict:
+def jhmdb_scores(
+    jhmdb_root: str | os.PathLike,
+    results_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    thresholds: Sequence[float] = metrics.PCK_THRESHOLDS,
+) -> dict:
     """JHMDB PCK (%) of the videos present in ``results_dir``.
 
     ``results_dir/<class>/<video>/joint_positions.mat`` holds ``pos_img`` (2, 15, T) in 1-based
@@ -280,7 +336,7 @@ def jhmdb_scores(jhmdb_root: str | os.PathLike, results_dir: str | os.PathLike,
     """
     import pandas as pd
 
-    from pipeline.datasets import JHMDB_JOINTS, DatasetError, JhmdbDataset, read_pos_img
+    from pipeline.data.readers import JHMDB_JOINTS, DatasetError, JhmdbDataset, read_pos_img
 
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -299,8 +355,10 @@ def jhmdb_scores(jhmdb_root: str | os.PathLike, results_dir: str | os.PathLike,
         except DatasetError as err:
             raise ScoreError(f"bad prediction: {err}") from err
         if pred.shape != gt.shape:
-            raise ScoreError(f"pos_img shape {pred.shape} differs from the ground truth {gt.shape} "
-                             f"({ds.joints_path(video)}): {pred_path}")
+            raise ScoreError(
+                f"pos_img shape {pred.shape} differs from the ground truth {gt.shape} "
+                f"({ds.joints_path(video)}): {pred_path}"
+            )
         dist, scored = metrics.pck_distances(gt, pred)
         for j in range(len(JHMDB_JOINTS)):
             pooled[j].append(dist[j][scored[j]])
@@ -313,11 +371,16 @@ def jhmdb_scores(jhmdb_root: str | os.PathLike, results_dir: str | os.PathLike,
     table = pd.DataFrame(per_joint, columns=list(JHMDB_JOINTS))
     table.insert(0, "PCK", mean)
     table.insert(0, "alpha", list(thresholds))
-    info = {"dataset": "jhmdb", "jhmdb_root": str(jhmdb_root), "results": str(results_dir),
-            "videos": len(videos), "frames": n_frames, "joints_never_scored": never,
-            "pck": {f"{a:g}": float(v) for a, v in zip(thresholds, mean)}}
-    LOG.info("JHMDB: %s over %d videos", ", ".join(f"PCK@{a:g} {v:.2f}" for a, v in zip(thresholds, mean)),
-             len(videos))
+    info = {
+        "dataset": "jhmdb",
+        "jhmdb_root": str(jhmdb_root),
+        "results": str(results_dir),
+        "videos": len(videos),
+        "frames": n_frames,
+        "joints_never_scored": never,
+        "pck": {f"{a:g}": float(v) for a, v in zip(thresholds, mean)},
+    }
+    LOG.info("JHMDB: %s over %d videos", ", ".join(f"PCK@{a:g} {v:.2f}" for a, v in zip(thresholds, mean)), len(videos))
     if output_dir is not None:
         out = Path(output_dir)
         _fresh(out / "pck.csv")
@@ -331,8 +394,10 @@ def jhmdb_scores(jhmdb_root: str | os.PathLike, results_dir: str | os.PathLike,
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.score",
-                                 description="Score label-propagation results (DAVIS J&F, VIP mIoU, JHMDB PCK).")
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.propagation.score",
+        description="Score label-propagation results (DAVIS J&F, VIP mIoU, JHMDB PCK).",
+    )
     sub = ap.add_subparsers(dest="dataset", required=True)
 
     def common(p):
@@ -343,12 +408,21 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("davis", help="DAVIS-2017 semi-supervised J&F (official toolkit definitions)")
     d.add_argument("--davis-root", required=True, type=Path)
     common(d)
-    d.add_argument("--gt-mode", choices=("native", "resized"), default=None,
-                   help="score against native GT, or GT nearest-resized to --gt-size as the reference "
-                        "(default: resized when --gt-size is given, else native)")
-    d.add_argument("--gt-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help=f"GT size for --gt-mode resized (default {DEFAULT_DAVIS_GT_SIZE[0]} "
-                        f"{DEFAULT_DAVIS_GT_SIZE[1]})")
+    d.add_argument(
+        "--gt-mode",
+        choices=("native", "resized"),
+        default=None,
+        help="score against native GT, or GT nearest-resized to --gt-size as the reference "
+        "(default: resized when --gt-size is given, else native)",
+    )
+    d.add_argument(
+        "--gt-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help=f"GT size for --gt-mode resized (default {DEFAULT_DAVIS_GT_SIZE[0]} {DEFAULT_DAVIS_GT_SIZE[1]})",
+    )
     d.add_argument("--sequences", nargs="+", default=None, help="sequences (default: ImageSets/2017/<split>.txt)")
     d.add_argument("--split", default="val")
 
@@ -364,7 +438,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from pipeline.datasets import DatasetError
+    from pipeline.data.readers import DatasetError
 
     ap = _parser()
     args = ap.parse_args(argv)
@@ -381,8 +455,15 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         gt_mode = args.gt_mode or ("resized" if args.gt_size else "native")
         if gt_mode == "native" and args.gt_size:
             ap.error("--gt-size only applies to --gt-mode resized")
-        result = davis_scores(args.davis_root, args.results, args.output_dir, gt_mode=gt_mode,
-                              size=args.gt_size, sequences=args.sequences, split=args.split)
+        result = davis_scores(
+            args.davis_root,
+            args.results,
+            args.output_dir,
+            gt_mode=gt_mode,
+            size=args.gt_size,
+            sequences=args.sequences,
+            split=args.split,
+        )
         print(result["global"].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     elif args.dataset == "vip":
         result = vip_scores(args.vip_root, args.results, args.output_dir, videos=args.videos)

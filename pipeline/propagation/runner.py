@@ -36,20 +36,22 @@ import argparse
 import json
 import math
 import shutil
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from pipeline import encoders
-from pipeline.config import section_defaults
-from pipeline.utils import (LOG, atomic_path, file_sha256, load_settings, progress, resolve_device,
-                            set_threads, setup_logging, write_csv_atomic, write_text_atomic)
+from pipeline import constants
+from pipeline.config import load_settings, section_defaults
+from pipeline.devices import resolve_device, set_threads
+from pipeline.imaging import pil_nearest
+from pipeline.io import atomic_path, file_sha256, write_csv_atomic, write_text_atomic
+from pipeline.runtime import LOG, progress, setup_logging
 
 DATASETS = ("davis", "vip", "jhmdb")
-IMAGENET_MEAN = np.asarray(encoders.IMAGENET_MEAN, dtype=np.float32)
-IMAGENET_STD = np.asarray(encoders.IMAGENET_STD, dtype=np.float32)
+IMAGENET_MEAN = np.asarray(constants.IMAGENET_MEAN, dtype=np.float32)
+IMAGENET_STD = np.asarray(constants.IMAGENET_STD, dtype=np.float32)
 # The reference adds -1e10 (not -inf) to masked logits before dividing by the temperature; a masked
 # key can then still be picked (with weight exp(-1.4e10) = 0) when fewer than k keys are unmasked.
 MASKED_LOGIT = -1e10
@@ -80,8 +82,10 @@ def input_size(orig_hw: tuple[int, int], size: Sequence[int]) -> tuple[int, int]
         new_w = int(ori_w * long_side / ori_h) // 64 * 64
         new_h = long_side
     if new_h < 1 or new_w < 1:
-        raise ValueError(f"propagation size {list(size)} gives an empty frame for a {ori_h}x{ori_w} "
-                         "input (the short side is floored to a multiple of 64)")
+        raise ValueError(
+            f"propagation size {list(size)} gives an empty frame for a {ori_h}x{ori_w} "
+            "input (the short side is floored to a multiple of 64)"
+        )
     return new_h, new_w
 
 
@@ -93,8 +97,10 @@ def grid_size(hw: tuple[int, int], patch_size: int) -> tuple[int, int]:
     """
     h, w = hw
     if h % patch_size or w % patch_size:
-        raise ValueError(f"propagation input {h}x{w} is not a multiple of the patch size "
-                         f"{patch_size}; choose propagation.<dataset>.size accordingly")
+        raise ValueError(
+            f"propagation input {h}x{w} is not a multiple of the patch size "
+            f"{patch_size}; choose propagation.<dataset>.size accordingly"
+        )
     return h // patch_size, w // patch_size
 
 
@@ -107,8 +113,7 @@ def radius_mask(grid: tuple[int, int], radius: float, device=None):
     import torch
 
     gh, gw = grid
-    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
     rows, cols = rows.reshape(-1), cols.reshape(-1)
     dist = ((rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2).float().sqrt()
     return dist < radius
@@ -150,9 +155,19 @@ def _gather_labels(labels, frame_of_key, cell_of_key, hw: int):
     return flat[(frame_of_key * hw + cell_of_key).reshape(-1)].reshape(*frame_of_key.shape, -1)
 
 
-def propagate(features, first_labels, grid: tuple[int, int], *, topk: int, temperature: float,
-              radius: float, queue: int, query_chunk: int = 4096, on_frame: Callable | None = None,
-              show_progress: bool = False):
+def propagate(
+    features,
+    first_labels,
+    grid: tuple[int, int],
+    *,
+    topk: int,
+    temperature: float,
+    radius: float,
+    queue: int,
+    query_chunk: int = 4096,
+    on_frame: Callable | None = None,
+    show_progress: bool = False,
+):
     """Propagate ``first_labels`` through a video; the fast exact path of spec §4.
 
     features: (T, hw, C) L2-normalised, on the compute device; cells row-major on ``grid``.
@@ -215,9 +230,18 @@ def _check_grid(features, grid: tuple[int, int]) -> tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
-def propagate_reference(features, first_labels, grid: tuple[int, int], *, topk: int,
-                        temperature: float, radius: float, queue: int, frame_chunk: int = 2,
-                        cell_chunk: int = 100):
+def propagate_reference(
+    features,
+    first_labels,
+    grid: tuple[int, int],
+    *,
+    topk: int,
+    temperature: float,
+    radius: float,
+    queue: int,
+    frame_chunk: int = 2,
+    cell_chunk: int = 100,
+):
     """The reference's straightforward algorithm, for tests and the benchmark (not for runs).
 
     Host key bank: ``queue`` padded copies of frame 0 prepended, the (T, 1 + queue, hw, C) context
@@ -233,18 +257,19 @@ def propagate_reference(features, first_labels, grid: tuple[int, int], *, topk: 
     padded = torch.cat([feats[:1].expand(queue, -1, -1), feats])  # (queue + T, hw, C)
     n_query = n_frames
     # slot table: query t (padded index t + queue) -> long slot 0 + padded indices t .. t+queue-1
-    key_index = torch.cat([torch.zeros(n_query, 1, dtype=torch.long),
-                           torch.arange(queue)[None] + torch.arange(n_query)[:, None]], dim=1)
+    key_index = torch.cat(
+        [torch.zeros(n_query, 1, dtype=torch.long), torch.arange(queue)[None] + torch.arange(n_query)[:, None]], dim=1
+    )
     additive = torch.zeros(hw, hw, dtype=feats.dtype)
     additive[~radius_mask(grid, radius)] = MASKED_LOGIT
     weights_all, index_all = [], []
     for f0 in range(0, n_query, frame_chunk):
-        keys = padded[key_index[f0:f0 + frame_chunk]]  # (F, 1 + queue, hw, C) host key bank
-        query = padded[queue + f0:queue + f0 + frame_chunk]  # (F, hw, C)
+        keys = padded[key_index[f0 : f0 + frame_chunk]]  # (F, 1 + queue, hw, C) host key bank
+        query = padded[queue + f0 : queue + f0 + frame_chunk]  # (F, hw, C)
         w_chunks, i_chunks = [], []
         for c0 in range(0, hw, cell_chunk):
-            aff = torch.einsum("fskc,fqc->fskq", keys, query[:, c0:c0 + cell_chunk])
-            aff[:, 1:] += additive[:, c0:c0 + cell_chunk]  # short-term slots only
+            aff = torch.einsum("fskc,fqc->fskq", keys, query[:, c0 : c0 + cell_chunk])
+            aff[:, 1:] += additive[:, c0 : c0 + cell_chunk]  # short-term slots only
             n_f, n_s, _, n_q = aff.shape
             aff = aff.reshape(n_f, n_s * hw, n_q) / temperature
             w, i = aff.topk(min(topk, n_s * hw), dim=1)
@@ -253,7 +278,7 @@ def propagate_reference(features, first_labels, grid: tuple[int, int], *, topk: 
         weights_all.extend(torch.cat(w_chunks, dim=-1))
         index_all.extend(torch.cat(i_chunks, dim=-1))
     labels = torch.zeros(queue + n_frames, hw, first_labels.shape[-1], dtype=feats.dtype)
-    labels[:queue + 1] = first_labels.detach().cpu().to(feats.dtype)
+    labels[: queue + 1] = first_labels.detach().cpu().to(feats.dtype)
     for t in range(1, n_frames):
         ctx = labels[key_index[t]].reshape(-1, labels.shape[-1])  # (S*hw, L)
         labels[queue + t] = (ctx[index_all[t]] * weights_all[t][..., None]).sum(0)
@@ -264,8 +289,7 @@ def propagate_reference(features, first_labels, grid: tuple[int, int], *, topk: 
 # labels and read-out
 
 
-def segmentation_labels(ids, label_set: Sequence[int], grid: tuple[int, int],
-                        downsample: str = "bilinear"):
+def segmentation_labels(ids, label_set: Sequence[int], grid: tuple[int, int], downsample: str = "bilinear"):
     """One-hot of ``label_set`` at input resolution, resized to the grid -> (gh, gw, L) float32.
 
     ``ids`` (H, W) uint8 at the propagation input size. ``downsample="bilinear"`` is the reference
@@ -281,8 +305,8 @@ def segmentation_labels(ids, label_set: Sequence[int], grid: tuple[int, int],
     out = np.empty((grid[0], grid[1], len(label_set)), np.float32)
     # OpenCV resizes at most 512 channels at once and drops a single channel's axis
     for c0 in range(0, len(label_set), 512):
-        res = cv2.resize(onehot[..., c0:c0 + 512], (grid[1], grid[0]), interpolation=flags[downsample])
-        out[..., c0:c0 + 512] = res.reshape(grid[0], grid[1], -1)
+        res = cv2.resize(onehot[..., c0 : c0 + 512], (grid[1], grid[0]), interpolation=flags[downsample])
+        out[..., c0 : c0 + 512] = res.reshape(grid[0], grid[1], -1)
     return out
 
 
@@ -301,7 +325,7 @@ def jhmdb_heatmaps(joints_grid, grid: tuple[int, int], sigma: float = 0.5):
     size = 6 * sigma + 1
     ax = np.arange(0, size, 1, float)
     centre = size // 2
-    stamp = np.exp(-((ax[None, :] - centre) ** 2 + (ax[:, None] - centre) ** 2) / (2 * sigma ** 2))
+    stamp = np.exp(-((ax[None, :] - centre) ** 2 + (ax[:, None] - centre) ** 2) / (2 * sigma**2))
     for j in range(n_joints):
         x, y = float(joints_grid[0, j]), float(joints_grid[1, j])
         if not (math.isfinite(x) and math.isfinite(y)):
@@ -314,7 +338,7 @@ def jhmdb_heatmaps(joints_grid, grid: tuple[int, int], sigma: float = 0.5):
         sy = (max(0, -ul[1]), min(br[1], gh) - ul[1])
         ix = (max(0, ul[0]), min(br[0], gw))
         iy = (max(0, ul[1]), min(br[1], gh))
-        maps[iy[0]:iy[1], ix[0]:ix[1], j] = stamp[sy[0]:sy[1], sx[0]:sx[1]]
+        maps[iy[0] : iy[1], ix[0] : ix[1], j] = stamp[sy[0] : sy[1], sx[0] : sx[1]]
     background = (maps.sum(-1) == 0)[..., None]
     return np.concatenate([background, maps], axis=-1).astype(np.float32)
 
@@ -337,8 +361,9 @@ def keypoints_readout(pred, grid: tuple[int, int], topk: int = 5):
     return coords
 
 
-def segmentation_readout(pred_grid, input_hw: tuple[int, int], label_set: Sequence[int],
-                         out_hw: tuple[int, int] | None = None):
+def segmentation_readout(
+    pred_grid, input_hw: tuple[int, int], label_set: Sequence[int], out_hw: tuple[int, int] | None = None
+):
     """(gh, gw, L) soft map -> (H, W) uint8 ids: OpenCV bilinear to the input size, argmax, ids,
     then a nearest resize to ``out_hw`` (the ground-truth size) if given."""
     import cv2
@@ -347,8 +372,8 @@ def segmentation_readout(pred_grid, input_hw: tuple[int, int], label_set: Sequen
     h, w = input_hw
     upsampled = np.empty((h, w, pred_grid.shape[-1]), np.float32)
     for c0 in range(0, pred_grid.shape[-1], 512):
-        res = cv2.resize(pred_grid[..., c0:c0 + 512], (w, h), interpolation=cv2.INTER_LINEAR)
-        upsampled[..., c0:c0 + 512] = res.reshape(h, w, -1)
+        res = cv2.resize(pred_grid[..., c0 : c0 + 512], (w, h), interpolation=cv2.INTER_LINEAR)
+        upsampled[..., c0 : c0 + 512] = res.reshape(h, w, -1)
     ids = np.asarray(label_set, dtype=np.uint8)[upsampled.argmax(-1)]
     if out_hw is not None and tuple(out_hw) != (h, w):
         ids = cv2.resize(ids, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_NEAREST)
@@ -422,17 +447,25 @@ class Protocol:
     readout_topk: int = 5  # JHMDB only
 
     @classmethod
-    def from_settings(cls, dataset: str, settings: dict) -> "Protocol":
+    def from_settings(cls, dataset: str, settings: dict) -> Protocol:
         if dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
         section = section_defaults("propagation", overrides=settings)
         ds = section[dataset]
-        return cls(dataset=dataset, size=list(ds["size"]), topk=ds["topk"],
-                   temperature=section["temperature"], radius=section["radius"],
-                   queue=section["queue"], feature_batch=section["feature_batch"],
-                   query_chunk=section["query_chunk"],
-                   label_downsample=section["label_downsample"], gt_mode=ds.get("gt_mode"),
-                   sigma=ds.get("sigma", 0.5), readout_topk=ds.get("readout_topk", 5))
+        return cls(
+            dataset=dataset,
+            size=list(ds["size"]),
+            topk=ds["topk"],
+            temperature=section["temperature"],
+            radius=section["radius"],
+            queue=section["queue"],
+            feature_batch=section["feature_batch"],
+            query_chunk=section["query_chunk"],
+            label_downsample=section["label_downsample"],
+            gt_mode=ds.get("gt_mode"),
+            sigma=ds.get("sigma", 0.5),
+            readout_topk=ds.get("readout_topk", 5),
+        )
 
 
 @dataclass
@@ -445,9 +478,16 @@ class VideoResult:
     images: dict[int, np.ndarray]  # kept resized [0, 1] RGB frames (figures), by frame index
 
 
-def propagate_video(encoder, frame_paths: Sequence[Path], read_frame: Callable, protocol: Protocol,
-                    first_labels: Callable, on_frame: Callable, device,
-                    keep_images: Sequence[int] = ()) -> VideoResult:
+def propagate_video(
+    encoder,
+    frame_paths: Sequence[Path],
+    read_frame: Callable,
+    protocol: Protocol,
+    first_labels: Callable,
+    on_frame: Callable,
+    device,
+    keep_images: Sequence[int] = (),
+) -> VideoResult:
     """Encode the frames, build frame 0's grid labels, propagate, hand each frame to ``on_frame``.
 
     first_labels(rgb0_uint8, input_hw, grid) -> (gh, gw, L) array; on_frame(t, (gh, gw, L) numpy).
@@ -464,8 +504,7 @@ def propagate_video(encoder, frame_paths: Sequence[Path], read_frame: Callable, 
         for t, path in enumerate(frame_paths):
             rgb = first if t == 0 else read_frame(path)
             if rgb.shape[:2] != orig_hw:
-                raise ValueError(f"{path}: frame size {rgb.shape[:2]} differs from the video's first "
-                                 f"frame {orig_hw}")
+                raise ValueError(f"{path}: frame size {rgb.shape[:2]} differs from the video's first frame {orig_hw}")
             x, resized = load_frame(rgb, hw)
             if t in keep_images:
                 images[t] = resized
@@ -474,10 +513,18 @@ def propagate_video(encoder, frame_paths: Sequence[Path], read_frame: Callable, 
     with torch.inference_mode():
         feats = encode_frames(encoder, frames(), protocol.feature_batch, device)
         labels0 = torch.from_numpy(first_labels(first, hw, grid)).reshape(grid[0] * grid[1], -1)
-        propagate(feats, labels0, grid, topk=protocol.topk, temperature=protocol.temperature,
-                  radius=protocol.radius, queue=protocol.queue, query_chunk=protocol.query_chunk,
-                  on_frame=lambda t, p: on_frame(t, p.reshape(*grid, -1).cpu().numpy()),
-                  show_progress=True)
+        propagate(
+            feats,
+            labels0,
+            grid,
+            topk=protocol.topk,
+            temperature=protocol.temperature,
+            radius=protocol.radius,
+            queue=protocol.queue,
+            query_chunk=protocol.query_chunk,
+            on_frame=lambda t, p: on_frame(t, p.reshape(*grid, -1).cpu().numpy()),
+            show_progress=True,
+        )
     return VideoResult(hw, grid, orig_hw, images)
 
 
@@ -519,11 +566,10 @@ def davis_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vi
     """
     import cv2
 
-    from pipeline.datasets import DavisDataset
-    from pipeline.synthetic import pascal_palette
+    from pipeline.data.readers import DavisDataset
 
     ds = DavisDataset(root, sequences=names)
-    palette = np.asarray(pascal_palette(), np.uint8).reshape(256, 3)
+    palette = np.asarray(constants.pascal_palette(), np.uint8).reshape(256, 3)
     videos = []
     for seq in ds.sequences:
         frames, annotations = ds.frames(seq), ds.annotations(seq)
@@ -532,8 +578,7 @@ def davis_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vi
         def first_labels(rgb0, hw, grid, seq=seq, annotations=annotations, state=state):
             gt = ds.read_annotation(annotations[0])
             if gt.shape != rgb0.shape[:2]:
-                raise ValueError(f"{annotations[0]}: annotation size {gt.shape} != frame size "
-                                 f"{rgb0.shape[:2]}")
+                raise ValueError(f"{annotations[0]}: annotation size {gt.shape} != frame size {rgb0.shape[:2]}")
             state["gt_hw"] = gt.shape
             ids = cv2.resize(gt, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
             state["label_set"] = np.unique(ids).tolist()
@@ -549,8 +594,9 @@ def davis_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vi
 
         def overlay(t, img, state=state):
             ids = state["first_ids"] if t == 0 else state["ids"][t]
-            return _blend(img, cv2.resize(ids, (img.shape[1], img.shape[0]),
-                                          interpolation=cv2.INTER_NEAREST), palette), None
+            return _blend(
+                img, cv2.resize(ids, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST), palette
+            ), None
 
         videos.append(Video(seq, frames, first_labels, on_frame, lambda: None, overlay, state))
     return videos
@@ -560,7 +606,7 @@ def vip_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vide
     """VIP: grey class-id PNGs ``videos<N>/<frame stem>.png`` at the GT size (PIL nearest)."""
     import cv2
 
-    from pipeline.datasets import VipDataset
+    from pipeline.data.readers import VipDataset
 
     ds = VipDataset(root, videos=names)
     colours = _class_colours(20)
@@ -587,8 +633,6 @@ def vip_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vide
             else:  # PIL nearest, as the reference VIP scorer resizes predictions
                 from PIL import Image
 
-                from pipeline.score import pil_nearest
-
                 with Image.open(gt_path) as im:
                     out = pil_nearest(ids, (im.height, im.width))
             _write_png(out_dir / name / f"{frames[t].stem}.png", out)
@@ -606,7 +650,7 @@ def jhmdb_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vi
     the original frames; a joint that cannot be placed (all-zero map) is NaN."""
     import scipy.io
 
-    from pipeline.datasets import JhmdbDataset
+    from pipeline.data.readers import JhmdbDataset
 
     ds = JhmdbDataset(root, split_list=names)
     videos = []
@@ -630,8 +674,13 @@ def jhmdb_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vi
             grid, (ori_h, ori_w) = state["grid"], state["orig_hw"]
             n_gt = state["n_gt"]
             if n_gt != len(frames):
-                LOG.warning("%s: %d frames but pos_img has %d; writing %d (NaN past the last frame)",
-                            name, len(frames), n_gt, n_gt)
+                LOG.warning(
+                    "%s: %d frames but pos_img has %d; writing %d (NaN past the last frame)",
+                    name,
+                    len(frames),
+                    n_gt,
+                    n_gt,
+                )
             coords = np.full((2, JHMDB_JOINTS, n_gt), -1.0)  # grid units, -1 = not placed
             for t in range(min(n_gt, len(frames))):
                 coords[..., t] = state["coords"][t]
@@ -660,23 +709,29 @@ def jhmdb_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vi
 WRITERS = {"davis": davis_videos, "vip": vip_videos, "jhmdb": jhmdb_videos}
 
 
-def score_predictions(dataset: str, root: Path, pred_dir: Path, scores_dir: Path, protocol: Protocol,
-                      names: Sequence[str]) -> dict[str, float]:
-    """Score ``pred_dir`` with ``pipeline.score`` into a fresh ``scores_dir``; headline metrics in %.
+def score_predictions(
+    dataset: str, root: Path, pred_dir: Path, scores_dir: Path, protocol: Protocol, names: Sequence[str]
+) -> dict[str, float]:
+    """Score ``pred_dir`` with ``pipeline.propagation.score`` into a fresh ``scores_dir``; headline metrics in %.
 
     The scorers' own CSVs (DAVIS per-sequence/per-object, VIP per-class, JHMDB per-joint) stay in
     ``scores_dir``.
     """
-    from pipeline import score
+    from pipeline.propagation import score
 
     if scores_dir.exists():  # never let an earlier run's CSVs stand in for this one's
         shutil.rmtree(scores_dir)
     if dataset == "davis":
         if protocol.gt_mode == "resized" and len(protocol.size) != 2:
             raise ValueError("propagation.davis.gt_mode 'resized' needs a two-value size (H, W)")
-        res = score.davis_scores(root, pred_dir, scores_dir, gt_mode=protocol.gt_mode,
-                                 size=protocol.size if protocol.gt_mode == "resized" else None,
-                                 sequences=names)
+        res = score.davis_scores(
+            root,
+            pred_dir,
+            scores_dir,
+            gt_mode=protocol.gt_mode,
+            size=protocol.size if protocol.gt_mode == "resized" else None,
+            sequences=names,
+        )
         write_csv_atomic(res["per_object"], scores_dir / "per-object_results-val.csv")
         glob = res["global"].iloc[0]
         return {k: 100 * float(glob[k]) for k in ("J&F-Mean", "J-Mean", "F-Mean")}
@@ -732,8 +787,7 @@ def save_figure(video: Video, images: dict[int, np.ndarray], path: Path, title: 
         ax.imshow(np.clip(img, 0, 1))
         if pts is not None:
             for j, parent in enumerate(JHMDB_PARENT):
-                ax.plot([pts[0, j], pts[0, parent]], [pts[1, j], pts[1, parent]], "-",
-                        color=colours(j % 20), lw=2)
+                ax.plot([pts[0, j], pts[0, parent]], [pts[1, j], pts[1, parent]], "-", color=colours(j % 20), lw=2)
             ax.scatter(pts[0], pts[1], s=10, c="white", edgecolors="black", linewidths=0.5)
         ax.set_title("frame 0 (labels)" if t == 0 else f"frame {t}", fontsize=9)
         ax.axis("off")
@@ -758,12 +812,19 @@ def model_name_from_checkpoint(checkpoint: str | Path) -> str:
     if "pretrain" in parts[:-1]:
         i = len(parts) - 1 - parts[::-1].index("pretrain")
         if i < len(parts) - 2:
-            return "/".join(parts[i + 1:-1])
+            return "/".join(parts[i + 1 : -1])
     return Path(checkpoint).parent.name
 
 
-def run(checkpoint: str | Path, dataset: str, root: str | Path, output_dir: str | Path,
-        settings: dict | None = None, model: str | None = None, device: str | None = None):
+def run(
+    checkpoint: str | Path,
+    dataset: str,
+    root: str | Path,
+    output_dir: str | Path,
+    settings: dict | None = None,
+    model: str | None = None,
+    device: str | None = None,
+):
     """Propagate every video of ``dataset`` under ``root``, write predictions, score them, and write
     ``metrics.csv``. Returns the metrics row as a dict.
 
@@ -771,8 +832,8 @@ def run(checkpoint: str | Path, dataset: str, root: str | Path, output_dir: str 
     skipped when the run key (checkpoint hash, protocol, root, code) is unchanged; otherwise the
     stale predictions are removed first, so the scorer never sees another run's files.
     """
-    from pipeline.datasets import read_rgb, read_vallist
-    from pipeline.models_mae import load_encoder
+    from pipeline.data.readers import read_rgb, read_vallist
+    from pipeline.pretrain.models_mae import load_encoder
 
     settings = settings or {}
     protocol = Protocol.from_settings(dataset, settings)
@@ -784,9 +845,16 @@ def run(checkpoint: str | Path, dataset: str, root: str | Path, output_dir: str 
     device = resolve_device(device)
     model = model or model_name_from_checkpoint(checkpoint)
 
-    run_key = json.dumps({"checkpoint_sha256": file_sha256(checkpoint), "protocol": protocol.__dict__,
-                          "root": str(root.resolve()), "vallist": names,
-                          "code_sha256": file_sha256(__file__)}, sort_keys=True)
+    run_key = json.dumps(
+        {
+            "checkpoint_sha256": file_sha256(checkpoint),
+            "protocol": protocol.__dict__,
+            "root": str(root.resolve()),
+            "vallist": names,
+            "code_sha256": file_sha256(__file__),
+        },
+        sort_keys=True,
+    )
     key_file = pred_dir / ".run_key.json"
     if pred_dir.exists() and (not key_file.exists() or key_file.read_text() != run_key):
         LOG.info("removing predictions of a different run: %s", pred_dir)
@@ -796,8 +864,9 @@ def run(checkpoint: str | Path, dataset: str, root: str | Path, output_dir: str 
     encoder = load_encoder(checkpoint, device=device)
     videos = WRITERS[dataset](root, pred_dir, protocol, names)
     n_figures = section["figures"]
-    LOG.info("%s: %d videos, protocol %s, patch %d, device %s", dataset, len(videos),
-             protocol, encoder.patch_size, device)
+    LOG.info(
+        "%s: %d videos, protocol %s, patch %d, device %s", dataset, len(videos), protocol, encoder.patch_size, device
+    )
     done_dir = pred_dir / ".done"
     n_frames = 0
     for i, video in enumerate(progress(videos, desc=f"{dataset} videos", unit="video")):
@@ -807,23 +876,40 @@ def run(checkpoint: str | Path, dataset: str, root: str | Path, output_dir: str 
             continue
         keep = figure_frames(len(video.frames)) if i < n_figures else []
         video.state["keep"] = set(keep)
-        result = propagate_video(encoder, video.frames, read_rgb, protocol,
-                                 video.first_labels, video.on_frame, device, keep_images=keep)
+        result = propagate_video(
+            encoder, video.frames, read_rgb, protocol, video.first_labels, video.on_frame, device, keep_images=keep
+        )
         video.finish()
         if keep:
-            save_figure(video, result.images, output_dir / "figures" / f"{_safe_name(video.name)}.png",
-                        f"{model} - {dataset} {video.name}")
-        write_text_atomic(marker, json.dumps({"frames": len(video.frames),
-                                              "input_hw": result.input_hw, "grid": result.grid}))
+            save_figure(
+                video,
+                result.images,
+                output_dir / "figures" / f"{_safe_name(video.name)}.png",
+                f"{model} - {dataset} {video.name}",
+            )
+        write_text_atomic(
+            marker, json.dumps({"frames": len(video.frames), "input_hw": result.input_hw, "grid": result.grid})
+        )
 
-    metrics = score_predictions(dataset, root, pred_dir, output_dir / "scores", protocol,
-                                names=[v.name for v in videos])
-    row = {"dataset": dataset, "model": model, **metrics,
-           "size": "x".join(str(s) for s in protocol.size), "topk": protocol.topk,
-           "temperature": protocol.temperature, "radius": protocol.radius,
-           "queue": protocol.queue, "gt_mode": protocol.gt_mode or "",
-           "patch_size": encoder.patch_size, "label_downsample": protocol.label_downsample,
-           "videos": len(videos), "frames": n_frames, "checkpoint": str(checkpoint)}
+    metrics = score_predictions(
+        dataset, root, pred_dir, output_dir / "scores", protocol, names=[v.name for v in videos]
+    )
+    row = {
+        "dataset": dataset,
+        "model": model,
+        **metrics,
+        "size": "x".join(str(s) for s in protocol.size),
+        "topk": protocol.topk,
+        "temperature": protocol.temperature,
+        "radius": protocol.radius,
+        "queue": protocol.queue,
+        "gt_mode": protocol.gt_mode or "",
+        "patch_size": encoder.patch_size,
+        "label_downsample": protocol.label_downsample,
+        "videos": len(videos),
+        "frames": n_frames,
+        "checkpoint": str(checkpoint),
+    }
     import pandas as pd
 
     write_csv_atomic(pd.DataFrame([row]), output_dir / "metrics.csv")
@@ -837,17 +923,19 @@ def run(checkpoint: str | Path, dataset: str, root: str | Path, output_dir: str 
 
 def _run_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m pipeline.propagate",
+        prog="python -m pipeline.propagation.runner",
         description="Label propagation of one encoder on one dataset (reference protocol), then "
-                    "scoring. Checkpoints of a random-init or an external encoder are made by "
-                    "'python -m pipeline.models_mae init-random / import-external'.")
+        "scoring. Checkpoints of a random-init or an external encoder are made by "
+        "'python -m pipeline.pretrain.models_mae init-random / import-external'.",
+    )
     ap.add_argument("--checkpoint", required=True, help="encoder checkpoint (payload or MAE format)")
     ap.add_argument("--dataset", required=True, choices=DATASETS)
     ap.add_argument("--root", required=True, help="dataset root in the official layout")
     ap.add_argument("--output-dir", required=True, help="results/eval/<model>/<dataset>")
     ap.add_argument("--settings", help="config 'propagation' section (JSON or file); partial is fine")
-    ap.add_argument("--dataset-settings",
-                    help="config 'propagation.<dataset>' section (JSON); overrides the one in --settings")
+    ap.add_argument(
+        "--dataset-settings", help="config 'propagation.<dataset>' section (JSON); overrides the one in --settings"
+    )
     ap.add_argument("--model", help="model name for metrics.csv (default: from the checkpoint path)")
     ap.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None)
@@ -864,8 +952,7 @@ def main(argv=None) -> None:
     settings = load_settings(args.settings)
     if args.dataset_settings:
         settings[args.dataset] = load_settings(args.dataset_settings)
-    run(args.checkpoint, args.dataset, args.root, args.output_dir, settings, model=args.model,
-        device=args.device)
+    run(args.checkpoint, args.dataset, args.root, args.output_dir, settings, model=args.model, device=args.device)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Bag-of-views stage: generate (one shard), merge (all shards) and figure; ``BagDataset``.
 
-``python -m pipeline.views generate``
+``python -m pipeline.views.shards generate``
     Views for one shard = a contiguous range of global indices of ``list_imagenet(root)`` made of
     whole parts (see ``shard_range``); batches are formed inside a part. Work is
     committed in atomic part files of ``part_size`` source images under a state directory outside
@@ -9,13 +9,13 @@
     fingerprint is reused, so a killed job redoes at most the part it was writing. The shard file
     is then assembled atomically from the parts.
 
-``python -m pipeline.views merge``
+``python -m pipeline.views.shards merge``
     Validates every shard (present, complete, row count and index range vs the manifest, same
     settings) and writes ``bag.h5`` as real datasets (``copy``) or an HDF5 virtual dataset
     (``vds``, a missing source would read as fill values, hence the validation here and in
     ``BagDataset``).
 
-``python -m pipeline.views figure``
+``python -m pipeline.views.shards figure``
     Real image + its views for a few images (the paper's Figure 5).
 
 Storage (shard and bag): ``real`` (N,) and ``views`` (N, M) vlen uint8 JPEG bytes, ``image_id``
@@ -36,15 +36,17 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from pipeline.config import section_defaults
-from pipeline.utils import (atomic_path, derive_seed, load_settings, progress, set_threads,
-                            setup_logging, write_csv_atomic)
+from pipeline.config import load_settings, section_defaults
+from pipeline.devices import set_threads
+from pipeline.imaging import load_square
+from pipeline.io import atomic_path, write_csv_atomic
+from pipeline.runtime import derive_seed, progress, setup_logging
 
 LOG = logging.getLogger("cdgmae.views")
 
@@ -77,28 +79,13 @@ def shard_range(n_images: int, shard: int, shards: int, part_size: int) -> tuple
     return min(p0 * part_size, n_images), min(p1 * part_size, n_images)
 
 
-def load_real(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Read an image as RGB, resize the short side to ``size`` and centre-crop: (size, size, 3) uint8.
-
-    Raises OSError/ValueError (with the file name) for an unreadable or corrupt image.
-    """
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im.load()  # decode fully now: truncated/corrupt JPEGs fail here, not later
-        if im.width < 1 or im.height < 1:
-            raise ValueError(f"{path}: empty image")
-        im = im.convert("RGB")
-        im = ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC)
-        return np.asarray(im, dtype=np.uint8).copy()
-
-
 def encode_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> 1-D uint8 array of JPEG bytes (libjpeg: deterministic)."""
     import cv2
 
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    )
     if not ok:
         raise ValueError("JPEG encoding failed")
     return buf.reshape(-1)
@@ -132,12 +119,18 @@ def fingerprint(generator: str, cfg: dict, seed: int) -> str:
     but finished parts are reused unless this fingerprint changes (bump ``FORMAT_VERSION`` or the
     generator's ``version`` when the bytes change), so a cosmetic edit costs only re-assembly.
     """
-    from pipeline.generators import GENERATORS
+    from pipeline.views.generators import GENERATORS
 
-    key = {"format": FORMAT_VERSION, "generator": generator, "seed": int(seed),
-           "generator_version": getattr(GENERATORS.get(generator), "version", None),
-           "n_views": cfg["n_views"], "image_size": cfg["image_size"],
-           "jpeg_quality": cfg["jpeg_quality"], "generator_settings": cfg["generators"][generator]}
+    key = {
+        "format": FORMAT_VERSION,
+        "generator": generator,
+        "seed": int(seed),
+        "generator_version": getattr(GENERATORS.get(generator), "version", None),
+        "n_views": cfg["n_views"],
+        "image_size": cfg["image_size"],
+        "jpeg_quality": cfg["jpeg_quality"],
+        "generator_settings": cfg["generators"][generator],
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -154,8 +147,9 @@ def _create(f, name, data, dtype=None):
     chunks = None
     if dtype is not None and n > 0:
         chunks = (min(n, ROW_CHUNK),) + tuple(shape[1:])
-    return f.create_dataset(name, shape=shape, dtype=dtype or np.asarray(data).dtype,
-                            data=data if n else None, chunks=chunks)
+    return f.create_dataset(
+        name, shape=shape, dtype=dtype or np.asarray(data).dtype, data=data if n else None, chunks=chunks
+    )
 
 
 def _obj_array(blobs: Sequence, shape: tuple) -> np.ndarray:
@@ -184,9 +178,19 @@ def write_rows(f, real: list, views: list, image_ids: list, index: list, seeds: 
 class ShardWriter:
     """Generate one shard as resumable atomic parts, then assemble ``shard-<k>.h5``."""
 
-    def __init__(self, records, generator: str, shard: int, cfg: dict, seed: int, out: Path,
-                 rejects: Path, state_dir: Path, batch_size: int | None = None,
-                 device: str | None = None):
+    def __init__(
+        self,
+        records,
+        generator: str,
+        shard: int,
+        cfg: dict,
+        seed: int,
+        out: Path,
+        rejects: Path,
+        state_dir: Path,
+        batch_size: int | None = None,
+        device: str | None = None,
+    ):
         self.records = records
         self.generator_name = generator
         self.shard = int(shard)
@@ -212,11 +216,14 @@ class ShardWriter:
     @property
     def gen(self):
         if self._gen is None:
-            from pipeline.generators import build_generator
+            from pipeline.views.generators import build_generator
 
-            self._gen = build_generator(self.generator_name,
-                                        self.cfg["generators"][self.generator_name],
-                                        image_size=self.size, device=self.device)
+            self._gen = build_generator(
+                self.generator_name,
+                self.cfg["generators"][self.generator_name],
+                image_size=self.size,
+                device=self.device,
+            )
         return self._gen
 
     def part_ranges(self) -> list[tuple[int, int]]:
@@ -242,12 +249,16 @@ class ShardWriter:
             with h5py.File(path, "r") as f:
                 a = f.attrs
                 rows = int(a["expected_rows"])
-                ok = (bool(a["complete"]) and a["fingerprint"] == self.fp
-                      and int(a["index_start"]) == lo and int(a["index_end"]) == hi
-                      and a["sources_hash"] == self._ids_hash(lo, hi)
-                      and rows + len(f["reject_index"]) == hi - lo
-                      and all(len(f[k]) == rows for k in ("real", "views", "image_id", "index", "seed"))
-                      and f["views"].shape[1:] == (self.M,))
+                ok = (
+                    bool(a["complete"])
+                    and a["fingerprint"] == self.fp
+                    and int(a["index_start"]) == lo
+                    and int(a["index_end"]) == hi
+                    and a["sources_hash"] == self._ids_hash(lo, hi)
+                    and rows + len(f["reject_index"]) == hi - lo
+                    and all(len(f[k]) == rows for k in ("real", "views", "image_id", "index", "seed"))
+                    and f["views"].shape[1:] == (self.M,)
+                )
         except Exception as err:  # truncated superblock, missing key, ...: redo the part
             LOG.warning("part %s is unreadable (%s): redoing it", path, err)
             return False
@@ -257,8 +268,7 @@ class ShardWriter:
 
     def _generate_batch(self, reals: list[np.ndarray], ids: list[str]):
         """Views for a batch; non-finite views regenerated one by one with new recorded seeds."""
-        seeds = np.array([[view_seed(self.seed, i, m) for m in range(self.M)] for i in ids],
-                         dtype=np.int64)
+        seeds = np.array([[view_seed(self.seed, i, m) for m in range(self.M)] for i in ids], dtype=np.int64)
         views = self.gen.generate(np.stack(reals), seeds)  # (B, M, S, S, 3) float
         for b, m in zip(*np.nonzero(~np.isfinite(views).reshape(len(ids), self.M, -1).all(-1))):
             for attempt in range(1, MAX_REGENERATE + 1):
@@ -269,8 +279,10 @@ class ShardWriter:
                     views[b, m], seeds[b, m] = v, s
                     break
             else:
-                raise ViewsError(f"view {m} of {ids[b]} is non-finite after {MAX_REGENERATE} "
-                                 "regenerations (check dtype: use bfloat16/float32)")
+                raise ViewsError(
+                    f"view {m} of {ids[b]} is non-finite after {MAX_REGENERATE} "
+                    "regenerations (check dtype: use bfloat16/float32)"
+                )
         return views, seeds
 
     def load_part(self, lo: int, hi: int):
@@ -279,7 +291,7 @@ class ShardWriter:
         for i in range(lo, hi):
             rec = self.records[i]
             try:
-                reals.append(load_real(rec.path, self.size))
+                reals.append(load_square(rec.path, self.size))
                 ids.append(rec.image_id)
                 index.append(i)
             except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ...
@@ -301,8 +313,8 @@ class ShardWriter:
         self._check_rejects(n_rejects_before + len(rej), final=False)
         encoded, seeds = [], []
         for b0 in range(0, len(ids), self.batch_size):
-            batch_ids = ids[b0:b0 + self.batch_size]
-            batch_real = reals[b0:b0 + self.batch_size]
+            batch_ids = ids[b0 : b0 + self.batch_size]
+            batch_real = reals[b0 : b0 + self.batch_size]
             views, s = self._generate_batch(batch_real, batch_ids)
             encoded.append(pool.submit(self._encode, batch_real, views))
             seeds.extend(s)
@@ -317,10 +329,14 @@ class ShardWriter:
                 write_rows(f, real_jpg, view_jpg, ids, index, seeds, self.M)
                 f.create_dataset("reject_index", data=np.array([r[0] for r in rej], np.int64))
                 for k, col in (("reject_image_id", 1), ("reject_path", 2), ("reject_reason", 3)):
-                    f.create_dataset(k, data=np.array([r[col] for r in rej], object),
-                                     dtype=h5py.string_dtype())
-                f.attrs.update(fingerprint=self.fp, index_start=lo, index_end=hi,
-                               sources_hash=self._ids_hash(lo, hi), expected_rows=len(ids))
+                    f.create_dataset(k, data=np.array([r[col] for r in rej], object), dtype=h5py.string_dtype())
+                f.attrs.update(
+                    fingerprint=self.fp,
+                    index_start=lo,
+                    index_end=hi,
+                    sources_hash=self._ids_hash(lo, hi),
+                    expected_rows=len(ids),
+                )
                 f.attrs["complete"] = True  # last: a part without it is never trusted
         return len(rej)
 
@@ -331,23 +347,33 @@ class ShardWriter:
             raise ViewsError(
                 f"shard {self.shard}: {n_rejects} of {n} source images rejected, above "
                 f"views.max_reject_fraction = {self.cfg['max_reject_fraction']}; reasons are listed "
-                f"in the job log and in {self.state_dir}/rejects.csv" + ("" if final else
-                                                                         " (stopped early)"))
+                f"in the job log and in {self.state_dir}/rejects.csv" + ("" if final else " (stopped early)")
+            )
 
     def run(self) -> Path:
-        import h5py
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.state_dir.glob(".*.tmp"):  # left by a killed writer (atomic_path)
             stale.unlink()
         parts = self.part_ranges()
-        LOG.info("shard %d: global indices [%d, %d) of %d images, %d parts, generator %s",
-                 self.shard, self.start, self.end, self.n_total, len(parts), self.generator_name)
+        LOG.info(
+            "shard %d: global indices [%d, %d) of %d images, %d parts, generator %s",
+            self.shard,
+            self.start,
+            self.end,
+            self.n_total,
+            len(parts),
+            self.generator_name,
+        )
         done = [self.part_ok(self.part_path(j), lo, hi) for j, (lo, hi) in enumerate(parts)]
         initial = sum(hi - lo for (lo, hi), d in zip(parts, done) if d)
         n_rejects = sum(self._part_rejects(self.part_path(j)) for j, d in enumerate(done) if d)
-        bar = progress(total=self.end - self.start, initial=initial, unit="img",
-                       desc=f"views {self.generator_name} shard {self.shard}")
+        bar = progress(
+            total=self.end - self.start,
+            initial=initial,
+            unit="img",
+            desc=f"views {self.generator_name} shard {self.shard}",
+        )
         todo = [(j, lo, hi) for j, (lo, hi) in enumerate(parts) if not done[j]]
         for j in (j for j, d in enumerate(done) if d):
             LOG.info("reusing complete part %s", self.part_path(j).name)
@@ -359,8 +385,7 @@ class ShardWriter:
                 nxt = pool.submit(self.load_part, *todo[0][1:]) if todo else None
                 for pos, (j, lo, hi) in enumerate(todo):
                     loaded = nxt.result()
-                    nxt = (pool.submit(self.load_part, *todo[pos + 1][1:])
-                           if pos + 1 < len(todo) else None)
+                    nxt = pool.submit(self.load_part, *todo[pos + 1][1:]) if pos + 1 < len(todo) else None
                     n_rejects += self.write_part(j, lo, hi, loaded, pool, bar, n_rejects)
                     self.parts_written += 1
                     LOG.info("wrote part %s", self.part_path(j).name)
@@ -388,34 +413,59 @@ class ShardWriter:
                 ids.extend(s.decode() if isinstance(s, bytes) else s for s in f["image_id"][:])
                 index.extend(f["index"][:])
                 seeds.extend(f["seed"][:])
-                rej.extend(zip(f["reject_index"][:], *(f[k].asstr()[:] for k in
-                                                       ("reject_image_id", "reject_path",
-                                                        "reject_reason"))))
+                rej.extend(
+                    zip(
+                        f["reject_index"][:],
+                        *(f[k].asstr()[:] for k in ("reject_image_id", "reject_path", "reject_reason")),
+                    )
+                )
         rejects = pd.DataFrame(rej, columns=REJECT_COLUMNS)
         write_csv_atomic(rejects, self.state_dir / "rejects.csv")
         self._check_rejects(len(rejects), final=True)
         write_csv_atomic(rejects, self.rejects_path)
-        settings = {"generator": self.generator_name, "seed": self.seed,
-                    "n_views": self.M, "image_size": self.size, "jpeg_quality": self.quality,
-                    "generator_settings": self.cfg["generators"][self.generator_name],
-                    "real_preprocessing": "short side -> image_size (PIL bicubic), centre crop",
-                    "seed_rule": "derive_seed(seed, image_id, view[, attempt])"}
-        from pipeline.generators import GENERATORS
+        settings = {
+            "generator": self.generator_name,
+            "seed": self.seed,
+            "n_views": self.M,
+            "image_size": self.size,
+            "jpeg_quality": self.quality,
+            "generator_settings": self.cfg["generators"][self.generator_name],
+            "real_preprocessing": "short side -> image_size (PIL bicubic), centre crop",
+            "seed_rule": "derive_seed(seed, image_id, view[, attempt])",
+        }
+        from pipeline.views.generators import GENERATORS
 
         with atomic_path(self.out) as tmp:
             with h5py.File(tmp, "w") as f:
                 write_rows(f, real, views, ids, index, seeds, self.M)
                 f.attrs.update(
-                    generator=self.generator_name, settings=json.dumps(settings, sort_keys=True),
+                    generator=self.generator_name,
+                    settings=json.dumps(settings, sort_keys=True),
                     is_baseline=bool(GENERATORS[self.generator_name].is_baseline),
-                    n_views=self.M, jpeg_quality=self.quality, image_size=self.size,
-                    expected_rows=len(ids), n_rejects=len(rejects), n_sources=self.end - self.start,
-                    index_start=self.start, index_end=self.end, n_images_total=self.n_total,
-                    shard=self.shard, shards=int(self.cfg["shards"]), fingerprint=self.fp,
-                    format_version=FORMAT_VERSION)
+                    n_views=self.M,
+                    jpeg_quality=self.quality,
+                    image_size=self.size,
+                    expected_rows=len(ids),
+                    n_rejects=len(rejects),
+                    n_sources=self.end - self.start,
+                    index_start=self.start,
+                    index_end=self.end,
+                    n_images_total=self.n_total,
+                    shard=self.shard,
+                    shards=int(self.cfg["shards"]),
+                    fingerprint=self.fp,
+                    format_version=FORMAT_VERSION,
+                )
                 f.attrs["complete"] = True
-        LOG.info("shard %d: %d rows, %d rejects -> %s (%d parts written, %d reused)", self.shard,
-                 len(ids), len(rejects), self.out, self.parts_written, self.parts_reused)
+        LOG.info(
+            "shard %d: %d rows, %d rejects -> %s (%d parts written, %d reused)",
+            self.shard,
+            len(ids),
+            len(rejects),
+            self.out,
+            self.parts_written,
+            self.parts_reused,
+        )
         return self.out
 
 
@@ -425,15 +475,25 @@ def resolve_settings(settings_arg: str | None) -> dict:
 
 
 def cmd_generate(args) -> None:
-    from pipeline.datasets import list_imagenet
+    from pipeline.data.readers import list_imagenet
 
     cfg = resolve_settings(args.settings)
     records = list_imagenet(args.root)
     out = Path(args.out)
     state = Path(args.state_dir) if args.state_dir else out.parent / "parts" / f"shard-{args.shard}"
     rejects = Path(args.rejects) if args.rejects else out.with_suffix(".rejects.csv")
-    ShardWriter(records, args.generator, args.shard, cfg, args.seed, out, rejects, state,
-                batch_size=args.batch_size, device=args.device).run()
+    ShardWriter(
+        records,
+        args.generator,
+        args.shard,
+        cfg,
+        args.seed,
+        out,
+        rejects,
+        state,
+        batch_size=args.batch_size,
+        device=args.device,
+    ).run()
 
 
 # ----------------------------------------------------------------------------- merge
@@ -458,23 +518,28 @@ def validate_shard(path: Path, k: int, shards: int, expected: tuple[int, int] | 
     if any(n != rows for n in lens.values()):
         raise ViewsError(f"shard {path}: dataset lengths {lens} != expected_rows {rows}")
     if int(a["shard"]) != k or int(a["shards"]) != shards:
-        raise ViewsError(f"shard {path} is shard {a['shard']} of {a['shards']}, expected {k} of "
-                         f"{shards}")
+        raise ViewsError(f"shard {path} is shard {a['shard']} of {a['shards']}, expected {k} of {shards}")
     lo, hi = int(a["index_start"]), int(a["index_end"])
     if expected is not None and (lo, hi) != tuple(expected):
-        raise ViewsError(f"shard {path} covers global indices [{lo}, {hi}) but the manifest "
-                         f"gives [{expected[0]}, {expected[1]})")
+        raise ViewsError(
+            f"shard {path} covers global indices [{lo}, {hi}) but the manifest gives [{expected[0]}, {expected[1]})"
+        )
     if rows + int(a["n_rejects"]) != hi - lo:
-        raise ViewsError(f"shard {path}: {rows} rows + {a['n_rejects']} rejects != {hi - lo} "
-                         "source images in its range")
+        raise ViewsError(
+            f"shard {path}: {rows} rows + {a['n_rejects']} rejects != {hi - lo} source images in its range"
+        )
     if rows and (np.any(np.diff(index) <= 0) or index[0] < lo or index[-1] >= hi):
         raise ViewsError(f"shard {path}: global indices not increasing within [{lo}, {hi})")
     return a
 
 
-def merge_shards(shard_paths: Sequence[str | os.PathLike], out: str | os.PathLike,
-                 n_images: int | None = None, part_size: int | None = None,
-                 mode: str = "copy") -> Path:
+def merge_shards(
+    shard_paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    n_images: int | None = None,
+    part_size: int | None = None,
+    mode: str = "copy",
+) -> Path:
     """Validate all shards and write the merged bag (copy into real datasets, or a VDS)."""
     import h5py
 
@@ -491,15 +556,27 @@ def merge_shards(shard_paths: Sequence[str | os.PathLike], out: str | os.PathLik
         raise ViewsError(f"shards were generated with different settings: {sorted(fps)}")
     for a, b in zip(attrs, attrs[1:]):
         if int(a["index_end"]) != int(b["index_start"]):
-            raise ViewsError("shards do not tile the manifest: gap/overlap between "
-                             f"[{a['index_start']}, {a['index_end']}) and "
-                             f"[{b['index_start']}, {b['index_end']})")
+            raise ViewsError(
+                "shards do not tile the manifest: gap/overlap between "
+                f"[{a['index_start']}, {a['index_end']}) and "
+                f"[{b['index_start']}, {b['index_end']})"
+            )
     rows = [int(a["expected_rows"]) for a in attrs]
     N, M = sum(rows), int(attrs[0]["n_views"])
     out = Path(out)
-    common = {k: attrs[0][k] for k in ("generator", "settings", "is_baseline", "n_views",
-                                      "jpeg_quality", "image_size", "fingerprint",
-                                      "format_version")}
+    common = {
+        k: attrs[0][k]
+        for k in (
+            "generator",
+            "settings",
+            "is_baseline",
+            "n_views",
+            "jpeg_quality",
+            "image_size",
+            "fingerprint",
+            "format_version",
+        )
+    }
     with atomic_path(out) as tmp:
         with h5py.File(tmp, "w") as f:
             if mode == "copy":
@@ -509,28 +586,45 @@ def merge_shards(shard_paths: Sequence[str | os.PathLike], out: str | os.PathLik
                         for k in cols:
                             cols[k].append(s[k].asstr()[:] if k == "image_id" else s[k][:])
                 cat = {k: np.concatenate(v) if v else v for k, v in cols.items()}
-                write_rows(f, list(cat["real"]), [list(r) for r in cat["views"]],
-                           list(cat["image_id"]), cat["index"], cat["seed"], M)
+                write_rows(
+                    f,
+                    list(cat["real"]),
+                    [list(r) for r in cat["views"]],
+                    list(cat["image_id"]),
+                    cat["index"],
+                    cat["seed"],
+                    M,
+                )
             elif mode == "vds":
                 # source paths relative to the bag: resolved against the VDS file's own folder
-                for key, shape_tail, dtype in (("real", (), _vlen_u8()), ("views", (M,), _vlen_u8()),
-                                               ("image_id", (), h5py.string_dtype()),
-                                               ("index", (), np.int64), ("seed", (M,), np.int64)):
+                for key, shape_tail, dtype in (
+                    ("real", (), _vlen_u8()),
+                    ("views", (M,), _vlen_u8()),
+                    ("image_id", (), h5py.string_dtype()),
+                    ("index", (), np.int64),
+                    ("seed", (M,), np.int64),
+                ):
                     layout = h5py.VirtualLayout(shape=(N,) + shape_tail, dtype=dtype)
                     r0 = 0
                     for p, n in zip(shard_paths, rows):
                         if n:
-                            src = h5py.VirtualSource(os.path.relpath(p, out.parent), key,
-                                                     shape=(n,) + shape_tail, dtype=dtype)
-                            layout[r0:r0 + n] = src
+                            src = h5py.VirtualSource(
+                                os.path.relpath(p, out.parent), key, shape=(n,) + shape_tail, dtype=dtype
+                            )
+                            layout[r0 : r0 + n] = src
                         r0 += n
                     f.create_virtual_dataset(key, layout)
             else:
                 raise ValueError(f"unknown merge mode {mode!r} (copy, vds)")
             f.attrs.update(common)
-            f.attrs.update(expected_rows=N, n_shards=S, shard_rows=rows, merge_mode=mode,
-                           n_rejects=sum(int(a["n_rejects"]) for a in attrs),
-                           n_images_total=int(attrs[0]["n_images_total"]))
+            f.attrs.update(
+                expected_rows=N,
+                n_shards=S,
+                shard_rows=rows,
+                merge_mode=mode,
+                n_rejects=sum(int(a["n_rejects"]) for a in attrs),
+                n_images_total=int(attrs[0]["n_images_total"]),
+            )
             f.attrs["complete"] = True
     LOG.info("merged %d shards, %d bags (%s) -> %s", S, N, mode, out)
     return out
@@ -540,14 +634,15 @@ def cmd_merge(args) -> None:
     cfg = resolve_settings(args.settings)
     n_images = None
     if args.root:
-        from pipeline.datasets import list_imagenet
+        from pipeline.data.readers import list_imagenet
 
         n = len(list_imagenet(args.root))
         n_images = n if cfg["max_images"] is None else min(n, cfg["max_images"])
     if len(args.shards) != cfg["shards"]:
         raise ViewsError(f"{len(args.shards)} shard files given, views.shards = {cfg['shards']}")
-    merge_shards(args.shards, args.out, n_images=n_images, part_size=int(cfg["part_size"]),
-                 mode=args.mode or cfg["merge_mode"])
+    merge_shards(
+        args.shards, args.out, n_images=n_images, part_size=int(cfg["part_size"]), mode=args.mode or cfg["merge_mode"]
+    )
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -575,8 +670,7 @@ class BagDataset:
                 raise ViewsError(f"{self.path} is incomplete (attribute complete is not set)")
             self._len = len(f["index"])
             if self._len != int(a["expected_rows"]):
-                raise ViewsError(f"{self.path}: {self._len} rows != expected_rows "
-                                 f"{a['expected_rows']}")
+                raise ViewsError(f"{self.path}: {self._len} rows != expected_rows {a['expected_rows']}")
             for key in ("real", "views"):  # a VDS reads missing sources as fill values
                 ds = f[key]
                 if ds.is_virtual:
@@ -642,8 +736,7 @@ def plot_bag(bag: str | os.PathLike, out: str | os.PathLike, n_images: int = 4, 
     rng = np.random.default_rng(seed)
     picks = sorted(rng.choice(len(ds), size=min(n_images, len(ds)), replace=False).tolist())
     M = ds.n_views
-    fig, axes = plt.subplots(len(picks), M + 1, figsize=(1.8 * (M + 1), 1.8 * len(picks) + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(picks), M + 1, figsize=(1.8 * (M + 1), 1.8 * len(picks) + 0.6), squeeze=False)
     for r, i in enumerate(picks):
         item = ds[i]
         for c, img in enumerate([item["real"]] + item["views"]):
@@ -674,7 +767,7 @@ def cmd_figure(args) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.views", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.views.shards", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="generate one shard of views (resumable)")
@@ -686,8 +779,11 @@ def main(argv=None) -> None:
     g.add_argument("--state-dir", help="part files (default: <out dir>/parts/shard-<k>)")
     g.add_argument("--settings", help="views section (JSON or file); missing keys from the schema")
     g.add_argument("--seed", type=int, default=0, help="base seed of the workflow")
-    g.add_argument("--batch-size", type=int, help="images per generator call (default: "
-                   "views.batch_size); does not change the output")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per generator call (default: views.batch_size); does not change the output",
+    )
     g.add_argument("--device", help="torch device (default: cuda if available)")
     g.add_argument("--threads", type=int, default=None)
     g.set_defaults(func=cmd_generate)

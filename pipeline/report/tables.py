@@ -6,14 +6,13 @@ hyper-parameter that defines a cell is in it). The paper's published numbers
 (``paper_numbers.yaml``) are only printed beside ours in the summary and used for Table 5 rows
 this workflow does not train (``source = cited``).
 
-    python -m pipeline.report table --name table4 --evals results/eval/**/metrics.csv \
+    python -m pipeline.report.tables table --name table4 --evals results/eval/**/metrics.csv \
         --output results/table4.csv
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from pathlib import Path
@@ -22,7 +21,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.utils import atomic_path, load_settings, setup_logging, write_csv_atomic, write_text_atomic
+from pipeline.config import load_settings
+from pipeline.constants import BASELINE_GENERATORS, views_label
+from pipeline.io import atomic_path, write_csv_atomic, write_text_atomic
+from pipeline.runtime import setup_logging
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 
@@ -37,7 +39,6 @@ METRICS = {
 }
 HEADLINE = ["davis_jf_m", "vip_miou", "jhmdb_pck01"]
 STD_DDOF = 1  # sample standard deviation over seeds; NaN with a single seed
-BASELINE_GENERATORS = {"warp", "crop"}  # weights-free pseudo-views: never reported as CDG-MAE
 RANDOM_INIT = "random-init encoder (reference)"
 CELL_INT = {"anchors", "epochs", "seed"}
 CELL_FLOAT = {"anchor_mask", "target_mask"}
@@ -115,12 +116,6 @@ def aggregate(long: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.Dat
 # tables
 
 
-def views_label(generator: str) -> str:
-    if generator in BASELINE_GENERATORS:
-        return f"{generator} pseudo-views (weights-free baseline, not diffusion)"
-    return f"{generator} diffusion views"
-
-
 def method_label(row: dict) -> str:
     """Table 5 names; a bag of weights-free pseudo-views is labelled as a baseline, not CDG-MAE."""
     method = row.get("method")
@@ -142,13 +137,18 @@ TABLE_SPECS = {
     "table4": (["anchors", "anchor_mask"], {"anchors": "n_anchors", "anchor_mask": "anchor_mask_ratio"}, HEADLINE),
     "table8": (["anchors", "anchor_mask"], {"anchors": "n_anchors", "anchor_mask": "anchor_mask_ratio"}, HEADLINE),
     "table10": (["generator"], {"generator": "views"}, HEADLINE),
-    "table5": (["method", "arch", "generator", "target", "anchors", "anchor_mask", "target_mask", "epochs"], {}, list(METRICS)),
+    "table5": (
+        ["method", "arch", "generator", "target", "anchors", "anchor_mask", "target_mask", "epochs"],
+        {},
+        list(METRICS),
+    ),
     "figure4": (["method", "arch", "generator", "anchors", "anchor_mask", "target_mask"], {}, HEADLINE),
 }
 
 
-def build_table(name: str, eval_files, run_label: str, gflops: str | None = None,
-                cited: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+def build_table(
+    name: str, eval_files, run_label: str, gflops: str | None = None, cited: bool = True
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table, per-seed long table) for one paper table."""
     keys, rename, metrics = TABLE_SPECS[name]
     long = collect(eval_files)
@@ -174,8 +174,9 @@ def build_table(name: str, eval_files, run_label: str, gflops: str | None = None
     if name == "table8" and gflops:
         g = pd.read_csv(gflops)
         g = g.rename(columns={"anchor_mask": "anchor_mask_g"})
-        table = table.merge(g, how="left", left_on=["anchors", "anchor_mask"],
-                            right_on=["anchors", "anchor_mask_g"]).drop(columns=["anchor_mask_g"])
+        table = table.merge(
+            g, how="left", left_on=["anchors", "anchor_mask"], right_on=["anchors", "anchor_mask_g"]
+        ).drop(columns=["anchor_mask_g"])
     if name in ("table5", "figure4"):
         table = _method_rows(name, table, metrics, run_label, cited)
     for col in ("anchors", "epochs", "n_seeds"):
@@ -207,8 +208,9 @@ def _method_rows(name: str, table: pd.DataFrame, metrics, run_label: str, cited:
     if name == "table5" and cited:
         paper = yaml.safe_load(PAPER_NUMBERS.read_text())["table5"]
         for method in ("MAE", "Video-MAE", "MAE-ST"):
-            rows.append({"method": method, **paper[method], "n_seeds": math.nan,
-                         "source": "cited (CDG-MAE paper, Table 5)"})
+            rows.append(
+                {"method": method, **paper[method], "n_seeds": math.nan, "source": "cited (CDG-MAE paper, Table 5)"}
+            )
     return pd.DataFrame(rows)
 
 
@@ -229,8 +231,11 @@ def config_table(name: str, settings: dict) -> pd.DataFrame:
             ("batch_size", p["batch_size"], p["batch_size"]),
             ("bag_of_views_size", settings["n_views"], "-"),
             ("views", views_label(cd["generator"]), "-"),
-            ("augmentations", f"crop {crop['scale']}, shared={crop['shared']}, flip={crop['flip']}",
-             f"GlobalToLocal crop global {cm['global_scale']} local {cm['local_scale']}"),
+            (
+                "augmentations",
+                f"crop {crop['scale']}, shared={crop['shared']}, flip={crop['flip']}",
+                f"GlobalToLocal crop global {cm['global_scale']} local {cm['local_scale']}",
+            ),
             ("aspect_ratio", crop["ratio"], crop["ratio"]),
             ("arch", cd["arch"], cd["arch"]),
             ("img_size", p["img_size"], p["img_size"]),
@@ -340,14 +345,18 @@ def summary_markdown(tables: dict[str, pd.DataFrame], run_label: str, data_note:
             for r in df.to_dict("records"):
                 p = ref.get(r.get("views"), None)
                 ptxt = " / ".join(f"{x:.3f}" for x in p) if p else "–"
-                lines.append(f"| {r.get('views')} | {_fmt(r.get('global_sim'), 3)} | {_fmt(r.get('local_sim'), 3)} | "
-                             f"{_fmt(r.get('nearest_patch_sim'), 3)} | {ptxt} |")
+                lines.append(
+                    f"| {r.get('views')} | {_fmt(r.get('global_sim'), 3)} | {_fmt(r.get('local_sim'), 3)} | "
+                    f"{_fmt(r.get('nearest_patch_sim'), 3)} | {ptxt} |"
+                )
         elif name in ("table5", "figure4"):
             lines.append("| method | arch | J&F_m | VIP mIoU | PCK@0.1 | source |")
             lines.append("|---|---|---|---|---|---|")
             for r in df.to_dict("records"):
-                lines.append(f"| {r['method']} | {r['arch']} | {_fmt(r.get('davis_jf_m'))} | {_fmt(r.get('vip_miou'))} | "
-                             f"{_fmt(r.get('jhmdb_pck01'))} | {r.get('source', '')} |")
+                lines.append(
+                    f"| {r['method']} | {r['arch']} | {_fmt(r.get('davis_jf_m'))} | {_fmt(r.get('vip_miou'))} | "
+                    f"{_fmt(r.get('jhmdb_pck01'))} | {r.get('source', '')} |"
+                )
         elif name in ("table6", "table7"):
             cols = list(df.columns)
             lines.append("| " + " | ".join(cols) + " |")
@@ -355,20 +364,37 @@ def summary_markdown(tables: dict[str, pd.DataFrame], run_label: str, data_note:
             for r in df.to_dict("records"):
                 lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
         else:
-            key_cols = [c for c in df.columns if c in ("target_view", "target_mask_ratio", "n_anchors",
-                                                       "anchor_mask_ratio", "views") or c == "row"]
+            key_cols = [
+                c
+                for c in df.columns
+                if c in ("target_view", "target_mask_ratio", "n_anchors", "anchor_mask_ratio", "views") or c == "row"
+            ]
             key_cols = [c for c in key_cols if c != "row"] + (["row"] if "row" in df else [])
             extra = ["gflops"] if "gflops" in df else []
-            lines.append("| " + " | ".join(key_cols) + " | J&F_m | VIP mIoU | PCK@0.1 | " +
-                         " | ".join(extra) + (" | " if extra else "") + "paper |")
+            lines.append(
+                "| "
+                + " | ".join(key_cols)
+                + " | J&F_m | VIP mIoU | PCK@0.1 | "
+                + " | ".join(extra)
+                + (" | " if extra else "")
+                + "paper |"
+            )
             lines.append("|" + "---|" * (len(key_cols) + 4 + len(extra)))
             for r in df.to_dict("records"):
                 pkey = _paper_key(name, r)
                 p = ref.get(pkey) if pkey is not None else None
                 ptxt = "–" if p is None else " / ".join(_fmt(x) for x in _paper_headline(name, p))
                 vals = [f"{_fmt(r.get(m + '_mean'))} ± {_fmt(r.get(m + '_std'))}" for m in HEADLINE]
-                lines.append("| " + " | ".join(_fmt_key(r.get(c)) for c in key_cols) + " | " + " | ".join(vals) +
-                             " | " + "".join(f"{_fmt(r.get(e), 2)} | " for e in extra) + ptxt + " |")
+                lines.append(
+                    "| "
+                    + " | ".join(_fmt_key(r.get(c)) for c in key_cols)
+                    + " | "
+                    + " | ".join(vals)
+                    + " | "
+                    + "".join(f"{_fmt(r.get(e), 2)} | " for e in extra)
+                    + ptxt
+                    + " |"
+                )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -403,8 +429,11 @@ def _paper_headline(name, p):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.report.tables",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("table", help="a propagation table (2, 3, 4, 5, 8, 10) or figure 4")
@@ -446,10 +475,13 @@ def main(argv=None) -> None:
         plot_loss_curves(args.logs, args.output)
     elif args.cmd == "summary":
         tables = {Path(p).stem: pd.read_csv(p) for p in sorted(args.tables, key=_table_order)}
-        note = ("Data: the embedded **synthetic** stand-ins generated by this workflow (not ImageNet, "
-                "DAVIS, VIP or JHMDB) at CPU-demo scale; these numbers show that the pipeline runs and "
-                "learns, they are not a reproduction of the paper's values."
-                if args.synthetic else "Data: the dataset roots configured in `data.roots`.")
+        note = (
+            "Data: the embedded **synthetic** stand-ins generated by this workflow (not ImageNet, "
+            "DAVIS, VIP or JHMDB) at CPU-demo scale; these numbers show that the pipeline runs and "
+            "learns, they are not a reproduction of the paper's values."
+            if args.synthetic
+            else "Data: the dataset roots configured in `data.roots`."
+        )
         write_text_atomic(args.output, summary_markdown(tables, args.run_label, note))
 
 

@@ -1,6 +1,6 @@
 """One pretraining job (one cell, one seed) of the cross-view MAE; resumable and deterministic.
 
-    python -m pipeline.pretrain --cell '{"method": "cdgmae", ...}' --seed 0 --settings '<pretrain JSON>' \
+    python -m pipeline.pretrain.main_pretrain --cell '{"method": "cdgmae", ...}' --seed 0 --settings '<pretrain JSON>' \
         --bag results/views/sldm/bag.h5 --output results/pretrain/<model>/checkpoint.pth \
         --state-dir results/pretrain_state/<model> --log-csv ... --curve-png ...
 
@@ -14,7 +14,7 @@ bf16/fp16 autocast on GPU (GradScaler for fp16), fp32 on CPU, DDP under ``torchr
 Resume: the state (model, optimiser, scaler, history) is written atomically to
 ``<state-dir>/last.pth`` every ``checkpoint_every`` epochs — outside the rule's declared outputs,
 so the retry of a failed or killed job resumes. Resume is exact: the data order is a function of
-(seed, epoch), every augmentation a function of (seed, epoch, index) (``pipeline.strategies``), and
+(seed, epoch), every augmentation a function of (seed, epoch, index) (``pipeline.pretrain.strategies``), and
 the torch RNG (masks, decoder dropout) is re-seeded from (seed, rank, step) before each step — so a
 resumed run continues the very loss curve of an uninterrupted one.
 """
@@ -32,9 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import section_defaults
-from pipeline.utils import (atomic_path, derive_seed, file_sha256, load_settings, progress,
-                            resolve_device, save_torch_atomic, set_threads, setup_logging, write_csv_atomic)
+from pipeline.config import load_settings, section_defaults
+from pipeline.devices import resolve_device, set_threads
+from pipeline.io import atomic_path, file_sha256, write_csv_atomic
+from pipeline.pretrain.checkpoints import save_torch_atomic
+from pipeline.runtime import derive_seed, progress, setup_logging
 
 LOG = logging.getLogger("cdgmae.pretrain")
 
@@ -59,7 +61,7 @@ def resolve_settings(settings: dict | None) -> dict:
 
 def resolve_cell(cell: dict, settings: dict) -> dict:
     """Complete a (possibly partial) cell from ``settings["cell_defaults"]`` and check it."""
-    from pipeline.strategies import STRATEGIES, TARGET_RULES
+    from pipeline.pretrain.strategies import STRATEGIES, TARGET_RULES
 
     unknown = sorted(set(cell) - set(CELL_KEYS))
     if unknown:
@@ -91,16 +93,20 @@ def fingerprint(cell: dict, settings: dict, seed: int, data_signature=None) -> s
     # may not even load into the current model
     here = Path(__file__).resolve().parent
     code = {m: file_sha256(here / f"{m}.py") for m in ("pretrain", "models_mae", "strategies")}
-    return json.dumps({"cell": cell, "settings": training, "seed": int(seed), "data": data_signature,
-                       "code": code}, sort_keys=True, default=str)
+    return json.dumps(
+        {"cell": cell, "settings": training, "seed": int(seed), "data": data_signature, "code": code},
+        sort_keys=True,
+        default=str,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # optimisation
 
 
-def lr_at(step: int, steps_per_epoch: int, *, epochs: int, warmup_epochs: float, peak_lr: float,
-          min_lr: float = 0.0) -> float:
+def lr_at(
+    step: int, steps_per_epoch: int, *, epochs: int, warmup_epochs: float, peak_lr: float, min_lr: float = 0.0
+) -> float:
     """MAE's ``lr_sched.adjust_learning_rate`` at fractional epoch ``step / steps_per_epoch``:
     linear warm-up from 0, then half-cycle cosine from ``peak_lr`` to ``min_lr``."""
     e = step / steps_per_epoch
@@ -121,7 +127,7 @@ def build_optimizer(model, lr: float, weight_decay: float):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def resolve_precision(precision: str, device) -> "torch.dtype | None":
+def resolve_precision(precision: str, device) -> torch.dtype | None:
     """Autocast dtype: None (fp32) on CPU; ``auto`` = bf16 where supported, else fp16."""
     import torch
 
@@ -167,7 +173,7 @@ class EpochSampler:
         return perm[: self.epoch_len].numpy()
 
     def __iter__(self):
-        idx = self.order(self.epoch)[self.rank:: self.num_replicas]
+        idx = self.order(self.epoch)[self.rank :: self.num_replicas]
         return iter([(self.epoch, int(i)) for i in idx[: len(self)]])
 
     def __len__(self) -> int:
@@ -192,8 +198,9 @@ def load_state(path: Path, expected_fingerprint: str):
         LOG.warning("resumable state %s is unreadable (%s); moved to %s, starting over", path, err, bad)
         return None
     if state.get("fingerprint") != expected_fingerprint:
-        LOG.warning("resumable state %s belongs to another configuration, older input data or "
-                    "older code; starting over", path)
+        LOG.warning(
+            "resumable state %s belongs to another configuration, older input data or older code; starting over", path
+        )
         return None
     LOG.info("resuming from %s: epoch %d, step %d", path, state["epoch"], state["step"])
     return state
@@ -258,8 +265,20 @@ def distributed_context():
 # training
 
 
-def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, log_csv=None,
-          curve_png=None, world_size: int = 1, rank: int = 0, device=None) -> dict:
+def train(
+    cell: dict,
+    settings: dict,
+    dataset,
+    *,
+    seed: int,
+    output,
+    state_dir,
+    log_csv=None,
+    curve_png=None,
+    world_size: int = 1,
+    rank: int = 0,
+    device=None,
+) -> dict:
     """Train one cell on ``dataset`` (an ``EpochDataset``) and write the final checkpoint.
 
     Resumes from ``<state_dir>/last.pth`` when it holds a state of the same configuration.
@@ -268,21 +287,25 @@ def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, 
     import torch
     from torch.utils.data import DataLoader
 
-    from pipeline.models_mae import CrossViewMAE, resolve_arch
+    from pipeline.pretrain.models_mae import CrossViewMAE, resolve_arch
 
     device = torch.device(resolve_device(device))
     s, epochs = settings, cell["epochs"]
     state_path = Path(state_dir) / "last.pth"
     if s["batch_size"] % (s["micro_batch"] * world_size):
-        raise ValueError(f"pretrain.batch_size {s['batch_size']} is not a multiple of micro_batch "
-                         f"{s['micro_batch']} x {world_size} GPU(s)")
+        raise ValueError(
+            f"pretrain.batch_size {s['batch_size']} is not a multiple of micro_batch "
+            f"{s['micro_batch']} x {world_size} GPU(s)"
+        )
     accum = s["batch_size"] // (s["micro_batch"] * world_size)
     epoch_len = s["samples_per_epoch"] or len(dataset)
     steps_per_epoch = epoch_len // s["batch_size"]
     if steps_per_epoch < 1:
-        raise ValueError(f"an epoch of {epoch_len} samples (dataset {len(dataset)}, samples_per_epoch "
-                         f"{s['samples_per_epoch']}) is shorter than one batch of {s['batch_size']}; "
-                         f"raise pretrain.samples_per_epoch or lower pretrain.batch_size")
+        raise ValueError(
+            f"an epoch of {epoch_len} samples (dataset {len(dataset)}, samples_per_epoch "
+            f"{s['samples_per_epoch']}) is shorter than one batch of {s['batch_size']}; "
+            f"raise pretrain.samples_per_epoch or lower pretrain.batch_size"
+        )
     epoch_len = steps_per_epoch * s["batch_size"]  # drop_last, as the reference loader
     peak_lr = s["base_lr"] * s["batch_size"] / 256
     amp_dtype = resolve_precision(s["precision"], device)
@@ -292,8 +315,10 @@ def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, 
     n_patches = (s["img_size"] // arch["patch_size"]) ** 2
     for key in ("target_mask", "anchor_mask"):  # fail before any data is read, naming the cell key
         if int(n_patches * (1 - cell[key])) < 1:
-            raise ValueError(f"cell {key}={cell[key]} keeps no patch of the {n_patches} at img_size "
-                             f"{s['img_size']} with {cell['arch']}; raise pretrain.img_size")
+            raise ValueError(
+                f"cell {key}={cell[key]} keeps no patch of the {n_patches} at img_size "
+                f"{s['img_size']} with {cell['arch']}; raise pretrain.img_size"
+            )
 
     torch.manual_seed(derive_seed(seed, "init") % (1 << 62))  # same init on every rank
     model = CrossViewMAE(cell["arch"], s["img_size"], norm_pix_loss=s["norm_pix_loss"]).to(device)
@@ -312,8 +337,10 @@ def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, 
         if state["config"].get("world_size") != world_size:
             LOG.warning("resuming a %s-process run with %d processes", state["config"].get("world_size"), world_size)
     if step != start_epoch * steps_per_epoch:
-        raise RuntimeError(f"{state_path}: step {step} does not match epoch {start_epoch} x "
-                           f"{steps_per_epoch} steps; remove the state to start over")
+        raise RuntimeError(
+            f"{state_path}: step {step} does not match epoch {start_epoch} x "
+            f"{steps_per_epoch} steps; remove the state to start over"
+        )
 
     ddp_model = model
     if world_size > 1:
@@ -325,18 +352,38 @@ def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, 
 
     sampler = EpochSampler(len(dataset), epoch_len, derive_seed(seed, "order"), world_size, rank)
     workers = s["num_workers"]
-    loader = DataLoader(dataset, batch_size=s["micro_batch"], sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
+    loader = DataLoader(
+        dataset,
+        batch_size=s["micro_batch"],
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
 
     def payload(epoch: int, with_history: bool) -> dict:
         out = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "arch": arch, "img_size": s["img_size"],
-            "config": {"cell": cell, "pretrain": s, "seed": seed, "world_size": world_size,
-                       "steps_per_epoch": steps_per_epoch, "peak_lr": peak_lr},
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "arch": arch,
+            "img_size": s["img_size"],
+            "config": {
+                "cell": cell,
+                "pretrain": s,
+                "seed": seed,
+                "world_size": world_size,
+                "steps_per_epoch": steps_per_epoch,
+                "peak_lr": peak_lr,
+            },
             # no RNG state is needed to resume: every draw is a function of (seed, epoch, step, index)
-            "rng": {"seed": seed, "scheme": "torch reseeded per step from (seed, rank, step); "
-                                            "data from (seed, epoch, index)"},
+            "rng": {
+                "seed": seed,
+                "scheme": "torch reseeded per step from (seed, rank, step); data from (seed, epoch, index)",
+            },
             "fingerprint": fp,
         }
         if with_history:
@@ -344,10 +391,8 @@ def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, 
         return out
 
     total = steps_per_epoch * epochs
-    bar = progress(total=total, initial=step, unit="step", desc=f"pretrain seed {seed}",
-                   disable=rank != 0)
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
+    bar = progress(total=total, initial=step, unit="step", desc=f"pretrain seed {seed}", disable=rank != 0)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     saved_epoch = start_epoch if state is not None else None
     ddp_model.train()
     for epoch in range(start_epoch, epochs):
@@ -355,15 +400,21 @@ def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, 
         batches = iter(loader)
         for _ in range(steps_per_epoch):
             t0 = time.perf_counter()
-            lr = lr_at(step, steps_per_epoch, epochs=epochs, warmup_epochs=s["warmup_epochs"],
-                       peak_lr=peak_lr, min_lr=s["min_lr"])
+            lr = lr_at(
+                step,
+                steps_per_epoch,
+                epochs=epochs,
+                warmup_epochs=s["warmup_epochs"],
+                peak_lr=peak_lr,
+                min_lr=s["min_lr"],
+            )
             for group in optimizer.param_groups:  # schedule applied before the step
                 group["lr"] = lr
             torch.manual_seed(derive_seed(seed, "step", rank, step) % (1 << 62))  # masks + dropout
             loss_sum = torch.zeros((), device=device)
             for k in range(accum):
                 views = next(batches).to(device, non_blocking=True)  # (B, 1 + N, 3, S, S)
-                sync = (ddp_model.no_sync() if world_size > 1 and k < accum - 1 else contextlib.nullcontext())
+                sync = ddp_model.no_sync() if world_size > 1 and k < accum - 1 else contextlib.nullcontext()
                 with sync:
                     with autocast:
                         loss, _, _ = ddp_model(views, cell["target_mask"], cell["anchor_mask"])
@@ -373,10 +424,15 @@ def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, 
                 torch.distributed.all_reduce(loss_sum)  # every rank sees a NaN anywhere
             loss_value = loss_sum.item() / (accum * world_size)
             if not math.isfinite(loss_value):
-                kept = (f"the last good checkpoint {state_path} (epoch {saved_epoch})" if saved_epoch is not None
-                        else "no checkpoint yet")
-                raise NonFiniteLossError(f"non-finite training loss ({loss_value}) at step {step} (epoch {epoch}); "
-                                         f"stopped without updating, keeping {kept}")
+                kept = (
+                    f"the last good checkpoint {state_path} (epoch {saved_epoch})"
+                    if saved_epoch is not None
+                    else "no checkpoint yet"
+                )
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({loss_value}) at step {step} (epoch {epoch}); "
+                    f"stopped without updating, keeping {kept}"
+                )
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -410,10 +466,14 @@ def train(cell: dict, settings: dict, dataset, *, seed: int, output, state_dir, 
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m pipeline.pretrain", description=__doc__.split("\n")[0])
-    ap.add_argument("--cell", required=True, help="JSON dict of the cell (method, arch, generator, target, "
-                                                  "anchors, anchor_mask, target_mask, epochs); missing keys "
-                                                  "from pretrain.cell_defaults")
+    ap = argparse.ArgumentParser(prog="python -m pipeline.pretrain.main_pretrain", description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--cell",
+        required=True,
+        help="JSON dict of the cell (method, arch, generator, target, "
+        "anchors, anchor_mask, target_mask, epochs); missing keys "
+        "from pretrain.cell_defaults",
+    )
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--settings", default=None, help="pretrain config section (JSON string or file)")
     ap.add_argument("--bag", help="bag of views HDF5 (method cdgmae)")
@@ -437,7 +497,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging()
     set_threads(args.threads)
-    from pipeline.strategies import build_dataset
+    from pipeline.pretrain.strategies import build_dataset
 
     overrides = load_settings(args.settings)
     for key in ("num_workers", "checkpoint_every"):
@@ -449,16 +509,34 @@ def main(argv=None) -> None:
     except json.JSONDecodeError as err:
         raise SystemExit(f"--cell is not valid JSON: {err}")
     LOG.info("cell %s, seed %d", cell, args.seed)
-    dataset = build_dataset(cell, settings, seed=derive_seed(args.seed, "data"), bag=args.bag, knn=args.knn,
-                            imagenet_root=args.imagenet_root, videos_root=args.videos_root)
+    dataset = build_dataset(
+        cell,
+        settings,
+        seed=derive_seed(args.seed, "data"),
+        bag=args.bag,
+        knn=args.knn,
+        imagenet_root=args.imagenet_root,
+        videos_root=args.videos_root,
+    )
     with distributed_context() as (world, rank, device):
         if args.device and world == 1:
             import torch
 
             device = torch.device(args.device)
         try:
-            train(cell, settings, dataset, seed=args.seed, output=args.output, state_dir=args.state_dir,
-                  log_csv=args.log_csv, curve_png=args.curve_png, world_size=world, rank=rank, device=device)
+            train(
+                cell,
+                settings,
+                dataset,
+                seed=args.seed,
+                output=args.output,
+                state_dir=args.state_dir,
+                log_csv=args.log_csv,
+                curve_png=args.curve_png,
+                world_size=world,
+                rank=rank,
+                device=device,
+            )
         except NonFiniteLossError as err:
             LOG.error("%s", err)
             raise SystemExit(f"pretrain: {err}")

@@ -1,0 +1,4 @@
+from pipeline.cli import dispatch
+from pipeline.consistency import COMMANDS
+
+dispatch("pipeline.consistency", COMMANDS)

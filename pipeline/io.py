@@ -1,0 +1,69 @@
+"""Atomic writes and content digests.
+
+Everything that writes a result goes through ``atomic_path`` so a killed job never leaves a
+half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    The temporary file lives in the same directory (same filesystem) so ``os.replace`` is atomic.
+    ``suffix`` lets writers that infer the format from the extension (PIL, cv2) see the real one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix or path.suffix) + ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are shared files
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:  # make the bytes durable before the rename
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_csv_atomic(df, path: str | os.PathLike, **kwargs) -> None:
+    """Write a pandas DataFrame as CSV atomically (index off unless asked)."""
+    kwargs.setdefault("index", False)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, **kwargs)
+
+
+def write_npz_atomic(path: str | os.PathLike, arrays: dict) -> None:
+    """``np.savez`` under a temporary name, renamed onto ``path`` on success."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+            if limit is not None and fh.tell() >= limit:
+                break
+    return h.hexdigest()

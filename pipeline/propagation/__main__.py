@@ -1,0 +1,4 @@
+from pipeline.cli import dispatch
+from pipeline.propagation import COMMANDS
+
+dispatch("pipeline.propagation", COMMANDS)

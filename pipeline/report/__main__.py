@@ -1,0 +1,4 @@
+from pipeline.cli import dispatch
+from pipeline.report import COMMANDS
+
+dispatch("pipeline.report", COMMANDS)
