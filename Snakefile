@@ -1,6 +1,6 @@
 # cdgmae — CDG-MAE reproduction workflow (Belagali et al., "Learning Correspondences from
 # Diffusion Generated Views"). Table of contents only; each stage lives in rules/<stage>.smk and
-# its logic in pipeline/<stage>.py. See README.md for the map from paper tables to rules.
+# its logic in the subpackage pipeline/<stage>/. See README.md for the map from paper tables to rules.
 
 from snakemake.utils import min_version
 
@@ -23,6 +23,6 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         get_final_targets(),
-    default_target: True

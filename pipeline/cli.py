@@ -11,6 +11,9 @@ from __future__ import annotations
 import importlib
 import sys
 
+# the stage subpackages, in workflow order: a stage never imports from a later one
+STAGES = ("data", "views", "consistency", "pretrain", "propagation", "report")
+
 
 def dispatch(stage: str, commands: dict[str, tuple[str, str]], argv: list[str] | None = None) -> None:
     """Run ``commands[argv[0]]``'s module ``main`` with the remaining arguments."""
@@ -31,3 +34,18 @@ def entry_point(target: str) -> tuple[str, str]:
     """``"pipeline.views.shards:main"`` -> (module, function); the function defaults to ``main``."""
     module, _, function = target.partition(":")
     return module, function or "main"
+
+
+def stage_commands(stage: str) -> dict[str, tuple[str, str]]:
+    """A stage's ``COMMANDS`` table (its ``__init__`` is plain data: cheap at workflow parse time)."""
+    return importlib.import_module(f"pipeline.{stage}").COMMANDS
+
+
+def command_module(stage: str, command: str) -> str:
+    """The module ``python -m pipeline.<stage> <command>`` runs."""
+    return entry_point(stage_commands(stage)[command][0])[0]
+
+
+def run(stage: str, argv: list[str]) -> None:
+    """``python -m pipeline.<stage> *argv`` in this process (tests, notebooks)."""
+    dispatch(f"pipeline.{stage}", stage_commands(stage), argv)

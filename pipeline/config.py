@@ -104,6 +104,17 @@ def section_defaults(*keys: str, overrides: dict | None = None) -> dict:
     return cfg
 
 
+def result_neutral_keys(*section: str, schema: dict | None = None) -> list[str]:
+    """Keys of a config section marked ``x-result-neutral: true`` in the schema: how a job runs
+    (GPUs, loader workers, checkpoint cadence, batch of a deterministic generator), never what it
+    computes. The rules leave them out of ``params`` and the resume fingerprints ignore them, so
+    editing one re-runs nothing and a resume across them is exact."""
+    node = schema or load_schema()
+    for key in section:
+        node = node["properties"][key]
+    return [k for k, sub in node.get("properties", {}).items() if isinstance(sub, dict) and sub.get("x-result-neutral")]
+
+
 def load_settings(value: str | None) -> dict:
     """Parse a ``--settings`` argument: a JSON string, or a path to a JSON/YAML file, or None."""
     if value is None or value == "":
@@ -137,7 +148,7 @@ def main(argv=None) -> None:
     try:
         cfg = load_config(*args.configs)
     except ConfigError as err:
-        raise SystemExit(str(err))
+        raise SystemExit(str(err)) from None
     print(yaml.safe_dump(cfg, sort_keys=False))
 
 

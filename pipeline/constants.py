@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# ImageNet normalisation of every encoder input (MAE, CropMAE, videowalk, timm's ViTs)
+# ImageNet normalization of every encoder input (MAE, CropMAE, videowalk, timm's ViTs)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

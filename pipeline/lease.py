@@ -64,7 +64,8 @@ def count_gpus() -> int:
     if not Path("/dev/nvidiactl").exists():
         return 0  # no NVIDIA driver: skip the slow torch import
     try:
-        import torch
+        # lazy: the lease wraps every GPU job, and torch takes seconds to import
+        import torch  # noqa: PLC0415
 
         return torch.cuda.device_count()
     except ImportError:

@@ -65,6 +65,9 @@ def imported_modules(module: str) -> tuple[str, ...]:
 
 def code_files(*modules: str) -> list[Path]:
     """Source files whose content defines what ``modules`` compute (see the module docstring)."""
+    missing = [m for m in modules if module_file(m) is None]
+    if missing:
+        raise ModuleNotFoundError(f"no source file for {missing} under {PACKAGE_DIR}")
     seen: set[str] = set()
     todo = list(modules)
     while todo:

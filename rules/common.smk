@@ -16,7 +16,13 @@ from snakemake.utils import Paramspace, validate
 sys.path.insert(0, workflow.basedir)
 shell.prefix(f'export PYTHONPATH="{workflow.basedir}:$PYTHONPATH"; ')
 
-from pipeline.config import ConfigError, validate_config  # noqa: E402  (cheap: yaml + jsonschema)
+# cheap at parse time: yaml, jsonschema, ast and plain data (no torch)
+from pipeline.cells import CELL_KEYS, CellError, canonical_cell, model_path, random_init_model  # noqa: E402
+from pipeline.cli import command_module  # noqa: E402
+from pipeline.constants import EVAL_DATASETS as ALL_EVAL_DATASETS  # noqa: E402
+from pipeline.config import ConfigError, result_neutral_keys, validate_config  # noqa: E402
+from pipeline.provenance import code_files  # noqa: E402
+from pipeline.tables import PAPER_TABLES, PROPAGATION_TABLES, TABLES, table_cells, table_seeds  # noqa: E402
 
 try:
     # fills schema defaults and names the offending key (e.g. "pretrain.cell_defaults.target_mask")
@@ -25,12 +31,11 @@ except ConfigError as err:
     raise WorkflowError(str(err))
 validate(config, "../schemas/config.schema.yaml")
 
-DATASETS = ["imagenet", "videos", "davis", "vip", "jhmdb"]
 EVAL_DATASETS = config["propagation"]["evaluate"]
 
 
 wildcard_constraints:
-    dataset="davis|vip|jhmdb",
+    dataset="|".join(ALL_EVAL_DATASETS),
     shard=r"\d+",
     seed=r"\d+",
     generator=r"[A-Za-z0-9_\-]+",
@@ -56,131 +61,68 @@ def get_dataset_input(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# provenance helpers
+# provenance and params
 
 
-def stage_code(*modules):
-    """A stage's own module files, listed as a rule input so editing them re-runs that stage and
-    what depends on it, and nothing else (shared utilities are deliberately not listed)."""
-    return [os.path.join(workflow.basedir, "pipeline", f"{m}.py") for m in modules]
+def stage_code(stage, command):
+    """The source files of ``python -m pipeline.<stage> <command>``: the module it runs and every
+    stage module that imports, transitively (``pipeline.provenance``). Listed as a rule input, so
+    editing them re-runs that job and what depends on it, and nothing else. Relative to the working
+    directory where possible, so a moved or re-cloned project re-runs nothing."""
+    files = [os.path.relpath(f) for f in code_files(command_module(stage, command))]
+    return [f if not f.startswith("..") else os.path.abspath(f) for f in files]
 
 
 def settings(*keys, drop=()):
-    """A narrow config slice as canonical JSON for `params:` (a change re-runs only its users)."""
+    """A narrow config slice as canonical JSON for ``params:`` (a change re-runs only its users).
+
+    Keys the schema marks ``x-result-neutral`` (GPUs, workers, checkpoint cadence) are left out:
+    they travel as resources, so editing them re-runs nothing."""
     node = config
     for k in keys:
         node = node[k]
-    if drop:
+    if isinstance(node, dict):
+        drop = set(drop) | set(result_neutral_keys(*keys))
         node = {k: v for k, v in node.items() if k not in drop}
     return json.dumps(node, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# pretraining cells: every key that defines a cell is part of its output path
-
-CELL_KEYS = [
-    "method",
-    "arch",
-    "generator",
-    "target",
-    "anchors",
-    "anchor_mask",
-    "target_mask",
-    "epochs",
-]
-
-
-def normalize_cell(partial):
-    """Complete a partial cell from pretrain.cell_defaults and canonicalise it.
-
-    Baselines that do not read a bag of views get generator/target "none", so changing the
-    view generator never invalidates them.
-    """
-    cell = {**config["pretrain"]["cell_defaults"], **partial}
-    cell = {k: cell[k] for k in CELL_KEYS}
-    cell["anchors"] = int(cell["anchors"])
-    cell["epochs"] = int(cell["epochs"])
-    cell["anchor_mask"] = float(cell["anchor_mask"])
-    cell["target_mask"] = float(cell["target_mask"])
-    if cell["method"] != "cdgmae":
-        cell.update(generator="none", target="none", anchors=1, anchor_mask=0.0)
-    elif cell["target"] != "knn" and cell["anchors"] > config["views"]["n_views"]:
-        raise WorkflowError(
-            f"cell {partial}: {cell['anchors']} anchors need at least {cell['anchors']} "
-            f"generated views besides the target, but views.n_views = {config['views']['n_views']}"
-        )
-    elif cell["target"] == "knn" and cell["anchors"] > config["pretrain"]["knn_k"]:
-        raise WorkflowError(
-            f"cell {partial}: {cell['anchors']} anchors exceed pretrain.knn_k = {config['pretrain']['knn_k']}"
-        )
-    return cell
+# pretraining cells (pipeline.cells): every key that defines a cell is part of its output path
 
 
 def get_cells(table):
-    """Complete cells a table needs, in the table's row order."""
-    t = config["tables"]
-    if table == "table8":
-        partials = t["table4"]["cells"] + t["table8"]["extra_cells"]
-    elif table == "table10":
-        partials = [{"generator": g, "anchors": 1, "anchor_mask": 0.0} for g in t["table10"]["generators"]]
-    elif table == "figure4":
-        # SiamMAE and CropMAE as configured for Table 5, and CDG-MAE-a1, at every patch size
-        baselines = [c for c in t["table5"]["cells"] if c.get("method") in ("siammae", "cropmae")]
-        partials = [
-            {**c, "arch": a}
-            for a in t["figure4"]["archs"]
-            for c in baselines + [{"method": "cdgmae", "anchors": 1, "anchor_mask": 0.0}]
-        ]
-    else:
-        partials = t[table]["cells"]
-    return [normalize_cell(p) for p in partials]
+    """Canonical cells a table needs, in the table's row order."""
+    try:
+        return table_cells(config, table)
+    except CellError as err:
+        raise WorkflowError(str(err))
 
 
-def get_seeds(table, cell=None):
-    """Seeds per table: Table 8's extra N = 4 cells are single-seed like the paper."""
-    if table == "table8" and cell is not None:
-        extra = [normalize_cell(p) for p in config["tables"]["table8"]["extra_cells"]]
-        if cell in extra and cell not in get_cells("table4"):
-            return config["tables"]["table8"]["extra_seeds"]
-    return config["pretrain"]["seeds"]
+def get_seeds(table, cell):
+    return table_seeds(config, table, cell)
 
-
-ALL_TABLES = ["table2", "table3", "table4", "table5", "table8", "table10", "figure4"]
 
 CELLS = pd.DataFrame(
-    [dict(c) for c in {json.dumps(c, sort_keys=True): c for tb in ALL_TABLES for c in get_cells(tb)}.values()],
-    columns=CELL_KEYS,
+    [dict(c) for c in {json.dumps(c, sort_keys=True): c for tb in PROPAGATION_TABLES for c in get_cells(tb)}.values()],
+    columns=list(CELL_KEYS),
 )
 PARAMSPACE = Paramspace(CELLS, param_sep="~")
 CELL_PATTERN = PARAMSPACE.wildcard_pattern
 
 
-def cell_path(cell):
-    return os.path.join(*(f"{k}~{cell[k]}" for k in CELL_KEYS))
-
-
-def model_path(cell, seed):
-    """`{model}` path of a trained cell (under results/pretrain/ and results/eval/)."""
-    return f"{cell_path(cell)}/seed~{seed}"
-
-
 def cell_from_wildcards(wildcards):
-    """The cell dict of a job from its wildcards, as plain Python types (JSON-serialisable)."""
+    """The cell dict of a job from its wildcards, as plain Python types (JSON-serializable)."""
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in PARAMSPACE.instance(wildcards).items()}
 
 
-def random_init_model(arch, seed=None):
-    seed = config["propagation"]["random_init_seed"] if seed is None else seed
-    return f"random-init/arch~{arch}/seed~{seed}"
+def get_random_init_model(arch):
+    return random_init_model(arch, config["propagation"]["random_init_seed"])
 
 
 def table_models(table):
-    """(cell, seed, model path) for every trained model a table needs, plus random-init refs."""
-    rows = []
-    for cell in get_cells(table):
-        for seed in get_seeds(table, cell):
-            rows.append((cell, seed, model_path(cell, seed)))
-    return rows
+    """(cell, seed, model path) for every trained model a table needs."""
+    return [(cell, seed, model_path(cell, seed)) for cell in get_cells(table) for seed in get_seeds(table, cell)]
 
 
 def table_archs(table):
@@ -188,38 +130,32 @@ def table_archs(table):
 
 
 def eval_metrics(models, datasets=None):
-    return [
-        f"results/eval/{m}/{d}/metrics.csv"
-        for m in models
-        for d in (datasets or EVAL_DATASETS)
-    ]
+    return [f"results/eval/{m}/{d}/metrics.csv" for m in models for d in (datasets or EVAL_DATASETS)]
 
 
 def get_table_evals(table):
     """Every metrics.csv a table needs: its trained models and one random-init reference per arch."""
     models = [m for _, _, m in table_models(table)]
-    models += [random_init_model(a) for a in table_archs(table)]
+    models += [get_random_init_model(a) for a in table_archs(table)]
     return eval_metrics(models)
 
 
-def report_table(name, label):
-    """A results/<name>.csv output shown in the HTML report with its caption."""
+def report_table(path):
+    """A results/{table}.csv output shown in the HTML report, labelled and captioned from the table
+    registry (pipeline.tables); the caption text travels as the rule's ``caption`` param."""
     return report(
-        f"results/{name}.csv",
-        caption=f"../report/{name}.rst",
+        path,
+        caption="../report/table.rst",
         category="Tables",
-        labels={"table": label},
+        labels=lambda wildcards: {"table": TABLES[wildcards.table].label},
     )
 
 
 def get_final_targets():
     """Everything `snakemake` builds by default: every paper table, the figures, the summary."""
-    return (
-        [f"results/table{i}.csv" for i in range(1, 11)]
-        + [
-            "results/figure4.png",
-            "results/figures/loss_curves.png",
-            "results/figures/bag_of_views.png",
-            "results/summary.md",
-        ]
-    )
+    return [f"results/{t}.csv" for t in PAPER_TABLES] + [
+        "results/figure4.png",
+        "results/figures/loss_curves.png",
+        "results/figures/bag_of_views.png",
+        "results/summary.md",
+    ]

@@ -1,5 +1,5 @@
 # Stage 2: consistency scores GS / LS / NPS (paper §3.2, Tables 1 and 9) and the k-NN neighbour
-# file of the pretraining set (pipeline/consistency.py, pipeline/encoders.py).
+# file of the pretraining set (pipeline/consistency/).
 # Params carry only what changes the numbers; loader workers and the GPU count travel as
 # resources (no rerun when they change). Dataset roots are wildcards-free lambdas: a user root is
 # not a workflow file, so it cannot be derived from the inputs.
@@ -14,16 +14,27 @@ CONSISTENCY_CHECKPOINT = (
     if CONSISTENCY["encoder"]["name"] in ("timm", "cdgmae") and CONSISTENCY["encoder"]["checkpoint"]
     else []
 )
-CONSISTENCY_NOT_SETTINGS = ("gpus", "num_workers", "generators")
+# the list of generators is Table 9's input list, not a scoring setting
+CONSISTENCY_NOT_SETTINGS = ("generators",)
 
 
 rule find_neighbours:
     input:
         data=get_dataset_input("imagenet"),
         checkpoint=CONSISTENCY_CHECKPOINT,
-        code=stage_code("consistency", "encoders"),
+        code=stage_code("consistency", "neighbours"),
     output:
         "results/consistency/knn.npz",
+    log:
+        "results/logs/find_neighbours/knn.log",
+    benchmark:
+        "results/benchmarks/find_neighbours/knn.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 2
+    resources:
+        gpu=CONSISTENCY["gpus"],
+        consistency_workers=CONSISTENCY["num_workers"],
     params:
         root=lambda wildcards: get_root("imagenet"),
         # only the encoder defines the neighbours: changing n_pairs or the gaps keeps knn.npz
@@ -31,18 +42,8 @@ rule find_neighbours:
         k=config["pretrain"]["knn_k"],
         # resumable feature parts, outside the declared outputs (survive a failed job)
         state_dir="results/consistency_state/knn",
-    resources:
-        gpu=CONSISTENCY["gpus"],
-        consistency_workers=CONSISTENCY["num_workers"],
-    threads: 2
-    log:
-        "results/logs/find_neighbours/knn.log",
-    benchmark:
-        "results/benchmarks/find_neighbours/knn.tsv"
-    conda:
-        "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency.scoring neighbours "
+        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency neighbours "
         "--imagenet-root {params.root:q} --settings {params.settings:q} --k {params.k} "
         "--state-dir {params.state_dir:q} --output {output:q} --threads {threads} "
         "--num-workers {resources.consistency_workers} > {log} 2>&1"
@@ -55,10 +56,20 @@ rule score_consistency:
         imagenet=get_dataset_input("imagenet"),
         videos=get_dataset_input("videos"),
         checkpoint=CONSISTENCY_CHECKPOINT,
-        code=stage_code("consistency", "encoders"),
+        code=stage_code("consistency", "table1"),
     output:
         table="results/table1.csv",
         pairs="results/consistency/table1_pairs.csv",
+    log:
+        "results/logs/score_consistency/table1.log",
+    benchmark:
+        "results/benchmarks/score_consistency/table1.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 2
+    resources:
+        gpu=CONSISTENCY["gpus"],
+        consistency_workers=CONSISTENCY["num_workers"],
     params:
         settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS),
         generator=config["views"]["generator"],
@@ -66,18 +77,8 @@ rule score_consistency:
         run_label=config["run_label"],
         imagenet_root=lambda wildcards: get_root("imagenet"),
         videos_root=lambda wildcards: get_root("videos"),
-    resources:
-        gpu=CONSISTENCY["gpus"],
-        consistency_workers=CONSISTENCY["num_workers"],
-    threads: 2
-    log:
-        "results/logs/score_consistency/table1.log",
-    benchmark:
-        "results/benchmarks/score_consistency/table1.tsv"
-    conda:
-        "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency.scoring table1 "
+        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency table1 "
         "--bag {input.bag:q} --generator {params.generator:q} --knn {input.knn:q} "
         "--imagenet-root {params.imagenet_root:q} --videos-root {params.videos_root:q} "
         "--settings {params.settings:q} --seed {params.seed} --run-label {params.run_label:q} "
@@ -90,31 +91,29 @@ rule score_generators:
         bags=expand("results/views/{generator}/bag.h5", generator=CONSISTENCY["generators"]),
         videos=get_dataset_input("videos"),
         checkpoint=CONSISTENCY_CHECKPOINT,
-        code=stage_code("consistency", "encoders"),
+        code=stage_code("consistency", "table9"),
     output:
         table="results/table9.csv",
         pairs="results/consistency/table9_pairs.csv",
-    params:
-        settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS),
-        # one "--bag GENERATOR=PATH" per Table 9 row, in config order
-        bags=" ".join(
-            f"--bag {shlex.quote(f'{g}=results/views/{g}/bag.h5')}" for g in CONSISTENCY["generators"]
-        ),
-        seed=config["seed"],
-        run_label=config["run_label"],
-        videos_root=lambda wildcards: get_root("videos"),
-    resources:
-        gpu=CONSISTENCY["gpus"],
-        consistency_workers=CONSISTENCY["num_workers"],
-    threads: 2
     log:
         "results/logs/score_generators/table9.log",
     benchmark:
         "results/benchmarks/score_generators/table9.tsv"
     conda:
         "../envs/pipeline.yaml"
+    threads: 2
+    resources:
+        gpu=CONSISTENCY["gpus"],
+        consistency_workers=CONSISTENCY["num_workers"],
+    params:
+        settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS),
+        # one "--bag GENERATOR=PATH" per Table 9 row, in config order
+        bags=" ".join(f"--bag {shlex.quote(f'{g}=results/views/{g}/bag.h5')}" for g in CONSISTENCY["generators"]),
+        seed=config["seed"],
+        run_label=config["run_label"],
+        videos_root=lambda wildcards: get_root("videos"),
     shell:
-        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency.scoring table9 "
+        "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency table9 "
         "{params.bags} --videos-root {params.videos_root:q} "
         "--settings {params.settings:q} --seed {params.seed} --run-label {params.run_label:q} "
         "--output {output.table:q} --pairs-output {output.pairs:q} --threads {threads} "

@@ -3,6 +3,7 @@
 # adding a cell never invalidates another. Resumable state lives in results/pretrain_state/,
 # outside the declared outputs, so the retry of a failed or killed job resumes where it stopped.
 
+import re
 import shlex
 
 # the dataset a cell reads besides its bag of views: the baselines' images / videos, and for
@@ -19,11 +20,25 @@ rule pretrain:
         bag=lambda wc: f"results/views/{wc.generator}/bag.h5" if wc.method == "cdgmae" else [],
         knn=lambda wc: "results/consistency/knn.npz" if wc.target == "knn" else [],
         data=lambda wc: get_dataset_input(pretrain_dataset(wc)) if pretrain_dataset(wc) else [],
-        code=stage_code("pretrain", "models_mae", "strategies"),
+        code=stage_code("pretrain", "train"),
     output:
         checkpoint=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/checkpoint.pth",
         log_csv=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/train_log.csv",
         curve=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/loss_curve.png",
+    log:
+        f"results/logs/pretrain/{CELL_PATTERN}/seed~{{seed}}.log",
+    benchmark:
+        f"results/benchmarks/pretrain/{CELL_PATTERN}/seed~{{seed}}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    # one intra-op thread: parallel jobs share CPUs better than oversubscribed threads (raise it
+    # with --set-threads pretrain=N on big CPU nodes; GPU jobs barely use it)
+    threads: 1
+    resources:
+        # infrastructure knobs are resources, not params: editing them re-runs nothing
+        gpu=config["pretrain"]["gpus"],
+        num_workers=config["pretrain"]["num_workers"],
+        checkpoint_every=config["pretrain"]["checkpoint_every"],
     params:
         # canonical JSON of the cell
         cell=lambda wc: json.dumps(cell_from_wildcards(wc), sort_keys=True),
@@ -31,33 +46,21 @@ rule pretrain:
         sources=lambda wc: (
             (f"--bag results/views/{wc.generator}/bag.h5" if wc.method == "cdgmae" else "")
             + (" --knn results/consistency/knn.npz" if wc.target == "knn" else "")
-            + (f" --{pretrain_dataset(wc)}-root {shlex.quote(get_root(pretrain_dataset(wc)))}" if pretrain_dataset(wc) else "")
+            + (
+                f" --{pretrain_dataset(wc)}-root {shlex.quote(get_root(pretrain_dataset(wc)))}"
+                if pretrain_dataset(wc)
+                else ""
+            )
         ),
         # training hyper-parameters only: editing the seed list or a table's cells reruns nothing
-        settings=settings(
-            "pretrain", drop=("seeds", "cell_defaults", "gpus", "num_workers", "checkpoint_every")
-        ),
+        settings=settings("pretrain", drop=("seeds", "cell_defaults")),
         state_dir=f"results/pretrain_state/{CELL_PATTERN}/seed~{{seed}}",
-    resources:
-        # infrastructure knobs are resources, not params: editing them re-runs nothing
-        gpu=config["pretrain"]["gpus"],
-        num_workers=config["pretrain"]["num_workers"],
-        checkpoint_every=config["pretrain"]["checkpoint_every"],
-    # one intra-op thread: parallel jobs share CPUs better than oversubscribed threads (raise it
-    # with --set-threads pretrain=N on big CPU nodes; GPU jobs barely use it)
-    threads: 1
-    log:
-        f"results/logs/pretrain/{CELL_PATTERN}/seed~{{seed}}.log",
-    benchmark:
-        f"results/benchmarks/pretrain/{CELL_PATTERN}/seed~{{seed}}.tsv"
-    conda:
-        "../envs/pipeline.yaml"
     shell:
         # more than one GPU: one DDP process per leased GPU under torchrun
         "if [ {resources.gpu} -gt 1 ]; then "
         "launch='torchrun --standalone --nproc_per_node {resources.gpu} -m'; "
         "else launch='python -m'; fi; "
-        "python -m pipeline.lease --gpus {resources.gpu} -- $launch pipeline.pretrain.main_pretrain "
+        "python -m pipeline.lease --gpus {resources.gpu} -- $launch pipeline.pretrain train "
         "--cell {params.cell:q} --seed {wildcards.seed} --settings {params.settings:q} {params.sources} "
         "--output {output.checkpoint} --state-dir {params.state_dir:q} --log-csv {output.log_csv} "
         "--curve-png {output.curve} --threads {threads} --num-workers {resources.num_workers} "
@@ -66,21 +69,69 @@ rule pretrain:
 
 rule count_gflops:
     input:
-        code=stage_code("flops", "models_mae"),
+        code=stage_code("pretrain", "flops"),
     output:
         "results/gflops.csv",
-    params:
-        arch=config["pretrain"]["cell_defaults"]["arch"],
-        img_size=config["pretrain"]["img_size"],
-        target_mask=config["pretrain"]["cell_defaults"]["target_mask"],
-        cells=",".join(f"{c['anchors']}:{c['anchor_mask']}" for c in get_cells("table8")),
-    threads: 1
     log:
         "results/logs/count_gflops.log",
     benchmark:
         "results/benchmarks/count_gflops.tsv"
     conda:
         "../envs/pipeline.yaml"
+    threads: 1
+    params:
+        arch=config["pretrain"]["cell_defaults"]["arch"],
+        img_size=config["pretrain"]["img_size"],
+        target_mask=config["pretrain"]["cell_defaults"]["target_mask"],
+        cells=",".join(f"{c['anchors']}:{c['anchor_mask']}" for c in get_cells("table8")),
     shell:
-        "python -m pipeline.pretrain.flops --output {output} --arch {params.arch} --img-size {params.img_size} "
+        "python -m pipeline.pretrain flops --output {output} --arch {params.arch} --img-size {params.img_size} "
         "--target-mask {params.target_mask} --cells {params.cells:q} --threads {threads} > {log} 2>&1"
+
+
+# Encoders that are not trained here, evaluated by the same propagate rule as trained ones: a
+# seeded random-init reference per arch, and external checkpoints named in propagation.external.
+# only configured external encoders can be imported (a regex that never matches when none are)
+EXTERNAL_NAMES = "|".join(re.escape(n) for n in config["propagation"]["external"]) or "(?!)"
+
+
+rule init_random_encoder:
+    input:
+        code=stage_code("pretrain", "init-random"),
+    output:
+        checkpoint="results/pretrain/random-init/arch~{arch}/seed~{seed}/checkpoint.pth",
+    log:
+        "results/logs/init_random_encoder/arch~{arch}/seed~{seed}.log",
+    benchmark:
+        "results/benchmarks/init_random_encoder/arch~{arch}/seed~{seed}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    params:
+        # same position-embedding grid as the trained encoders it is compared with
+        img_size=config["pretrain"]["img_size"],
+    shell:
+        "python -m pipeline.pretrain init-random --arch {wildcards.arch} --seed {wildcards.seed} "
+        "--img-size {params.img_size} --output {output.checkpoint:q} > {log} 2>&1"
+
+
+rule import_external_encoder:
+    input:
+        source=lambda wildcards: config["propagation"]["external"][wildcards.name]["path"],
+        code=stage_code("pretrain", "import-external"),
+    output:
+        checkpoint="results/pretrain/external/{name}/checkpoint.pth",
+    log:
+        "results/logs/import_external_encoder/{name}.log",
+    benchmark:
+        "results/benchmarks/import_external_encoder/{name}.tsv"
+    wildcard_constraints:
+        name=EXTERNAL_NAMES,
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    params:
+        arch=lambda wildcards: config["propagation"]["external"][wildcards.name]["arch"],
+    shell:
+        "python -m pipeline.pretrain import-external --source {input.source:q} "
+        "--arch {params.arch:q} --output {output.checkpoint:q} > {log} 2>&1"

@@ -1,234 +1,103 @@
-# Stage 5: the paper's tables, figures and summary (pipeline/report.py).
-# Each table rule lists only the evaluations that table needs, so building one table runs exactly
-# its cells; report jobs depend on pipeline/report.py alone, so editing it re-runs only them.
+# Stage 5: the paper's tables, figures and summary (pipeline/report/), driven by the table
+# registry pipeline.tables. Each table lists only the evaluations it needs, so building one table
+# runs exactly its cells; report jobs depend on the report code alone, so editing it re-runs only them.
 
 
 localrules:
-    assemble_table2,
-    assemble_table3,
-    assemble_table4,
-    assemble_table5,
-    assemble_table6,
-    assemble_table7,
-    assemble_table8,
-    assemble_table10,
-    assemble_figure4,
+    assemble_table,
+    assemble_config_table,
+    plot_figure4,
     plot_loss_curves,
     assemble_summary,
 
 
-REPORT_CMD = (
-    "python -m pipeline.report.tables table --name {params.name} --evals {input.evals} "
-    "--output {output.table} --per-seed {output.per_seed} --run-label {params.run_label} "
-    "{params.extra} 2> {log}"
-)
+def config_table_settings(table):
+    """The validated config slices Table 6 (training) / Table 7 (propagation) show."""
+    if table == "table6":
+        cropmae = [c for c in get_cells("table5") if c["method"] == "cropmae"]
+        return {
+            "pretrain": {k: v for k, v in config["pretrain"].items() if k != "seeds"},
+            "cell_defaults": canonical_cell({}, config),
+            "cropmae_target_mask": cropmae[0]["target_mask"] if cropmae else 0.985,
+            "n_views": config["views"]["n_views"],
+        }
+    return {"propagation": config["propagation"]}
 
 
-rule assemble_table2:
+rule assemble_table:
     input:
-        evals=get_table_evals("table2"),
-        code=stage_code("report"),
+        evals=lambda wildcards: get_table_evals(wildcards.table),
+        gflops=lambda wildcards: "results/gflops.csv" if wildcards.table == "table8" else [],
+        code=stage_code("report", "table"),
     output:
-        table=report_table("table2", "2: target view"),
-        per_seed="results/table2_per_seed.csv",
-    params:
-        name="table2",
-        run_label=config["run_label"],
-        extra="",
+        table=report_table("results/{table}.csv"),
+        per_seed="results/{table}_per_seed.csv",
     log:
-        "results/logs/assemble_table2.log",
+        "results/logs/assemble_table/{table}.log",
     benchmark:
-        "results/benchmarks/assemble_table2.tsv"
+        "results/benchmarks/assemble_table/{table}.tsv"
+    wildcard_constraints:
+        table="|".join(PROPAGATION_TABLES),
     conda:
         "../envs/pipeline.yaml"
-    shell:
-        REPORT_CMD
-
-
-rule assemble_table3:
-    input:
-        evals=get_table_evals("table3"),
-        code=stage_code("report"),
-    output:
-        table=report_table("table3", "3: target masking ratio"),
-        per_seed="results/table3_per_seed.csv",
     params:
-        name="table3",
+        gflops=lambda wildcards, input: f"--gflops {input.gflops}" if input.gflops else "",
+        caption=lambda wildcards: TABLES[wildcards.table].caption,
         run_label=config["run_label"],
-        extra="",
+    shell:
+        "python -m pipeline.report table --name {wildcards.table} --evals {input.evals} "
+        "--output {output.table} --per-seed {output.per_seed} --run-label {params.run_label} "
+        "{params.gflops} 2> {log}"
+
+
+rule assemble_config_table:
+    input:
+        code=stage_code("report", "config-table"),
+    output:
+        report_table("results/{table}.csv"),
     log:
-        "results/logs/assemble_table3.log",
+        "results/logs/assemble_config_table/{table}.log",
     benchmark:
-        "results/benchmarks/assemble_table3.tsv"
+        "results/benchmarks/assemble_config_table/{table}.tsv"
+    wildcard_constraints:
+        table="|".join(t for t in TABLES if TABLES[t].kind == "config"),
     conda:
         "../envs/pipeline.yaml"
-    shell:
-        REPORT_CMD
-
-
-rule assemble_table4:
-    input:
-        evals=get_table_evals("table4"),
-        code=stage_code("report"),
-    output:
-        table=report_table("table4", "4: anchors and anchor masking"),
-        per_seed="results/table4_per_seed.csv",
     params:
-        name="table4",
-        run_label=config["run_label"],
-        extra="",
-    log:
-        "results/logs/assemble_table4.log",
-    benchmark:
-        "results/benchmarks/assemble_table4.tsv"
-    conda:
-        "../envs/pipeline.yaml"
+        settings=lambda wildcards: json.dumps(config_table_settings(wildcards.table), sort_keys=True),
+        caption=lambda wildcards: TABLES[wildcards.table].caption,
     shell:
-        REPORT_CMD
+        "python -m pipeline.report config-table --name {wildcards.table} --settings {params.settings:q} "
+        "--output {output} 2> {log}"
 
 
-rule assemble_table5:
+rule plot_figure4:
     input:
-        evals=get_table_evals("table5"),
-        code=stage_code("report"),
-    output:
-        table=report_table("table5", "5: method comparison"),
-        per_seed="results/table5_per_seed.csv",
-    params:
-        name="table5",
-        run_label=config["run_label"],
-        extra="",
-    log:
-        "results/logs/assemble_table5.log",
-    benchmark:
-        "results/benchmarks/assemble_table5.tsv"
-    conda:
-        "../envs/pipeline.yaml"
-    shell:
-        REPORT_CMD
-
-
-rule assemble_table8:
-    input:
-        evals=get_table_evals("table8"),
-        gflops="results/gflops.csv",
-        code=stage_code("report"),
-    output:
-        table=report_table("table8", "8: anchors, masking and GFLOPs"),
-        per_seed="results/table8_per_seed.csv",
-    params:
-        name="table8",
-        run_label=config["run_label"],
-        extra="--gflops results/gflops.csv",
-    log:
-        "results/logs/assemble_table8.log",
-    benchmark:
-        "results/benchmarks/assemble_table8.tsv"
-    conda:
-        "../envs/pipeline.yaml"
-    shell:
-        REPORT_CMD
-
-
-rule assemble_table10:
-    input:
-        evals=get_table_evals("table10"),
-        code=stage_code("report"),
-    output:
-        table=report_table("table10", "10: choice of generator"),
-        per_seed="results/table10_per_seed.csv",
-    params:
-        name="table10",
-        run_label=config["run_label"],
-        extra="",
-    log:
-        "results/logs/assemble_table10.log",
-    benchmark:
-        "results/benchmarks/assemble_table10.tsv"
-    conda:
-        "../envs/pipeline.yaml"
-    shell:
-        REPORT_CMD
-
-
-rule assemble_figure4:
-    input:
-        evals=get_table_evals("figure4"),
-        code=stage_code("report"),
-    output:
         table="results/figure4.csv",
-        per_seed="results/figure4_per_seed.csv",
-        figure=report(
+        code=stage_code("report", "figure4"),
+    output:
+        report(
             "results/figure4.png",
-            caption="../report/figure4.rst",
+            caption="../report/table.rst",
             category="Figures",
-            labels={"figure": "4: patch size"},
-        ),
-    params:
-        name="figure4",
-        run_label=config["run_label"],
-        extra="--figure results/figure4.png",
-    log:
-        "results/logs/assemble_figure4.log",
-    benchmark:
-        "results/benchmarks/assemble_figure4.tsv"
-    conda:
-        "../envs/pipeline.yaml"
-    shell:
-        REPORT_CMD
-
-
-rule assemble_table6:
-    input:
-        code=stage_code("report"),
-    output:
-        report_table("table6", "6: training settings"),
-    params:
-        settings=json.dumps(
-            {
-                "pretrain": {k: v for k, v in config["pretrain"].items() if k != "seeds"},
-                "cell_defaults": normalize_cell({}),
-                "cropmae_target_mask": next(
-                    (c["target_mask"] for c in get_cells("table5") if c["method"] == "cropmae"),
-                    0.985,
-                ),
-                "n_views": config["views"]["n_views"],
-            },
-            sort_keys=True,
+            labels={"figure": TABLES["figure4"].label},
         ),
     log:
-        "results/logs/assemble_table6.log",
+        "results/logs/plot_figure4.log",
     benchmark:
-        "results/benchmarks/assemble_table6.tsv"
+        "results/benchmarks/plot_figure4.tsv"
     conda:
         "../envs/pipeline.yaml"
-    shell:
-        "python -m pipeline.report.tables config-table --name table6 --settings {params.settings:q} "
-        "--output {output} 2> {log}"
-
-
-rule assemble_table7:
-    input:
-        code=stage_code("report"),
-    output:
-        report_table("table7", "7: propagation settings"),
     params:
-        settings=json.dumps({"propagation": config["propagation"]}, sort_keys=True),
-    log:
-        "results/logs/assemble_table7.log",
-    benchmark:
-        "results/benchmarks/assemble_table7.tsv"
-    conda:
-        "../envs/pipeline.yaml"
+        caption=TABLES["figure4"].caption,
     shell:
-        "python -m pipeline.report.tables config-table --name table7 --settings {params.settings:q} "
-        "--output {output} 2> {log}"
+        "python -m pipeline.report figure4 --table {input.table} --output {output} 2> {log}"
 
 
 rule plot_loss_curves:
     input:
         logs=[f"results/pretrain/{m}/train_log.csv" for _, _, m in table_models("table4")],
-        code=stage_code("report"),
+        code=stage_code("report", "loss-curves"),
     output:
         report(
             "results/figures/loss_curves.png",
@@ -243,28 +112,28 @@ rule plot_loss_curves:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.report.tables loss-curves --logs {input.logs} --output {output} 2> {log}"
+        "python -m pipeline.report loss-curves --logs {input.logs} --output {output} 2> {log}"
 
 
 rule assemble_summary:
     input:
-        tables=[f"results/table{i}.csv" for i in range(1, 11)] + ["results/figure4.csv"],
-        code=stage_code("report"),
+        tables=[f"results/{t}.csv" for t in PAPER_TABLES] + ["results/figure4.csv"],
+        code=stage_code("report", "summary"),
     output:
         report(
             "results/summary.md",
             caption="../report/summary.rst",
             category="Summary",
         ),
-    params:
-        run_label=config["run_label"],
-        synthetic="--synthetic" if not any(config["data"]["roots"].values()) else "",
     log:
         "results/logs/assemble_summary.log",
     benchmark:
         "results/benchmarks/assemble_summary.tsv"
     conda:
         "../envs/pipeline.yaml"
+    params:
+        run_label=config["run_label"],
+        synthetic="--synthetic" if not any(config["data"]["roots"].values()) else "",
     shell:
-        "python -m pipeline.report.tables summary --tables {input.tables} --output {output} "
+        "python -m pipeline.report summary --tables {input.tables} --output {output} "
         "--run-label {params.run_label} {params.synthetic} 2> {log}"

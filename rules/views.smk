@@ -1,4 +1,4 @@
-# Stage 1: bag of views (pipeline/views.py, pipeline/generators.py, GPU lease pipeline/lease.py).
+# Stage 1: bag of views (pipeline/views/, GPU lease pipeline/lease.py).
 # One generate_views job per (generator, shard); the generator is a wildcard and its settings come
 # from views.generators.<name> only, so switching views.generator never re-runs another
 # generator's shards. Part files live in results/views/<generator>/parts/ (outside the declared
@@ -28,7 +28,7 @@ VIEWS_SHARD_KEYS = [
 rule generate_views:
     input:
         data=get_dataset_input("imagenet"),
-        code=stage_code("views", "generators"),
+        code=stage_code("views", "generate"),
     output:
         shard="results/views/{generator}/shard-{shard}.h5",
         rejects="results/views/{generator}/shard-{shard}.rejects.csv",
@@ -50,11 +50,7 @@ rule generate_views:
         settings=lambda wildcards: json.dumps(
             {
                 **{k: config["views"][k] for k in VIEWS_SHARD_KEYS},
-                "generators": {
-                    wildcards.generator: config["views"]["generators"][
-                        wildcards.generator
-                    ]
-                },
+                "generators": {wildcards.generator: config["views"]["generators"][wildcards.generator]},
             },
             sort_keys=True,
         ),
@@ -62,7 +58,7 @@ rule generate_views:
         state_dir=lambda wildcards: f"results/views/{wildcards.generator}/parts/shard-{wildcards.shard}",
     shell:
         "python -m pipeline.lease --gpus {resources.gpu} -- "
-        "python -m pipeline.views.shards generate --root {params.root:q} --generator {wildcards.generator} "
+        "python -m pipeline.views generate --root {params.root:q} --generator {wildcards.generator} "
         "--shard {wildcards.shard} --out {output.shard} --rejects {output.rejects} "
         "--state-dir {params.state_dir} --settings {params.settings:q} --seed {params.seed} "
         "--batch-size {resources.views_batch_size} --threads {threads} > {log} 2>&1"
@@ -76,7 +72,7 @@ rule merge_views:
             shard=range(config["views"]["shards"]),
         ),
         data=get_dataset_input("imagenet"),
-        code=stage_code("views"),
+        code=stage_code("views", "merge"),
     output:
         bag="results/views/{generator}/bag.h5",
     log:
@@ -92,17 +88,17 @@ rule merge_views:
         root=lambda wildcards: get_root("imagenet"),
         settings=settings(
             "views",
-            drop=("generator", "generators", "gpus", "figure_images", "batch_size"),
+            drop=("generator", "generators", "figure_images"),
         ),
     shell:
-        "python -m pipeline.views.shards merge --shards {input.shards} --out {output.bag} "
+        "python -m pipeline.views merge --shards {input.shards} --out {output.bag} "
         "--root {params.root:q} --settings {params.settings:q} --threads {threads} > {log} 2>&1"
 
 
 rule plot_bag_of_views:
     input:
         bag=f"results/views/{config['views']['generator']}/bag.h5",
-        code=stage_code("views"),
+        code=stage_code("views", "figure"),
     output:
         figure=report(
             "results/figures/bag_of_views.png",
@@ -121,5 +117,5 @@ rule plot_bag_of_views:
         n_images=config["views"]["figure_images"],
         seed=config["seed"],
     shell:
-        "python -m pipeline.views.shards figure --bag {input.bag} --out {output.figure} "
+        "python -m pipeline.views figure --bag {input.bag} --out {output.figure} "
         "--n-images {params.n_images} --seed {params.seed} --threads {threads} > {log} 2>&1"
