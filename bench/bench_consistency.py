@@ -1,10 +1,10 @@
 """Benchmark the consistency stage's batched pieces against straightforward per-item baselines.
 
-1. Pair metrics: ``pipeline.consistency.scoring.pair_metrics`` (all pairs as batched matrix products,
+1. Pair metrics: ``pipeline.consistency.scores.pair_metrics`` (all pairs as batched matrix products,
    chunked) vs a per-pair Python loop of cosine / nested-max calls (what a first implementation
    writes). Pairs of ViT-B/16-sized token sets (L = 196, C = 768) by default.
-2. k-NN: ``nearest_neighbours`` (chunked query blocks against the normalised bank, top-k) vs the
-   naive full N x N similarity matrix + argsort.
+2. k-NN: ``pipeline.consistency.knn.nearest_neighbours`` (chunked query blocks against the normalized
+   bank, top-k) vs the naive full N x N similarity matrix + argsort.
 3. Encoders: images/s of sift-grid, hog-grid and a random-init timm ViT (load path = real weights).
 
 Each variant runs in a fresh subprocess; its peak memory is the peak RSS during the timed call
@@ -78,27 +78,28 @@ def baseline_knn(emb, k):
 def _job(name, args, queue):
     import torch
 
-    from pipeline.consistency import scoring as C
+    from pipeline.consistency.knn import nearest_neighbours
+    from pipeline.consistency.scores import pair_metrics
 
     torch.set_num_threads(args.threads)
     if name.startswith("metrics"):
         data = _pairs(args.pairs, args.tokens, args.dim)
         before = _start_peak()
         t = time.perf_counter()
-        res = C.pair_metrics(*data) if name == "metrics-batched" else baseline_metrics(*data)
+        res = pair_metrics(*data) if name == "metrics-batched" else baseline_metrics(*data)
         dt, peak = time.perf_counter() - t, _peak_since(before)
-        ref = C.pair_metrics(*data)
+        ref = pair_metrics(*data)
         items = args.pairs
     elif name.startswith("knn"):
         emb = torch.randn(args.images, args.dim, generator=torch.Generator().manual_seed(1))
         before = _start_peak()
         t = time.perf_counter()
-        res = C.nearest_neighbours(emb, 5)[0] if name == "knn-chunked" else baseline_knn(emb, 5)
+        res = nearest_neighbours(emb, 5)[0] if name == "knn-chunked" else baseline_knn(emb, 5)
         dt, peak = time.perf_counter() - t, _peak_since(before)
         ref = baseline_knn(emb, 5)
         items = args.images
     else:  # encoder throughput
-        from pipeline.consistency.encoders import build_encoder
+        from pipeline.consistency.encoders import build_feature_encoder
 
         kind = name.split(":", 1)[1]
         settings = {"name": kind, "image_size": args.image_size, "patch_size": 16}
@@ -111,7 +112,7 @@ def _job(name, args, queue):
             path = tempfile.mktemp(suffix=".pth")
             torch.save({"model": model.state_dict()}, path)
             settings.update(timm_model=args.timm_model, checkpoint=path)
-        enc = build_encoder(settings, "cpu")
+        enc = build_feature_encoder(settings, "cpu")
         imgs = torch.randint(0, 256, (args.encode_images, args.image_size, args.image_size, 3), dtype=torch.uint8)
         before = _start_peak()
         t = time.perf_counter()

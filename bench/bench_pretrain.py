@@ -5,7 +5,7 @@ Both run in this process on the same weights and random views: forward, backward
 * ours: ``pipeline.pretrain.models_mae.CrossViewMAE`` — all N anchors through the encoder in one batched
   call, fused attention (``scaled_dot_product_attention`` in the encoder, ``nn.MultiheadAttention``
   with ``need_weights=False`` in the decoder);
-* reference-style: the CropMAE/SiamMAE recipe generalised to N anchors the obvious way — one encoder
+* reference-style: the CropMAE/SiamMAE recipe generalized to N anchors the obvious way — one encoder
   call per anchor, attention written out as softmax(QK^T / sqrt(d)) V in every encoder and decoder
   block. Same parameters, same masks.
 
@@ -40,7 +40,7 @@ from pipeline.pretrain.models_mae import CrossViewMAE, random_masking
 
 
 def explicit_attention(q, k, v):
-    """(B, h, Lq, d), (B, h, Lk, d) -> (B, h, Lq, d) with the attention matrix materialised."""
+    """(B, h, Lq, d), (B, h, Lk, d) -> (B, h, Lq, d) with the attention matrix materialized."""
     attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     return attn.softmax(dim=-1) @ v
 
@@ -243,19 +243,20 @@ def main(argv=None):
         dloss = check_equivalence(model, views[:2], args.target_mask, anchor_mask)
 
         def make_step(forward):
-            def step():
+            def train_step():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = forward()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
 
-            return step
+            return train_step
 
-        def ours():
+        # the cell's values bound now (each closure is only used within its own iteration)
+        def ours(views=views, anchor_mask=anchor_mask):
             return model(views, args.target_mask, anchor_mask)[0]
 
-        def reference():
+        def reference(views=views, anchor_mask=anchor_mask, n_anchors=n_anchors):
             target_noise = torch.rand(batch, L, device=device)
             anchor_noise = torch.rand(batch * n_anchors, L, device=device) if anchor_mask > 0 else None
             return ref_forward(model, views, args.target_mask, anchor_mask, target_noise, anchor_noise)

@@ -1,4 +1,4 @@
-"""Benchmark label propagation (pipeline.propagation.runner) against the reference's straightforward design.
+"""Benchmark label propagation (pipeline.propagation.algorithm) against the reference's straightforward design.
 
 On the synthetic DAVIS (``pipeline.data.synthetic.make_davis`` at ``--size``), for each patch size
 (/16 with ``vit_small_patch16``, /8 with ``vit_small_patch8``, random-init weights: speed does not
@@ -8,8 +8,8 @@ depend on them), both implementations run in the same process on the same frames
   per query chunk against the stacked unique context frames, precomputed boolean radius mask,
   frame 0's masked top-k reused for its duplicate slots);
 - baseline: the reference's design — ``queue`` padded copies of frame 0 encoded too, then
-  ``propagate_reference`` (host key bank gathered per 2-frame chunk, 100-query-cell chunks,
-  additive -1e10 mask, top-k over the slot axis).
+  ``propagate_reference`` of ``tests/propagation_reference.py`` (host key bank gathered per
+  2-frame chunk, 100-query-cell chunks, additive -1e10 mask, top-k over the slot axis).
 
 Printed per grid: feature and propagation seconds, frames/s (real frames over both), peak memory
 of the propagation call (CPU: peak RSS since a reset of the counter, minus the RSS before it; GPU:
@@ -22,14 +22,23 @@ predictions (must be ~1e-6).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
 from bench.bench_consistency import _peak_since, _start_peak
 from pipeline.devices import resolve_device
+from pipeline.propagation import algorithm as A
+from pipeline.propagation import runner
+
+# the baseline is the tests' oracle: the reference's straightforward algorithm is no part of the package
+from tests.propagation_reference import propagate_reference
 
 ARCHS = {16: "vit_small_patch16", 8: "vit_small_patch8"}
 
@@ -66,41 +75,47 @@ def _sequence_inputs(root: Path, hw):
     import cv2
 
     from pipeline.data.readers import DavisDataset, read_rgb
-    from pipeline.propagation import runner as P
 
     ds = DavisDataset(root)
     for seq in ds.sequences:
-        frames = [P.load_frame(read_rgb(p), hw)[0] for p in ds.frames(seq)]
+        frames = [runner.load_frame(read_rgb(p), hw)[0] for p in ds.frames(seq)]
         gt = ds.read_annotation(ds.annotations(seq)[0])
         ids = cv2.resize(gt, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
         yield seq, frames, ids
+
+
+def _measure_sequence(encoder, frames, labels0, grid, args, device):
+    """((predictions, feature s, propagation s, peak MiB) of ours, the same of the baseline) on one sequence."""
+    import torch
+
+    kw = dict(topk=args.topk, temperature=0.7, radius=args.radius, queue=args.queue)
+    with torch.inference_mode():
+        feats, t_feat, _ = _measure(lambda: runner.encode_frames(encoder, frames, 5, device), device)
+        ours, t_prop, peak = _measure(
+            lambda: A.propagate(feats, labels0, grid, query_chunk=args.query_chunk, **kw), device
+        )
+        # baseline: the padded copies of frame 0 are encoded as well, features moved to the host
+        padded = [frames[0]] * args.queue + frames
+        pfeats, b_feat, _ = _measure(lambda: runner.encode_frames(encoder, padded, 5, device).cpu(), device)
+        base, b_prop, b_peak = _measure(lambda: propagate_reference(pfeats[args.queue :], labels0, grid, **kw), device)
+    return (ours, t_feat, t_prop, peak), (base, b_feat, b_prop, b_peak)
 
 
 def bench_grid(patch: int, root: Path, hw, args, device) -> list[dict]:
     import torch
 
     from pipeline.pretrain.models_mae import build_encoder
-    from pipeline.propagation import runner as P
 
     torch.manual_seed(0)
     encoder = build_encoder(ARCHS[patch], 224).to(device).eval()
-    grid = P.grid_size(hw, patch)
-    kw = dict(topk=args.topk, temperature=0.7, radius=args.radius, queue=args.queue)
+    grid = A.grid_size(hw, patch)
     totals = {name: dict(feat=0.0, prop=0.0, peak=0.0, frames=0, diff=0.0) for name in ("ours", "baseline")}
     for seq, frames, ids in _sequence_inputs(root, hw):
         label_set = np.unique(ids).tolist()
-        labels0 = torch.from_numpy(P.segmentation_labels(ids, label_set, grid)).reshape(-1, len(label_set))
-        with torch.inference_mode():
-            feats, t_feat, _ = _measure(lambda: P.encode_frames(encoder, frames, 5, device), device)
-            ours, t_prop, peak = _measure(
-                lambda: P.propagate(feats, labels0, grid, query_chunk=args.query_chunk, **kw), device
-            )
-            # baseline: the padded copies of frame 0 are encoded as well, features moved to the host
-            padded = [frames[0]] * args.queue + frames
-            pfeats, b_feat, _ = _measure(lambda: P.encode_frames(encoder, padded, 5, device).cpu(), device)
-            base, b_prop, b_peak = _measure(
-                lambda: P.propagate_reference(pfeats[args.queue :], labels0, grid, **kw), device
-            )
+        labels0 = torch.from_numpy(A.segmentation_labels(ids, label_set, grid)).reshape(-1, len(label_set))
+        (ours, t_feat, t_prop, peak), (base, b_feat, b_prop, b_peak) = _measure_sequence(
+            encoder, frames, labels0, grid, args, device
+        )
         diff = float((ours.cpu() - base).abs().max())
         for name, tf, tp, pk in (("ours", t_feat, t_prop, peak), ("baseline", b_feat, b_prop, b_peak)):
             tot = totals[name]

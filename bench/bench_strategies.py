@@ -5,7 +5,7 @@
 Both sides start from decoded HxWx3 uint8 arrays (a bag of 1 real + 4 views, or one image) so the
 figure is the augmentation cost alone (JPEG decoding is the views stage's, and the same for both):
 
-- ours: uint8 tensor crop + antialiased bilinear resize per view, one stacked normalisation;
+- ours: uint8 tensor crop + antialiased bilinear resize per view, one stacked normalization;
 - baseline (CropMAE's data code, same sampling): PIL images, ``RandomResizedCrop``-style box from the
   torch RNG, ``F.resized_crop`` on PIL per view, then per-view ``ToImage / ToDtype / Normalize``
   (torchvision.transforms.v2), stacked.
@@ -88,7 +88,8 @@ def main(argv=None) -> None:
 
     import torch
 
-    from pipeline.pretrain.strategies import BagViewsDataset, GlobalToLocalDataset, normalize, to_chw
+    from pipeline.pretrain.augment import normalize, to_chw
+    from pipeline.pretrain.strategies import BagViewsDataset, GlobalToLocalDataset
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)

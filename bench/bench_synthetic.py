@@ -1,10 +1,10 @@
-"""Benchmark the synthetic-data generator (pipeline.data.synthetic).
+"""Benchmark the synthetic-data generator (pipeline.data.synthetic, textures in pipeline.data.sprites).
 
 Two tables:
 1. Wall and CPU time (CPU time is the figure to read on a shared machine), throughput and the process's peak RSS so far of generating each dataset at its config
    defaults (``data.synthetic.*``; ``--fraction`` scales the item counts down).
 2. The texture generator, which dominates the cost, against a straightforward version run in the
-   same process (full-array ``sin``, percentile normalisation, float64 Gaussian grain, per-pixel
+   same process (full-array ``sin``, percentile normalization, float64 Gaussian grain, per-pixel
    ramp interpolation): microseconds per texture and the speed-up.
 
     OMP_NUM_THREADS=1 python -m bench.bench_synthetic [--fraction 1.0] [--datasets davis vip]
@@ -18,10 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from pipeline.config import section_defaults
-from pipeline.data import synthetic
+from pipeline.data import sprites, synthetic
 
 COUNT_KEYS = {
     "imagenet": "images_per_class",
@@ -34,7 +35,7 @@ COUNT_KEYS = {
 
 def baseline_texture(rng, h, w, scale=1.0):
     """The straightforward texture: same recipe, no lookup tables or separable grating."""
-    field = synthetic._smooth_noise(rng, h, w, rng.uniform(10, 24) * scale) + 0.6 * synthetic._smooth_noise(
+    field = sprites.smooth_noise(rng, h, w, rng.uniform(10, 24) * scale) + 0.6 * sprites.smooth_noise(
         rng, h, w, rng.uniform(2.5, 5) * scale
     )
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -74,7 +75,7 @@ def bench_texture(sizes=((160, 160), (160, 288), (40, 40)), repeats=100):
     print(f"\n{'texture':<10}{'ours us':>10}{'baseline us':>13}{'speed-up':>10}")
     for h, w in sizes:
         times = {}
-        for label, fn in (("ours", synthetic.make_texture), ("baseline", baseline_texture)):
+        for label, fn in (("ours", sprites.make_texture), ("baseline", baseline_texture)):
             rng = np.random.default_rng(0)
             fn(rng, h, w)  # warm-up
             t0 = time.perf_counter()
@@ -94,8 +95,6 @@ def main(argv=None):
         "--fraction", type=float, default=1.0, help="scale of the item counts relative to the config defaults"
     )
     args = ap.parse_args(argv)
-    import cv2
-
     cv2.setNumThreads(1)
     bench_generate(args.datasets, args.fraction)
     bench_texture()

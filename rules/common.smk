@@ -140,6 +140,19 @@ def get_table_evals(table):
     return eval_metrics(models)
 
 
+def config_table_settings(table):
+    """The validated config slices Table 6 (training) / Table 7 (propagation) show."""
+    if table == "table6":
+        cropmae = [c for c in get_cells("table5") if c["method"] == "cropmae"]
+        return {
+            "pretrain": {k: v for k, v in config["pretrain"].items() if k != "seeds"},
+            "cell_defaults": canonical_cell({}, config),
+            "cropmae_target_mask": cropmae[0]["target_mask"] if cropmae else 0.985,
+            "n_views": config["views"]["n_views"],
+        }
+    return {"propagation": config["propagation"]}
+
+
 def report_table(path):
     """A results/{table}.csv output shown in the HTML report, labelled and captioned from the table
     registry (pipeline.tables); the caption text travels as the rule's ``caption`` param."""

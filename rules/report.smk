@@ -11,19 +11,6 @@ localrules:
     assemble_summary,
 
 
-def config_table_settings(table):
-    """The validated config slices Table 6 (training) / Table 7 (propagation) show."""
-    if table == "table6":
-        cropmae = [c for c in get_cells("table5") if c["method"] == "cropmae"]
-        return {
-            "pretrain": {k: v for k, v in config["pretrain"].items() if k != "seeds"},
-            "cell_defaults": canonical_cell({}, config),
-            "cropmae_target_mask": cropmae[0]["target_mask"] if cropmae else 0.985,
-            "n_views": config["views"]["n_views"],
-        }
-    return {"propagation": config["propagation"]}
-
-
 rule assemble_table:
     input:
         evals=lambda wildcards: get_table_evals(wildcards.table),

@@ -6,8 +6,28 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.consistency import scoring as C
-from pipeline.consistency.encoders import ENCODERS, HogGridEncoder, SiftGridEncoder, TimmViTEncoder, build_encoder
+from pipeline.cli import run
+from pipeline.consistency.encoders import (
+    ENCODERS,
+    HogGridEncoder,
+    SiftGridEncoder,
+    TimmViTEncoder,
+    build_feature_encoder,
+)
+from pipeline.consistency.knn import find_neighbours, nearest_neighbours
+from pipeline.consistency.knn_file import read_knn
+from pipeline.consistency.pairs import (
+    PairKind,
+    knn_kind,
+    random_kind,
+    sample_generated_pairs,
+    sample_knn_pairs,
+    sample_random_pairs,
+    sample_video_pairs,
+    score_table,
+)
+from pipeline.consistency.scores import METRICS, centre_descriptors, pair_metrics
+from pipeline.io import write_npz_atomic
 
 TIMM_MODEL = "vit_tiny_patch16_224"  # 5.7 M params; at 64 px it runs 16 patch tokens in ms
 
@@ -41,7 +61,7 @@ def timm_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def timm_encoder(timm_checkpoint):
-    return build_encoder(
+    return build_feature_encoder(
         {
             "name": "timm",
             "timm_model": TIMM_MODEL,
@@ -73,25 +93,25 @@ def test_hand_computed_two_token_example():
     pa = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     pb = torch.tensor([[[0.0, 1.0], [1.0, 1.0]]])
     ga, gb = torch.tensor([[1.0, 2.0]]), torch.tensor([[2.0, 1.0]])
-    gs, ls, nps = C.pair_metrics(ga, gb, pa, pb)[0].tolist()
+    gs, ls, nps = pair_metrics(ga, gb, pa, pb)[0].tolist()
     assert gs == pytest.approx(0.8, abs=1e-6)
     assert ls == pytest.approx((0 + 1 / math.sqrt(2)) / 2, abs=1e-6)
     assert nps == pytest.approx((1 / math.sqrt(2) + 1) / 2, abs=1e-6)
     pc = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
-    assert C.pair_metrics(ga, ga, pa, pc)[0, 2].item() == pytest.approx(0.5, abs=1e-6)
-    assert C.pair_metrics(ga, ga, pc, pa)[0, 2].item() == pytest.approx(1.0, abs=1e-6)
+    assert pair_metrics(ga, ga, pa, pc)[0, 2].item() == pytest.approx(0.5, abs=1e-6)
+    assert pair_metrics(ga, ga, pc, pa)[0, 2].item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_metrics_identical_and_permuted_tokens():
     torch.manual_seed(0)
     g, p = torch.randn(5, 8), torch.randn(5, 10, 8)
-    assert torch.allclose(C.pair_metrics(g, g, p, p), torch.ones(5, 3), atol=1e-5)
+    assert torch.allclose(pair_metrics(g, g, p, p), torch.ones(5, 3), atol=1e-5)
     perm = torch.randperm(10)
-    out = C.pair_metrics(g, g, p, p[:, perm])
+    out = pair_metrics(g, g, p, p[:, perm])
     assert torch.allclose(out[:, 2], torch.ones(5), atol=1e-5)  # every patch still has its match
     assert (out[:, 1] < 0.9).all()  # same-position patches no longer agree
     # chunking does not change the result
-    assert torch.allclose(C.pair_metrics(g, g, p, p[:, perm], chunk=2), out, atol=1e-6)
+    assert torch.allclose(pair_metrics(g, g, p, p[:, perm], chunk=2), out, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,16 +121,14 @@ def test_metrics_identical_and_permuted_tokens():
 def test_registry_names():
     assert {"timm", "cdgmae", "sift-grid", "hog-grid"} <= set(ENCODERS)
     with pytest.raises(KeyError, match="consistency.encoder.name"):
-        build_encoder({"name": "nope"}, "cpu")
+        build_feature_encoder({"name": "nope"}, "cpu")
 
 
 def test_timm_identical_images_score_one(timm_encoder):
     img = random_image(1)
     feats = timm_encoder.encode(batch(img, img))
     assert feats.patch_tokens.shape == (2, 16, 192) and feats.grid == (4, 4)
-    out = C.pair_metrics(
-        feats.global_tokens[:1], feats.global_tokens[1:], feats.patch_tokens[:1], feats.patch_tokens[1:]
-    )
+    out = pair_metrics(feats.global_tokens[:1], feats.global_tokens[1:], feats.patch_tokens[:1], feats.patch_tokens[1:])
     assert torch.allclose(out, torch.ones(1, 3), atol=1e-5)
 
 
@@ -124,7 +142,7 @@ def test_timm_patch_tokens_in_spatial_order(timm_encoder):
     assert torch.allclose(torch.roll(grid[0], 1, dims=1), grid[1], atol=1e-4)
     assert not torch.allclose(grid[0], grid[1], atol=1e-2)
     # LS drops, NPS stays at 1 (paper §3.2: pose change without content change)
-    gs, ls, nps = C.pair_metrics(
+    gs, ls, nps = pair_metrics(
         feats.global_tokens[:1], feats.global_tokens[1:], feats.patch_tokens[:1], feats.patch_tokens[1:]
     )[0].tolist()
     assert nps == pytest.approx(1.0, abs=1e-4) and gs == pytest.approx(1.0, abs=1e-4)
@@ -145,14 +163,21 @@ def test_timm_checkpoint_missing_keys_fail(tmp_path):
 
 def test_cdgmae_encoder_reads_our_checkpoint(tmp_path):
     from pipeline.pretrain.models_mae import build_encoder as build_vit
+    from pipeline.pretrain.models_mae import resolve_arch
 
     torch.manual_seed(0)
     vit = build_vit("vit_mini_patch8", 32)
     torch.save(
-        {"model": {f"encoder.{k}": v for k, v in vit.state_dict().items()}, "img_size": 32, "arch": "vit_mini_patch8"},
+        {
+            "model": {f"encoder.{k}": v for k, v in vit.state_dict().items()},
+            "img_size": 32,
+            "arch": resolve_arch("vit_mini_patch8"),
+        },
         tmp_path / "checkpoint.pth",
     )
-    enc = build_encoder({"name": "cdgmae", "checkpoint": str(tmp_path / "checkpoint.pth"), "image_size": 32}, "cpu")
+    enc = build_feature_encoder(
+        {"name": "cdgmae", "checkpoint": str(tmp_path / "checkpoint.pth"), "image_size": 32}, "cpu"
+    )
     img = random_image(3, 32)
     feats = enc.encode(batch(img, img))
     assert feats.grid == (4, 4) and feats.patch_tokens.shape[:2] == (2, 16)
@@ -171,12 +196,12 @@ def test_cdgmae_encoder_reads_our_checkpoint(tmp_path):
 def test_descriptor_encoders(cls):
     enc = cls(64, 16)
     images = [random_image(s) for s in range(4)]
-    glob, patches = C.centre_descriptors(*(lambda f: (f.global_tokens, f.patch_tokens))(enc.encode(batch(*images))))
+    glob, patches = centre_descriptors(*(lambda f: (f.global_tokens, f.patch_tokens))(enc.encode(batch(*images))))
     assert patches.shape[:2] == (4, 16) and enc.centre
     assert torch.allclose(glob, patches.mean(1), atol=1e-4)  # global = mean-pooled (centred) patches
-    same = C.pair_metrics(glob[:1], glob[:1], patches[:1], patches[:1])
+    same = pair_metrics(glob[:1], glob[:1], patches[:1], patches[:1])
     assert torch.allclose(same, torch.ones(1, 3), atol=1e-5)
-    other = C.pair_metrics(glob[:1], glob[1:2], patches[:1], patches[1:2])[0]
+    other = pair_metrics(glob[:1], glob[1:2], patches[:1], patches[1:2])[0]
     assert (other < 0.9).all()  # unrelated textures are not similar once centred
     # spatial order: rolling the image by one cell rolls the interior descriptors by one column
     rolled = enc.encode(batch(images[0], np.roll(images[0], 16, axis=1))).patch_tokens.reshape(2, 4, 4, -1)
@@ -188,26 +213,26 @@ def test_descriptor_encoders(cls):
 
 
 def test_sampling_is_deterministic_and_valid():
-    a = C.sample_random_pairs(10, 200, seed=3)
-    assert a == C.sample_random_pairs(10, 200, seed=3) and a != C.sample_random_pairs(10, 200, seed=4)
+    a = sample_random_pairs(10, 200, seed=3)
+    assert a == sample_random_pairs(10, 200, seed=3) and a != sample_random_pairs(10, 200, seed=4)
     assert all(i != j for i, j in a) and {i for i, _ in a} == set(range(10))
-    v = C.sample_video_pairs([30, 1, 8], (4, 48), 100, seed=0)
-    assert v == C.sample_video_pairs([30, 1, 8], (4, 48), 100, seed=0)
+    v = sample_video_pairs([30, 1, 8], (4, 48), 100, seed=0)
+    assert v == sample_video_pairs([30, 1, 8], (4, 48), 100, seed=0)
     for video, start, gap in v:
         length = [30, 1, 8][video]
         assert video != 1 and 1 <= gap <= length - 1 and start + gap < length
         assert gap >= 4 or gap == length - 1
-    g = C.sample_generated_pairs(50, 4, 20, seed=0)
+    g = sample_generated_pairs(50, 4, 20, seed=0)
     assert len({p for p, _ in g}) == 20 and all(0 <= w < 4 for _, w in g)
-    assert g == C.sample_generated_pairs(50, 4, 20, seed=0)
-    assert len(C.sample_generated_pairs(5, 4, 20, seed=0)) == 5  # capped at the bag size
+    assert g == sample_generated_pairs(50, 4, 20, seed=0)
+    assert len(sample_generated_pairs(5, 4, 20, seed=0)) == 5  # capped at the bag size
 
 
 def test_knn_never_pairs_an_image_with_itself():
     torch.manual_seed(0)
     emb = torch.randn(30, 6)
     emb[7] = emb[3]  # exact duplicates: each must be the other's nearest, never itself
-    idx, sim = C.nearest_neighbours(emb, k=4, chunk=7)
+    idx, sim = nearest_neighbours(emb, k=4, chunk=7)
     assert idx.shape == (30, 4) and idx.dtype == torch.int64
     assert not (idx == torch.arange(30)[:, None]).any()
     assert idx[3, 0] == 7 and idx[7, 0] == 3 and sim[3, 0] == pytest.approx(1.0, abs=1e-5)
@@ -216,10 +241,10 @@ def test_knn_never_pairs_an_image_with_itself():
     s = n @ n.T
     s.fill_diagonal_(-2)
     assert torch.equal(idx, s.topk(4, dim=1).indices)
-    pairs = C.sample_knn_pairs(idx.numpy(), 4, 30, seed=0)
+    pairs = sample_knn_pairs(idx.numpy(), 4, 30, seed=0)
     assert all(q != nb and 1 <= r <= 4 and idx[q, r - 1] == nb for q, nb, r in pairs)
     with pytest.raises(ValueError, match="knn_k"):
-        C.sample_knn_pairs(idx.numpy(), 5, 10, seed=0)
+        sample_knn_pairs(idx.numpy(), 5, 10, seed=0)
 
 
 class ListSource:
@@ -245,7 +270,7 @@ def test_neighbours_resume_and_tables(tmp_path):
     images = ListSource([random_image(s) for s in range(12)])
     enc = SiftGridEncoder(64, 16)
     settings = {"name": "sift-grid", "image_size": 64, "patch_size": 16}
-    out = C.find_neighbours(
+    out = find_neighbours(
         enc,
         images,
         k=3,
@@ -258,7 +283,7 @@ def test_neighbours_resume_and_tables(tmp_path):
     parts = sorted((tmp_path / "state").rglob("part-*.npy"))
     assert len(parts) == 3
     assert not (out["neighbours"] == np.arange(12)[:, None]).any()
-    again = C.find_neighbours(
+    again = find_neighbours(
         enc,
         images,
         k=3,
@@ -269,33 +294,31 @@ def test_neighbours_resume_and_tables(tmp_path):
         part_size=5,
     )
     assert np.array_equal(out["neighbours"], again["neighbours"])
-    C.write_npz_atomic(tmp_path / "knn.npz", out)
-    nb = C.read_knn(tmp_path / "knn.npz", [f"img{i}" for i in range(12)])
+    write_npz_atomic(tmp_path / "knn.npz", out)
+    nb = read_knn(tmp_path / "knn.npz", [f"img{i}" for i in range(12)])
     with pytest.raises(ValueError, match="another image list"):
-        C.read_knn(tmp_path / "knn.npz", [f"img{i}" for i in range(11)])
+        read_knn(tmp_path / "knn.npz", [f"img{i}" for i in range(11)])
 
-    kinds = [C.knn_kind(images, nb, 3, 6, seed=0), C.random_kind(images, 6, seed=0)]
-    identical = C.PairKind("random_images", "identical", images, [0, 1], [0, 1], [{"a_id": "img0"}, {"a_id": "img1"}])
-    table, pairs = C.score_table(enc, kinds + [identical], batch_size=4, num_workers=0, seed=0, run_label="test")
+    kinds = [knn_kind(images, nb, 3, 6, seed=0), random_kind(images, 6, seed=0)]
+    identical = PairKind("random_images", "identical", images, [0, 1], [0, 1], [{"a_id": "img0"}, {"a_id": "img1"}])
+    table, pairs = score_table(enc, kinds + [identical], batch_size=4, num_workers=0, seed=0, run_label="test")
     assert list(table["views"]) == ["K-nn images", "Random images", "identical"]
     assert list(table["n_pairs"]) == [6, 6, 2] and len(pairs) == 14
-    assert table.loc[2, C.METRICS].tolist() == pytest.approx([1, 1, 1], abs=1e-5)
+    assert table.loc[2, METRICS].tolist() == pytest.approx([1, 1, 1], abs=1e-5)
     assert (table["encoder"] == enc.name).all() and not table["is_baseline"].any()
     knn_rows = pairs[pairs.pair_kind == "knn_images"]
     assert (knn_rows.a_index != knn_rows.b_index).all() and knn_rows.neighbour_rank.between(1, 3).all()
-    table2, pairs2 = C.score_table(enc, kinds, batch_size=3, num_workers=0, seed=0, run_label="test")
-    assert np.allclose(table2[list(C.METRICS)], table.loc[:1, list(C.METRICS)], atol=1e-6)
+    table2, pairs2 = score_table(enc, kinds, batch_size=3, num_workers=0, seed=0, run_label="test")
+    assert np.allclose(table2[list(METRICS)], table.loc[:1, list(METRICS)], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
-# end to end through the CLI: tiny ImageNet folder + videos, real warp/crop bags from pipeline.views.shards
+# end to end through the CLI: tiny ImageNet folder + videos, real warp/crop bags from the views CLI
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     import cv2
-
-    from pipeline.views import shards as views
 
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
@@ -314,7 +337,8 @@ def tiny_data(tmp_path_factory):
     s = '{"shards": 1, "part_size": 8, "image_size": 32, "n_views": 2}'
     for g in ("warp", "crop"):
         shard = root / "views" / g / "shard-0.h5"
-        views.main(
+        run(
+            "views",
             [
                 "generate",
                 "--root",
@@ -327,9 +351,9 @@ def tiny_data(tmp_path_factory):
                 str(shard),
                 "--settings",
                 s,
-            ]
+            ],
         )
-        views.main(["merge", "--shards", str(shard), "--out", str(root / "views" / g / "bag.h5"), "--settings", s])
+        run("views", ["merge", "--shards", str(shard), "--out", str(root / "views" / g / "bag.h5"), "--settings", s])
     return root
 
 
@@ -338,7 +362,8 @@ def test_cli_tables_end_to_end(tiny_data, tmp_path):
 
     r = tiny_data
     s = '{"encoder": {"name": "sift-grid", "image_size": 32, "patch_size": 8}, "n_pairs": 6, "knn_k": 2}'
-    C.main(
+    run(
+        "consistency",
         [
             "neighbours",
             "--imagenet-root",
@@ -351,7 +376,7 @@ def test_cli_tables_end_to_end(tiny_data, tmp_path):
             str(tmp_path / "knn.npz"),
             "--state-dir",
             str(tmp_path / "state"),
-        ]
+        ],
     )
     with np.load(tmp_path / "knn.npz") as z:
         assert z["neighbours"].shape == (12, 3) and z["neighbours"].dtype == np.int64
@@ -376,10 +401,11 @@ def test_cli_tables_end_to_end(tiny_data, tmp_path):
         "--run-label",
         "test",
     ]
-    C.main(t1 + ["--output", str(tmp_path / "t1.csv"), "--pairs-output", str(tmp_path / "p1.csv")])
-    C.main(t1 + ["--output", str(tmp_path / "t1b.csv"), "--pairs-output", str(tmp_path / "p1b.csv")])
+    run("consistency", t1 + ["--output", str(tmp_path / "t1.csv"), "--pairs-output", str(tmp_path / "p1.csv")])
+    run("consistency", t1 + ["--output", str(tmp_path / "t1b.csv"), "--pairs-output", str(tmp_path / "p1b.csv")])
     assert (tmp_path / "p1.csv").read_text() == (tmp_path / "p1b.csv").read_text()  # seeded
-    C.main(
+    run(
+        "consistency",
         [
             "table9",
             "--bag",
@@ -396,7 +422,7 @@ def test_cli_tables_end_to_end(tiny_data, tmp_path):
             str(tmp_path / "t9.csv"),
             "--pairs-output",
             str(tmp_path / "p9.csv"),
-        ]
+        ],
     )
     t1, t9 = pd.read_csv(tmp_path / "t1.csv"), pd.read_csv(tmp_path / "t9.csv")
     p1 = pd.read_csv(tmp_path / "p1.csv")
@@ -405,9 +431,9 @@ def test_cli_tables_end_to_end(tiny_data, tmp_path):
     assert t1.is_baseline.tolist() == [False, True, False, False] and t9.is_baseline.tolist()[1:] == [True, True]
     assert not t1.views.str.contains("S-LDM|CDG-MAE").any() and t1.views[1].startswith("warp")
     # the same generator gives the same row in Tables 1 and 9 (same seed -> same pairs, same centring)
-    assert np.allclose(t1.loc[1, list(C.METRICS)].to_numpy(float), t9.loc[1, list(C.METRICS)].to_numpy(float))
+    assert np.allclose(t1.loc[1, list(METRICS)].to_numpy(float), t9.loc[1, list(METRICS)].to_numpy(float))
     assert (t1.n_pairs == 6).all() and len(p1) == 24
-    assert np.isfinite(t1[list(C.METRICS)].to_numpy(float)).all()
+    assert np.isfinite(t1[list(METRICS)].to_numpy(float)).all()
     knn = p1[p1.pair_kind == "knn_images"]
     assert (knn.a_id != knn.b_id).all() and knn.neighbour_rank.between(1, 2).all()
     video = p1[p1.pair_kind == "video_frames"]
@@ -423,7 +449,8 @@ def test_cli_names_a_corrupt_image(tmp_path):
         cv2.imwrite(str(d / f"ok{i}.png"), random_image(i, 32))
     (d / "bad.png").write_bytes(b"not an image")
     with pytest.raises(RuntimeError, match="bad.png"):
-        C.main(
+        run(
+            "consistency",
             [
                 "neighbours",
                 "--imagenet-root",
@@ -434,6 +461,6 @@ def test_cli_names_a_corrupt_image(tmp_path):
                 '{"encoder": {"name": "hog-grid", "image_size": 32}}',
                 "--output",
                 str(tmp_path / "knn.npz"),
-            ]
+            ],
         )
     assert not (tmp_path / "knn.npz").exists()

@@ -1,4 +1,4 @@
-"""pipeline.data.readers: readers round-trip on generated data; malformed roots name the path."""
+"""pipeline.data.readers, .vallists, .check: readers round-trip on generated data; malformed roots name the path."""
 
 import shutil
 from pathlib import Path
@@ -9,6 +9,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from pipeline.cli import run
 from pipeline.constants import pascal_palette
 from pipeline.data import readers as datasets
 from pipeline.data import synthetic
@@ -19,9 +20,8 @@ from pipeline.data.readers import (
     VipDataset,
     list_imagenet,
     list_videos,
-    read_vallist,
-    write_vallist,
 )
+from pipeline.data.vallists import read_vallist, write_vallist
 
 TINY = {
     "imagenet": {"classes": 3, "images_per_class": 3, "size": 24},
@@ -251,10 +251,11 @@ def test_malformed_vallists(tmp_path):
 
 
 def test_check_cli(roots, capsys, tmp_path):
-    datasets.main(["check", "--kind", "davis", "--root", str(roots["davis"])])
+    run("data", ["check", "--kind", "davis", "--root", str(roots["davis"])])
     out = capsys.readouterr().out
     assert "sequences: 3" in out and "annotations: 9" in out
-    datasets.main(
+    run(
+        "data",
         [
             "check",
             "--kind",
@@ -264,13 +265,13 @@ def test_check_cli(roots, capsys, tmp_path):
             "--deep",
             "--list",
             str(roots["jhmdb"] / "jhmdb_vallist.txt"),
-        ]
+        ],
     )
     assert "videos: 4" in capsys.readouterr().out
-    datasets.main(["check", "--kind", "vip", "--root", str(roots["vip"]), "--deep"])
+    run("data", ["check", "--kind", "vip", "--root", str(roots["vip"]), "--deep"])
     assert "classes_present" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="Annotations"):
-        datasets.main(["check", "--kind", "vip", "--root", str(roots["davis"])])
+        run("data", ["check", "--kind", "vip", "--root", str(roots["davis"])])
 
 
 def test_jhmdb_official_split_and_vallist_cli(roots, tmp_path):
@@ -292,8 +293,9 @@ def test_jhmdb_official_split_and_vallist_cli(roots, tmp_path):
     with pytest.raises(DatasetError, match="split2"):
         datasets.jhmdb_split_videos(splits, 2)
     out = tmp_path / "jhmdb_vallist.txt"
-    datasets.main(
-        ["vallist", "--kind", "jhmdb", "--root", str(roots["jhmdb"]), "--out", str(out), "--jhmdb-splits", str(splits)]
+    run(
+        "data",
+        ["vallist", "--kind", "jhmdb", "--root", str(roots["jhmdb"]), "--out", str(out), "--jhmdb-splits", str(splits)],
     )
     assert [e.name for e in read_vallist("jhmdb", out)] == test
     assert JhmdbDataset(roots["jhmdb"], split_list=out).videos == test

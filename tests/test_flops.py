@@ -7,7 +7,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.pretrain.flops import gmacs_flopcounter, gmacs_fvcore, main, parse_cells, table8_gflops
+from pipeline.cli import run
+from pipeline.pretrain.flops import gmacs_flopcounter, gmacs_fvcore, parse_cells, table8_gflops
 from pipeline.pretrain.models_mae import CrossViewMAE
 
 TINY = dict(
@@ -20,7 +21,7 @@ TINY = dict(
     decoder_num_heads=2,
     decoder_ff=64,
 )
-PAPER_NUMBERS = Path(__file__).resolve().parent.parent / "pipeline" / "paper_numbers.yaml"
+PAPER_NUMBERS = Path(__file__).resolve().parent.parent / "pipeline" / "report" / "paper_numbers.yaml"
 
 
 def hand_macs(a, img_size, target_mask, anchors, anchor_mask):
@@ -84,7 +85,10 @@ def test_table8_reproduces_paper_within_0_05():
 
 def test_cli_writes_csv(tmp_path):
     out = tmp_path / "gflops.csv"
-    main(["--output", str(out), "--arch", "vit_mini_patch8", "--img-size", "32", "--cells", "1:0,2:0.5"])
+    run(
+        "pretrain",
+        ["flops", "--output", str(out), "--arch", "vit_mini_patch8", "--img-size", "32", "--cells", "1:0,2:0.5"],
+    )
     df = pd.read_csv(out)
     assert list(df.columns) == ["anchors", "anchor_mask", "gflops"]
     assert df["anchors"].tolist() == [1, 2] and df["anchor_mask"].tolist() == [0.0, 0.5]

@@ -92,7 +92,7 @@ def build_tiny_sldm(folder):
     import timm
     import torch
 
-    from pipeline.views.generators import save_sldm
+    from pipeline.views.sldm import save_sldm
 
     torch.manual_seed(0)
     kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)

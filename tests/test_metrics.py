@@ -222,7 +222,7 @@ def _pck_case():
     """One video, 3 frames, 15 joints, coordinates 1-based like pos_img."""
     t = 3
     gt = np.zeros((2, 15, t))
-    # every frame: joints 0..13 span the box x 10..13, y 20..24 (diagonal 5 -> normaliser 3),
+    # every frame: joints 0..13 span the box x 10..13, y 20..24 (diagonal 5 -> normalizer 3),
     # joint 14 inside it
     base = np.stack([np.r_[np.linspace(10, 13, 14), 11.0], np.r_[np.linspace(20, 24, 14), 22.0]])
     gt[:, :, :] = base[:, :, None]
@@ -237,13 +237,13 @@ def _pck_case():
     return gt, pred
 
 
-def test_pck_normaliser_visibility_and_frame0():
+def test_pck_normalizer_visibility_and_frame0():
     gt, pred = _pck_case()
     dist, scored = m.pck_distances(gt, pred)
     assert not scored[:, 0].any()
     assert not scored[14, 1] and not scored[5, 2]
     assert scored.sum() == 2 * 15 - 2
-    norm = m.pck_normalisers(gt, m.joint_visibility(pred))
+    norm = m.pck_normalizers(gt, m.joint_visibility(pred))
     assert norm[1] == pytest.approx(3.0) and norm[2] == pytest.approx(3.0)
     np.testing.assert_allclose(dist[1:4, 1], [0.5 / 3, 1.05 / 3, 1.4 / 3])
     per_joint = m.pck_per_joint([dist[j][scored[j]] for j in range(15)])
@@ -264,7 +264,7 @@ def test_pck_normaliser_visibility_and_frame0():
 def test_pck_invisible_joint_would_change_the_box():
     gt, pred = _pck_case()
     pred[:, 14, 1] = gt[:, 14, 1]  # now visible: box spans to (100, 100)
-    norm = m.pck_normalisers(gt, m.joint_visibility(pred))
+    norm = m.pck_normalizers(gt, m.joint_visibility(pred))
     assert norm[1] == pytest.approx(0.6 * np.hypot(100 - 10, 100 - 20))
 
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.cli import run
+from pipeline.pretrain.checkpoints import load_encoder
 from pipeline.pretrain.models_mae import (
     ARCHS,
     CrossViewDecoderBlock,
@@ -14,8 +16,6 @@ from pipeline.pretrain.models_mae import (
     ViTEncoder,
     build_encoder,
     interpolate_pos_embed,
-    load_encoder,
-    main,
     parameter_counts,
     random_masking,
     resolve_arch,
@@ -105,13 +105,13 @@ def test_loss_hand_computed_and_only_on_masked_patches():
     mask = torch.zeros(2, 16)
     mask[0, [1, 5]] = 1
     mask[1, [0]] = 1
-    # hand: normalise each target patch by its mean / unbiased std, MSE per patch, mean of masked
+    # hand: normalize each target patch by its mean / unbiased std, MSE per patch, mean of masked
     patches = model.patchify(imgs)
     expected = []
-    for b, l in [(0, 1), (0, 5), (1, 0)]:
-        t = patches[b, l]
+    for b, patch in [(0, 1), (0, 5), (1, 0)]:
+        t = patches[b, patch]
         t = (t - t.mean()) / math.sqrt(t.var().item() + 1e-6)
-        expected.append(((pred[b, l] - t) ** 2).mean())
+        expected.append(((pred[b, patch] - t) ** 2).mean())
     loss = model.forward_loss(imgs, pred, mask)
     assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-6)
     # changing predictions of visible patches leaves the loss unchanged; masked ones change it
@@ -436,6 +436,6 @@ def test_load_encoder_fails_loudly(tmp_path):
 def test_cli_describes_checkpoint(tmp_path, capsys):
     torch.manual_seed(0)
     torch.save({"model": build_encoder("vit_mini_patch8", 64).state_dict()}, tmp_path / "mae.pth")
-    main(["--checkpoint", str(tmp_path / "mae.pth")])
+    run("pretrain", ["describe", "--checkpoint", str(tmp_path / "mae.pth")])
     out = capsys.readouterr().out
     assert '"img_size": 64' in out and '"depth": 4' in out and '"patch_size": 8' in out

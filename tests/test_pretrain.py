@@ -1,5 +1,5 @@
 """Pretraining loop: lr schedule, weight-decay groups, sampler, exact resume, SIGKILL resume, NaN stop,
-checkpoint format. Tiny: vit_mini_patch8 at 32 px, a few optimiser steps."""
+checkpoint format. Tiny: vit_mini_patch8 at 32 px, a few optimizer steps."""
 
 import hashlib
 import json
@@ -16,15 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.pretrain.main_pretrain import (
-    EpochSampler,
-    NonFiniteLossError,
-    build_optimizer,
-    lr_at,
-    resolve_cell,
-    resolve_settings,
-    train,
-)
+from pipeline.pretrain.engine_pretrain import EpochSampler, NonFiniteLossError, lr_at
+from pipeline.pretrain.main_pretrain import build_optimizer, resolve_cell, resolve_settings, train
 from pipeline.pretrain.strategies import BagViewsDataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +141,7 @@ def test_schedule_applied_before_step_and_logs(tmp_path):
 
 
 def test_checkpoint_weights_only_and_load_encoder(tmp_path):
-    from pipeline.pretrain.models_mae import load_encoder
+    from pipeline.pretrain.checkpoints import load_encoder
 
     cell, settings = setup(epochs=1)
     train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
@@ -264,7 +257,8 @@ def cli(tmp_path, name, imagenet, epochs):
     return out, [
         sys.executable,
         "-m",
-        "pipeline.pretrain.main_pretrain",
+        "pipeline.pretrain",
+        "train",
         "--cell",
         json.dumps(cell),
         "--seed",
@@ -320,7 +314,7 @@ def test_sigkill_then_rerun_resumes_the_same_curve(tmp_path):
 
 def test_cli_help():
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.pretrain.main_pretrain", "--help"],
+        [sys.executable, "-m", "pipeline.pretrain", "train", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -333,7 +327,7 @@ def write_bag(path: Path, ids, size=40, M=4, seed=1):
     """A tiny merged bag in the views stage's HDF5 layout, through its own row writer."""
     import h5py
 
-    from pipeline.views.shards import encode_jpeg, write_rows
+    from pipeline.views.hdf5 import encode_jpeg, write_rows
 
     rng = np.random.default_rng(seed)
     img = lambda: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noqa: E731
@@ -381,7 +375,8 @@ def test_cli_cdgmae_knn_from_an_hdf5_bag(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "pipeline.pretrain.main_pretrain",
+        "pipeline.pretrain",
+        "train",
         "--cell",
         json.dumps(cell),
         "--seed",
@@ -424,25 +419,16 @@ def test_mask_keeping_no_patch_is_a_clear_error(tmp_path):
 
 
 def test_regenerated_bag_starts_over_but_a_plain_rerun_resumes(tmp_path, caplog):
-    from pipeline.views.shards import BagDataset
+    from pipeline.views.bag import BagDataset
 
     bag_path = tmp_path / "bag.h5"
     write_bag(bag_path, [f"c/{i:03d}" for i in range(16)], seed=1)
     cell, settings = setup(epochs=1)
-    run = lambda: train(
-        cell,
-        settings,
-        BagViewsDataset(
-            BagDataset(bag_path),
-            img_size=32,
-            anchors=2,  # noqa: E731
-            target="either",
-            seed=3,
-        ),
-        seed=0,
-        output=tmp_path / "ck.pth",
-        state_dir=tmp_path / "state",
-    )
+
+    def run():
+        dataset = BagViewsDataset(BagDataset(bag_path), img_size=32, anchors=2, target="either", seed=3)
+        return train(cell, settings, dataset, seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
+
     caplog.set_level("INFO", logger="cdgmae.pretrain")
     first = run()
     caplog.clear()

@@ -5,7 +5,9 @@ import math
 import pandas as pd
 import pytest
 
-from pipeline.report import tables as report
+from pipeline.cells import parse_model_path
+from pipeline.cli import run
+from pipeline.report import summary, tables
 
 CELL = "method~cdgmae/arch~vit_mini_patch8/generator~{g}/target~either/anchors~{n}/anchor_mask~{ra}/target_mask~0.9/epochs~4/seed~{s}"
 VALUES = {"davis": ("J&F-Mean", "J-Mean", "F-Mean"), "vip": ("mIoU",), "jhmdb": ("PCK@0.1", "PCK@0.2")}
@@ -34,14 +36,14 @@ def table4_evals(tmp_path):
 
 
 def test_parse_model_path_restores_types():
-    info = report.parse_model_path(CELL.format(g="sldm", n=3, ra=0.5, s=2))
+    info = parse_model_path(CELL.format(g="sldm", n=3, ra=0.5, s=2))
     assert info["anchors"] == 3 and info["anchor_mask"] == 0.5 and info["seed"] == 2
     assert info["generator"] == "sldm" and info["kind"] == "trained"
-    assert report.parse_model_path("random-init/arch~vit_small_patch16/seed~0")["kind"] == "random-init"
+    assert parse_model_path("random-init/arch~vit_small_patch16/seed~0")["kind"] == "random-init"
 
 
 def test_table4_mean_std_and_reference_row(table4_evals):
-    table, per_seed = report.build_table("table4", table4_evals, "test")
+    table, per_seed = tables.build_table("table4", table4_evals, "test")
     row = table[(table["n_anchors"] == 2) & (table["anchor_mask_ratio"] == 0.25)].iloc[0]
     assert row["n_seeds"] == 2
     assert row["davis_jf_m_mean"] == pytest.approx(42.0)
@@ -50,7 +52,7 @@ def test_table4_mean_std_and_reference_row(table4_evals):
     assert row["jhmdb_pck01_std"] == pytest.approx(0.0)
     a1 = table[(table["n_anchors"] == 1)].iloc[0]
     assert a1["jhmdb_pck01_mean"] == pytest.approx(26.0)
-    ref = table[table["row"] == report.RANDOM_INIT]
+    ref = table[table["row"] == tables.REFERENCE_ROW]
     assert len(ref) == 1 and ref.iloc[0]["davis_jf_m_mean"] == pytest.approx(20.0)
     assert math.isnan(ref.iloc[0]["davis_jf_m_std"])  # one seed: no std
     # weights-free views are labelled as a baseline on every trained row
@@ -61,7 +63,7 @@ def test_table4_mean_std_and_reference_row(table4_evals):
 def test_table8_joins_gflops(table4_evals, tmp_path):
     g = tmp_path / "gflops.csv"
     pd.DataFrame({"anchors": [1, 2], "anchor_mask": [0.0, 0.25], "gflops": [6.036, 8.263]}).to_csv(g, index=False)
-    table, _ = report.build_table("table8", table4_evals, "test", gflops=str(g))
+    table, _ = tables.build_table("table8", table4_evals, "test", gflops=str(g))
     row = table[(table["n_anchors"] == 2)].iloc[0]
     assert row["gflops"] == pytest.approx(8.263)
 
@@ -77,7 +79,7 @@ def test_table5_names_and_cited_rows(tmp_path):
         9.0,
         19.0,
     )
-    table, _ = report.build_table("table5", files, "test")
+    table, _ = tables.build_table("table5", files, "test")
     methods = list(table["method"])
     assert "CropMAE" in methods and "CDG-MAE-a3" in methods
     # warp views never masquerade as CDG-MAE
@@ -95,12 +97,12 @@ def test_malformed_eval_is_named(tmp_path):
     p.parent.mkdir(parents=True)
     pd.DataFrame([{"J-Mean": 1.0}]).to_csv(p, index=False)
     with pytest.raises(ValueError, match="J&F-Mean"):
-        report.read_eval(p)
+        tables.read_eval(p)
 
 
 def test_summary_states_scale_and_paper_values(table4_evals, tmp_path):
-    table, _ = report.build_table("table4", table4_evals, "synthetic-demo")
-    md = report.summary_markdown({"table4": table}, "synthetic-demo", "Data: synthetic.")
+    table, _ = tables.build_table("table4", table4_evals, "synthetic-demo")
+    md = summary.summary_markdown({"table4": table}, "synthetic-demo", "Data: synthetic.")
     assert "synthetic-demo" in md and "Data: synthetic." in md
     assert "61.2 / 37.6 / 46.5" in md  # the paper's (1, 0) row beside ours
     assert "42.0 ± 2.8" in md
@@ -110,7 +112,8 @@ def test_cli_writes_table_and_figure(table4_evals, tmp_path):
     out = tmp_path / "t.csv"
     fig = tmp_path / "f.png"
     files = table4_evals
-    report.main(
+    run(
+        "report",
         [
             "table",
             "--name",
@@ -121,8 +124,7 @@ def test_cli_writes_table_and_figure(table4_evals, tmp_path):
             str(out),
             "--per-seed",
             str(tmp_path / "p.csv"),
-            "--figure",
-            str(fig),
-        ]
+        ],
     )
+    run("report", ["figure4", "--table", str(out), "--output", str(fig)])
     assert out.exists() and fig.stat().st_size > 1000

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline.cli import run
 from pipeline.propagation import score
 from pipeline.propagation.score import ScoreError
 
@@ -140,8 +141,10 @@ def test_davis_cli(davis, tmp_path):
     res = tmp_path / "res"
     _write_davis_results(res, gts)
     out = tmp_path / "cli"
-    score.main(
+    run(
+        "propagation",
         [
+            "score",
             "davis",
             "--davis-root",
             str(root),
@@ -152,12 +155,22 @@ def test_davis_cli(davis, tmp_path):
             "--gt-size",
             str(H),
             str(W),
-        ]
+        ],
     )
     assert json.loads((out / "scoring.json").read_text())["gt_mode"] == "resized"
     with pytest.raises(SystemExit):
-        score.main(
-            ["davis", "--davis-root", str(root), "--results", str(tmp_path / "missing"), "--output-dir", str(out)]
+        run(
+            "propagation",
+            [
+                "score",
+                "davis",
+                "--davis-root",
+                str(root),
+                "--results",
+                str(tmp_path / "missing"),
+                "--output-dir",
+                str(out),
+            ],
         )
 
 
@@ -215,7 +228,7 @@ def test_jhmdb_pck_on_videos_present(tmp_path):
     root = tmp_path / "jhmdb"
     t = 3
     base = np.stack([np.r_[np.linspace(10, 13, 14), 11.0], np.r_[np.linspace(20, 24, 14), 22.0]])
-    gt = np.repeat(base[:, :, None], t, axis=2)  # box diagonal 5 -> normaliser 3
+    gt = np.repeat(base[:, :, None], t, axis=2)  # box diagonal 5 -> normalizer 3
     for video in ("walk/v1", "walk/v2"):  # v2 has no result: not scored
         for k in range(1, t + 1):
             _save_jpg(root / "Rename_Images" / video / f"{k:05d}.png", (24, 32))

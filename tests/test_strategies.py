@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.pretrain.augment import sample_rrc_box
 from pipeline.pretrain.strategies import (
     STRATEGIES,
     BagViewsDataset,
@@ -15,7 +16,6 @@ from pipeline.pretrain.strategies import (
     build_dataset,
     choose_bag_indices,
     sample_frame_pair,
-    sample_rrc_box,
 )
 
 M = 4
@@ -39,7 +39,7 @@ def colour_bag(n=6, size=40):
 
 
 def source_values(views: torch.Tensor) -> list[int]:
-    """Un-normalise (K, 3, S, S) and return the grey level of each (constant) view."""
+    """Un-normalize (K, 3, S, S) and return the grey level of each (constant) view."""
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     pixels = (views * std + mean) * 255
     return [int(round(v)) for v in pixels.mean(dim=(1, 2, 3)).tolist()]
@@ -179,7 +179,7 @@ def coordinate_image(size=128):
 
 
 def test_cropmae_local_crop_lies_inside_the_global_crop():
-    from pipeline.pretrain.strategies import to_chw
+    from pipeline.pretrain.augment import to_chw
 
     ds = GlobalToLocalDataset([], img_size=32, seed=0, flip=False)
     image = to_chw(coordinate_image())

@@ -1,4 +1,4 @@
-"""pipeline.data.synthetic: determinism, official formats, scene properties (tiny sizes)."""
+"""pipeline.data.synthetic and its scene modules: determinism, official formats, scene properties (tiny sizes)."""
 
 import json
 from pathlib import Path
@@ -8,10 +8,12 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from pipeline.cli import run
 from pipeline.constants import pascal_palette
+from pipeline.data import puppets, sprites, synthetic
 from pipeline.data import readers as datasets
-from pipeline.data import synthetic
-from pipeline.data.readers import JHMDB_JOINTS, read_vallist
+from pipeline.data.readers import JHMDB_JOINTS
+from pipeline.data.vallists import read_vallist
 
 TINY = {
     "imagenet": {"classes": 3, "images_per_class": 2, "size": 32},
@@ -179,12 +181,12 @@ def test_raw_colour_does_not_solve_propagation(generated):
 def test_similarity_maps_anchors():
     a, b = np.array([2.0, 3.0]), np.array([7.0, 3.0])
     A, B = np.array([10.0, 10.0]), np.array([10.0, 20.0])
-    M = synthetic.similarity(a, b, A, B)
-    np.testing.assert_allclose(synthetic.apply(M, np.stack([a, b])), np.stack([A, B]), atol=1e-9)
+    M = sprites.similarity(a, b, A, B)
+    np.testing.assert_allclose(sprites.apply(M, np.stack([a, b])), np.stack([A, B]), atol=1e-9)
     # a similarity: scale 2, rotation 90 degrees
     np.testing.assert_allclose(M[:, :2], [[0, -2], [2, 0]], atol=1e-9)
     C = np.array([[1.0, 0, 5], [0, 1.0, -1]])
-    np.testing.assert_allclose(synthetic.apply(synthetic.compose(C, M), a[None]), [[15, 9]], atol=1e-9)
+    np.testing.assert_allclose(sprites.apply(sprites.compose(C, M), a[None]), [[15, 9]], atol=1e-9)
 
 
 def test_puppet_bones_are_rigid():
@@ -192,7 +194,7 @@ def test_puppet_bones_are_rigid():
     T = 12
     scale = np.linspace(40, 60, T)
     pelvis = np.stack([np.linspace(50, 70, T), np.full(T, 60.0)], 1)
-    puppet = synthetic.Puppet(rng, 50.0, T, pelvis, scale, synthetic.action_family(3, 0))
+    puppet = puppets.Puppet(rng, 50.0, T, pelvis, scale, puppets.action_family(3, 0))
     joints = puppet.joints_all()
     assert joints.shape == (T, 15, 2)
     j = {n: i for i, n in enumerate(JHMDB_JOINTS)}
@@ -204,7 +206,7 @@ def test_puppet_bones_are_rigid():
             ("knee", "ankle", "shin"),
         ):
             length = np.linalg.norm(joints[:, j[f"{side}_{a}"]] - joints[:, j[f"{side}_{b}"]], axis=1)
-            np.testing.assert_allclose(length, synthetic.BODY[bone] * scale, rtol=1e-9)
+            np.testing.assert_allclose(length, puppets.BODY[bone] * scale, rtol=1e-9)
     # the limbs articulate: the elbow angle changes over time
     v1 = joints[:, j["right_elbow"]] - joints[:, j["right_shoulder"]]
     assert np.ptp(np.arctan2(v1[:, 1], v1[:, 0])) > 0.05
@@ -213,7 +215,7 @@ def test_puppet_bones_are_rigid():
 def test_textures_share_colour_statistics():
     # background and objects come from one generator: no colour separates them on average
     rng = np.random.default_rng(0)
-    means = np.array([synthetic.make_texture(rng, 24, 24).reshape(-1, 3).mean(0) for _ in range(200)])
+    means = np.array([sprites.make_texture(rng, 24, 24).reshape(-1, 3).mean(0) for _ in range(200)])
     assert means.std(0).min() > 20  # colours vary widely between textures
     assert np.abs(means.mean(0) - 127.5).max() < 15  # and are centred (no per-role tint)
 
@@ -221,10 +223,10 @@ def test_textures_share_colour_statistics():
 def test_cli_replaces_existing_output(tmp_path):
     out = tmp_path / "davis"
     settings = json.dumps({"sequences": 1, "frames": 2, "height": 40, "width": 56, "max_objects": 1})
-    synthetic.main(["--dataset", "davis", "--out", str(out), "--settings", settings, "--seed", "3"])
+    run("data", ["synthetic", "--dataset", "davis", "--out", str(out), "--settings", settings, "--seed", "3"])
     first = _tree(out)
     (out / "stale.txt").write_text("old")
-    synthetic.main(["--dataset", "davis", "--out", str(out), "--settings", settings, "--seed", "3"])
+    run("data", ["synthetic", "--dataset", "davis", "--out", str(out), "--settings", settings, "--seed", "3"])
     assert _tree(out) == first  # stale file gone, same bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["davis"]
 

@@ -15,8 +15,12 @@ import pytest
 
 from pipeline.config import section_defaults
 from pipeline.data.readers import list_imagenet
+from pipeline.views.bag import BagDataset
+from pipeline.views.figure import plot_bag
 from pipeline.views.generators import GENERATORS, ViewGenerator
-from pipeline.views.shards import BagDataset, ShardWriter, ViewsError, merge_shards, plot_bag, shard_range, view_seed
+from pipeline.views.hdf5 import ViewsError
+from pipeline.views.merge import merge_shards
+from pipeline.views.shards import ShardWriter, shard_range, view_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 3
@@ -146,7 +150,7 @@ def _cli_generate(root, out, settings, extra=()):
     return [
         sys.executable,
         "-m",
-        "pipeline.views.shards",
+        "pipeline.views",
         "generate",
         "--root",
         str(root),
@@ -250,7 +254,7 @@ class _NaNFirstTry(ViewGenerator):
 def test_non_finite_views_are_regenerated_with_recorded_seeds(imagenet, tmp_path, monkeypatch):
     records = list_imagenet(imagenet)[:4]
     _NaNFirstTry.first_seeds = [view_seed(SEED, r.image_id, 1) for r in records]
-    monkeypatch.setitem(GENERATORS, "nan-first-try", _NaNFirstTry)
+    monkeypatch.setitem(GENERATORS._entries, "nan-first-try", _NaNFirstTry)
     cfg = _cfg(max_images=4)
     cfg["generators"]["nan-first-try"] = {}
     out = tmp_path / "shard-0.h5"
@@ -318,7 +322,7 @@ def test_figure_and_cli_merge(imagenet, tmp_path):
         [
             sys.executable,
             "-m",
-            "pipeline.views.shards",
+            "pipeline.views",
             "merge",
             "--shards",
             *map(str, paths),
@@ -337,7 +341,7 @@ def test_figure_and_cli_merge(imagenet, tmp_path):
         [
             sys.executable,
             "-m",
-            "pipeline.views.shards",
+            "pipeline.views",
             "merge",
             "--shards",
             str(paths[0]),

@@ -4,14 +4,16 @@ Every encoder maps a batch of square uint8 RGB images to
 ``TokenFeatures(global_tokens (B, C), patch_tokens (B, L, C), grid (h, w))`` where the patch tokens
 are in **row-major spatial order** of the patch grid (token ``i * w + j`` = patch row ``i``, column
 ``j``). LS compares same-position tokens, so any shuffle (e.g. HF ``ViTMAEModel``'s random masking
-with ``mask_ratio=0``) silently breaks it; the ViT encoders here use timm's / our own deterministic
-forward, which never reorders tokens.
+with ``mask_ratio=0``) silently breaks it; the ViT encoders here use timm's deterministic forward,
+which never reorders tokens.
 
-Registry (``consistency.encoder.name``):
+Registry ``ENCODERS`` (``consistency.encoder.name``):
 - ``timm``: any timm ViT (default ``vit_base_patch16_224.mae``, the paper's MAE ViT-B/16), created
   with ``pretrained=False`` and loaded from a local checkpoint; global = [CLS], patches = final-norm
   patch tokens.
-- ``cdgmae``: a checkpoint of our pretraining stage (``pipeline.pretrain.models_mae.load_encoder``).
+- ``cdgmae``: a checkpoint of our pretraining stage, read into a timm ``VisionTransformer`` of the
+  same layout (our encoder is MAE's: timm patch embedding and blocks, final LayerNorm), so this stage
+  does not import the later pretraining stage.
 - ``sift-grid`` / ``hog-grid``: weights-free dense descriptors on the patch grid (views-and-hdf5.md
   §10). ``centre = True``: the caller subtracts the dataset-mean descriptor (non-negative
   descriptors otherwise compress every cosine towards 1); global = mean-pooled patch descriptors.
@@ -21,27 +23,28 @@ Registry (``consistency.encoder.name``):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import cv2
 import numpy as np
+import timm
+import torch
+import torch.nn as nn
+from skimage.feature import hog
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.devices import resolve_device
+from pipeline.registry import Registry
 
 LOG = logging.getLogger("cdgmae.encoders")
 
-
-ENCODERS: dict[str, Callable[..., FeatureEncoder]] = {}
-
-
-def register_encoder(name: str):
-    def wrap(builder):
-        ENCODERS[name] = builder
-        return builder
-
-    return wrap
+# name -> builder(settings: resolved ``consistency.encoder`` section, device: str) -> FeatureEncoder
+ENCODERS = Registry("consistency.encoder.name")
 
 
 @dataclass
@@ -63,18 +66,13 @@ class FeatureEncoder:
         raise NotImplementedError
 
 
-def build_encoder(settings: dict, device: str | None = None) -> FeatureEncoder:
+def build_feature_encoder(settings: dict, device: str | None = None) -> FeatureEncoder:
     """Build the encoder named by ``settings["name"]`` (a resolved ``consistency.encoder`` section)."""
-    name = settings["name"]
-    if name not in ENCODERS:
-        raise KeyError(f"consistency.encoder.name: unknown encoder {name!r}; known: {sorted(ENCODERS)}")
-    return ENCODERS[name](settings, resolve_device(device))
+    return ENCODERS[settings["name"]](settings, resolve_device(device))
 
 
-def normalise_images(images, mean, std, device):
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalised on ``device``."""
-    import torch
-
+def normalize_images(images, mean, std, device):
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalized on ``device``."""
     x = images.to(device).permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -82,16 +80,34 @@ def normalise_images(images, mean, std, device):
 
 
 # --------------------------------------------------------------------------------------------
-# timm ViT from a local checkpoint
-# --------------------------------------------------------------------------------------------
+# timm ViTs: a timm checkpoint, or one of ours
+
+
+class ViTFeatureEncoder(FeatureEncoder):
+    """A timm ViT (eval mode on ``device``): global = [CLS] (or mean patch), patches = final-norm tokens."""
+
+    def __init__(self, model, name: str, image_size: int, device: str, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.model = model.eval().to(device)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.image_size, self.device, self.name = image_size, device, name
+        self.grid = tuple(self.model.patch_embed.grid_size)
+
+    def encode(self, images) -> TokenFeatures:
+        with torch.inference_mode():
+            x = normalize_images(images, self.mean, self.std, self.device)
+            tokens = self.model.forward_features(x)  # (B, prefix + L, C), after the final norm
+            prefix = self.model.num_prefix_tokens
+            patches = tokens[:, prefix:]  # (B, L, C), row-major: timm flattens (h, w) without reorder
+            has_cls = getattr(self.model, "cls_token", None) is not None
+            glob = tokens[:, 0] if has_cls else patches.mean(1)  # (B, C)
+        return TokenFeatures(glob.float(), patches.float(), self.grid)
+
 
 _DECODER_PREFIXES = ("decoder", "mask_token")  # MAE pretraining checkpoints carry the decoder too
 
 
-def read_state_dict(path: str | Path, key: str = "consistency.encoder.checkpoint") -> dict:
-    """State dict of an MAE-style ``{"model": ...}`` / ``{"state_dict": ...}`` or plain checkpoint."""
-    import torch
-
+def _torch_load(path: str | Path | None, key: str = "consistency.encoder.checkpoint") -> dict:
+    """The dict stored in a local checkpoint file (``weights_only``); errors name ``key`` and the file."""
     if path is None:
         raise ValueError(f"{key} is null: this encoder needs a local checkpoint file")
     path = Path(path)
@@ -103,6 +119,12 @@ def read_state_dict(path: str | Path, key: str = "consistency.encoder.checkpoint
         raise ValueError(f"{key}: cannot read checkpoint {path}: {err}") from err
     if not isinstance(ckpt, dict):
         raise ValueError(f"{key}: {path} holds a {type(ckpt).__name__}, not a state dict")
+    return ckpt
+
+
+def read_state_dict(path: str | Path, key: str = "consistency.encoder.checkpoint") -> dict:
+    """State dict of an MAE-style ``{"model": ...}`` / ``{"state_dict": ...}`` or plain checkpoint."""
+    ckpt = _torch_load(path, key)
     for k in ("model", "state_dict"):
         if isinstance(ckpt.get(k), dict):
             ckpt = ckpt[k]
@@ -112,8 +134,6 @@ def read_state_dict(path: str | Path, key: str = "consistency.encoder.checkpoint
 
 def load_timm_checkpoint(model, path: str | Path) -> None:
     """Load ``path`` into a timm ViT; missing keys are an error, extra (decoder) keys are logged."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
     state = read_state_dict(path)
     dropped = [k for k in state if k.startswith(_DECODER_PREFIXES)]
     # a leftover MAE ``mask_token`` would make timm's filter treat the file as DINOv2
@@ -126,77 +146,135 @@ def load_timm_checkpoint(model, path: str | Path) -> None:
         LOG.info("%s: ignored %d decoder and %d unexpected keys", path, len(dropped), len(unexpected))
 
 
-class TimmViTEncoder(FeatureEncoder):
+class TimmViTEncoder(ViTFeatureEncoder):
     def __init__(self, model_name: str, checkpoint: str | Path, image_size: int, device: str = "cpu"):
-        import timm
-
-        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=image_size)
-        load_timm_checkpoint(self.model, checkpoint)
-        self.model.eval().to(device)
-        cfg = self.model.pretrained_cfg or {}
-        self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
-        self.std = tuple(cfg.get("std", IMAGENET_STD))
-        self.image_size, self.device = image_size, device
-        self.grid = tuple(self.model.patch_embed.grid_size)
-        self.name = f"timm:{model_name}"
-
-    def encode(self, images) -> TokenFeatures:
-        import torch
-
-        with torch.inference_mode():
-            x = normalise_images(images, self.mean, self.std, self.device)
-            tokens = self.model.forward_features(x)  # (B, prefix + L, C), after the final norm
-            prefix = self.model.num_prefix_tokens
-            patches = tokens[:, prefix:]  # (B, L, C), row-major: timm flattens (h, w) without reorder
-            has_cls = getattr(self.model, "cls_token", None) is not None
-            glob = tokens[:, 0] if has_cls else patches.mean(1)  # (B, C)
-        return TokenFeatures(glob.float(), patches.float(), self.grid)
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=image_size)
+        load_timm_checkpoint(model, checkpoint)
+        cfg = model.pretrained_cfg or {}
+        mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+        super().__init__(model, f"timm:{model_name}", image_size, device, mean, std)
 
 
-@register_encoder("timm")
+@ENCODERS.register("timm")
 def _build_timm(settings: dict, device: str) -> FeatureEncoder:
     return TimmViTEncoder(settings["timm_model"], settings["checkpoint"], settings["image_size"], device)
 
 
-# --------------------------------------------------------------------------------------------
-# our own pretraining checkpoints
-# --------------------------------------------------------------------------------------------
+# our pretraining stage's encoder keys (MAE layout), under ``encoder.`` in its checkpoints
+_CDGMAE_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+_CDGMAE_ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads")
 
 
-class CdgmaeEncoder(FeatureEncoder):
-    """Encoder of a ``results/pretrain/{model}/checkpoint.pth`` via ``pipeline.pretrain.models_mae``."""
+def _strip_wrapper(state: dict, prefix: str) -> dict:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def read_cdgmae_checkpoint(path: str | Path) -> tuple[dict, dict, int]:
+    """(encoder state dict with MAE key names, arch dict, img_size) of our checkpoint payload.
+
+    The payload is ``{"model": state dict, "arch": {patch_size, embed_dim, depth, num_heads, ...},
+    "img_size": int}``; the encoder keys are ``encoder.``-prefixed in a full model and top-level in
+    an encoder-only payload, and DDP / ``torch.compile`` wrapper prefixes are removed first.
+    """
+    ckpt = _torch_load(path)
+    state = ckpt["model"] if "model" in ckpt else ckpt
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: no state dict found (expected ckpt['model'] or a dict of tensors)")
+    for wrapper in ("module.", "_orig_mod.", "module."):
+        state = _strip_wrapper(state, wrapper)
+    if any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+    else:
+        state = {k: v for k, v in state.items() if k.startswith(_CDGMAE_PREFIXES)}
+    arch = ckpt.get("arch")
+    if not isinstance(arch, dict) or any(k not in arch for k in _CDGMAE_ARCH_KEYS):
+        raise ValueError(
+            f"{path}: 'arch' must be a dict with keys {list(_CDGMAE_ARCH_KEYS)} (our checkpoints store "
+            f"the resolved arch), got {arch!r}"
+        )
+    img_size = ckpt.get("img_size")
+    if img_size is None:  # a square grid of patches, as our encoder is built
+        if "pos_embed" not in state:
+            raise KeyError(f"{path}: encoder key 'pos_embed' missing; cannot infer img_size")
+        img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * int(arch["patch_size"])
+    return state, {k: int(arch[k]) for k in _CDGMAE_ARCH_KEYS}, int(img_size)
+
+
+def cdgmae_vit(arch: dict, img_size: int) -> VisionTransformer:
+    """A timm ViT whose ``forward_features`` is our encoder's forward: timm PatchEmbed and Blocks
+    (mlp_ratio 4, qkv bias, LayerNorm eps 1e-6), cls token + pos_embed[:, :1], final LayerNorm."""
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=arch["patch_size"],
+        embed_dim=arch["embed_dim"],
+        depth=arch["depth"],
+        num_heads=arch["num_heads"],
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        weight_init="skip",  # every weight comes from the checkpoint
+    )
+
+
+def load_cdgmae_vit(path: str | Path, image_size: int) -> VisionTransformer:
+    """Our checkpoint in a timm ViT at ``image_size``, loaded strictly (every encoder key, right shapes).
+
+    Built at the checkpoint's ``img_size`` when ``image_size`` equals it (then the forward is our
+    encoder's, bit for bit); otherwise timm's ``resample_abs_pos_embed`` (bicubic, antialiased)
+    resamples the stored position embedding to the ``image_size`` grid, which is not the DINO-style
+    interpolation the pretraining stage applies to other input sizes.
+    """
+    state, arch, img_size = read_cdgmae_checkpoint(path)
+    if image_size % arch["patch_size"]:
+        raise ValueError(
+            f"consistency.encoder.image_size {image_size} is not a multiple of patch_size {arch['patch_size']}"
+        )
+    model = cdgmae_vit(arch, image_size)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise KeyError(f"{path}: {len(missing)} of {len(expected)} encoder keys missing: {shown}")
+    state = {k: state[k] for k in expected}
+    if image_size != img_size:
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(model.patch_embed.grid_size))
+    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path}: encoder shape mismatch: {'; '.join(bad[:8])}")
+    model.load_state_dict(state, strict=True)
+    LOG.info(
+        "loaded %d encoder tensors from %s (arch %s, img_size %d -> %d)",
+        len(expected),
+        path,
+        arch,
+        img_size,
+        image_size,
+    )
+    return model
+
+
+class CdgmaeEncoder(ViTFeatureEncoder):
+    """Encoder of a ``results/pretrain/{model}/checkpoint.pth`` as a timm ViT (``load_cdgmae_vit``)."""
 
     def __init__(self, checkpoint: str | Path, image_size: int, device: str = "cpu"):
-        from pipeline.pretrain.models_mae import load_encoder
-
         if checkpoint is None:
             raise ValueError("consistency.encoder.checkpoint is null: the cdgmae encoder needs one")
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"consistency.encoder.checkpoint: not found: {checkpoint}")
-        self.model = load_encoder(checkpoint, device=device).eval()
-        self.image_size, self.device = image_size, device
-        self.name = f"cdgmae:{checkpoint}"
-
-    def encode(self, images) -> TokenFeatures:
-        import torch
-
-        with torch.inference_mode():
-            x = normalise_images(images, IMAGENET_MEAN, IMAGENET_STD, self.device)
-            tokens = self.model(x)  # (B, 1 + L, C) final-norm tokens, CLS first, no masking
-            glob, patches = tokens[:, 0], tokens[:, 1:]  # (B, C), (B, L, C) row-major
-            p = self.model.patch_size
-            grid = (x.shape[-2] // p, x.shape[-1] // p)
-        return TokenFeatures(glob.float(), patches.float(), grid)
+        model = load_cdgmae_vit(checkpoint, image_size)
+        super().__init__(model, f"cdgmae:{checkpoint}", image_size, device)
 
 
-@register_encoder("cdgmae")
+@ENCODERS.register("cdgmae")
 def _build_cdgmae(settings: dict, device: str) -> FeatureEncoder:
     return CdgmaeEncoder(settings["checkpoint"], settings["image_size"], device)
 
 
 # --------------------------------------------------------------------------------------------
 # weights-free dense descriptors on the patch grid
-# --------------------------------------------------------------------------------------------
 
 
 class GridDescriptorEncoder(FeatureEncoder):
@@ -218,9 +296,6 @@ class GridDescriptorEncoder(FeatureEncoder):
         raise NotImplementedError
 
     def encode(self, images) -> TokenFeatures:
-        import cv2
-        import torch
-
         arr = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
         desc = np.stack([self.describe(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY)) for im in arr])
         patches = torch.from_numpy(desc).to(self.device)  # (B, L, D)
@@ -233,8 +308,6 @@ class SiftGridEncoder(GridDescriptorEncoder):
     kind = "sift-grid"
 
     def __init__(self, image_size: int, patch_size: int, device: str = "cpu"):
-        import cv2
-
         super().__init__(image_size, patch_size, device)
         self.sift = cv2.SIFT_create()
         p, (h, w) = patch_size, self.grid
@@ -263,8 +336,6 @@ class HogGridEncoder(GridDescriptorEncoder):
         super().__init__(image_size, patch_size, device)
 
     def describe(self, gray: np.ndarray) -> np.ndarray:
-        from skimage.feature import hog
-
         half = self.patch_size // 2
         blocks = hog(
             gray,
@@ -278,11 +349,11 @@ class HogGridEncoder(GridDescriptorEncoder):
         return blocks.reshape(self.grid[0] * self.grid[1], -1).astype(np.float32)  # (L, 36)
 
 
-@register_encoder("sift-grid")
+@ENCODERS.register("sift-grid")
 def _build_sift(settings: dict, device: str) -> FeatureEncoder:
     return SiftGridEncoder(settings["image_size"], settings["patch_size"], device)
 
 
-@register_encoder("hog-grid")
+@ENCODERS.register("hog-grid")
 def _build_hog(settings: dict, device: str) -> FeatureEncoder:
     return HogGridEncoder(settings["image_size"], settings["patch_size"], device)

@@ -1,5 +1,5 @@
 """Readers for the official on-disk layouts (ImageNet folder, frame-folder videos, DAVIS-2017,
-VIP, JHMDB) and the reference val lists.
+VIP, JHMDB) and the reference val lists (their writer is ``pipeline.data.vallists``).
 
 The same readers serve the embedded synthetic datasets (``pipeline.data.synthetic``) and real data
 roots from config. A missing or malformed root raises ``DatasetError`` naming the path and the
@@ -20,7 +20,6 @@ Layouts (see docs/architecture.md and spec propagation-eval.md §3)::
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -29,7 +28,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
+import scipy.io
+from PIL import Image, UnidentifiedImageError
 
 LOG = logging.getLogger("cdgmae.datasets")
 
@@ -136,8 +138,6 @@ def _subdirs(folder: Path) -> list[Path]:
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """HxWx3 uint8 RGB, read with OpenCV (BGR → RGB) like the reference propagation code."""
-    import cv2
-
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise DatasetError(f"cannot read image (missing or corrupt): {path}")
@@ -146,8 +146,6 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 def read_id_png(path: str | os.PathLike) -> np.ndarray:
     """HxW uint8 ids of an indexed ("P") or grey ("L") PNG, as the DAVIS toolkit reads them."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L"):
@@ -326,8 +324,6 @@ class VipDataset(_LabelledVideos):
 
 def read_pos_img(path: str | os.PathLike) -> np.ndarray:
     """``pos_img`` of a JHMDB ``joint_positions.mat``: (2, 15, T) float64, 1-based pixels."""
-    import scipy.io
-
     try:
         mat = scipy.io.loadmat(str(path))
     except (FileNotFoundError, OSError, ValueError, TypeError) as err:
@@ -423,7 +419,7 @@ def jhmdb_split_videos(splits_dir: str | os.PathLike, split: int = 1, subset: st
 
 
 # ---------------------------------------------------------------------------------------------
-# val lists (reference formats, spec §3)
+# val lists (reference formats, spec §3): the parser
 
 
 @dataclass(frozen=True)
@@ -433,48 +429,6 @@ class ValEntry:
     name: str  # DAVIS sequence, VIP "videos<N>", JHMDB "<class>/<video>"
     frames: Path  # frame folder
     labels: Path  # DAVIS/VIP annotation folder, JHMDB joint_positions.mat
-
-
-def _list_lines(kind: str, names: Sequence[str], prefix: str) -> list[str]:
-    def at(rel: str) -> str:
-        return f"{prefix}/{rel}" if prefix else rel
-
-    if kind == "davis":
-        return [f"{at('JPEGImages/480p/' + s)} {at('Annotations/480p/' + s)}" for s in names]
-    if kind == "vip":
-        return [f"{at('Images/' + v)} {at('Annotations/Category_ids/' + v)}" for v in names]
-    # JHMDB: label first (CropMAE's order; videowalk put the frames first)
-    return [f"{at('joint_positions/' + v + '/joint_positions.mat')} {at('Rename_Images/' + v)}" for v in names]
-
-
-def write_vallist(
-    kind: str,
-    root: str | os.PathLike,
-    path: str | os.PathLike,
-    names: Sequence[str] | None = None,
-    prefix: str | None = None,
-) -> list[str]:
-    """Write the reference val list of ``root`` to ``path`` (one space, two fields, no trailing
-    newline) and return its lines.
-
-    ``names`` defaults to the dataset's own order (DAVIS: val.txt order). ``prefix`` is the root
-    as written in the lines (default: ``root`` as given); ``"."`` writes paths relative to the
-    root, which ``read_vallist`` resolves against the list's folder, so a list stored inside its
-    root keeps working when the tree is moved.
-    """
-    from pipeline.io import write_text_atomic
-
-    if kind not in VALLIST_KINDS:
-        raise ValueError(f"val list kind must be one of {VALLIST_KINDS}, got {kind!r}")
-    root = Path(root)
-    if names is None:
-        ds = {"davis": DavisDataset, "vip": VipDataset, "jhmdb": JhmdbDataset}[kind](root)
-        names = ds.sequences if kind == "davis" else ds.videos
-    prefix = str(root) if prefix is None else prefix
-    prefix = "" if prefix in ("", ".", "./") else (prefix.rstrip("/") or "/")
-    lines = _list_lines(kind, list(names), prefix)
-    write_text_atomic(path, "\n".join(lines))
-    return lines
 
 
 def _resolve(entry: str, list_dir: Path) -> Path:
@@ -518,101 +472,3 @@ def read_vallist(kind: str, path: str | os.PathLike) -> list[ValEntry]:
     if not entries:
         raise DatasetError(f"{kind} val list is empty: {path}")
     return entries
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: validate a root
-
-
-def check_root(
-    kind: str, root: str | os.PathLike, vallist: str | os.PathLike | None = None, deep: bool = False
-) -> dict:
-    """Open ``root`` with the reader of ``kind`` and return counts; ``deep`` reads every label."""
-    names = [e.name for e in read_vallist(kind, vallist)] if vallist else None
-    if kind == "imagenet":
-        recs = list_imagenet(root)
-        return {"images": len(recs), "classes": len({r.label for r in recs})}
-    if kind == "videos":
-        vids = list_videos(root)
-        return {"videos": len(vids), "frames": sum(len(v.frames) for v in vids)}
-    if kind == "davis":
-        ds = DavisDataset(root, sequences=names)
-        out = {
-            "sequences": len(ds),
-            "frames": sum(len(ds.frames(s)) for s in ds.sequences),
-            "annotations": sum(len(ds.annotations(s)) for s in ds.sequences),
-            "objects": sum(ds.num_objects(s) for s in ds.sequences),
-        }
-        return out
-    if kind == "vip":
-        ds = VipDataset(root, videos=names)
-        out = {
-            "videos": len(ds),
-            "frames": sum(len(ds.frames(v)) for v in ds.videos),
-            "annotations": sum(len(ds.annotations(v)) for v in ds.videos),
-        }
-        if deep:
-            ids = set()
-            for v in ds.videos:
-                for p in ds.annotations(v):
-                    ids.update(np.unique(ds.read_annotation(p)).tolist())
-            bad = sorted(i for i in ids if i >= len(VIP_CLASSES) and i != 255)
-            if bad:
-                raise DatasetError(f"VIP annotations under {root} hold ids {bad} outside 0-19")
-            out["classes_present"] = len(ids - {255})
-        return out
-    if kind == "jhmdb":
-        ds = JhmdbDataset(root, split_list=names)
-        out = {"videos": len(ds), "frames": sum(len(ds.frames(v)) for v in ds.videos)}
-        if deep:
-            for v in ds.videos:
-                pos = ds.read_joints(v)
-                if pos.shape[2] < len(ds.frames(v)):
-                    raise DatasetError(
-                        f"pos_img has {pos.shape[2]} frames but the video has {len(ds.frames(v))}: {ds.joints_path(v)}"
-                    )
-        return out
-    raise ValueError(f"unknown dataset kind {kind!r}; one of {KINDS}")
-
-
-def main(argv=None) -> None:
-    from pipeline.runtime import setup_logging
-
-    ap = argparse.ArgumentParser(
-        prog="python -m pipeline.data.readers", description="Readers for the official dataset layouts."
-    )
-    sub = ap.add_subparsers(dest="command", required=True)
-    chk = sub.add_parser("check", help="validate a dataset root and print counts")
-    chk.add_argument("--kind", required=True, choices=KINDS)
-    chk.add_argument("--root", required=True)
-    chk.add_argument("--list", default=None, help="optional val list (reference format)")
-    chk.add_argument("--deep", action="store_true", help="also read every annotation/joint file")
-    vl = sub.add_parser("vallist", help="write a val list in the reference format")
-    vl.add_argument("--kind", required=True, choices=VALLIST_KINDS)
-    vl.add_argument("--root", required=True)
-    vl.add_argument("--out", required=True)
-    vl.add_argument("--prefix", default=None, help="root as written in the lines (default: --root as given)")
-    vl.add_argument("--jhmdb-splits", default=None, help="JHMDB splits/ folder: list the videos of one official split")
-    vl.add_argument("--split", type=int, default=1, help="JHMDB split number (reference: 1)")
-    args = ap.parse_args(argv)
-    setup_logging()
-    try:
-        if args.command == "vallist":
-            names = (
-                jhmdb_split_videos(args.jhmdb_splits, args.split)
-                if args.kind == "jhmdb" and args.jhmdb_splits
-                else None
-            )
-            lines = write_vallist(args.kind, args.root, args.out, names=names, prefix=args.prefix)
-            print(f"wrote {len(lines)} lines to {args.out}")
-            return
-        counts = check_root(args.kind, args.root, args.list, deep=args.deep)
-    except DatasetError as err:
-        raise SystemExit(f"error: {err}")
-    print(f"{args.kind} root {args.root}: OK")
-    for k, v in counts.items():
-        print(f"  {k}: {v}")
-
-
-if __name__ == "__main__":
-    main()

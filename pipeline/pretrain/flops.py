@@ -16,7 +16,7 @@ At ViT-S/16, 224 px, r_t = 0.9 this reproduces all eight Table 8 cells within 0.
 ``nn.MultiheadAttention`` does not take its eval fast path, which the counter cannot see); it agrees
 with fvcore and needs no TorchScript tracing.
 
-    python -m pipeline.pretrain.flops --output results/gflops.csv [--arch vit_small_patch16 --img-size 224 \
+    python -m pipeline.pretrain flops --output results/gflops.csv [--arch vit_small_patch16 --img-size 224 \
         --target-mask 0.9 --cells "1:0,2:0,2:0.25,2:0.5,3:0.25,3:0.5,4:0.25,4:0.5"]
 """
 
@@ -26,12 +26,19 @@ import argparse
 import logging
 import warnings
 
+import pandas as pd
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.devices import set_threads
 from pipeline.io import write_csv_atomic
+from pipeline.pretrain.models_mae import CrossViewMAE
 from pipeline.runtime import setup_logging
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # fvcore.nn's import-time torch.jit.script
+    from fvcore.nn import FlopCountAnalysis
 
 LOG = logging.getLogger("cdgmae.flops")
 
@@ -68,8 +75,6 @@ class _LossOnly(nn.Module):
 
 def gmacs_fvcore(model: nn.Module, views: torch.Tensor, target_mask: float, anchor_mask: float) -> float:
     """fvcore FlopCountAnalysis total (GMACs) of one forward pass on ``views`` (1, 1+N, 3, H, W)."""
-    from fvcore.nn import FlopCountAnalysis
-
     analysis = FlopCountAnalysis(_LossOnly(model, target_mask, anchor_mask), views)
     analysis.unsupported_ops_warnings(False)  # sdpa, GELU, softmax, loss: skipped by convention
     analysis.uncalled_modules_warnings(False)
@@ -80,8 +85,6 @@ def gmacs_fvcore(model: nn.Module, views: torch.Tensor, target_mask: float, anch
 
 def gmacs_flopcounter(model: nn.Module, views: torch.Tensor, target_mask: float, anchor_mask: float) -> float:
     """FlopCounterMode matmul/conv FLOPs / 2 + 5·numel per LayerNorm input (GMACs); attention excluded."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     if not model.training:
         raise ValueError("gmacs_flopcounter needs the model in train mode (MHA eval fast path is invisible)")
     layer_norm_macs = []
@@ -113,8 +116,6 @@ def table8_gflops(
     seed: int = 0,
 ) -> list[dict]:
     """Rows {anchors, anchor_mask, gflops} for one training sample of every cell (forward only)."""
-    from pipeline.pretrain.models_mae import CrossViewMAE
-
     if method not in METHODS:
         raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     cells = cells if cells is not None else parse_cells(TABLE8_CELLS)
@@ -130,7 +131,7 @@ def table8_gflops(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.pretrain.flops", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.pretrain flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="CSV with columns anchors,anchor_mask,gflops")
     parser.add_argument(
         "--arch", default="vit_small_patch16", help="registry name in pipeline.pretrain.models_mae.ARCHS"
@@ -144,13 +145,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging(args.log_file)
     set_threads(args.threads)
-
-    import pandas as pd
-
     rows = table8_gflops(args.arch, args.img_size, args.target_mask, parse_cells(args.cells), args.method)
     write_csv_atomic(pd.DataFrame(rows, columns=["anchors", "anchor_mask", "gflops"]), args.output)
     LOG.info("wrote %d cells to %s", len(rows), args.output)
-
-
-if __name__ == "__main__":
-    main()

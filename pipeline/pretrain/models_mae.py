@@ -1,6 +1,7 @@
-"""Cross-view masked autoencoder (CDG-MAE), the ViT encoder it trains, and checkpoint loading.
+"""Cross-view masked autoencoder (CDG-MAE) and the ViT encoder it trains (model only; checkpoint
+files are ``pipeline.pretrain.checkpoints``).
 
-The model generalises CropMAE's ``SiameseMAE`` (itself MAE's ``MaskedAutoencoderViT`` with a
+The model generalizes CropMAE's ``SiameseMAE`` (itself MAE's ``MaskedAutoencoderViT`` with a
 cross-attention decoder) from one unmasked anchor to N anchors, each masked independently:
 
 * encoder: timm ``PatchEmbed`` + pre-norm ``Block`` s, fixed 2-D sin-cos position embedding with a zero
@@ -11,7 +12,7 @@ cross-attention decoder) from one unmasked anchor to N anchors, each masked inde
 * decoder: post-norm blocks cross-attention -> MLP -> self-attention (CropMAE's ``DecoderBlock``),
   queries = target tokens + mask tokens with decoder pos-embed, memory = all anchors' tokens
   (cls included) concatenated, no decoder pos-embed on the memory;
-* loss: normalised-pixel MSE on the masked target patches only.
+* loss: normalized-pixel MSE on the masked target patches only.
 
 Attention goes through ``F.scaled_dot_product_attention`` (timm's fused attention) and
 ``nn.MultiheadAttention(need_weights=False)``, so FLOP counters skip the QK^T / AV products exactly as
@@ -20,17 +21,17 @@ the paper's Table 8 convention does (see ``pipeline.pretrain.flops``).
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from collections.abc import Mapping
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
 
-LOG = logging.getLogger("cdgmae.models_mae")
+from pipeline.registry import Registry
 
 ARCH_KEYS = (
     "patch_size",
@@ -45,6 +46,7 @@ ARCH_KEYS = (
 
 # name -> architecture. Decoders follow CropMAE's factories (siam_mae_vit_small / _base); the
 # feed-forward width is DecoderBlock's constructor default 2048, never overridden there.
+ARCHS = Registry("arch")
 # ViT-S encoder with CropMAE's siam_mae_vit_small decoder; the /16 and /8 archs differ only in patch
 _VIT_SMALL = dict(
     embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, decoder_ff=2048
@@ -53,11 +55,11 @@ _VIT_SMALL = dict(
 _VIT_MINI = dict(
     embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, decoder_ff=512
 )
-
-ARCHS: dict[str, dict[str, int]] = {
-    "vit_small_patch16": dict(patch_size=16, **_VIT_SMALL),
-    "vit_small_patch8": dict(patch_size=8, **_VIT_SMALL),
-    "vit_base_patch16": dict(
+ARCHS.add("vit_small_patch16", dict(patch_size=16, **_VIT_SMALL))
+ARCHS.add("vit_small_patch8", dict(patch_size=8, **_VIT_SMALL))
+ARCHS.add(
+    "vit_base_patch16",
+    dict(
         patch_size=16,
         embed_dim=768,
         depth=12,
@@ -67,12 +69,10 @@ ARCHS: dict[str, dict[str, int]] = {
         decoder_num_heads=16,
         decoder_ff=2048,
     ),
-    "vit_mini_patch8": dict(patch_size=8, **_VIT_MINI),
-    # its smaller-patch sibling, for the demo's Figure 4 (patch size comparison at 64 px)
-    "vit_mini_patch4": dict(patch_size=4, **_VIT_MINI),
-}
-
-ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+)
+ARCHS.add("vit_mini_patch8", dict(patch_size=8, **_VIT_MINI))
+# its smaller-patch sibling, for the demo's Figure 4 (patch size comparison at 64 px)
+ARCHS.add("vit_mini_patch4", dict(patch_size=4, **_VIT_MINI))
 
 
 def resolve_arch(arch: str | Mapping) -> dict[str, int]:
@@ -216,9 +216,6 @@ class ViTEncoder(nn.Module):
         mlp_ratio: float = 4.0,
     ):
         super().__init__()
-        from timm.layers import PatchEmbed
-        from timm.models.vision_transformer import Block
-
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
@@ -286,7 +283,7 @@ class ViTEncoder(nn.Module):
         return self._cls_and_blocks(self.embed_patches(x))
 
     def dense_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D, H/p, W/p) final-norm patch tokens (not L2-normalised)."""
+        """(B, 3, H, W) -> (B, D, H/p, W/p) final-norm patch tokens (not L2-normalized)."""
         gh, gw = self.patch_grid(x)
         tokens = self.forward(x)[:, 1:]  # (B, gh*gw, D), row-major
         return tokens.transpose(1, 2).reshape(x.shape[0], self.embed_dim, gh, gw)
@@ -371,7 +368,7 @@ class CrossViewMAE(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Spec §6: re-run over the whole model (SiameseMAE re-initialises after swapping decoders)."""
+        """Spec §6: re-run over the whole model (SiameseMAE re-initializes after swapping decoders)."""
         self.encoder.initialize_weights()
         g = self.encoder.grid_size
         self.decoder_pos_embed.data.copy_(sincos_pos_embed_2d(self.arch["decoder_embed_dim"], g, g)[None])
@@ -460,7 +457,7 @@ class CrossViewMAE(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# building and loading
+# building
 
 
 def build_encoder(arch: str | Mapping, img_size: int = 224) -> ViTEncoder:
@@ -474,103 +471,6 @@ def build_encoder(arch: str | Mapping, img_size: int = 224) -> ViTEncoder:
     )
 
 
-def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return dict(state)
-
-
-def encoder_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Encoder entries of a full-model state dict: ours (``encoder.*``), MAE/CropMAE (top level).
-
-    Wrapper prefixes of DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) are removed first.
-    """
-    for wrapper in ("module.", "_orig_mod.", "module."):
-        state = _strip_prefix(state, wrapper)
-    if any(k.startswith("encoder.") for k in state):
-        return {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
-
-
-def infer_arch(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Match an encoder state dict to a registered arch by patch size, width and depth."""
-    try:
-        patch = state["patch_embed.proj.weight"].shape[-1]
-        dim = state["cls_token"].shape[-1]
-    except KeyError as err:
-        raise KeyError(f"cannot infer the arch: encoder key {err} missing; pass arch=") from None
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    hits = [n for n, a in ARCHS.items() if (a["patch_size"], a["embed_dim"], a["depth"]) == (patch, dim, depth)]
-    if len(hits) != 1:
-        raise ValueError(
-            f"cannot infer the arch (patch {patch}, dim {dim}, depth {depth}) from the "
-            f"registry (matches: {hits}); pass arch="
-        )
-    return resolve_arch(hits[0])
-
-
-def load_encoder(
-    checkpoint_path: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    arch: str | Mapping | None = None,
-    img_size: int | None = None,
-) -> ViTEncoder:
-    """Encoder from our checkpoint payload, an MAE/CropMAE checkpoint, or an encoder-only state dict.
-
-    arch / img_size: explicit > the checkpoint's ``arch`` / ``img_size`` > inferred from the weights.
-    Every encoder key must be present with the right shape (unlike the reference loader, which keeps
-    missing weights random); decoder keys are ignored. Loads with ``weights_only=True``.
-    """
-    path = os.fspath(checkpoint_path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"encoder checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file or pickled non-tensor objects
-        raise RuntimeError(f"cannot load {path} with weights_only=True: {err}") from err
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    state = ckpt["model"] if "model" in ckpt else ckpt
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: no state dict found (expected ckpt['model'] or a dict of tensors)")
-    state = encoder_state_dict(state)
-
-    if arch is None:
-        arch = ckpt.get("arch") if "model" in ckpt else None
-        arch = resolve_arch(arch) if arch is not None else infer_arch(state)
-    else:
-        arch = resolve_arch(arch)
-    if img_size is None:
-        img_size = ckpt.get("img_size") if "model" in ckpt else None
-        if img_size is None:
-            if "pos_embed" not in state:
-                raise KeyError(f"{path}: encoder key 'pos_embed' missing; cannot infer img_size")
-            img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * arch["patch_size"]
-    encoder = build_encoder(arch, int(img_size))
-
-    expected = encoder.state_dict()
-    missing = [k for k in expected if k not in state]
-    if missing:
-        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-        raise KeyError(f"{path}: {len(missing)} of {len(expected)} encoder keys missing: {shown}")
-    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{path}: encoder shape mismatch: {'; '.join(bad[:8])}")
-    encoder.load_state_dict({k: state[k] for k in expected}, strict=True)
-    LOG.info(
-        "loaded %d encoder tensors from %s (arch %s, img_size %d)",
-        len(expected),
-        path,
-        arch_name(arch) or arch,
-        img_size,
-    )
-    return encoder.to(device).eval()
-
-
-# --------------------------------------------------------------------------------------------
-# CLI: parameter counts of an arch, or a checkpoint's encoder
-
-
 def parameter_counts(model: CrossViewMAE) -> dict[str, int]:
     """Trainable parameters: encoder, decoder side (everything else), decoder blocks alone."""
     trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
@@ -579,109 +479,3 @@ def parameter_counts(model: CrossViewMAE) -> dict[str, int]:
         "decoder": sum(v for n, v in trainable if not n.startswith("encoder.")),
         "decoder_blocks": sum(v for n, v in trainable if n.startswith("decoder_blocks.")),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# encoders that are not pretraining outputs: random init and external checkpoints
-
-
-def _encoder_payload(encoder, arch, config: dict) -> dict:
-    """Checkpoint payload of docs/architecture.md with encoder weights only (MAE key names)."""
-    return {
-        "model": encoder.state_dict(),
-        "optimizer": None,
-        "scaler": None,
-        "epoch": 0,
-        "step": 0,
-        "arch": resolve_arch(arch),
-        "img_size": int(encoder.img_size),
-        "config": config,
-    }
-
-
-def init_random_encoder(arch: str, seed: int, output: str | Path, img_size: int = 224) -> None:
-    """Randomly initialised encoder (the model's own init, seeded) saved as a checkpoint, so the
-    random-init reference row is evaluated by the same ``propagate`` rule as trained encoders."""
-    from pipeline.devices import seed_everything
-    from pipeline.pretrain.checkpoints import save_torch_atomic
-
-    seed_everything(seed)
-    encoder = build_encoder(arch, img_size)
-    save_torch_atomic(_encoder_payload(encoder, arch, {"random_init_seed": seed, "arch": arch}), output)
-    logging.getLogger("cdgmae.models_mae").info("random-init %s (seed %d) -> %s", arch, seed, output)
-
-
-def import_external_encoder(source: str | Path, arch: str, output: str | Path) -> None:
-    """An MAE/CropMAE-format checkpoint converted to our payload; every encoder key must be there
-    (``load_encoder`` raises naming the missing keys, unlike the reference's silent partial load)."""
-    from pipeline.pretrain.checkpoints import save_torch_atomic
-
-    encoder = load_encoder(source, device="cpu", arch=arch)
-    save_torch_atomic(_encoder_payload(encoder, arch, {"source": str(source), "arch": arch}), output)
-    logging.getLogger("cdgmae.models_mae").info("imported %s (%s) -> %s", source, arch, output)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import json
-
-    from pipeline.runtime import setup_logging
-
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.pretrain.models_mae",
-        description="Print an arch's parameter counts, or load a checkpoint's encoder and describe it.",
-    )
-    parser.add_argument("--arch", default="vit_small_patch16", choices=sorted(ARCHS))
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="our payload, an MAE/CropMAE checkpoint or "
-        "an encoder state dict; --arch is used only if the file does not name one",
-    )
-    sub = parser.add_subparsers(dest="command")
-    init = sub.add_parser("init-random", help="save a seeded randomly initialised encoder checkpoint")
-    init.add_argument("--arch", required=True)
-    init.add_argument("--seed", type=int, required=True)
-    init.add_argument("--img-size", type=int, default=224)
-    init.add_argument("--output", required=True)
-    imp = sub.add_parser("import-external", help="convert an MAE/CropMAE encoder checkpoint (strict)")
-    imp.add_argument("--source", required=True)
-    imp.add_argument("--arch", required=True)
-    imp.add_argument("--output", required=True)
-    args = parser.parse_args(argv)
-    setup_logging()
-    if args.command == "init-random":
-        init_random_encoder(args.arch, args.seed, args.output, args.img_size)
-        return
-    if args.command == "import-external":
-        import_external_encoder(args.source, args.arch, args.output)
-        return
-    if args.checkpoint:
-        try:
-            encoder = load_encoder(args.checkpoint)
-        except (KeyError, ValueError) as err:
-            if "pass arch=" not in str(err):
-                raise
-            encoder = load_encoder(args.checkpoint, arch=args.arch)
-        n = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
-        info = {
-            "checkpoint": args.checkpoint,
-            "img_size": encoder.img_size,
-            "patch_size": encoder.patch_size,
-            "embed_dim": encoder.embed_dim,
-            "depth": len(encoder.blocks),
-            "encoder_params": n,
-        }
-    else:
-        info = {
-            "arch": args.arch,
-            "img_size": args.img_size,
-            **resolve_arch(args.arch),
-            **{f"{k}_params": v for k, v in parameter_counts(CrossViewMAE(args.arch, args.img_size)).items()},
-        }
-    print(json.dumps(info, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """Training-sample strategies: how one pretraining sample (target + N anchors) is drawn.
 
 A strategy turns a source item (a bag of views, an image, a video) into a float tensor
-``(1 + N, 3, S, S)``, ImageNet-normalised, **index 0 = target**, 1..N = anchors — the layout
+``(1 + N, 3, S, S)``, ImageNet-normalized, **index 0 = target**, 1..N = anchors — the layout
 ``pipeline.pretrain.models_mae.CrossViewMAE.forward`` expects.
 
 Registry (``STRATEGIES``, method name -> dataset builder; ``build_dataset`` dispatches on ``cell["method"]``):
@@ -19,80 +19,26 @@ Registry (``STRATEGIES``, method name -> dataset builder; ``build_dataset`` disp
 Determinism: every random choice of a sample comes from ``numpy.random.default_rng([seed, epoch,
 index])``, so a sample depends only on (seed, epoch, index) — not on worker count, batch position
 or whether the run was resumed. Datasets take ``(epoch, index)`` keys (see ``EpochSampler`` in
-``pipeline.pretrain.main_pretrain``) so persistent workers need no epoch broadcast.
+``pipeline.pretrain.engine_pretrain``) so persistent workers need no epoch broadcast. The crop and
+flip geometry is ``pipeline.pretrain.augment``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
-
-# ---------------------------------------------------------------------------------------------
-# geometry: boxes, crops, flips
-
-
-def sample_rrc_box(
-    rng: np.random.Generator, height: int, width: int, scale: Sequence[float], ratio: Sequence[float]
-) -> tuple[int, int, int, int]:
-    """BYOL/TF-style single-shot random-resized-crop box ``(top, left, h, w)``.
-
-    As CropMAE's ``RRC`` (used by its GlobalToLocal and SiamMAE pipelines), not torchvision's
-    10-try loop: area uniform in ``scale`` x image area, aspect log-uniform in ``ratio``, w and h
-    clamped to the image, offset uniform.
-    """
-    area = height * width * rng.uniform(scale[0], scale[1])
-    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-    w = min(int(round(math.sqrt(area * aspect))), width)
-    h = min(int(round(math.sqrt(area / aspect))), height)
-    w, h = max(w, 1), max(h, 1)
-    top = int(rng.integers(0, height - h + 1))
-    left = int(rng.integers(0, width - w + 1))
-    return top, left, h, w
-
-
-def to_chw(image: np.ndarray, what: str = "image") -> torch.Tensor:
-    """HxWx3 uint8 array -> (3, H, W) uint8 tensor; a clear error for anything else."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        desc = f"{getattr(image, 'shape', None)} {getattr(image, 'dtype', type(image).__name__)}"
-        raise ValueError(f"{what}: expected an HxWx3 uint8 RGB array, got {desc}")
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-
-
-def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, size, size) uint8: crop ``box``, bilinear + antialias resize, flip."""
-    from torchvision.transforms.v2 import functional as TF
-
-    top, left, h, w = box
-    out = TF.resized_crop(
-        image, top, left, h, w, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True
-    )
-    return TF.horizontal_flip(out) if flip else out
-
-
-def normalize(views: torch.Tensor) -> torch.Tensor:
-    """(K, 3, S, S) uint8 -> float32 in [0, 1], then ImageNet mean/std (as the reference's
-    ToDtype(scale=True) + Normalize)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (views.float() / 255.0 - mean) / std
-
-
-def match_size(images: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Bring every image to the first generated view's resolution (the last image's if there is
-    no view) so one shared crop box means the same region in each [inferred, spec §7]."""
-    from torchvision.transforms.v2 import functional as TF
-
-    h, w = images[-1].shape[-2:]
-    return [im if im.shape[-2:] == (h, w) else TF.resize(im, [h, w], antialias=True) for im in images]
-
+from pipeline.consistency.knn_file import read_knn
+from pipeline.data.readers import list_imagenet, list_videos, read_rgb
+from pipeline.pretrain.augment import match_size, normalize, resized_crop, sample_rrc_box, to_chw
+from pipeline.registry import Registry
+from pipeline.views.bag import BagDataset
 
 # ---------------------------------------------------------------------------------------------
 # target / anchor choice in a bag of views
@@ -168,7 +114,7 @@ def _spread(items: Sequence) -> list:
 
 
 class BagViewsDataset(EpochDataset):
-    """CDG-MAE samples from a bag of views (``pipeline.views.shards.BagDataset`` or any sequence of the
+    """CDG-MAE samples from a bag of views (``pipeline.views.bag.BagDataset`` or any sequence of the
     same items: ``{"image_id", "index", "real": HxWx3 uint8, "views": [HxWx3 uint8] * M}``)."""
 
     def __init__(
@@ -212,8 +158,7 @@ class BagViewsDataset(EpochDataset):
         if self._row_of_index is None:
             indices = getattr(self.bag, "indices", None)
             if indices is None and getattr(self.bag, "path", None) is not None:
-                import h5py  # an HDF5 bag: read the index column, no JPEG decoding
-
+                # an HDF5 bag: read the index column, no JPEG decoding
                 with h5py.File(self.bag.path, "r") as f:
                     indices = f["index"][:]
             if indices is None:  # an in-memory bag
@@ -296,8 +241,6 @@ class GlobalToLocalDataset(EpochDataset):
         return gbox, lbox, global_crop, local_crop
 
     def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        from pipeline.data.readers import read_rgb
-
         path = self.images[index].path
         image = to_chw(read_rgb(path), str(path))
         _, _, global_crop, local_crop = self.crops(image, rng)
@@ -341,8 +284,6 @@ class VideoPairDataset(EpochDataset):
         return [f for v in _spread(self.videos) for f in _spread(v.frames)]
 
     def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        from pipeline.data.readers import read_rgb
-
         video = self.videos[index]
         f1, f2 = sample_frame_pair(rng, len(video.frames), self.frame_gap)
         past, future = (to_chw(read_rgb(video.frames[f]), str(video.frames[f])) for f in (f1, f2))
@@ -358,37 +299,34 @@ class VideoPairDataset(EpochDataset):
 # ---------------------------------------------------------------------------------------------
 # registry entries: (cell, settings, sources) -> dataset
 
+# method name -> builder(cell, settings, *, seed, **sources) -> EpochDataset
+STRATEGIES = Registry("method")
+
 
 def knn_table(knn_path: str | Path, imagenet_root: str | Path) -> dict:
     """The consistency stage's neighbours (rows = global indices of ``list_imagenet(root)``),
     checked against the current image list, keyed by image id."""
-    from pipeline.consistency.scoring import read_knn
-    from pipeline.data.readers import list_imagenet
-
     ids = [r.image_id for r in list_imagenet(imagenet_root)]
     neighbours = np.asarray(read_knn(knn_path, ids), dtype=np.int64)
     return {"row_of_id": {i: r for r, i in enumerate(ids)}, "neighbours": neighbours, "path": str(knn_path)}
 
 
-def _records(given, root, lister: str, flag: str, method: str) -> list:
-    """Records passed in, or listed from a dataset root by ``pipeline.data.readers.<lister>``."""
+def _records(given, root, lister: Callable[..., list], flag: str, method: str) -> list:
+    """Records passed in, or listed from a dataset root by ``lister`` (``pipeline.data.readers``)."""
     if given is not None:
         return list(given)
     if root is None:
         raise ValueError(f"method {method} needs {flag}")
-    import pipeline.data.readers
-
-    return getattr(pipeline.data.readers, lister)(root)
+    return lister(root)
 
 
+@STRATEGIES.register("cdgmae")
 def build_cdgmae(
     cell: dict, settings: dict, *, seed: int, bag=None, knn=None, imagenet_root=None, **_
 ) -> BagViewsDataset:
     if bag is None:
         raise ValueError("method cdgmae needs a bag of views (--bag results/views/<generator>/bag.h5)")
     if isinstance(bag, (str, Path)):
-        from pipeline.views.shards import BagDataset
-
         if not Path(bag).exists():
             raise FileNotFoundError(f"bag of views not found: {bag}")
         bag = BagDataset(str(bag))
@@ -415,8 +353,9 @@ def build_cdgmae(
     )
 
 
+@STRATEGIES.register("cropmae")
 def build_cropmae(cell: dict, settings: dict, *, seed: int, imagenet_root=None, images=None, **_):
-    images = _records(images, imagenet_root, "list_imagenet", "--imagenet-root", "cropmae")
+    images = _records(images, imagenet_root, list_imagenet, "--imagenet-root", "cropmae")
     cfg = settings["cropmae"]
     return GlobalToLocalDataset(
         images,
@@ -429,8 +368,9 @@ def build_cropmae(cell: dict, settings: dict, *, seed: int, imagenet_root=None, 
     )
 
 
+@STRATEGIES.register("siammae")
 def build_siammae(cell: dict, settings: dict, *, seed: int, videos_root=None, videos=None, **_):
-    videos = _records(videos, videos_root, "list_videos", "--videos-root", "siammae")
+    videos = _records(videos, videos_root, list_videos, "--videos-root", "siammae")
     short = [v.name for v in videos if len(v.frames) < 2]
     if short:
         raise ValueError(f"videos with fewer than 2 frames: {short[:5]}")
@@ -444,14 +384,6 @@ def build_siammae(cell: dict, settings: dict, *, seed: int, videos_root=None, vi
         ratio=crop["ratio"],
         flip=crop["flip"],
     )
-
-
-# registry: method name -> builder(cell, settings, *, seed, **sources) -> EpochDataset
-STRATEGIES: dict[str, Callable[..., EpochDataset]] = {
-    "cdgmae": build_cdgmae,
-    "cropmae": build_cropmae,
-    "siammae": build_siammae,
-}
 
 
 def build_dataset(cell: dict, settings: dict, *, seed: int, **sources) -> EpochDataset:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import warnings
 from functools import lru_cache
 
+import cv2
 import numpy as np
+from skimage.morphology import disk
 
 # DAVIS boundary tolerance as a fraction of the image diagonal (toolkit default ``bound_th``).
 BOUNDARY_TH = 0.008
@@ -25,7 +27,7 @@ BOUNDARY_TH = 0.008
 VIP_NUM_CLASSES = 20
 # Joint and class names live in pipeline.data.readers (JHMDB_JOINTS, VIP_CLASSES).
 PCK_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
-# Reference normaliser: 0.6 x diagonal of the per-frame box of the visible GT joints.
+# Reference normalizer: 0.6 x diagonal of the per-frame box of the visible GT joints.
 PCK_BOX_SCALE = 0.6
 
 
@@ -87,8 +89,6 @@ def boundary_tolerance(shape: tuple[int, ...], bound_th: float = BOUNDARY_TH) ->
 @lru_cache(maxsize=16)
 def disk_kernel(radius: int) -> np.ndarray:
     """skimage ``disk(radius)`` as a uint8 cv2 kernel (strict radius: r = 8 -> 17x17, 197 ones)."""
-    from skimage.morphology import disk
-
     kernel = disk(int(radius)).astype(np.uint8)
     kernel.setflags(write=False)
     return kernel
@@ -148,8 +148,6 @@ def _hits_within(
     runs on the bounding box of ``target`` padded by ``radius`` (clipped to the image), outside
     which it is zero.
     """
-    import cv2
-
     window = _window(target, radius, shape)
     dilated = cv2.dilate(_canvas(target, window), disk_kernel(radius))
     return int(np.count_nonzero(_canvas(points, window) & dilated))
@@ -338,7 +336,7 @@ def joint_visibility(pred: np.ndarray) -> np.ndarray:
         return ~((pred[0] < 0) | np.isnan(pred).any(axis=0))
 
 
-def pck_normalisers(gt: np.ndarray, visible: np.ndarray, scale: float = PCK_BOX_SCALE) -> np.ndarray:
+def pck_normalizers(gt: np.ndarray, visible: np.ndarray, scale: float = PCK_BOX_SCALE) -> np.ndarray:
     """``(T,)``: ``scale`` x diagonal of the box of the visible GT joints in each frame.
 
     Frames without a visible joint get the reference's value from its 1e6 / -1 sentinels (unused:
@@ -359,19 +357,19 @@ def pck_normalisers(gt: np.ndarray, visible: np.ndarray, scale: float = PCK_BOX_
 def pck_distances(
     gt: np.ndarray, pred: np.ndarray, exclude_first: bool = True, scale: float = PCK_BOX_SCALE
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised joint distances of one video.
+    """Normalized joint distances of one video.
 
     ``gt`` and ``pred`` are ``(2, 15, T)`` in the same pixel frame (both 1-based or both 0-based).
     Returns ``(dist, scored)``, both ``(15, T)``: ``dist`` = Euclidean distance / per-frame
-    normaliser; ``scored`` = visible in the prediction and not frame 0 (the first frame is the
-    given label). A zero normaliser gives inf or NaN, which the reference counts as a miss.
+    normalizer; ``scored`` = visible in the prediction and not frame 0 (the first frame is the
+    given label). A zero normalizer gives inf or NaN, which the reference counts as a miss.
     """
     gt = np.asarray(gt, dtype=np.float64)
     pred = np.asarray(pred, dtype=np.float64)
     if gt.shape != pred.shape or gt.ndim != 3 or gt.shape[0] != 2:
         raise ValueError(f"expected two (2, J, T) arrays of the same shape, got {gt.shape} and {pred.shape}")
     visible = joint_visibility(pred)
-    norm = pck_normalisers(gt, visible, scale)
+    norm = pck_normalizers(gt, visible, scale)
     with np.errstate(invalid="ignore", divide="ignore"):
         dist = np.hypot(pred[0] - gt[0], pred[1] - gt[1]) / norm[None, :]
     scored = visible.copy()
@@ -383,7 +381,7 @@ def pck_distances(
 def pck_per_joint(distances: list[np.ndarray], thresholds=PCK_THRESHOLDS) -> np.ndarray:
     """``(len(thresholds), n_joints)`` PCK in %: share of pooled distances <= alpha per joint.
 
-    ``distances[j]`` holds every scored normalised distance of joint ``j`` over all videos. A joint
+    ``distances[j]`` holds every scored normalized distance of joint ``j`` over all videos. A joint
     never scored gives NaN (the reference would divide by zero).
     """
     out = np.full((len(thresholds), len(distances)), np.nan)

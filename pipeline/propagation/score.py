@@ -2,9 +2,9 @@
 
 Usable on any method's results folder::
 
-    python -m pipeline.propagation.score davis --davis-root ROOT --results DIR --output-dir OUT [--gt-size 480 880]
-    python -m pipeline.propagation.score vip   --vip-root ROOT   --results DIR --output-dir OUT
-    python -m pipeline.propagation.score jhmdb --jhmdb-root ROOT --results DIR --output-dir OUT
+    python -m pipeline.propagation score davis --davis-root ROOT --results DIR --output-dir OUT [--gt-size 480 880]
+    python -m pipeline.propagation score vip   --vip-root ROOT   --results DIR --output-dir OUT
+    python -m pipeline.propagation score jhmdb --jhmdb-root ROOT --results DIR --output-dir OUT
 
 Ground truth is read through :mod:`pipeline.data.readers`; the metric definitions live in
 :mod:`pipeline.propagation.metrics`. Every run computes from scratch and replaces the CSVs in ``OUT``
@@ -27,7 +27,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from pipeline.data.readers import (
+    JHMDB_JOINTS,
+    VIP_CLASSES,
+    DatasetError,
+    DavisDataset,
+    JhmdbDataset,
+    VipDataset,
+    read_id_png,
+    read_pos_img,
+)
 from pipeline.imaging import pil_nearest
 from pipeline.io import write_csv_atomic, write_text_atomic
 from pipeline.propagation import metrics
@@ -47,8 +58,6 @@ class ScoreError(ValueError):
 
 def _read_ids(path: Path) -> np.ndarray:
     """HxW uint8 ids of a prediction PNG (indexed or grey), or ScoreError naming the file."""
-    from pipeline.data.readers import DatasetError, read_id_png
-
     if not path.is_file():
         raise ScoreError(f"missing prediction: {path}")
     try:
@@ -127,17 +136,7 @@ def davis_scores(
     dict}`` at full precision; ``output_dir`` gets ``global_results-<split>.csv`` and
     ``per-sequence_results-<split>.csv`` (3 decimals, toolkit format) and ``scoring.json``.
     """
-    import pandas as pd
-
-    from pipeline.data.readers import DavisDataset
-
-    if gt_mode not in ("native", "resized"):
-        raise ValueError(f"gt_mode must be 'native' or 'resized', got {gt_mode!r}")
-    gt_size = None
-    if gt_mode == "resized":
-        gt_size = tuple(int(v) for v in (size if size is not None else DEFAULT_DAVIS_GT_SIZE))
-        if len(gt_size) != 2:
-            raise ValueError(f"gt_mode='resized' needs size = (H, W), got {size!r}")
+    gt_size = _davis_gt_size(gt_mode, size)
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise ScoreError(f"results folder not found: {results_dir}")
@@ -148,6 +147,78 @@ def davis_scores(
         ids = np.where(ids == DAVIS_VOID, 0, ids)
         return ids if gt_size is None else pil_nearest(ids, gt_size)
 
+    per_object, tolerances, n_frames = davis_object_statistics(ds, results_dir, read_gt, bound_th, uint8_bins)
+    if per_object.empty:
+        raise ScoreError(f"no object in the first-frame ground truth of any sequence under {davis_root}")
+    glob = metrics.davis_global(
+        per_object[["J-Mean", "J-Recall", "J-Decay"]].to_numpy(),
+        per_object[["F-Mean", "F-Recall", "F-Decay"]].to_numpy(),
+    )
+    global_df = pd.DataFrame([glob], columns=list(metrics.DAVIS_GLOBAL_COLUMNS))
+    per_sequence = per_object[["Sequence", "J-Mean", "F-Mean"]].copy()
+    info = {
+        "dataset": "davis",
+        "davis_root": str(davis_root),
+        "results": str(results_dir),
+        "split": split,
+        "gt_mode": gt_mode,
+        "gt_size": list(gt_size) if gt_size else None,
+        "bound_th": bound_th,
+        "boundary_tolerance_px": tolerances,
+        "uint8_decay_bins": uint8_bins,
+        "sequences": len(ds.sequences),
+        "objects": len(per_object),
+        "frames_scored": n_frames,
+        "global": glob,
+    }
+    _log_davis(info)
+    if output_dir is not None:
+        _write_davis(Path(output_dir), split, global_df, per_sequence, info)
+    return {"global": global_df, "per_sequence": per_sequence, "per_object": per_object, "info": info}
+
+
+def _log_davis(info: dict) -> None:
+    glob, gt_size = info["global"], info["gt_size"]
+    LOG.info(
+        "DAVIS (%s GT%s): J&F %.4f, J %.4f, F %.4f over %d objects, %d frames",
+        info["gt_mode"],
+        f" {gt_size[0]}x{gt_size[1]}" if gt_size else "",
+        glob["J&F-Mean"],
+        glob["J-Mean"],
+        glob["F-Mean"],
+        info["objects"],
+        info["frames_scored"],
+    )
+
+
+def _write_davis(out: Path, split: str, global_df: pd.DataFrame, per_sequence: pd.DataFrame, info: dict) -> None:
+    """The toolkit's two CSVs (3 decimals) and ``scoring.json``."""
+    for name, table in (
+        (f"global_results-{split}.csv", global_df),
+        (f"per-sequence_results-{split}.csv", per_sequence),
+    ):
+        _fresh(out / name)
+        write_csv_atomic(table, out / name, float_format=DAVIS_CSV_FLOAT)
+    _write_json(out / "scoring.json", info)
+
+
+def _davis_gt_size(gt_mode: str, size: Sequence[int] | None) -> tuple[int, int] | None:
+    """The (H, W) the GT is resized to, or None to score against the GT as stored."""
+    if gt_mode not in ("native", "resized"):
+        raise ValueError(f"gt_mode must be 'native' or 'resized', got {gt_mode!r}")
+    if gt_mode == "native":
+        return None
+    gt_size = tuple(int(v) for v in (size if size is not None else DEFAULT_DAVIS_GT_SIZE))
+    if len(gt_size) != 2:
+        raise ValueError(f"gt_mode='resized' needs size = (H, W), got {size!r}")
+    return gt_size
+
+
+def davis_object_statistics(
+    ds: DavisDataset, results_dir: Path, read_gt, bound_th: float, uint8_bins: bool
+) -> tuple[pd.DataFrame, dict[str, int], int]:
+    """Per-object J/F mean, recall and decay over every sequence of ``ds``: (DataFrame with one row
+    per ``<seq>_<object>``, boundary tolerance in pixels per sequence, frames scored)."""
     rows, tolerances, n_frames = [], {}, 0
     for seq in progress(ds.sequences, desc="DAVIS sequences", unit="seq"):
         annotations = ds.annotations(seq)
@@ -180,50 +251,7 @@ def davis_scores(
                     "F-Decay": fd,
                 }
             )
-    if not rows:
-        raise ScoreError(f"no object in the first-frame ground truth of any sequence under {davis_root}")
-    per_object = pd.DataFrame(rows)
-    glob = metrics.davis_global(
-        per_object[["J-Mean", "J-Recall", "J-Decay"]].to_numpy(),
-        per_object[["F-Mean", "F-Recall", "F-Decay"]].to_numpy(),
-    )
-    global_df = pd.DataFrame([glob], columns=list(metrics.DAVIS_GLOBAL_COLUMNS))
-    per_sequence = per_object[["Sequence", "J-Mean", "F-Mean"]].copy()
-    info = {
-        "dataset": "davis",
-        "davis_root": str(davis_root),
-        "results": str(results_dir),
-        "split": split,
-        "gt_mode": gt_mode,
-        "gt_size": list(gt_size) if gt_size else None,
-        "bound_th": bound_th,
-        "boundary_tolerance_px": tolerances,
-        "uint8_decay_bins": uint8_bins,
-        "sequences": len(ds.sequences),
-        "objects": len(per_object),
-        "frames_scored": n_frames,
-        "global": glob,
-    }
-    LOG.info(
-        "DAVIS (%s GT%s): J&F %.4f, J %.4f, F %.4f over %d objects, %d frames",
-        gt_mode,
-        f" {gt_size[0]}x{gt_size[1]}" if gt_size else "",
-        glob["J&F-Mean"],
-        glob["J-Mean"],
-        glob["F-Mean"],
-        len(per_object),
-        n_frames,
-    )
-    if output_dir is not None:
-        out = Path(output_dir)
-        for name, table in (
-            (f"global_results-{split}.csv", global_df),
-            (f"per-sequence_results-{split}.csv", per_sequence),
-        ):
-            _fresh(out / name)
-            write_csv_atomic(table, out / name, float_format=DAVIS_CSV_FLOAT)
-        _write_json(out / "scoring.json", info)
-    return {"global": global_df, "per_sequence": per_sequence, "per_object": per_object, "info": info}
+    return pd.DataFrame(rows), tolerances, n_frames
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,28 +276,11 @@ def vip_scores(
     ``mIoU`` then one ``IoU-<class>`` column per class), ``confusion_matrix.csv`` and
     ``scoring.json``.
     """
-    import pandas as pd
-
-    from pipeline.data.readers import VipDataset
-
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise ScoreError(f"results folder not found: {results_dir}")
     ds = VipDataset(vip_root, videos=list(videos) if videos else None)
-    hist = np.zeros((n_classes, n_classes), np.int64)
-    n_frames, n_resized = 0, 0
-    for video in progress(ds.videos, desc="VIP videos", unit="video"):
-        for gt_path in ds.annotations(video):
-            pred_path = results_dir / video / f"{gt_path.stem}.png"
-            gt = ds.read_annotation(gt_path)
-            pred = _read_ids(pred_path)
-            if pred.shape != gt.shape:
-                pred = pil_nearest(pred, gt.shape)
-                n_resized += 1
-            if int(pred.max()) >= n_classes:
-                raise ScoreError(f"predicted class {int(pred.max())} outside 0..{n_classes - 1}: {pred_path}")
-            hist += metrics.confusion_matrix(gt, pred, n_classes)
-            n_frames += 1
+    hist, n_frames, n_resized = vip_confusion(ds, results_dir, n_classes)
     if n_resized:
         LOG.info("VIP: %d of %d predictions were nearest-resized to the GT size", n_resized, n_frames)
     iou = metrics.iou_from_confusion(hist)
@@ -302,9 +313,27 @@ def vip_scores(
     return {"miou": miou, "per_class": per_class, "confusion": hist, "info": info}
 
 
-def _vip_class_names(n_classes: int) -> list[str]:
-    from pipeline.data.readers import VIP_CLASSES
+def vip_confusion(ds: VipDataset, results_dir: Path, n_classes: int) -> tuple[np.ndarray, int, int]:
+    """(n, n) int64 confusion matrix (GT rows) over every annotated frame, frames scored, and how
+    many predictions were nearest-resized to their GT."""
+    hist = np.zeros((n_classes, n_classes), np.int64)
+    n_frames, n_resized = 0, 0
+    for video in progress(ds.videos, desc="VIP videos", unit="video"):
+        for gt_path in ds.annotations(video):
+            pred_path = results_dir / video / f"{gt_path.stem}.png"
+            gt = ds.read_annotation(gt_path)
+            pred = _read_ids(pred_path)
+            if pred.shape != gt.shape:
+                pred = pil_nearest(pred, gt.shape)
+                n_resized += 1
+            if int(pred.max()) >= n_classes:
+                raise ScoreError(f"predicted class {int(pred.max())} outside 0..{n_classes - 1}: {pred_path}")
+            hist += metrics.confusion_matrix(gt, pred, n_classes)
+            n_frames += 1
+    return hist, n_frames, n_resized
 
+
+def _vip_class_names(n_classes: int) -> list[str]:
     return [VIP_CLASSES[i] if i < len(VIP_CLASSES) else f"class{i}" for i in range(n_classes)]
 
 
@@ -327,17 +356,13 @@ def jhmdb_scores(
 
     ``results_dir/<class>/<video>/joint_positions.mat`` holds ``pos_img`` (2, 15, T) in 1-based
     pixels of the original frames, like the GT; a joint with negative x or a NaN coordinate was not
-    placed and is dropped from the normalising box and the distances (reference visibility rule).
-    Normaliser: 0.6 x diagonal of the visible GT joints' box per frame; frame 0 excluded; distances
+    placed and is dropped from the normalizing box and the distances (reference visibility rule).
+    Normalizer: 0.6 x diagonal of the visible GT joints' box per frame; frame 0 excluded; distances
     pooled per joint over all videos; PCK = mean over the 15 joints.
 
     Returns ``{"pck": DataFrame (alpha, PCK, one column per joint), "info": dict}``;
     ``output_dir`` gets ``pck.csv`` (same table) and ``scoring.json``.
     """
-    import pandas as pd
-
-    from pipeline.data.readers import JHMDB_JOINTS, DatasetError, JhmdbDataset, read_pos_img
-
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise ScoreError(f"results folder not found: {results_dir}")
@@ -345,25 +370,8 @@ def jhmdb_scores(
     if not videos:
         raise ScoreError(f"no <class>/<video>/joint_positions.mat under {results_dir}")
     ds = JhmdbDataset(jhmdb_root, split_list=videos)
-    pooled: list[list[np.ndarray]] = [[] for _ in JHMDB_JOINTS]
-    n_frames = 0
-    for video in progress(videos, desc="JHMDB videos", unit="video"):
-        pred_path = results_dir / video / "joint_positions.mat"
-        gt = ds.read_joints(video)
-        try:
-            pred = read_pos_img(pred_path)
-        except DatasetError as err:
-            raise ScoreError(f"bad prediction: {err}") from err
-        if pred.shape != gt.shape:
-            raise ScoreError(
-                f"pos_img shape {pred.shape} differs from the ground truth {gt.shape} "
-                f"({ds.joints_path(video)}): {pred_path}"
-            )
-        dist, scored = metrics.pck_distances(gt, pred)
-        for j in range(len(JHMDB_JOINTS)):
-            pooled[j].append(dist[j][scored[j]])
-        n_frames += gt.shape[2]
-    per_joint = metrics.pck_per_joint([np.concatenate(d) for d in pooled], thresholds)
+    pooled, n_frames = jhmdb_pooled_distances(ds, videos, results_dir)
+    per_joint = metrics.pck_per_joint(pooled, thresholds)
     mean = metrics.pck_mean(per_joint)
     never = [JHMDB_JOINTS[j] for j in range(len(JHMDB_JOINTS)) if np.isnan(per_joint[0, j])]
     if never:
@@ -389,13 +397,36 @@ def jhmdb_scores(
     return {"pck": table, "info": info}
 
 
+def jhmdb_pooled_distances(ds: JhmdbDataset, videos: Sequence[str], results_dir: Path) -> tuple[list[np.ndarray], int]:
+    """Scored normalized distances of each joint pooled over ``videos``, and the frame count."""
+    pooled: list[list[np.ndarray]] = [[] for _ in JHMDB_JOINTS]
+    n_frames = 0
+    for video in progress(videos, desc="JHMDB videos", unit="video"):
+        pred_path = results_dir / video / "joint_positions.mat"
+        gt = ds.read_joints(video)
+        try:
+            pred = read_pos_img(pred_path)
+        except DatasetError as err:
+            raise ScoreError(f"bad prediction: {err}") from err
+        if pred.shape != gt.shape:
+            raise ScoreError(
+                f"pos_img shape {pred.shape} differs from the ground truth {gt.shape} "
+                f"({ds.joints_path(video)}): {pred_path}"
+            )
+        dist, scored = metrics.pck_distances(gt, pred)
+        for j in range(len(JHMDB_JOINTS)):
+            pooled[j].append(dist[j][scored[j]])
+        n_frames += gt.shape[2]
+    return [np.concatenate(d) for d in pooled], n_frames
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m pipeline.propagation.score",
+        prog="python -m pipeline.propagation score",
         description="Score label-propagation results (DAVIS J&F, VIP mIoU, JHMDB PCK).",
     )
     sub = ap.add_subparsers(dest="dataset", required=True)
@@ -437,20 +468,19 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> None:
-    from pipeline.data.readers import DatasetError
-
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipeline.propagation score {davis,vip,jhmdb} ...``."""
     ap = _parser()
     args = ap.parse_args(argv)
     setup_logging(args.log)
     try:
-        _run(ap, args)
+        _score(ap, args)
     except (ScoreError, DatasetError) as err:
         LOG.error("%s", err)
         raise SystemExit(f"error: {err}") from err
 
 
-def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _score(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.dataset == "davis":
         gt_mode = args.gt_mode or ("resized" if args.gt_size else "native")
         if gt_mode == "native" and args.gt_size:
@@ -471,7 +501,3 @@ def _run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     else:
         result = jhmdb_scores(args.jhmdb_root, args.results, args.output_dir)
         print(result["pck"][["alpha", "PCK"]].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,65 @@
+"""Command-line pieces shared by the ``neighbours``, ``table1`` and ``table9`` commands: the common
+flags, the resolved ``consistency`` section, the encoder and the pretraining image list.
+
+A module of its own so that ``table1`` / ``table9`` need not import the ``neighbours`` command's module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pipeline.config import load_settings, section_defaults
+from pipeline.consistency.encoders import FeatureEncoder, build_feature_encoder
+from pipeline.consistency.sources import ImageListSource
+from pipeline.data.readers import list_imagenet
+from pipeline.devices import set_threads
+from pipeline.runtime import setup_logging
+
+LOG = logging.getLogger("cdgmae.consistency")
+
+
+def command_parser(command: str, description: str) -> argparse.ArgumentParser:
+    """Parser of ``python -m pipeline.consistency <command>`` with the flags every command takes."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m pipeline.consistency {command}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--settings", help="consistency config section (JSON string or file); missing keys take the schema defaults"
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
+    p.add_argument("--batch-size", type=int, default=None, help="override encoder.batch_size")
+    p.add_argument("--num-workers", type=int, default=None, help="override num_workers")
+    return p
+
+
+def start(args) -> None:
+    """Logging and CPU threads, once the arguments are parsed."""
+    setup_logging()
+    set_threads(args.threads)
+
+
+def resolve_section(args) -> dict:
+    """The consistency section from ``--settings`` (partial) + schema defaults + CLI overrides of
+    the output-invariant knobs (Snakemake passes those as resources, so they trigger no rerun)."""
+    cfg = section_defaults("consistency", overrides=load_settings(args.settings))
+    if args.batch_size is not None:
+        cfg["encoder"]["batch_size"] = args.batch_size
+    if args.num_workers is not None:
+        cfg["num_workers"] = args.num_workers
+    return cfg
+
+
+def open_encoder(cfg: dict, device: str | None) -> FeatureEncoder:
+    """The feature encoder of a resolved consistency section, on ``device``."""
+    encoder = build_feature_encoder(cfg["encoder"], device)
+    LOG.info("encoder %s on %s", encoder.name, encoder.device)
+    return encoder
+
+
+def list_images(root) -> ImageListSource:
+    """The pretraining images of an ImageNet-layout root, in global-index order."""
+    return ImageListSource(list_imagenet(root))

@@ -1,0 +1,144 @@
+"""Image sources of the consistency pairs (key -> HxWx3 uint8) and batched feature extraction.
+
+Every source has ``load(key, size)`` and ``describe(key)`` (the file, for error messages). Real
+images go through ``pipeline.imaging.load_square`` (short side to ``size`` + centre crop): the same
+preprocessing as the bag's real images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from pipeline.imaging import load_square, resize_square
+from pipeline.runtime import progress
+from pipeline.views.bag import BagDataset
+
+
+class ImageListSource:
+    """Pretraining images (``list_imagenet`` order = global index); key = global index."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def __len__(self):
+        return len(self.records)
+
+    def image_id(self, index: int) -> str:
+        return self.records[index].image_id
+
+    def load(self, index: int, size: int) -> np.ndarray:
+        return load_square(self.records[index].path, size)
+
+    def describe(self, index: int) -> str:
+        return str(self.records[index].path)
+
+
+class VideoFrameSource:
+    """Frame-folder videos; key = (video position, frame position)."""
+
+    def __init__(self, videos):
+        self.videos = videos
+
+    def load(self, key, size: int) -> np.ndarray:
+        v, t = key
+        return load_square(self.videos[v].frames[t], size)
+
+    def describe(self, key) -> str:
+        v, t = key
+        return str(self.videos[v].frames[t])
+
+
+class BagSource:
+    """A merged bag of views; key = (bag position, view) with view -1 = the real image."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.bag = BagDataset(str(self.path))  # checks presence, completeness, VDS sources
+        with h5py.File(self.path, "r") as f:  # ids only: no JPEG decoding (pipeline.views.hdf5 layout)
+            self.image_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in f["image_id"][:]]
+        self.n_views = self.bag.n_views
+        self.is_baseline = self.bag.is_baseline
+        self.generator = self.bag.generator
+
+    def __len__(self):
+        return len(self.bag)
+
+    def image_id(self, position: int) -> str:
+        return self.image_ids[position]
+
+    def load(self, key, size: int) -> np.ndarray:
+        position, view = key
+        item = self.bag[position]
+        return resize_square(item["real"] if view < 0 else item["views"][view], size)
+
+    def describe(self, key) -> str:
+        position, view = key
+        return f"{self.path}[{position}]" + ("(real)" if view < 0 else f"(view {view})")
+
+
+class _KeyedImages:
+    """torch Dataset over source keys -> (S, S, 3) uint8 tensors, decoded in the workers."""
+
+    def __init__(self, source, keys: Sequence, size: int):
+        self.source, self.keys, self.size = source, list(keys), size
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        key = self.keys[i]
+        try:
+            image = self.source.load(key, self.size)
+        except Exception as err:  # name the file, whatever went wrong while decoding it
+            raise RuntimeError(f"cannot read image {self.source.describe(key)}: {err}") from err
+        if image.shape != (self.size, self.size, 3) or image.dtype != np.uint8:
+            raise ValueError(
+                f"{self.source.describe(key)}: expected a {self.size}x{self.size}x3 uint8 "
+                f"image, got {image.shape} {image.dtype}"
+            )
+        return torch.from_numpy(np.ascontiguousarray(image))
+
+
+def iter_feature_batches(
+    encoder,
+    source,
+    keys: Sequence,
+    batch_size: int,
+    num_workers: int = 0,
+    desc: str = "features",
+    keep_patches: bool = True,
+):
+    """Yield (start, TokenFeatures on CPU) for consecutive batches of ``keys``, in order
+    (``keep_patches=False``: patch tokens are dropped on the device, only globals come back)."""
+    loader = torch.utils.data.DataLoader(
+        _KeyedImages(source, keys, encoder.image_size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
+    start = 0
+    for images in progress(loader, desc=desc, total=len(loader), unit="batch"):
+        feats = encoder.encode(images)
+        bad = ~torch.isfinite(feats.patch_tokens).all(dim=(1, 2)) | ~torch.isfinite(feats.global_tokens).all(1)
+        if bad.any():
+            which = [source.describe(keys[start + int(i)]) for i in bad.nonzero().flatten()[:5].tolist()]
+            raise FloatingPointError(f"non-finite features for {which}")
+        feats.global_tokens = feats.global_tokens.cpu()
+        feats.patch_tokens = feats.patch_tokens.cpu() if keep_patches else None
+        yield start, feats
+        start += len(images)
+
+
+def extract_features(encoder, source, keys: Sequence, batch_size: int, num_workers: int = 0, desc: str = "features"):
+    """Features of every key, once each: (global (N, C), patches (N, L, C)) on CPU, float32."""
+    glob, patches = [], []
+    for _, feats in iter_feature_batches(encoder, source, keys, batch_size, num_workers, desc):
+        glob.append(feats.global_tokens)
+        patches.append(feats.patch_tokens)
+    return torch.cat(glob), torch.cat(patches)

@@ -1,0 +1,164 @@
+"""The core modules: cells and their paths, the table registry, the registry helper, the command
+dispatcher, result-neutral config keys and code provenance derived from imports."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+
+from pipeline import cells, cli, provenance, tables
+from pipeline.config import load_config, result_neutral_keys
+from pipeline.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def config(repo_root):
+    return load_config(repo_root / "config.yaml")
+
+
+# ---------------------------------------------------------------------------------------------
+# cells
+
+
+def test_complete_cell_fills_defaults_and_types():
+    defaults = {k: None for k in cells.CELL_KEYS} | {
+        "method": "cdgmae",
+        "anchors": 1,
+        "anchor_mask": 0.0,
+        "target_mask": 0.9,
+        "epochs": 5,
+    }
+    cell = cells.complete_cell({"anchors": "3", "anchor_mask": "0.25"}, defaults)
+    assert list(cell) == list(cells.CELL_KEYS)
+    assert cell["anchors"] == 3 and isinstance(cell["anchors"], int)
+    assert cell["anchor_mask"] == 0.25 and isinstance(cell["anchor_mask"], float)
+    with pytest.raises(KeyError, match="unknown keys \\['anchor'\\]"):
+        cells.complete_cell({"anchor": 2}, defaults, what="--cell")
+
+
+def test_canonical_cell_strips_view_keys_of_view_free_methods(config):
+    crop = cells.canonical_cell({"method": "cropmae", "anchors": 1, "target_mask": 0.985}, config)
+    assert {k: crop[k] for k in cells.NO_VIEWS} == cells.NO_VIEWS
+    too_many = {"anchors": config["views"]["n_views"] + 1}
+    with pytest.raises(cells.CellError, match="views.n_views"):
+        cells.canonical_cell(too_many, config)
+
+
+def test_model_path_round_trips_through_parse_model_path(config):
+    cell = cells.canonical_cell({"anchors": 2, "anchor_mask": 0.5}, config)
+    info = cells.parse_model_path(cells.model_path(cell, 3))
+    assert info["kind"] == "trained" and info["seed"] == 3
+    assert {k: info[k] for k in cells.CELL_KEYS} == cell
+    ref = cells.parse_model_path(cells.random_init_model("vit_mini_patch8", 7))
+    assert ref == {
+        "model": "random-init/arch~vit_mini_patch8/seed~7",
+        "kind": "random-init",
+        "arch": "vit_mini_patch8",
+        "seed": 7,
+    }
+    assert cells.parse_model_path(cells.external_model("mae"))["name"] == "mae"
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def test_table_registry_lists_every_paper_table_once():
+    assert tables.PAPER_TABLES == [f"table{i}" for i in range(1, 11)]
+    assert set(tables.PROPAGATION_TABLES) == {"table2", "table3", "table4", "table5", "table8", "table10", "figure4"}
+    for name, t in tables.TABLES.items():
+        assert t.label and t.caption and t.kind in ("propagation", "consistency", "config"), name
+        assert set(t.row_keys) <= set(cells.CELL_KEYS)
+
+
+def test_table_cells_and_seeds(config):
+    t4 = tables.table_cells(config, "table4")
+    assert [(c["anchors"], c["anchor_mask"]) for c in t4] == [
+        (1, 0.0),
+        (2, 0.0),
+        (2, 0.25),
+        (2, 0.5),
+        (3, 0.25),
+        (3, 0.5),
+    ]
+    t8 = tables.table_cells(config, "table8")
+    assert t8[: len(t4)] == t4 and len(t8) == len(t4) + len(config["tables"]["table8"]["extra_cells"])
+    assert tables.table_seeds(config, "table8", t8[-1]) == config["tables"]["table8"]["extra_seeds"]
+    assert tables.table_seeds(config, "table8", t4[0]) == config["pretrain"]["seeds"]
+    fig4 = tables.table_cells(config, "figure4")
+    assert {c["arch"] for c in fig4} == set(config["tables"]["figure4"]["archs"])
+
+
+# ---------------------------------------------------------------------------------------------
+# registry, dispatcher, config annotations
+
+
+def test_registry_names_the_key_and_known_names():
+    reg = Registry("views.generator")
+    reg.add("warp", 1)
+
+    @reg.register("crop")
+    def build_crop():
+        return 2
+
+    assert set(reg) == {"warp", "crop"} and reg["crop"] is build_crop and len(reg) == 2
+    with pytest.raises(KeyError, match="views.generator: unknown name 'sldm'; known: crop, warp"):
+        reg["sldm"]
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.add("warp", 3)
+
+
+def test_every_command_resolves_to_a_function(capsys):
+    for stage in cli.STAGES:
+        for command, (target, help_text) in cli.stage_commands(stage).items():
+            module, function = cli.entry_point(target)
+            path = provenance.module_file(module)
+            assert path is not None, (stage, command)
+            defined = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+            assert function in defined, (stage, command, target)
+            assert help_text
+    with pytest.raises(SystemExit, match="unknown command 'nope'"):
+        cli.run("views", ["nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run("views", ["--help"])
+    assert exit_info.value.code == 0 and "generate" in capsys.readouterr().out
+
+
+def test_result_neutral_keys_come_from_the_schema():
+    assert set(result_neutral_keys("pretrain")) == {"gpus", "num_workers", "checkpoint_every"}
+    assert "gpus" in result_neutral_keys("propagation") and "temperature" not in result_neutral_keys("propagation")
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance
+
+
+def _rel(files):
+    return {f.relative_to(provenance.PACKAGE_DIR).as_posix() for f in files}
+
+
+def test_code_files_follow_imports_within_stage_subpackages():
+    train = _rel(provenance.code_files(cli.command_module("pretrain", "train")))
+    assert {"pretrain/main_pretrain.py", "pretrain/models_mae.py", "pretrain/strategies.py"} <= train
+    assert not any(f.startswith(("report/", "propagation/")) for f in train)  # never a later stage
+    assert not any("/" not in f for f in train)  # core modules are not code inputs
+    figure = _rel(provenance.code_files(cli.command_module("views", "figure")))
+    assert "views/figure.py" in figure and "views/shards.py" not in figure
+    run = _rel(provenance.code_files(cli.command_module("propagation", "run")))
+    assert "pretrain/models_mae.py" in run  # the encoder it loads
+    report = _rel(provenance.code_files(cli.command_module("report", "table")))
+    assert "report/paper_numbers.yaml" in report
+    with pytest.raises(ModuleNotFoundError):
+        provenance.code_files("pipeline.views.no_such_module")
+
+
+def test_no_stage_imports_a_later_stage():
+    order = {s: i for i, s in enumerate(cli.STAGES)}
+    for stage in cli.STAGES:
+        for path in sorted((provenance.PACKAGE_DIR / stage).glob("*.py")):
+            module = f"pipeline.{stage}.{path.stem}".removesuffix(".__init__")
+            for imported in provenance.imported_modules(module):
+                parts = imported.split(".")
+                if len(parts) > 1 and parts[1] in order:
+                    assert order[parts[1]] <= order[stage], f"{module} imports {imported}"
