@@ -1,18 +1,65 @@
 """``python -m pipeline.<stage> <command> ...``: one entry point per stage, one module per command.
 
-A stage's ``__init__.py`` holds its ``COMMANDS`` table (command -> ``"module:function"`` taking
-``argv``, and a one-line help);
-``dispatch`` imports only the module asked for, so ``--help`` of a data command never loads torch.
-The rules name the same table to derive their code inputs (``pipeline.provenance``).
+``COMMANDS`` is the one table of every command: stage -> command -> (``"module:function"`` taking
+``argv``, one-line help). ``dispatch`` imports only the module asked for, so ``--help`` of a data
+command never loads torch; the rules read the same table to derive their code inputs
+(``pipeline.provenance``), and ``command_parser`` gives every command the same argparse header.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
 # the stage subpackages, in workflow order: a stage never imports from a later one
 STAGES = ("data", "views", "consistency", "pretrain", "propagation", "report")
+
+COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
+    "data": {
+        "synthetic": ("pipeline.data.synthetic:main", "make one synthetic dataset in its official layout"),
+        "check": ("pipeline.data.check:main", "check a dataset root against its official layout"),
+        "vallist": ("pipeline.data.vallists:main", "write a reference-format val list of a dataset root"),
+    },
+    "views": {
+        "generate": ("pipeline.views.shards:main", "generate one shard of the bag of views"),
+        "merge": ("pipeline.views.merge:main", "validate the shards and merge them into bag.h5"),
+        "figure": ("pipeline.views.figure:main", "plot real images beside their generated views"),
+        "generators": ("pipeline.views.generators:main", "list the registered view generators"),
+    },
+    "consistency": {
+        "neighbours": ("pipeline.consistency.knn:main", "k nearest neighbours of every pretraining image (knn.npz)"),
+        "table1": ("pipeline.consistency.tables:table1_main", "Table 1: consistency per pair kind"),
+        "table9": ("pipeline.consistency.tables:table9_main", "Table 9: consistency per generator"),
+    },
+    "pretrain": {
+        "train": ("pipeline.pretrain.main_pretrain:main", "train one cell with one seed (resumable)"),
+        "flops": ("pipeline.pretrain.flops:main", "Table 8 GFLOPs per training sample"),
+        "init-random": (
+            "pipeline.pretrain.checkpoints:init_random_main",
+            "save a seeded random-init encoder checkpoint",
+        ),
+        "import-external": (
+            "pipeline.pretrain.checkpoints:import_external_main",
+            "convert an MAE/CropMAE encoder checkpoint (strict)",
+        ),
+        "describe": (
+            "pipeline.pretrain.checkpoints:describe_main",
+            "parameter counts of an arch, or a checkpoint's encoder",
+        ),
+    },
+    "propagation": {
+        "run": ("pipeline.propagation.runner:main", "propagate labels with one encoder on one dataset, and score"),
+        "score": ("pipeline.propagation.score:main", "score a results folder: davis, vip or jhmdb"),
+    },
+    "report": {
+        "table": ("pipeline.report.tables:table_main", "a propagation table (2, 3, 4, 5, 8, 10, figure 4)"),
+        "config-table": ("pipeline.report.tables:config_table_main", "Table 6 / 7 from the validated config"),
+        "figure4": ("pipeline.report.figures:figure4_main", "Figure 4 from results/figure4.csv"),
+        "loss-curves": ("pipeline.report.figures:loss_curves_main", "training-loss curves"),
+        "summary": ("pipeline.report.summary:main", "results/summary.md: our numbers beside the paper's"),
+    },
+}
 
 
 def dispatch(stage: str, commands: dict[str, tuple[str, str]], argv: list[str] | None = None) -> None:
@@ -37,13 +84,26 @@ def entry_point(target: str) -> tuple[str, str]:
 
 
 def stage_commands(stage: str) -> dict[str, tuple[str, str]]:
-    """A stage's ``COMMANDS`` table (its ``__init__`` is plain data: cheap at workflow parse time)."""
-    return importlib.import_module(f"pipeline.{stage}").COMMANDS
+    return COMMANDS[stage]
 
 
 def command_module(stage: str, command: str) -> str:
     """The module ``python -m pipeline.<stage> <command>`` runs."""
     return entry_point(stage_commands(stage)[command][0])[0]
+
+
+def command_parser(stage: str, command: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argparse parser of ``python -m pipeline.<stage> <command>``; ``doc`` is shown as is."""
+    return argparse.ArgumentParser(
+        prog=f"python -m pipeline.{stage} {command}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(stage: str) -> None:
+    """The ``__main__`` of a stage package."""
+    dispatch(f"pipeline.{stage}", COMMANDS[stage])
 
 
 def run(stage: str, argv: list[str]) -> None:

@@ -8,6 +8,7 @@ A ``Registry`` is a read-only mapping from name to entry, filled with ``@REGISTR
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -26,6 +27,15 @@ class Registry(Mapping):
     def register(self, name: str) -> Callable[[Any], Any]:
         """Decorator form of ``add``."""
         return lambda entry: self.add(name, entry)
+
+    @contextlib.contextmanager
+    def temporarily(self, name: str, entry: Any) -> Iterator[Any]:
+        """``name`` registered for the duration of a ``with`` block (tests plug in fakes this way)."""
+        self.add(name, entry)
+        try:
+            yield entry
+        finally:
+            del self._entries[name]
 
     def __getitem__(self, name: str) -> Any:
         try:

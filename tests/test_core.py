@@ -107,6 +107,9 @@ def test_registry_names_the_key_and_known_names():
         reg["sldm"]
     with pytest.raises(ValueError, match="registered twice"):
         reg.add("warp", 3)
+    with reg.temporarily("fake", 4):
+        assert reg["fake"] == 4
+    assert "fake" not in reg
 
 
 def test_every_command_resolves_to_a_function(capsys):

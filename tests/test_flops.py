@@ -10,17 +10,8 @@ import yaml
 from pipeline.cli import run
 from pipeline.pretrain.flops import gmacs_flopcounter, gmacs_fvcore, parse_cells, table8_gflops
 from pipeline.pretrain.models_mae import CrossViewMAE
+from tests.test_models_mae import TINY  # the tiny arch of the model tests
 
-TINY = dict(
-    patch_size=8,
-    embed_dim=32,
-    depth=2,
-    num_heads=2,
-    decoder_embed_dim=16,
-    decoder_depth=2,
-    decoder_num_heads=2,
-    decoder_ff=64,
-)
 PAPER_NUMBERS = Path(__file__).resolve().parent.parent / "pipeline" / "report" / "paper_numbers.yaml"
 
 

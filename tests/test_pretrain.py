@@ -254,31 +254,17 @@ def cli(tmp_path, name, imagenet, epochs):
         "epochs": epochs,
     }
     out = tmp_path / name
-    return out, [
-        sys.executable,
-        "-m",
-        "pipeline.pretrain",
-        "train",
-        "--cell",
-        json.dumps(cell),
-        "--seed",
-        "0",
-        "--settings",
-        json.dumps(settings),
-        "--imagenet-root",
-        str(imagenet),
-        "--output",
-        str(out / "checkpoint.pth"),
-        "--state-dir",
-        str(out / "state"),
-        "--log-csv",
-        str(out / "train_log.csv"),
-        "--curve-png",
-        str(out / "loss_curve.png"),
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
+    cmd = train_command(cell, settings, out, "--imagenet-root", str(imagenet))
+    return out, [*cmd, "--curve-png", str(out / "loss_curve.png"), "--device", "cpu"]
+
+
+def train_command(cell, settings, out, *sources, log_csv="train_log.csv"):
+    """``python -m pipeline.pretrain train`` for one cell and seed 0 into ``out``."""
+    return [
+        *(sys.executable, "-m", "pipeline.pretrain", "train"),
+        *("--cell", json.dumps(cell), "--seed", "0", "--settings", json.dumps(settings), *sources),
+        *("--output", str(out / "checkpoint.pth"), "--state-dir", str(out / "state")),
+        *("--log-csv", str(out / log_csv), "--threads", "1"),
     ]
 
 
@@ -372,32 +358,8 @@ def test_cli_cdgmae_knn_from_an_hdf5_bag(tmp_path):
         "epochs": 1,
     }
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.pretrain",
-        "train",
-        "--cell",
-        json.dumps(cell),
-        "--seed",
-        "0",
-        "--settings",
-        json.dumps(settings),
-        "--bag",
-        str(tmp_path / "bag.h5"),
-        "--knn",
-        str(tmp_path / "knn.npz"),
-        "--imagenet-root",
-        str(imagenet),
-        "--output",
-        str(out / "checkpoint.pth"),
-        "--state-dir",
-        str(out / "state"),
-        "--log-csv",
-        str(out / "log.csv"),
-        "--threads",
-        "1",
-    ]
+    sources = ("--bag", str(tmp_path / "bag.h5"), "--knn", str(tmp_path / "knn.npz"), "--imagenet-root", str(imagenet))
+    cmd = train_command(cell, settings, out, *sources, log_csv="log.csv")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -251,14 +251,14 @@ class _NaNFirstTry(ViewGenerator):
         return out
 
 
-def test_non_finite_views_are_regenerated_with_recorded_seeds(imagenet, tmp_path, monkeypatch):
+def test_non_finite_views_are_regenerated_with_recorded_seeds(imagenet, tmp_path):
     records = list_imagenet(imagenet)[:4]
     _NaNFirstTry.first_seeds = [view_seed(SEED, r.image_id, 1) for r in records]
-    monkeypatch.setitem(GENERATORS._entries, "nan-first-try", _NaNFirstTry)
     cfg = _cfg(max_images=4)
     cfg["generators"]["nan-first-try"] = {}
     out = tmp_path / "shard-0.h5"
-    ShardWriter(records, "nan-first-try", 0, cfg, SEED, out, tmp_path / "r.csv", tmp_path / "parts").run()
+    with GENERATORS.temporarily("nan-first-try", _NaNFirstTry):
+        ShardWriter(records, "nan-first-try", 0, cfg, SEED, out, tmp_path / "r.csv", tmp_path / "parts").run()
     with h5py.File(out, "r") as f:
         seeds = f["seed"][:]
     for r, row in zip(records, seeds):

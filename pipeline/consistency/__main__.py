@@ -1,4 +1,3 @@
-from pipeline.cli import dispatch
-from pipeline.consistency import COMMANDS
+from pipeline.cli import main
 
-dispatch("pipeline.consistency", COMMANDS)
+main("consistency")

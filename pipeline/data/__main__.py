@@ -1,4 +1,3 @@
-from pipeline.cli import dispatch
-from pipeline.data import COMMANDS
+from pipeline.cli import main
 
-dispatch("pipeline.data", COMMANDS)
+main("data")

@@ -1,4 +1,3 @@
-from pipeline.cli import dispatch
-from pipeline.pretrain import COMMANDS
+from pipeline.cli import main
 
-dispatch("pipeline.pretrain", COMMANDS)
+main("pretrain")

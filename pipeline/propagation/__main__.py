@@ -1,4 +1,3 @@
-from pipeline.cli import dispatch
-from pipeline.propagation import COMMANDS
+from pipeline.cli import main
 
-dispatch("pipeline.propagation", COMMANDS)
+main("propagation")

@@ -1,4 +1,3 @@
-from pipeline.cli import dispatch
-from pipeline.report import COMMANDS
+from pipeline.cli import main
 
-dispatch("pipeline.report", COMMANDS)
+main("report")

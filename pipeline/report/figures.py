@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline.cells import parse_model_path  # noqa: E402
+from pipeline.cli import command_parser
 from pipeline.io import atomic_path  # noqa: E402
 from pipeline.report.tables import HEADLINE, REFERENCE_ROW  # noqa: E402
 from pipeline.runtime import setup_logging  # noqa: E402
@@ -73,11 +73,7 @@ def plot_loss_curves(logs: list[str], output: str | Path) -> None:
 
 def figure4_main(argv=None) -> None:
     """``figure4``: Figure 4 from the table ``table --name figure4`` wrote."""
-    ap = argparse.ArgumentParser(
-        prog="python -m pipeline.report figure4",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = command_parser("report", "figure4", __doc__)
     ap.add_argument("--table", required=True, help="results/figure4.csv")
     ap.add_argument("--output", required=True, help="PNG")
     args = ap.parse_args(argv)
@@ -87,11 +83,7 @@ def figure4_main(argv=None) -> None:
 
 def loss_curves_main(argv=None) -> None:
     """``loss-curves``: the training-loss curves of the given train logs."""
-    ap = argparse.ArgumentParser(
-        prog="python -m pipeline.report loss-curves",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = command_parser("report", "loss-curves", __doc__)
     ap.add_argument("--logs", nargs="+", required=True)
     ap.add_argument("--output", required=True)
     args = ap.parse_args(argv)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from pipeline.cli import command_parser
 from pipeline.io import write_text_atomic
 from pipeline.report.tables import HEADLINE, METHOD_TABLES, PAPER_NUMBERS, REFERENCE_ROW, STD_DDOF
 from pipeline.runtime import setup_logging
@@ -152,11 +152,7 @@ def _table_order(p):
 
 def main(argv=None) -> None:
     """``summary``: results/summary.md from the table CSVs."""
-    ap = argparse.ArgumentParser(
-        prog="python -m pipeline.report summary",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = command_parser("report", "summary", __doc__)
     ap.add_argument("--tables", nargs="+", required=True)
     ap.add_argument("--output", required=True)
     ap.add_argument("--run-label", default="synthetic-demo")

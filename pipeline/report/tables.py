@@ -14,7 +14,6 @@ workflow does not train (``source = cited``) and printed beside ours in the summ
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ import pandas as pd
 import yaml
 
 from pipeline.cells import RANDOM_INIT, parse_model_path
+from pipeline.cli import command_parser
 from pipeline.config import load_settings
 from pipeline.constants import BASELINE_GENERATORS, EVAL_DATASETS, views_label
 from pipeline.io import write_csv_atomic
@@ -252,11 +252,7 @@ def _propagation_settings(settings: dict) -> list[tuple]:
 
 def table_main(argv=None) -> None:
     """``table``: one propagation table (2, 3, 4, 5, 8, 10, figure 4) and its per-seed values."""
-    ap = argparse.ArgumentParser(
-        prog="python -m pipeline.report table",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = command_parser("report", "table", __doc__)
     ap.add_argument("--name", required=True, choices=sorted(PROPAGATION_TABLES))
     ap.add_argument("--evals", nargs="+", required=True, help="results/eval/<model>/<dataset>/metrics.csv files")
     ap.add_argument("--output", required=True)
@@ -273,11 +269,7 @@ def table_main(argv=None) -> None:
 
 def config_table_main(argv=None) -> None:
     """``config-table``: Table 6 / Table 7 from the validated config slices."""
-    ap = argparse.ArgumentParser(
-        prog="python -m pipeline.report config-table",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = command_parser("report", "config-table", __doc__)
     ap.add_argument("--name", required=True, choices=CONFIG_TABLES)
     ap.add_argument("--settings", required=True, help="JSON with the config slices")
     ap.add_argument("--output", required=True)

@@ -1,4 +1,3 @@
-from pipeline.cli import dispatch
-from pipeline.views import COMMANDS
+from pipeline.cli import main
 
-dispatch("pipeline.views", COMMANDS)
+main("views")
