@@ -1,5 +1,6 @@
 """Consistency stage: GS / LS / NPS metrics, feature encoders, pair sampling, k-NN, tables."""
 
+import functools
 import math
 
 import numpy as np
@@ -270,29 +271,14 @@ def test_neighbours_resume_and_tables(tmp_path):
     images = ListSource([random_image(s) for s in range(12)])
     enc = SiftGridEncoder(64, 16)
     settings = {"name": "sift-grid", "image_size": 64, "patch_size": 16}
-    out = find_neighbours(
-        enc,
-        images,
-        k=3,
-        batch_size=5,
-        num_workers=0,
-        encoder_settings=settings,
-        state_dir=tmp_path / "state",
-        part_size=5,
+    search = functools.partial(
+        find_neighbours, enc, images, k=3, batch_size=5, num_workers=0, encoder_settings=settings, part_size=5
     )
+    out = search(state_dir=tmp_path / "state")
     parts = sorted((tmp_path / "state").rglob("part-*.npy"))
     assert len(parts) == 3
     assert not (out["neighbours"] == np.arange(12)[:, None]).any()
-    again = find_neighbours(
-        enc,
-        images,
-        k=3,
-        batch_size=5,
-        num_workers=0,
-        encoder_settings=settings,
-        state_dir=tmp_path / "state",
-        part_size=5,
-    )
+    again = search(state_dir=tmp_path / "state")
     assert np.array_equal(out["neighbours"], again["neighbours"])
     write_npz_atomic(tmp_path / "knn.npz", out)
     nb = read_knn(tmp_path / "knn.npz", [f"img{i}" for i in range(12)])

@@ -141,37 +141,11 @@ def test_davis_cli(davis, tmp_path):
     res = tmp_path / "res"
     _write_davis_results(res, gts)
     out = tmp_path / "cli"
-    run(
-        "propagation",
-        [
-            "score",
-            "davis",
-            "--davis-root",
-            str(root),
-            "--results",
-            str(res),
-            "--output-dir",
-            str(out),
-            "--gt-size",
-            str(H),
-            str(W),
-        ],
-    )
+    davis = ["score", "davis", "--davis-root", str(root), "--output-dir", str(out)]
+    run("propagation", [*davis, "--results", str(res), "--gt-size", str(H), str(W)])
     assert json.loads((out / "scoring.json").read_text())["gt_mode"] == "resized"
     with pytest.raises(SystemExit):
-        run(
-            "propagation",
-            [
-                "score",
-                "davis",
-                "--davis-root",
-                str(root),
-                "--results",
-                str(tmp_path / "missing"),
-                "--output-dir",
-                str(out),
-            ],
-        )
+        run("propagation", [*davis, "--results", str(tmp_path / "missing")])
 
 
 # ---------------------------------------------------------------------------- VIP
