@@ -160,15 +160,9 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     cell, settings = setup(epochs=3)
     full = train(cell, settings, dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "sa")
 
+    faulty = dataset(FaultyBag, at_epoch=2, mode="crash")
     with pytest.raises(RuntimeError, match="simulated crash"):  # dies during epoch 2
-        train(
-            cell,
-            settings,
-            dataset(FaultyBag, at_epoch=2, mode="crash"),
-            seed=0,
-            output=tmp_path / "b.pth",
-            state_dir=tmp_path / "sb",
-        )
+        train(cell, settings, faulty, seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
     assert not (tmp_path / "b.pth").exists()
     assert torch.load(tmp_path / "sb" / "last.pth", weights_only=True)["epoch"] == 2
     resumed = train(cell, settings, dataset(), seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
@@ -195,29 +189,17 @@ def test_changed_settings_do_not_resume_a_stale_state(tmp_path):
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     cell, settings = setup(epochs=3)
     state = tmp_path / "state" / "last.pth"
+    faulty = dataset(FaultyBag, at_epoch=1, mode="nan")
     with pytest.raises(NonFiniteLossError, match=r"at step 2 \(epoch 1\).*last good checkpoint .*epoch 1"):
-        train(
-            cell,
-            settings,
-            dataset(FaultyBag, at_epoch=1, mode="nan"),
-            seed=0,
-            output=tmp_path / "ck.pth",
-            state_dir=tmp_path / "state",
-        )
+        train(cell, settings, faulty, seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
     assert not (tmp_path / "ck.pth").exists()
     kept = torch.load(state, weights_only=True)
     assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values())
     digest = sha(state)
     # retrying keeps failing at the same step and never overwrites the good state
+    faulty = dataset(FaultyBag, at_epoch=1, mode="nan")
     with pytest.raises(NonFiniteLossError, match="at step 2"):
-        train(
-            cell,
-            settings,
-            dataset(FaultyBag, at_epoch=1, mode="nan"),
-            seed=0,
-            output=tmp_path / "ck.pth",
-            state_dir=tmp_path / "state",
-        )
+        train(cell, settings, faulty, seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
     assert sha(state) == digest
 
 
