@@ -13,16 +13,7 @@ from pipeline.propagation.algorithm import MASKED_LOGIT, check_grid, radius_mask
 
 
 def propagate_reference(
-    features,
-    first_labels,
-    grid: tuple[int, int],
-    *,
-    topk: int,
-    temperature: float,
-    radius: float,
-    queue: int,
-    frame_chunk: int = 2,
-    cell_chunk: int = 100,
+    features, first_labels, grid, *, topk, temperature, radius, queue, frame_chunk=2, cell_chunk=100
 ):
     """The reference's straightforward algorithm, for tests and the benchmark (not for runs).
 

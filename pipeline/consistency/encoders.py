@@ -207,10 +207,7 @@ def cdgmae_vit(arch: dict, img_size: int) -> VisionTransformer:
     (mlp_ratio 4, qkv bias, LayerNorm eps 1e-6), cls token + pos_embed[:, :1], final LayerNorm."""
     return VisionTransformer(
         img_size=img_size,
-        patch_size=arch["patch_size"],
-        embed_dim=arch["embed_dim"],
-        depth=arch["depth"],
-        num_heads=arch["num_heads"],
+        **{k: arch[k] for k in _CDGMAE_ARCH_KEYS},
         mlp_ratio=4.0,
         qkv_bias=True,
         num_classes=0,
