@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.pretrain.engine_pretrain import EpochSampler, NonFiniteLossError, lr_at
-from pipeline.pretrain.main_pretrain import build_optimizer, resolve_cell, resolve_settings, train
+from pipeline.pretrain.main_pretrain import build_optimizer, resolve_cell, resolve_pretrain_settings, train
 from pipeline.pretrain.strategies import BagViewsDataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def tiny_bag(n=16, size=40, seed=0):
 
 
 def setup(epochs=3, anchors=2, anchor_mask=0.25, **overrides):
-    settings = resolve_settings({**SETTINGS, **overrides})
+    settings = resolve_pretrain_settings({**SETTINGS, **overrides})
     cell = resolve_cell(
         {"arch": "vit_mini_patch8", "anchors": anchors, "anchor_mask": anchor_mask, "epochs": epochs}, settings
     )

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.consistency.options import command_parser, list_images, open_encoder, resolve_section, start
+from pipeline.consistency.options import list_images, open_encoder, resolve_section, scoring_parser, start
 from pipeline.consistency.sources import ImageListSource, iter_feature_batches
 from pipeline.io import atomic_path, write_npz_atomic
 from pipeline.runtime import progress
@@ -141,7 +141,7 @@ def find_neighbours(
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m pipeline.consistency neighbours``: write knn.npz."""
-    p = command_parser("neighbours", __doc__)
+    p = scoring_parser("neighbours", __doc__)
     p.add_argument("--imagenet-root", required=True)
     p.add_argument("--k", type=int, required=True, help="neighbours per image (pretrain.knn_k)")
     p.add_argument("--output", required=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pipeline.cli import command_parser
 from pipeline.config import load_settings, section_defaults
 from pipeline.consistency.encoders import FeatureEncoder, build_feature_encoder
 from pipeline.consistency.sources import ImageListSource
@@ -19,13 +20,9 @@ from pipeline.runtime import setup_logging
 LOG = logging.getLogger("cdgmae.consistency")
 
 
-def command_parser(command: str, description: str) -> argparse.ArgumentParser:
+def scoring_parser(command: str, description: str) -> argparse.ArgumentParser:
     """Parser of ``python -m pipeline.consistency <command>`` with the flags every command takes."""
-    p = argparse.ArgumentParser(
-        prog=f"python -m pipeline.consistency {command}",
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("consistency", command, description)
     p.add_argument(
         "--settings", help="consistency config section (JSON string or file); missing keys take the schema defaults"
     )

@@ -13,7 +13,7 @@ import argparse
 import logging
 
 from pipeline.consistency.knn_file import read_knn
-from pipeline.consistency.options import command_parser, list_images, open_encoder, resolve_section, start
+from pipeline.consistency.options import list_images, open_encoder, resolve_section, scoring_parser, start
 from pipeline.consistency.pairs import generated_kind, knn_kind, random_kind, score_table, video_kind
 from pipeline.consistency.sources import BagSource
 from pipeline.data.readers import list_videos
@@ -24,7 +24,7 @@ LOG = logging.getLogger("cdgmae.consistency")
 
 def table_parser(command: str) -> argparse.ArgumentParser:
     """The common flags plus those of both table commands."""
-    p = command_parser(command, __doc__)
+    p = scoring_parser(command, __doc__)
     p.add_argument("--videos-root", help="frame-folder videos root (video frame pairs)")
     p.add_argument("--seed", type=int, default=0, help="workflow seed (pair sampling)")
     p.add_argument("--run-label", default="", help="written into every row")

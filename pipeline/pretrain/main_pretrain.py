@@ -64,7 +64,7 @@ LOG = logging.getLogger("cdgmae.pretrain")
 # configuration
 
 
-def resolve_settings(settings: dict | None) -> dict:
+def resolve_pretrain_settings(settings: dict | None) -> dict:
     """The ``pretrain`` section with every schema default filled (``--settings`` may be partial)."""
     return section_defaults("pretrain", overrides=settings or {})
 
@@ -86,7 +86,7 @@ def resolve_cell(cell: dict, settings: dict) -> dict:
     return full
 
 
-def fingerprint(cell: dict, settings: dict, seed: int, data_signature=None) -> str:
+def resume_fingerprint(cell: dict, settings: dict, seed: int, data_signature=None) -> str:
     """What a resumable state must agree on to be continued: the cell, the training settings
     (infrastructure knobs excluded), the seed and the identity of the data (a job re-run because
     its bag of views was regenerated or its code edited starts over; a retry after a crash resumes)."""
@@ -321,7 +321,7 @@ def train(
     accum, steps_per_epoch = batch_plan(s, len(dataset), world_size)
     peak_lr = s["base_lr"] * s["batch_size"] / 256
     amp_dtype = resolve_precision(s["precision"], device)
-    fp = fingerprint(cell, s, seed, dataset.signature() if hasattr(dataset, "signature") else None)
+    fp = resume_fingerprint(cell, s, seed, dataset.signature() if hasattr(dataset, "signature") else None)
     check_masks(cell, s)
     model, optimizer, scaler = build_model(cell, s, seed, device, peak_lr, amp_dtype)
     state = load_state(state_path, fp)
@@ -403,7 +403,7 @@ def main(argv=None) -> None:
     for key in ("num_workers", "checkpoint_every"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    settings = resolve_settings(overrides)
+    settings = resolve_pretrain_settings(overrides)
     try:
         cell = resolve_cell(json.loads(args.cell), settings)
     except json.JSONDecodeError as err:

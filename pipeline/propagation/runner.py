@@ -267,7 +267,7 @@ def _metrics_row(dataset: str, model: str, metrics: dict, protocol: Protocol, pa
     }
 
 
-def run(
+def run_propagation(
     checkpoint: str | Path,
     dataset: str,
     root: str | Path,
@@ -350,4 +350,6 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings(args.settings)
     if args.dataset_settings:
         settings[args.dataset] = load_settings(args.dataset_settings)
-    run(args.checkpoint, args.dataset, args.root, args.output_dir, settings, model=args.model, device=args.device)
+    run_propagation(
+        args.checkpoint, args.dataset, args.root, args.output_dir, settings, model=args.model, device=args.device
+    )

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.data.readers import list_imagenet
 from pipeline.io import atomic_path
 from pipeline.views.hdf5 import ROW_KEYS, ViewsError, read_rows, run_command, vlen_u8, write_rows
-from pipeline.views.shards import resolve_settings, shard_range
+from pipeline.views.shards import resolve_views_settings, shard_range
 
 LOG = logging.getLogger("cdgmae.views")
 
@@ -150,7 +150,7 @@ def merge_shards(
 
 def merge(args: argparse.Namespace) -> Path:
     """The bag from the parsed ``merge`` arguments."""
-    cfg = resolve_settings(args.settings)
+    cfg = resolve_views_settings(args.settings)
     n_images = None
     if args.root:
         n = len(list_imagenet(args.root))

@@ -76,7 +76,7 @@ def view_seed(seed: int, image_id: str, view: int, attempt: int = 0) -> int:
     return derive_seed(seed, image_id, view, attempt)
 
 
-def fingerprint(generator: str, cfg: dict, seed: int) -> str:
+def shard_fingerprint(generator: str, cfg: dict, seed: int) -> str:
     """Hash of everything that determines the stored bytes (not batch size, shards or parts).
 
     Editing a views module re-runs generate_views (the command's import closure is its code input,
@@ -97,7 +97,7 @@ def fingerprint(generator: str, cfg: dict, seed: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resolve_settings(settings_arg: str | None) -> dict:
+def resolve_views_settings(settings_arg: str | None) -> dict:
     """The ``views`` section: ``--settings`` (partial) completed from the schema defaults."""
     return section_defaults("views", overrides=load_settings(settings_arg))
 
@@ -134,7 +134,7 @@ class ShardWriter:
         n = len(records) if cfg["max_images"] is None else min(len(records), cfg["max_images"])
         self.n_total = n
         self.start, self.end = shard_range(n, self.shard, int(cfg["shards"]), int(cfg["part_size"]))
-        self.fp = fingerprint(generator, cfg, seed)
+        self.fp = shard_fingerprint(generator, cfg, seed)
         self._gen = None
         self.parts_written = 0
         self.parts_reused = 0
@@ -392,9 +392,9 @@ class ShardWriter:
         return self.out
 
 
-def generate(args: argparse.Namespace) -> Path:
+def generate_shard(args: argparse.Namespace) -> Path:
     """One shard from the parsed ``generate`` arguments."""
-    cfg = resolve_settings(args.settings)
+    cfg = resolve_views_settings(args.settings)
     out = Path(args.out)
     state = Path(args.state_dir) if args.state_dir else out.parent / "parts" / f"shard-{args.shard}"
     rejects = Path(args.rejects) if args.rejects else out.with_suffix(".rejects.csv")
@@ -432,4 +432,4 @@ def main(argv=None) -> None:
     ap.add_argument("--device", help="torch device (default: cuda if available)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
-    run_command(lambda: generate(args), args.threads)
+    run_command(lambda: generate_shard(args), args.threads)
