@@ -59,6 +59,18 @@ def write_npz_atomic(path: str | os.PathLike, arrays: dict) -> None:
         np.savez(fh, **arrays)
 
 
+def folder_sha256(path: str | os.PathLike) -> str:
+    """Digest of a folder's content: every file's relative path and SHA-256, in sorted order.
+
+    Keys work on what a model folder holds (weights, configs), not on its path: weights replaced in
+    place change it, a moved or copied folder does not."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + file_sha256(f).encode() + b"\n")
+    return h.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -2,6 +2,8 @@
 ``save_pretrained`` and loaded through the same code path as real weights (local folder,
 ``local_files_only``). Sizes follow views-and-hdf5.md §3; 2 DDIM steps keep it fast on CPU."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -234,3 +236,34 @@ def test_sldm_embedding_is_the_projected_cls_token(sldm_dir):
         )
     assert z.shape == (2, 48)
     torch.testing.assert_close(z, feats[:, 0])  # CLS token after the final norm
+
+
+def test_sd_variation_samples_with_ddim_from_a_pndm_folder(tmp_path):
+    """The public image-variation folder ships PNDM (which ignores eta); views come from DDIM built
+    from the folder's own noise schedule, and the sampler actually run is described."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    folder = build_tiny_sd_variation(tmp_path / "sdv")
+    # as the public folder: PNDM in model_index.json and in the scheduler's own config
+    PNDMScheduler.from_config(DDIMScheduler.load_config(folder / "scheduler")).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    settings = {"model_path": str(folder), "steps": 3, "guidance_scale": 6.0, "dtype": "float16"}
+    gen = build_generator("sd-variation", {**settings, "eta": 0.0}, image_size=IMAGE_SIZE, device="cpu")
+    assert isinstance(gen.pipe.scheduler, DDIMScheduler)
+    assert gen.pipe.scheduler.config.beta_schedule == "scaled_linear"  # the folder's schedule kept
+    sampler = gen.describe()["sampler"]
+    assert sampler == {
+        "scheduler": "DDIMScheduler",
+        "scheduler_config_from": "PNDMScheduler",
+        "steps": 3,
+        "eta": 0.0,
+        "guidance_scale": 6.0,
+        "dtype": "float32",
+        "native_size": 32,
+    }
+    images, seeds = _images(1), _seeds(1, 1)
+    stochastic = build_generator("sd-variation", {**settings, "eta": 1.0}, image_size=IMAGE_SIZE, device="cpu")
+    # eta now matters (PNDM would give the same views for both)
+    assert not np.allclose(gen.generate(images, seeds), stochastic.generate(images, seeds))

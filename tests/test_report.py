@@ -128,3 +128,15 @@ def test_cli_writes_table_and_figure(table4_evals, tmp_path):
     )
     run("report", ["figure4", "--table", str(out), "--output", str(fig)])
     assert out.exists() and fig.stat().st_size > 1000
+
+
+def test_substitute_generators_are_labelled_as_such():
+    from pipeline.constants import views_label
+
+    assert "substitute for the paper's S-LDM" in views_label("sd-variation")
+    assert views_label("sldm") == "sldm diffusion views"
+    row = {"method": "cdgmae", "anchors": 1, "anchor_mask": 0.0, "generator": "sd-variation"}
+    assert tables.method_label(row) == (
+        "CDG-MAE-a1 on sd-variation views (CLIP-conditioned SD image variations, a substitute for the paper's S-LDM)"
+    )
+    assert tables.method_label({**row, "generator": "sldm"}) == "CDG-MAE-a1"

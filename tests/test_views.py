@@ -1,7 +1,9 @@
 """Bag-of-views stage: determinism across shards/batches/resume, killed-run resume, rejects,
 non-finite regeneration, merge validation, BagDataset and the figure."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from pipeline.views.figure import plot_bag
 from pipeline.views.generators import GENERATORS, ViewGenerator
 from pipeline.views.hdf5 import ViewsError
 from pipeline.views.merge import merge_shards
-from pipeline.views.shards import ShardWriter, shard_range, view_seed
+from pipeline.views.shards import ShardWriter, shard_fingerprint, shard_range, view_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 3
@@ -143,6 +145,27 @@ def test_diffusion_views_identical_across_shard_counts(imagenet, tmp_path_factor
     b3 = BagDataset(tmp / "a" / "shard-0.h5")
     diff = max(np.abs(b1[i]["views"][m].astype(int) - b3[i]["views"][m]).mean() for i in range(6) for m in range(2))
     assert diff < 0.5
+    # the sampler actually run is recorded on the shard and carried onto the merged bag
+    with h5py.File(tmp / "a" / "shard-0.h5", "r") as f:
+        (sampler,) = json.loads(f.attrs["samplers"])
+    assert sampler["sampler"]["scheduler"] == "DDIMScheduler" and sampler["sampler"]["eta"] == 0.0
+    assert sampler["sampler"]["dtype"] == "float32" and sampler["sampler"]["steps"] == 2
+
+
+def test_view_parts_are_keyed_on_the_weights_not_their_path(tmp_path):
+    """Weights replaced in place invalidate finished parts; a moved folder keeps them."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "unet.safetensors").write_bytes(b"weights v1")
+    (model / "config.json").write_text("{}")
+    cfg = {**section_defaults("views"), "generators": {"sd-variation": {"model_path": str(model), "steps": 2}}}
+    before = shard_fingerprint("sd-variation", cfg, SEED)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(model, moved)
+    cfg_moved = {**cfg, "generators": {"sd-variation": {"model_path": str(moved), "steps": 2}}}
+    assert shard_fingerprint("sd-variation", cfg_moved, SEED) == before
+    (model / "unet.safetensors").write_bytes(b"weights v2")
+    assert shard_fingerprint("sd-variation", cfg, SEED) != before
 
 
 def _cli_generate(root, out, settings, extra=()):

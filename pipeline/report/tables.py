@@ -25,7 +25,7 @@ import yaml
 from pipeline.cells import RANDOM_INIT, parse_model_path
 from pipeline.cli import command_parser
 from pipeline.config import load_settings
-from pipeline.constants import BASELINE_GENERATORS, EVAL_DATASETS, views_label
+from pipeline.constants import BASELINE_GENERATORS, EVAL_DATASETS, SUBSTITUTE_GENERATORS, views_label
 from pipeline.io import write_csv_atomic
 from pipeline.runtime import setup_logging
 from pipeline.tables import PROPAGATION_TABLES, TABLES
@@ -111,6 +111,8 @@ def method_label(row: dict) -> str:
     name = {(1, 0.0): "a1", (3, 0.25): "a3"}.get((n, ra), f"N{n}-ra{ra:g}")
     if row.get("generator") in BASELINE_GENERATORS:
         return f"cross-view MAE-{name} on {row['generator']} pseudo-views (baseline)"
+    if row.get("generator") in SUBSTITUTE_GENERATORS:
+        return f"CDG-MAE-{name} on {row['generator']} views ({SUBSTITUTE_GENERATORS[row['generator']]})"
     return f"CDG-MAE-{name}"
 
 

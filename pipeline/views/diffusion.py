@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionImageVariationPipeline
+from diffusers import DDIMScheduler, StableDiffusionImageVariationPipeline
 from PIL import Image
 
 from pipeline.devices import resolve_device
@@ -80,9 +80,27 @@ class SDVariationGenerator(ViewGenerator):
         self.pipe = StableDiffusionImageVariationPipeline.from_pretrained(
             path, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
+        # the paper samples with DDIM (eta from the settings); the public image-variation folder
+        # ships PNDM, which would ignore eta: DDIM from the folder's own noise-schedule config
+        self.shipped_scheduler = type(self.pipe.scheduler).__name__
+        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.dtype = dtype
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def describe(self) -> dict:
+        s = self.settings
+        sampler = {
+            "scheduler": type(self.pipe.scheduler).__name__,
+            "scheduler_config_from": self.shipped_scheduler,
+            "steps": int(s.get("steps", 50)),
+            "eta": float(s.get("eta", 0.0)),
+            "guidance_scale": float(s.get("guidance_scale", 6.0)),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "native_size": self.native,
+        }
+        return {**super().describe(), "sampler": sampler}
 
     def generate(self, images, seeds):
         seeds = np.asarray(seeds, dtype=np.int64)

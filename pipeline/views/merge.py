@@ -9,6 +9,7 @@ and in ``BagDataset``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -135,6 +136,8 @@ def merge_shards(
             else:
                 raise ValueError(f"unknown merge mode {mode!r} (copy, vds)")
             f.attrs.update({k: attrs[0][k] for k in COMMON_ATTRS})
+            samplers = [s for a in attrs for s in json.loads(a.get("samplers", "[]"))]
+            f.attrs["samplers"] = json.dumps([s for i, s in enumerate(samplers) if s not in samplers[:i]])
             f.attrs.update(
                 expected_rows=N,
                 n_shards=S,

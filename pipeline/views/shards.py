@@ -29,7 +29,7 @@ import pandas as pd
 from pipeline.config import load_settings, section_defaults
 from pipeline.data.readers import list_imagenet
 from pipeline.imaging import load_square
-from pipeline.io import atomic_path, write_csv_atomic
+from pipeline.io import atomic_path, folder_sha256, write_csv_atomic
 from pipeline.runtime import derive_seed, progress
 from pipeline.views.generators import GENERATORS, build_generator
 from pipeline.views.hdf5 import (
@@ -94,6 +94,12 @@ def shard_fingerprint(generator: str, cfg: dict, seed: int) -> str:
         "jpeg_quality": cfg["jpeg_quality"],
         "generator_settings": cfg["generators"][generator],
     }
+    model_path = cfg["generators"][generator].get("model_path")
+    if model_path and Path(model_path).is_dir():
+        # the weights' content, not their path: weights replaced in place redo every part, a moved
+        # folder reuses them
+        key["generator_settings"] = {k: v for k, v in key["generator_settings"].items() if k != "model_path"}
+        key["weights_sha256"] = folder_sha256(model_path)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -276,6 +282,8 @@ class ShardWriter:
                     index_end=hi,
                     sources_hash=self._ids_hash(lo, hi),
                     expected_rows=len(ids),
+                    # how the views were sampled, as actually run (scheduler, steps, eta, dtype)
+                    sampler=json.dumps(self.gen.describe(), sort_keys=True, default=str),
                 )
                 f.attrs["complete"] = True  # last: a part without it is never trusted
         return len(rej)
@@ -367,6 +375,17 @@ class ShardWriter:
             format_version=FORMAT_VERSION,
         )
 
+    def _samplers(self, n_parts: int) -> list[dict]:
+        """The distinct ``sampler`` records of the parts, in part order (one unless parts were made
+        on different devices, e.g. float16 on a GPU and float32 on a CPU)."""
+        seen: list[dict] = []
+        for j in range(n_parts):
+            with h5py.File(self.part_path(j), "r") as f:
+                rec = json.loads(f.attrs.get("sampler", "{}"))
+            if rec not in seen:
+                seen.append(rec)
+        return seen
+
     def assemble(self, parts) -> Path:
         """Concatenate the parts into the shard file and write the rejects CSV (both atomic)."""
         rows = read_rows([self.part_path(j) for j in range(len(parts))])
@@ -379,6 +398,7 @@ class ShardWriter:
             with h5py.File(tmp, "w") as f:
                 write_rows(f, **rows, M=self.M)
                 f.attrs.update(self._shard_attrs(n_rows, len(rejects)))
+                f.attrs["samplers"] = json.dumps(self._samplers(len(parts)))
                 f.attrs["complete"] = True
         LOG.info(
             "shard %d: %d rows, %d rejects -> %s (%d parts written, %d reused)",
