@@ -12,15 +12,15 @@ from pipeline.views.generators import GENERATORS, build_generator
 IMAGE_SIZE = 32
 
 
-def _tiny_unet(cross_attention_dim=32):
+def _tiny_unet(cross_attention_dim=32, channels=4, sample_size=16):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_attention_dim,
@@ -89,8 +89,9 @@ def build_tiny_sd_variation(folder):
     return folder
 
 
-def build_tiny_sldm(folder):
-    """A random-weight S-LDM folder (tiny timm ViT encoder, Linear projector) via save_sldm."""
+def build_tiny_sldm(folder, pixel_space=False, **save_kwargs):
+    """A random-weight S-LDM folder (tiny timm ViT encoder, Linear projector) via save_sldm; in
+    pixel space (no VAE) the UNet denoises 24-px RGB images directly."""
     import timm
     import torch
 
@@ -100,15 +101,18 @@ def build_tiny_sldm(folder):
     kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
     encoder = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kwargs)
     projector = torch.nn.Linear(48, 32)
+    unet = _tiny_unet(32, channels=3, sample_size=24) if pixel_space else _tiny_unet(32)
+    vae = None if pixel_space else _tiny_vae()
     return save_sldm(
         folder,
-        _tiny_unet(32),
-        _tiny_vae(),
+        unet,
+        vae,
         _scheduler(),
         encoder,
         "vit_tiny_patch16_224",
         projector,
         encoder_kwargs=kwargs,
+        **save_kwargs,
     )
 
 
@@ -267,3 +271,54 @@ def test_sd_variation_samples_with_ddim_from_a_pndm_folder(tmp_path):
     stochastic = build_generator("sd-variation", {**settings, "eta": 1.0}, image_size=IMAGE_SIZE, device="cpu")
     # eta now matters (PNDM would give the same views for both)
     assert not np.allclose(gen.generate(images, seeds), stochastic.generate(images, seeds))
+
+
+def test_sldm_folder_validation_names_the_problem(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from pipeline.views.sldm import SLDMFolderError
+
+    settings = {"steps": 1}
+    folder = build_tiny_sldm(tmp_path / "missing")
+    (folder / "projector.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="projector.safetensors"):
+        build_generator("sldm", {**settings, "model_path": str(folder)}, image_size=24, device="cpu")
+    # a scheduler other than the one the UNet was trained with is refused, naming the key
+    folder = build_tiny_sldm(tmp_path / "scheduler")
+    wrong = DDIMScheduler.from_config({**DDIMScheduler.load_config(folder / "scheduler"), "beta_schedule": "linear"})
+    wrong.save_pretrained(folder / "scheduler")
+    with pytest.raises(
+        SLDMFolderError, match="beta_schedule = 'linear', but the UNet was trained with 'scaled_linear'"
+    ):
+        build_generator("sldm", {**settings, "model_path": str(folder)}, image_size=24, device="cpu")
+    folder = build_tiny_sldm(tmp_path / "manifest")
+    manifest = json.loads((folder / "sldm.json").read_text())
+    del manifest["conditioning"]
+    (folder / "sldm.json").write_text(json.dumps(manifest))
+    with pytest.raises(SLDMFolderError, match="lacks key 'conditioning'"):
+        build_generator("sldm", {**settings, "model_path": str(folder)}, image_size=24, device="cpu")
+
+
+def test_sldm_uses_the_cfg_null_convention_recorded_in_training(tmp_path, sldm_dir):
+    folder = build_tiny_sldm(tmp_path / "zero", null_condition="zero_token", p_uncond=0.1)
+    assert json.loads((folder / "sldm.json").read_text())["conditioning"] == {
+        "null_condition": "zero_token",
+        "p_uncond": 0.1,
+    }
+    settings = {"steps": 2, "guidance_scale": 6.0}
+    recorded = build_generator("sldm", {**settings, "model_path": str(folder)}, image_size=24, device="cpu")
+    assert recorded.null_condition == "zero_token" and recorded.describe()["sampler"]["null_condition"] == "zero_token"
+    # same weights (seed 0) saved with the other convention, asked for zero_token explicitly: same views
+    explicit = build_generator(
+        "sldm", {**settings, "model_path": str(sldm_dir), "null_condition": "zero_token"}, image_size=24, device="cpu"
+    )
+    images, seeds = _images(1), _seeds(1, 2)
+    np.testing.assert_array_equal(recorded.generate(images, seeds), explicit.generate(images, seeds))
+
+
+def test_sldm_in_pixel_space(tmp_path):
+    folder = build_tiny_sldm(tmp_path / "pixel", pixel_space=True)
+    assert json.loads((folder / "sldm.json").read_text())["vae"] is None and not (folder / "vae").exists()
+    gen = build_generator("sldm", {"model_path": str(folder), "steps": 2}, image_size=24, device="cpu")
+    out = gen.generate(_images(2), _seeds(2, 2))
+    assert out.shape == (2, 2, 24, 24, 3) and np.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()

@@ -1,8 +1,9 @@
 """The self-supervised LDM view generator (``sldm``) and the folder it loads (``save_sldm``).
 
-Gen-SIS / RCG style: ``UNet2DConditionModel`` + ``AutoencoderKL`` + ``DDIMScheduler`` conditioned
-on the CLS embedding of a timm ViT, projected by a Linear to one cross-attention token, with our own
-classifier-free-guidance loop. One local folder with a JSON manifest (``sldm.json``).
+Gen-SIS / RCG style: ``UNet2DConditionModel`` + ``AutoencoderKL`` (or pixel space) + DDIM sampling,
+conditioned on the CLS embedding of a timm ViT, projected by a Linear to one cross-attention token,
+with our own classifier-free-guidance loop. One local folder with a JSON manifest (``sldm.json``);
+the format is documented in ``docs/sldm-format.md`` and validated on load (``validate_folder``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from pipeline.views.base import ViewGenerator, register
 from pipeline.views.diffusion import cpu_generators, model_dir, to_output, torch_dtype
 
 SLDM_MANIFEST = "sldm.json"
-MANIFEST_KEYS = ("encoder", "projector", "unet", "vae", "scheduler")
+MANIFEST_KEYS = ("encoder", "projector", "unet", "vae", "scheduler", "conditioning")
+# the noise-schedule keys the sampler must agree on with training (checked, not assumed)
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+NULL_CONDITIONS = ("projected_zero", "zero_token")
+
+
+class SLDMFolderError(ValueError):
+    """An S-LDM folder that does not match its documented format; the message names the file/key."""
 
 
 def save_sldm(
@@ -38,18 +46,25 @@ def save_sldm(
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
     embedding_norm: str = "none",
+    null_condition: str = "projected_zero",
+    p_uncond: float | None = None,
 ) -> Path:
     """Write an S-LDM folder in the layout :class:`SLDMGenerator` loads.
 
-    Layout: ``unet/``, ``vae/``, ``scheduler/`` (diffusers ``save_pretrained``),
+    Layout (``docs/sldm-format.md``): ``unet/``, ``vae/`` (absent for a pixel-space model, ``vae``
+    None), ``scheduler/`` (diffusers ``save_pretrained``; the training noise schedule),
     ``encoder.safetensors`` (timm ViT state dict), ``projector.safetensors`` (Linear D_enc -> D_ctx)
-    and ``sldm.json`` (timm name/kwargs of the encoder, its input size and normalization).
-    Used by the tests and to convert a Gen-SIS/RCG-style checkpoint once its weights are mapped.
+    and ``sldm.json``: the encoder's timm name/kwargs, input size and normalization, the schedule the
+    UNet was trained with, and the classifier-free-guidance convention (``null_condition``: the
+    null token training used; ``p_uncond``: how often the condition was dropped, when known).
     """
+    if null_condition not in NULL_CONDITIONS:
+        raise ValueError(f"null_condition must be one of {NULL_CONDITIONS}, got {null_condition!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
+    if vae is not None:
+        vae.save_pretrained(folder / "vae")
     scheduler.save_pretrained(folder / "scheduler")
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, folder / "encoder.safetensors")
     save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, folder / "projector.safetensors")
@@ -71,8 +86,9 @@ def save_sldm(
             "out_features": projector.out_features,
         },
         "unet": "unet",
-        "vae": "vae",
-        "scheduler": "scheduler",
+        "vae": "vae" if vae is not None else None,
+        "scheduler": {"folder": "scheduler", "training": {k: scheduler.config[k] for k in SCHEDULE_KEYS}},
+        "conditioning": {"null_condition": null_condition, "p_uncond": p_uncond},
     }
     (folder / SLDM_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
@@ -82,11 +98,38 @@ def read_manifest(path: Path) -> dict:
     """The ``sldm.json`` of an S-LDM folder, checked to name every component."""
     manifest_path = path / SLDM_MANIFEST
     if not manifest_path.exists():
-        raise FileNotFoundError(f"{manifest_path}: missing S-LDM manifest (see save_sldm)")
-    man = json.loads(manifest_path.read_text())
+        raise FileNotFoundError(f"{manifest_path}: missing S-LDM manifest (docs/sldm-format.md)")
+    try:
+        man = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise SLDMFolderError(f"{manifest_path}: not valid JSON ({err})") from None
     for key in MANIFEST_KEYS:
         if key not in man:
-            raise KeyError(f"{manifest_path}: manifest lacks key {key!r}")
+            raise SLDMFolderError(f"{manifest_path}: manifest lacks key {key!r}")
+    return man
+
+
+def validate_folder(path: Path) -> dict:
+    """The manifest of an S-LDM folder whose every named file exists and whose scheduler has the
+    noise schedule the UNet was trained with; raises naming the missing file or mismatched key."""
+    man = read_manifest(path)
+    needed = [man["encoder"]["weights"], man["projector"]["weights"], f"{man['unet']}/config.json"]
+    needed += [f"{man['scheduler']['folder']}/scheduler_config.json"]
+    needed += [f"{man['vae']}/config.json"] if man["vae"] else []
+    for rel in needed:
+        if not (path / rel).is_file():
+            raise FileNotFoundError(f"{path / rel}: missing from the S-LDM folder (named in {SLDM_MANIFEST})")
+    shipped = DDIMScheduler.load_config(path / man["scheduler"]["folder"])
+    for key, trained in man["scheduler"]["training"].items():
+        if shipped.get(key) != trained:
+            raise SLDMFolderError(
+                f"{path / man['scheduler']['folder']}: scheduler {key} = {shipped.get(key)!r}, but the UNet "
+                f"was trained with {trained!r} ({SLDM_MANIFEST})"
+            )
+    if man["scheduler"]["training"].get("prediction_type") != "epsilon":
+        raise SLDMFolderError(f"{path}: only epsilon-prediction UNets are sampled here ({SLDM_MANIFEST})")
+    if man["conditioning"].get("null_condition") not in NULL_CONDITIONS:
+        raise SLDMFolderError(f"{path / SLDM_MANIFEST}: conditioning.null_condition not in {NULL_CONDITIONS}")
     return man
 
 
@@ -107,21 +150,33 @@ class SLDMGenerator(ViewGenerator):
         self.device = resolve_device(device)
         self.dtype = torch_dtype(self.settings.get("dtype", "float16"), self.device)
         path = model_dir(self.settings, self.name)
-        self.manifest = man = read_manifest(path)
+        self.manifest = man = validate_folder(path)
+        # the CFG null token training used, unless the settings override it
+        self.null_condition = self.settings.get("null_condition") or man["conditioning"]["null_condition"]
         self._load_encoder(path, man["encoder"], man["projector"])
         self.unet = UNet2DConditionModel.from_pretrained(path / man["unet"], local_files_only=True)
-        self.vae = AutoencoderKL.from_pretrained(path / man["vae"], local_files_only=True)
-        self.scheduler = DDIMScheduler.from_pretrained(path / man["scheduler"], local_files_only=True)
-        if self.unet.config.cross_attention_dim != self.projector.out_features:
-            raise ValueError(
-                f"{path}: projector width {self.projector.out_features} != UNet "
-                f"cross_attention_dim {self.unet.config.cross_attention_dim}"
-            )
+        self.vae = AutoencoderKL.from_pretrained(path / man["vae"], local_files_only=True) if man["vae"] else None
+        self.scheduler = DDIMScheduler.from_pretrained(path / man["scheduler"]["folder"], local_files_only=True)
+        self._check_shapes(path)
         self.encoder.to(self.device).eval()
         self.projector.to(self.device).eval()
         self.unet.to(self.device, self.dtype).eval()
-        self.vae.to(self.device, torch.float32).eval()
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if self.vae is not None:
+            self.vae.to(self.device, torch.float32).eval()
+
+    def _check_shapes(self, path: Path) -> None:
+        """The components fit together: projector -> UNet context, UNet channels -> VAE latents."""
+        if self.unet.config.cross_attention_dim != self.projector.out_features:
+            raise SLDMFolderError(
+                f"{path}: projector width {self.projector.out_features} != UNet "
+                f"cross_attention_dim {self.unet.config.cross_attention_dim}"
+            )
+        channels = self.vae.config.latent_channels if self.vae is not None else 3
+        if self.unet.config.in_channels != channels:
+            raise SLDMFolderError(
+                f"{path}: UNet in_channels {self.unet.config.in_channels} != {channels} "
+                f"({'VAE latent channels' if self.vae is not None else 'RGB, pixel space'})"
+            )
 
     def _load_encoder(self, path: Path, enc: dict, pr: dict) -> None:
         """The timm ViT, its input size and normalization, and the Linear projector (on CPU)."""
@@ -137,7 +192,16 @@ class SLDMGenerator(ViewGenerator):
         self.projector.load_state_dict(load_file(path / pr["weights"]), strict=True)
 
     def describe(self) -> dict:
-        return {**super().describe(), "manifest": self.manifest}
+        s = self.settings
+        sampler = {
+            "scheduler": type(self.scheduler).__name__,
+            "steps": int(s.get("steps", 50)),
+            "eta": float(s.get("eta", 0.0)),
+            "guidance_scale": float(s.get("guidance_scale", 6.0)),
+            "null_condition": self.null_condition,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+        return {**super().describe(), "manifest": self.manifest, "sampler": sampler}
 
     def embed(self, images: np.ndarray):
         """(B, H, W, 3) uint8 -> (B, D_enc) CLS embeddings (bicubic resize, mean/std normalized)."""
@@ -155,7 +219,7 @@ class SLDMGenerator(ViewGenerator):
         """Conditional and CFG-null cross-attention tokens, (B*M, 1, D_ctx) each, image-major."""
         z = self.embed(np.asarray(images))
         cond = self.projector(z).repeat_interleave(M, 0)[:, None]
-        if self.settings.get("null_condition", "projected_zero") == "projected_zero":
+        if self.null_condition == "projected_zero":
             null = self.projector(torch.zeros_like(z[:1]))[:, None].expand_as(cond)
         else:
             null = torch.zeros_like(cond)
@@ -191,7 +255,10 @@ class SLDMGenerator(ViewGenerator):
                 * self.scheduler.init_noise_sigma
             )
             latents = self.denoise(latents, cond, null, gens)
-            x = self.vae.decode(latents.float() / self.vae.config.scaling_factor).sample
+            if self.vae is not None:
+                x = self.vae.decode(latents.float() / self.vae.config.scaling_factor).sample
+            else:  # pixel space: the UNet denoised the image itself, in [-1, 1]
+                x = latents.float()
             x = (x / 2 + 0.5).clamp(0, 1)  # (B*M, 3, h, w), NaN kept
         arr = to_output(x.permute(0, 2, 3, 1), self.image_size)
         return arr.reshape(B, M, self.image_size, self.image_size, 3)
