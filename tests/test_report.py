@@ -140,3 +140,44 @@ def test_substitute_generators_are_labelled_as_such():
         "CDG-MAE-a1 on sd-variation views (CLIP-conditioned SD image variations, a substitute for the paper's S-LDM)"
     )
     assert tables.method_label({**row, "generator": "sldm"}) == "CDG-MAE-a1"
+
+
+def test_summary_puts_our_s_ldm_beside_the_papers_generator_rows():
+    t9 = pd.DataFrame(
+        [
+            {
+                "views": "Video frames",
+                "generator": "none",
+                "global_sim": 0.9,
+                "local_sim": 0.3,
+                "nearest_patch_sim": 0.8,
+            },
+            {
+                "views": "Diffusion (S-LDM)",
+                "generator": "sldm",
+                "global_sim": 0.8,
+                "local_sim": 0.2,
+                "nearest_patch_sim": 0.7,
+            },
+            {
+                "views": "warp pseudo-views",
+                "generator": "warp",
+                "global_sim": 0.7,
+                "local_sim": 0.1,
+                "nearest_patch_sim": 0.6,
+            },
+        ]
+    )
+    t10 = pd.DataFrame(
+        [
+            {"views": g, "row": "trained", **{f"{m}_{s}": 1.0 for m in tables.HEADLINE for s in ("mean", "std")}}
+            for g in ("sldm", "warp")
+        ]
+    )
+    md = summary.summary_markdown({"table9": t9, "table10": t10}, "demo", "Data: synthetic.")
+    assert "| Video frames | 0.900 | 0.300 | 0.800 | 0.991 / 0.405 / 0.885 |" in md
+    assert "| Diffusion (S-LDM) | 0.800 | 0.200 | 0.700 | 0.991 / 0.384 / 0.794 |" in md  # Gen-SIS S-LDM
+    assert "| warp pseudo-views | 0.700 | 0.100 | 0.600 | – |" in md
+    sldm_row = next(line for line in md.splitlines() if line.startswith("| sldm |"))
+    assert sldm_row.endswith("61.2 / 37.6 / 46.5 |")
+    assert next(line for line in md.splitlines() if line.startswith("| warp |")).endswith("– |")
