@@ -4,7 +4,11 @@ Snakemake's ``resources: gpu`` is only a counter: it neither sets nor rotates
 ``CUDA_VISIBLE_DEVICES`` (snakemake #281). Every GPU rule therefore wraps its command in this
 lease (snakemake.md §3):
 
-- ``CUDA_VISIBLE_DEVICES`` already set (Slurm/cgroup allocation, or a user's choice): keep it.
+- inside a Slurm job (``SLURM_JOB_ID`` set) with ``CUDA_VISIBLE_DEVICES`` set: the scheduler bound
+  the job to its devices; keep them.
+- ``CUDA_VISIBLE_DEVICES`` set to a list outside Slurm (e.g. ``0,1,2,3`` on a shared node): that
+  list is the pool; jobs lease from it as below (lock files are named by device id, so jobs with and
+  without the variable share the same slots). An empty value means no GPU: run on CPU.
 - ``--gpus 0``: a CPU job; GPUs are hidden (``CUDA_VISIBLE_DEVICES=""``) so it cannot touch a
   device leased by another job.
 - no GPU on the node: run on CPU.
@@ -87,9 +91,18 @@ def _try_lock(path: Path):
 
 
 def acquire(
-    k: int, n_slots: int, lock_dir: Path | None = None, poll: float = 2.0, timeout: float | None = None
-) -> tuple[list[int], list[int]]:
-    """Take ``k`` of ``n_slots`` device slots; returns (device ids, lock fds). Blocks (polls)."""
+    k: int,
+    n_slots: int,
+    lock_dir: Path | None = None,
+    poll: float = 2.0,
+    timeout: float | None = None,
+    names: list[str] | None = None,
+) -> tuple[list, list[int]]:
+    """Take ``k`` of ``n_slots`` device slots; returns (device ids, lock fds). Blocks (polls).
+
+    ``names``: the device ids of the slots (a pre-set ``CUDA_VISIBLE_DEVICES`` pool); by default
+    slot i is device i."""
+    names = list(names) if names is not None else list(range(n_slots))
     if k > n_slots:
         raise LeaseError(f"asked for {k} GPUs but this node has {n_slots}")
     lock_dir = Path(lock_dir or default_lock_dir())
@@ -99,9 +112,9 @@ def acquire(
     while True:
         got: list[tuple[int, int]] = []
         for slot in range(n_slots):
-            fd = _try_lock(lock_dir / f"gpu-{slot}.lock")
+            fd = _try_lock(lock_dir / f"gpu-{names[slot]}.lock")
             if fd is not None:
-                got.append((slot, fd))
+                got.append((names[slot], fd))
                 if len(got) == k:
                     return [s for s, _ in got], [fd for _, fd in got]
         for _, fd in got:  # all or nothing: never sit on a partial set (deadlock between k>1 jobs)
@@ -132,14 +145,21 @@ def plan(k: int, lock_dir=None, poll: float = 2.0, timeout: float | None = None)
     if k == 0:
         return "", []
     preset = os.environ.get("CUDA_VISIBLE_DEVICES")
+    pool = None
     if preset is not None:
-        LOG.info("CUDA_VISIBLE_DEVICES=%r already set (scheduler allocation): keeping it", preset)
-        return None, []
-    n = count_gpus()
+        if os.environ.get("SLURM_JOB_ID"):
+            LOG.info("CUDA_VISIBLE_DEVICES=%r set by the Slurm allocation: keeping it", preset)
+            return None, []
+        pool = [d.strip() for d in preset.split(",") if d.strip()]
+        if not pool:
+            LOG.info("CUDA_VISIBLE_DEVICES is empty: running on CPU")
+            return None, []
+        LOG.info("CUDA_VISIBLE_DEVICES=%r set outside Slurm: leasing from that pool", preset)
+    n = len(pool) if pool is not None else count_gpus()
     if n == 0:
         LOG.info("no GPU on this node: running on CPU")
         return None, []
-    devices, fds = acquire(k, n, Path(lock_dir) if lock_dir else None, poll, timeout)
+    devices, fds = acquire(k, n, Path(lock_dir) if lock_dir else None, poll, timeout, names=pool)
     value = ",".join(map(str, devices))
     LOG.info("leased GPU slot(s) %s", value)
     return value, fds

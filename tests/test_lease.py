@@ -23,7 +23,7 @@ SHOW = (
 
 
 def _env(n_gpus=None, **extra):
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     if n_gpus is not None:
         env["CDGMAE_NUM_GPUS"] = str(n_gpus)
@@ -96,10 +96,30 @@ def test_dead_holder_frees_its_slot(tmp_path):
     assert time.monotonic() - t0 < 10
 
 
-def test_preset_cuda_visible_devices_is_kept(tmp_path):
-    res = _run(_lease_cmd(tmp_path), _env(4, CUDA_VISIBLE_DEVICES="3,5"))
+def test_slurm_bound_devices_are_kept(tmp_path):
+    res = _run(_lease_cmd(tmp_path), _env(4, CUDA_VISIBLE_DEVICES="3,5", SLURM_JOB_ID="42"))
     assert res.returncode == 0 and res.stdout.strip() == "3,5"
     assert not list(tmp_path.iterdir())  # no lock taken under a scheduler allocation
+
+
+def test_preset_device_list_outside_slurm_is_the_pool(tmp_path):
+    """A node-wide CUDA_VISIBLE_DEVICES list (no Slurm) is leased from, one device per job, instead
+    of every job landing on its first device."""
+    env = {k: v for k, v in _env(8, CUDA_VISIBLE_DEVICES="3,5").items() if k != "SLURM_JOB_ID"}
+    release = tmp_path / "release"
+    locks = tmp_path / "locks"
+    procs = [
+        subprocess.Popen(_lease_cmd(locks, sleep=release), env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    devices = sorted(p.stdout.readline().strip() for p in procs)
+    release.touch()
+    for p in procs:
+        p.communicate(timeout=60)
+    assert devices == ["3", "5"]
+    assert sorted(f.name for f in locks.iterdir()) == ["gpu-3.lock", "gpu-5.lock"]  # named by device id
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = _run(_lease_cmd(tmp_path / "none"), env)
+    assert res.returncode == 0 and res.stdout.strip() == ""  # an empty list: CPU, nothing leased
 
 
 def test_no_gpu_runs_on_cpu_and_gpus_zero_hides_devices(tmp_path):
