@@ -90,6 +90,12 @@ def test_table5_names_and_cited_rows(tmp_path):
     assert cited[cited.method == "MAE"].iloc[0]["davis_jf_m"] == 53.5
     crop = table[table.method == "CropMAE"].iloc[0]
     assert crop["davis_j_m"] == pytest.approx(24.0) and crop["jhmdb_pck02"] == pytest.approx(39.0)
+    # our rows name our recipe (epochs), the cited ones the paper's
+    assert crop["recipe"] == "ours: 4 epochs, test"
+    assert cited[cited.method == "Video-MAE"].iloc[0]["recipe"] == "paper: 800 epochs, Kinetics-400"
+    md = summary.summary_markdown({"table5": table}, "test", "Data: synthetic.")
+    assert "| method | recipe | arch | epochs |" in md
+    assert "| CropMAE | ours: 4 epochs, test | vit_mini_patch8 | 4 |" in md
 
 
 def test_malformed_eval_is_named(tmp_path):

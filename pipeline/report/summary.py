@@ -79,11 +79,16 @@ def _consistency_lines(df: pd.DataFrame, ref: dict) -> list[str]:
 
 def _method_lines(df: pd.DataFrame) -> list[str]:
     """Table 5 / Figure 4: one row per method (cited rows say so in ``source``)."""
-    lines = ["| method | arch | J&F_m | VIP mIoU | PCK@0.1 | source |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | recipe | arch | epochs | J&F_m | VIP mIoU | PCK@0.1 | source |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in df.to_dict("records"):
+        epochs = r.get("epochs")
+        epochs = "–" if epochs is None or (isinstance(epochs, float) and math.isnan(epochs)) else int(epochs)
         lines.append(
-            f"| {r['method']} | {r['arch']} | {_fmt(r.get('davis_jf_m'))} | {_fmt(r.get('vip_miou'))} | "
-            f"{_fmt(r.get('jhmdb_pck01'))} | {r.get('source', '')} |"
+            f"| {r['method']} | {r.get('recipe', '–')} | {r['arch']} | {epochs} | {_fmt(r.get('davis_jf_m'))} | "
+            f"{_fmt(r.get('vip_miou'))} | {_fmt(r.get('jhmdb_pck01'))} | {r.get('source', '')} |"
         )
     return lines
 

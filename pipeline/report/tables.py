@@ -179,6 +179,8 @@ def _method_rows(name: str, table: pd.DataFrame, metrics, run_label: str, cited:
             "dataset": "-" if is_ref else ("frame-folder videos" if r.get("method") == "siammae" else "image set"),
             "epochs": r.get("epochs"),
             "n_seeds": r["n_seeds"],
+            # our rows are our recipe, never the paper's (e.g. SiamMAE: 2000 epochs on Kinetics-400)
+            "recipe": "-" if is_ref else f"ours: {_epochs(r.get('epochs'))} epochs, {run_label}",
         }
         for m in metrics:
             out[m] = r[f"{m}_mean"]
@@ -189,9 +191,19 @@ def _method_rows(name: str, table: pd.DataFrame, metrics, run_label: str, cited:
         paper = yaml.safe_load(PAPER_NUMBERS.read_text())["table5"]
         for method in ("MAE", "Video-MAE", "MAE-ST"):
             rows.append(
-                {"method": method, **paper[method], "n_seeds": math.nan, "source": "cited (CDG-MAE paper, Table 5)"}
+                {
+                    "method": method,
+                    **paper[method],
+                    "n_seeds": math.nan,
+                    "recipe": f"paper: {paper[method]['epochs']} epochs, {paper[method]['dataset']}",
+                    "source": "cited (CDG-MAE paper, Table 5)",
+                }
             )
     return pd.DataFrame(rows)
+
+
+def _epochs(value) -> str:
+    return "?" if value is None or (isinstance(value, float) and math.isnan(value)) else str(int(value))
 
 
 # ---------------------------------------------------------------------------------------------
