@@ -91,3 +91,26 @@ def test_parse_cells():
     for bad in ("2", "0:0.5", "2:25", ""):
         with pytest.raises(ValueError, match="--cells"):
             parse_cells(bad)
+
+
+def test_count_does_not_depend_on_the_attention_kernel():
+    """timm's unfused attention (TIMM_FUSED_ATTN=0, read at import) computes QK^T and AV with
+    matmul: still not counted, as with the fused kernel (before: 6.036 vs 6.398 GMACs at N = 1)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from pipeline.pretrain.flops import table8_gflops\n"
+        "from tests.test_models_mae import TINY\n"
+        "print([r['gflops'] for r in table8_gflops(arch=TINY, img_size=32, cells=[(1, 0.0), (2, 0.5)])])"
+    )
+    root = Path(__file__).resolve().parent.parent
+    counts = {}
+    for fused in ("0", "1"):
+        env = {**os.environ, "TIMM_FUSED_ATTN": fused, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+        res = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
+        )
+        counts[fused] = res.stdout.strip().splitlines()[-1]
+    assert counts["0"] == counts["1"], counts

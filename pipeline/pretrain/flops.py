@@ -4,8 +4,10 @@ Convention (spec model-and-training.md §11, the usual one in MAE-family papers)
 ``FlopCountAnalysis`` total for one sample, forward pass up to the loss, i.e.
 
 * one multiply-add = 1 (the paper's "GFLOPs" are GMACs); Linear and conv counted, LayerNorm 5·numel;
-* attention QK^T and AV products not counted (they run inside ``scaled_dot_product_attention``,
-  which fvcore skips, as it skips softmax, GELU and the loss);
+* attention QK^T and AV products not counted, whatever kernel runs them: fused
+  (``scaled_dot_product_attention``, which fvcore skips, as it skips softmax, GELU and the loss) or
+  unfused (``TIMM_FUSED_ATTN=0``: ``matmul`` / ``bmm``, whose handles are removed here; every
+  Linear layer is ``aten::linear`` / ``addmm`` and stays counted);
 * the patch-embed conv runs on every patch of every view (masking happens after embedding);
   masked tokens are dropped at the encoder input and cost nothing.
 
@@ -43,6 +45,8 @@ with warnings.catch_warnings():
 LOG = logging.getLogger("cdgmae.flops")
 
 TABLE8_CELLS = "1:0,2:0,2:0.25,2:0.5,3:0.25,3:0.5,4:0.25,4:0.5"
+# the ops an unfused attention computes QK^T and AV with: not counted, by the paper's convention
+ATTENTION_PRODUCT_OPS = ("aten::matmul", "aten::bmm", "aten::baddbmm")
 
 
 def parse_cells(text: str) -> list[tuple[int, float]]:
@@ -73,9 +77,15 @@ class _LossOnly(nn.Module):
         return self.model(views, self.target_mask, self.anchor_mask)[0]
 
 
+def _no_macs(inputs, outputs) -> int:
+    return 0
+
+
 def gmacs_fvcore(model: nn.Module, views: torch.Tensor, target_mask: float, anchor_mask: float) -> float:
     """fvcore FlopCountAnalysis total (GMACs) of one forward pass on ``views`` (1, 1+N, 3, H, W)."""
     analysis = FlopCountAnalysis(_LossOnly(model, target_mask, anchor_mask), views)
+    # zero-cost handles (a ``None`` handle does not override fvcore's built-in matmul counter)
+    analysis.set_op_handle(**{op: _no_macs for op in ATTENTION_PRODUCT_OPS})
     analysis.unsupported_ops_warnings(False)  # sdpa, GELU, softmax, loss: skipped by convention
     analysis.uncalled_modules_warnings(False)
     with warnings.catch_warnings():
