@@ -1,6 +1,7 @@
 """CrossViewMAE / ViTEncoder: masking, loss, gradients, equivalences, parameter counts, loading."""
 
 import argparse
+import fractions
 import math
 
 import pytest
@@ -415,6 +416,16 @@ def test_load_encoder_from_mae_format_and_encoder_only(tmp_path):
     assert enc2.img_size == 64 and len(enc2.blocks) == 4 and enc2.blocks[0].attn.num_heads == 4
 
 
+def test_reference_checkpoint_with_pickled_args_loads(tmp_path):
+    """MAE / CropMAE training checkpoints carry ``args`` (an argparse.Namespace): allowed by name."""
+    model = tiny_model(seed=5)
+    flat = {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
+    args = argparse.Namespace(model="mae_vit_small_patch16", lr=1.5e-4, output_dir="out")
+    torch.save({"model": flat, "optimizer": {}, "epoch": 99, "scaler": {}, "args": args}, tmp_path / "ref.pth")
+    enc = load_encoder(tmp_path / "ref.pth", arch=TINY)
+    assert torch.equal(enc.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
+
+
 def test_load_encoder_fails_loudly(tmp_path):
     model = tiny_model()
     state = model.state_dict()
@@ -422,8 +433,8 @@ def test_load_encoder_fails_loudly(tmp_path):
     torch.save({"model": state, "arch": model.arch, "img_size": 32}, tmp_path / "partial.pth")
     with pytest.raises(KeyError, match="blocks.1.mlp.fc2.weight"):
         load_encoder(tmp_path / "partial.pth")
-    # reference-style checkpoint with a pickled argparse.Namespace is refused under weights_only
-    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.pth")
+    # an object outside the allow-list is refused under weights_only
+    torch.save({"model": model.state_dict(), "extra": fractions.Fraction(1, 3)}, tmp_path / "pickled.pth")
     with pytest.raises(RuntimeError, match="weights_only=True"):
         load_encoder(tmp_path / "pickled.pth", arch=TINY)
     with pytest.raises(FileNotFoundError, match="nothing.pth"):

@@ -80,12 +80,18 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return resolve_arch(hits[0])
 
 
+# what reference training checkpoints pickle besides tensors (MAE / CropMAE save ``args``, an
+# ``argparse.Namespace``): allowed by name, never a blanket ``weights_only=False``
+REFERENCE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+
+
 def _read_checkpoint(path: str) -> tuple[Mapping, dict[str, torch.Tensor]]:
     """(the whole checkpoint, its encoder state dict); every failure names the file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"encoder checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(REFERENCE_CHECKPOINT_GLOBALS)):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file or pickled non-tensor objects
         raise RuntimeError(f"cannot load {path} with weights_only=True: {err}") from err
     if not isinstance(ckpt, Mapping):
