@@ -152,8 +152,41 @@ def test_checkpoint_weights_only_and_load_encoder(tmp_path):
     state = torch.load(tmp_path / "state" / "last.pth", weights_only=True)
     assert state["history"]["step"] == [0, 1]
     encoder = load_encoder(tmp_path / "ck.pth")
-    assert torch.equal(encoder.cls_token, ckpt["model"]["encoder.cls_token"])
+    assert torch.equal(encoder.cls_token, ckpt["model"]["cls_token"])  # MAE layout: encoder keys at the top
     assert encoder.dense_features(torch.zeros(1, 3, 32, 32)).shape == (1, 128, 4, 4)
+    # the resumable state keeps our own layout
+    assert "encoder.cls_token" in state["model"]
+
+
+def test_checkpoint_loads_in_the_reference_loaders(tmp_path):
+    """Key matching of the reference tools on our released checkpoint: CropMAE's propagation ViT
+    keeps the ``ckpt["model"]`` keys its own state dict has (it printed "load [0/150] params" on
+    ``encoder.``-prefixed keys), MAE's fine-tuning loads non-strictly into a timm ViT and expects only
+    the head and fc_norm to be missing."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from pipeline.pretrain.models_mae import ARCHS, build_encoder
+
+    cell, settings = setup(epochs=1)
+    train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
+    released = torch.load(tmp_path / "ck.pth", weights_only=True)["model"]
+    cropmae_vit = build_encoder(cell["arch"], settings["img_size"]).state_dict()  # CropMAE's key names
+    matched = {k: v for k, v in released.items() if k in cropmae_vit}
+    assert len(matched) == len(cropmae_vit)  # "load [n/n] params"
+    a = ARCHS[cell["arch"]]
+    finetune = VisionTransformer(
+        img_size=settings["img_size"],
+        patch_size=a["patch_size"],
+        embed_dim=a["embed_dim"],
+        depth=a["depth"],
+        num_heads=a["num_heads"],
+        qkv_bias=True,
+        global_pool="avg",
+        fc_norm=True,
+        num_classes=10,
+    )
+    msg = finetune.load_state_dict(released, strict=False)
+    assert set(msg.missing_keys) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path):

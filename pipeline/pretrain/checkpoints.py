@@ -151,6 +151,19 @@ def load_encoder(
 # encoders that are not pretraining outputs: random init and external checkpoints
 
 
+def mae_layout(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full-model state dict in MAE's layout: the encoder's keys at the top level (``cls_token``,
+    ``pos_embed``, ``patch_embed.proj.*``, ``blocks.*``, ``norm.*``) beside the decoder's, which is
+    what CropMAE's evaluation and MAE's fine-tuning loaders read from ``ckpt["model"]``."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key.removeprefix("encoder.")
+        if name in out:
+            raise ValueError(f"mae_layout: {key!r} collides with a decoder key")
+        out[name] = value
+    return out
+
+
 def _encoder_payload(encoder, arch, config: dict) -> dict:
     """Checkpoint payload of docs/architecture.md with encoder weights only (MAE key names)."""
     return {

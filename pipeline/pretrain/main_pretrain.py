@@ -40,7 +40,7 @@ from pipeline.cells import CELL_KEYS, complete_cell
 from pipeline.config import load_settings, result_neutral_keys, section_defaults
 from pipeline.devices import resolve_device, set_threads
 from pipeline.io import file_sha256
-from pipeline.pretrain.checkpoints import save_torch_atomic
+from pipeline.pretrain.checkpoints import mae_layout, save_torch_atomic
 from pipeline.pretrain.engine_pretrain import (
     HISTORY_KEYS,
     EpochSampler,
@@ -349,7 +349,10 @@ def train(
     )
     step = run_epochs(loop, loader, history, start_epoch, step, resumed=state is not None, state_path=state_path, fp=fp)
     if rank == 0:
-        save_torch_atomic(payload(loop, cell["epochs"], step, fp), output)
+        final = payload(loop, cell["epochs"], step, fp)
+        # the released checkpoint in MAE's key layout (reference loaders read it); last.pth keeps ours
+        final["model"] = mae_layout(final["model"])
+        save_torch_atomic(final, output)
         write_outputs(history, cell, seed, log_csv, curve_png)
         LOG.info("wrote %s (%d steps)", output, step)
     return history
