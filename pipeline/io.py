@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -69,6 +70,31 @@ def folder_sha256(path: str | os.PathLike) -> str:
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + file_sha256(f).encode() + b"\n")
     return h.hexdigest()
+
+
+def cached_sha256(paths, cache_path: str | os.PathLike) -> list[str]:
+    """SHA-256 of each file, re-read only when its size or mtime changed since the digest recorded in
+    ``cache_path`` (a JSON file, written atomically). Keys work on content, never on mtimes: a file
+    rebuilt byte for byte gets a new mtime, is re-read, and keeps its digest."""
+    cache_path = Path(cache_path)
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digests, fresh = [], {}
+    for path in map(Path, paths):
+        st = path.stat()
+        key = str(path.resolve())
+        known = cache.get(key)
+        if known and known["size"] == st.st_size and known["mtime_ns"] == st.st_mtime_ns:
+            digest = known["sha256"]
+        else:
+            digest = file_sha256(path)
+        fresh[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        digests.append(digest)
+    if fresh != {k: cache.get(k) for k in fresh}:
+        write_text_atomic(cache_path, json.dumps({**cache, **fresh}, indent=1, sort_keys=True))
+    return digests
 
 
 def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:

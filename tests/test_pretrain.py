@@ -419,6 +419,37 @@ def test_regenerated_bag_starts_over_but_a_plain_rerun_resumes(tmp_path, caplog)
     assert again["step"] == first["step"] and again["loss"] != first["loss"]  # trained anew on the new bag
 
 
+def test_byte_identical_rebuilt_bag_resumes(tmp_path, caplog):
+    """Resume keys on the bag's content: rebuilding it byte for byte (new mtime) or moving the
+    project keeps the finished state (before: the mtime started training over)."""
+    from pipeline.views.bag import BagDataset
+
+    bag_path = tmp_path / "a" / "bag.h5"
+    bag_path.parent.mkdir()
+    write_bag(bag_path, [f"c/{i:03d}" for i in range(16)], seed=1)
+    cell, settings = setup(epochs=1)
+
+    def run(path, state):
+        dataset = BagViewsDataset(BagDataset(path), img_size=32, anchors=2, target="either", seed=3)
+        return train(cell, settings, dataset, seed=0, output=tmp_path / "ck.pth", state_dir=state)
+
+    caplog.set_level("INFO", logger="cdgmae.pretrain")
+    first = run(bag_path, tmp_path / "state")
+    time.sleep(0.01)
+    original = bag_path.read_bytes()
+    bag_path.unlink()
+    bag_path.write_bytes(original)  # same bytes, new inode and mtime
+    caplog.clear()
+    assert run(bag_path, tmp_path / "state")["loss"] == first["loss"]
+    assert "resuming from" in caplog.text and "starting over" not in caplog.text
+    moved = tmp_path / "b" / "bag.h5"  # the project moved: same content elsewhere
+    moved.parent.mkdir()
+    moved.write_bytes(original)
+    caplog.clear()
+    run(moved, tmp_path / "state")
+    assert "resuming from" in caplog.text and "starting over" not in caplog.text
+
+
 def test_loss_curve_does_not_depend_on_loader_workers(tmp_path):
     cell, settings = setup(epochs=1)
     base = train(cell, settings, dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "sa")

@@ -321,7 +321,8 @@ def train(
     accum, steps_per_epoch = batch_plan(s, len(dataset), world_size)
     peak_lr = s["base_lr"] * s["batch_size"] / 256
     amp_dtype = resolve_precision(s["precision"], device)
-    fp = resume_fingerprint(cell, s, seed, dataset.signature() if hasattr(dataset, "signature") else None)
+    data = dataset.signature(Path(state_dir) / "data_digests.json") if hasattr(dataset, "signature") else None
+    fp = resume_fingerprint(cell, s, seed, data)
     check_masks(cell, s)
     model, optimizer, scaler = build_model(cell, s, seed, device, peak_lr, amp_dtype)
     state = load_state(state_path, fp)

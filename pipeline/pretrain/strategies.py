@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from pipeline.consistency.knn_file import read_knn
 from pipeline.data.readers import list_imagenet, list_videos, read_rgb
+from pipeline.io import cached_sha256
 from pipeline.pretrain.augment import match_size, normalize, resized_crop, sample_rrc_box, to_chw
 from pipeline.registry import Registry
 from pipeline.views.bag import BagDataset
@@ -98,14 +99,12 @@ class EpochDataset(Dataset):
         """Files whose identity stands for the data (for ``signature``); none for in-memory data."""
         return []
 
-    def signature(self) -> list:
-        """(path, size, mtime_ns) of ``source_files()`` and the dataset length: a resumable training
-        state made from other data (a regenerated bag, a new neighbours file) must not be continued."""
-        out = [len(self)]
-        for path in self.source_files():
-            st = os.stat(path)
-            out.append([str(path), st.st_size, st.st_mtime_ns])
-        return out
+    def signature(self, digest_cache: str | os.PathLike) -> list:
+        """The dataset length and the content digests of ``source_files()``: a resumable training
+        state made from other data (a regenerated bag, a new neighbours file) must not be continued,
+        while a byte-identical rebuild, a moved project or a new mtime changes nothing. Digests are
+        cached in ``digest_cache`` while a file's size and mtime stay the same."""
+        return [len(self), *cached_sha256(self.source_files(), digest_cache)]
 
 
 def _spread(items: Sequence) -> list:
