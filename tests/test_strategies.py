@@ -60,7 +60,7 @@ def test_rrc_box_in_bounds_and_scale():
         assert h * w <= 60 * 80 and h * w >= 0.5 * 60 * 80 * 0.75
 
 
-@pytest.mark.parametrize("target", ["real", "generated", "either"])
+@pytest.mark.parametrize("target", ["real", "generated", "either", "real_or_generated"])
 def test_choose_bag_indices_distinct(target):
     rng = np.random.default_rng(1)
     for _ in range(300):
@@ -81,6 +81,16 @@ def test_either_picks_real_with_probability_one_in_m_plus_one():
     assert abs(real / draws - 1 / (M + 1)) < 0.01
     # and a coin flip between real and generated (P = 1/2) would fail this test
     assert real / draws < 0.3
+
+
+def test_real_or_generated_is_a_fair_coin_then_uniform_over_the_views():
+    rng = np.random.default_rng(7)
+    draws = 20000
+    targets = np.array([choose_bag_indices(rng, M, 1, "real_or_generated")[0] for _ in range(draws)])
+    # P(real) = 1/2 (se 0.0035); each of the M views 1/(2M) = 0.125 (se 0.0023)
+    assert abs((targets == 0).mean() - 0.5) < 0.015
+    for view in range(1, M + 1):
+        assert abs((targets == view).mean() - 0.5 / M) < 0.01
 
 
 def test_too_many_anchors_is_an_error():

@@ -45,14 +45,16 @@ from pipeline.views.bag import BagDataset
 # target / anchor choice in a bag of views
 
 
-TARGET_RULES = ("real", "generated", "either", "knn")
+TARGET_RULES = ("real", "generated", "either", "real_or_generated", "knn")
 
 
 def choose_bag_indices(rng: np.random.Generator, n_views: int, anchors: int, target: str) -> tuple[int, list[int]]:
     """Pick (target, anchors) among the bag images 0 = real, 1..M = generated views.
 
     ``real``: target 0; ``generated``: target uniform over 1..M; ``either``: uniform over 0..M
-    (the paper's "one image is randomly chosen", so P(real) = 1/(M+1)). Anchors: ``anchors``
+    (the paper's "one image is randomly chosen", so P(real) = 1/(M+1)); ``real_or_generated``: a
+    fair coin between the real image and a generated view (P(real) = 1/2, the other reading of the
+    paper's "random choice between real and generated"). Anchors: ``anchors``
     distinct images among the remaining M (real included when the target is generated).
     ``knn`` draws anchors from neighbours instead (see ``BagViewsDataset``), so it is not handled
     here.
@@ -63,8 +65,10 @@ def choose_bag_indices(rng: np.random.Generator, n_views: int, anchors: int, tar
         t = int(rng.integers(1, n_views + 1))
     elif target == "either":
         t = int(rng.integers(0, n_views + 1))
+    elif target == "real_or_generated":
+        t = 0 if rng.random() < 0.5 else int(rng.integers(1, n_views + 1))
     else:
-        raise ValueError(f"target rule {target!r} is not a bag rule (expected real/generated/either)")
+        raise ValueError(f"target rule {target!r} is not a bag rule (expected real/generated/either/real_or_generated)")
     rest = [i for i in range(n_views + 1) if i != t]
     if anchors > len(rest):
         raise ValueError(f"{anchors} anchors requested but the bag has only {len(rest)} other images")
