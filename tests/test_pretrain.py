@@ -219,6 +219,38 @@ def test_changed_settings_do_not_resume_a_stale_state(tmp_path):
     assert torch.load(tmp_path / "s" / "last.pth", weights_only=True)["config"]["pretrain"]["base_lr"] == 5e-4
 
 
+def test_exploding_finite_loss_stops_and_keeps_the_last_healthy_state(tmp_path, monkeypatch):
+    """A loss that explodes but stays finite (2 -> 1.5e6 at base_lr 100) stops by the documented
+    rule (> divergence_factor x the lowest loss so far), before the update, and the kept state is the
+    last epoch end whose every loss passed the rule."""
+    from pipeline.pretrain import engine_pretrain
+
+    cell, settings = setup(epochs=3)
+    real = engine_pretrain.forward_backward
+    calls = {"n": 0}
+
+    def exploding(loop, batches):
+        loss = real(loop, batches)
+        calls["n"] += 1
+        return loss * 1e6 if calls["n"] == 5 else loss  # step 4 = epoch 2's first step
+
+    monkeypatch.setattr(engine_pretrain, "forward_backward", exploding)
+    state = tmp_path / "state" / "last.pth"
+    with pytest.raises(
+        engine_pretrain.DivergedLossError, match=r"divergence_factor 10 x the lowest.*at step 4 \(epoch 2\)"
+    ):
+        train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
+    kept = torch.load(state, weights_only=True)
+    assert kept["epoch"] == 2 and max(kept["history"]["loss"]) < 10 * min(kept["history"]["loss"])
+    assert not (tmp_path / "ck.pth").exists()
+    # the rule is a setting: a looser factor lets the same spike through
+    monkeypatch.setattr(engine_pretrain, "forward_backward", real)
+    cell2, loose = setup(epochs=3, divergence_factor=1e9)
+    calls["n"] = 0
+    monkeypatch.setattr(engine_pretrain, "forward_backward", exploding)
+    train(cell2, loose, dataset(), seed=0, output=tmp_path / "ck2.pth", state_dir=tmp_path / "state2")
+
+
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     cell, settings = setup(epochs=3)
     state = tmp_path / "state" / "last.pth"

@@ -32,6 +32,23 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/inf; the message names the step and the kept checkpoint."""
 
 
+class DivergedLossError(NonFiniteLossError):
+    """The loss exploded while staying finite (the divergence rule of ``check_loss``)."""
+
+
+def check_loss(loss: float, lowest: float | None, factor: float, step: int, epoch: int, keeping: str) -> None:
+    """The divergence rule: stop on a non-finite loss, or on one above ``factor`` x the lowest loss
+    of the run so far (``pretrain.divergence_factor``); before the update, so the state saved at
+    the last epoch end, whose every loss passed this rule, is the one a retry resumes from."""
+    where = f"at step {step} (epoch {epoch}); stopped without updating, keeping {keeping}"
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"non-finite training loss ({loss}) {where}")
+    if lowest is not None and loss > factor * lowest:
+        raise DivergedLossError(
+            f"training loss {loss:.4g} > divergence_factor {factor:g} x the lowest loss so far ({lowest:.4g}) {where}"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # schedule and data order
 
@@ -138,17 +155,15 @@ def forward_backward(loop: Loop, batches) -> float:
     return loss_sum.item() / (loop.accum * loop.world_size)
 
 
-def train_one_step(loop: Loop, batches, step: int, epoch: int, keeping: str) -> tuple[float, float]:
-    """One optimizer step: (loss, lr). A non-finite loss stops before the update; ``keeping``
-    names the checkpoint a retry resumes from."""
+def train_one_step(
+    loop: Loop, batches, step: int, epoch: int, keeping: str, lowest: float | None = None
+) -> tuple[float, float]:
+    """One optimizer step: (loss, lr). An unhealthy loss (``check_loss``) stops before the update;
+    ``keeping`` names the checkpoint a retry resumes from."""
     lr = apply_lr(loop, step)
     torch.manual_seed(derive_seed(loop.seed, "step", loop.rank, step) % (1 << 62))  # masks + dropout
     loss_value = forward_backward(loop, batches)
-    if not math.isfinite(loss_value):
-        raise NonFiniteLossError(
-            f"non-finite training loss ({loss_value}) at step {step} (epoch {epoch}); "
-            f"stopped without updating, keeping {keeping}"
-        )
+    check_loss(loss_value, lowest, loop.settings["divergence_factor"], step, epoch, keeping)
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
     loop.optimizer.zero_grad(set_to_none=True)
@@ -160,9 +175,11 @@ def train_one_epoch(loop: Loop, loader, epoch: int, step: int, history: dict, ba
     returns the next step."""
     loader.sampler.set_epoch(epoch)
     batches = iter(loader)
+    lowest = min(history["loss"], default=None)  # the whole run's, across resumes
     for _ in range(loop.steps_per_epoch):
         t0 = time.perf_counter()
-        loss_value, lr = train_one_step(loop, batches, step, epoch, keeping)
+        loss_value, lr = train_one_step(loop, batches, step, epoch, keeping, lowest)
+        lowest = loss_value if lowest is None else min(lowest, loss_value)
         rate = loop.settings["batch_size"] / max(time.perf_counter() - t0, 1e-9)
         for key, value in zip(HISTORY_KEYS, (step, epoch, loss_value, lr, rate)):
             history[key].append(value)
