@@ -7,14 +7,18 @@ half-written file under its final name.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+_HOST = socket.gethostname().replace(".", "-")  # no dots: they separate the name's fields
 
 
 @contextlib.contextmanager
@@ -23,10 +27,14 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
     The temporary file lives in the same directory (same filesystem) so ``os.replace`` is atomic.
     ``suffix`` lets writers that infer the format from the extension (PIL, cv2) see the real one.
+    Its name carries the host and PID of the writer, so the temporaries a killed writer left for the
+    same path are removed by the next write (only those of dead processes on this host).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix or path.suffix) + ".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    prefix = f".{path.name}.{_HOST}.{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=(suffix or path.suffix) + ".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)
@@ -40,6 +48,27 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete ``atomic_path`` temporaries of ``path`` whose writer (same host) is no longer alive."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(_HOST)}.*.tmp"):
+        pid = tmp.name[len(f".{path.name}.{_HOST}.") :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
