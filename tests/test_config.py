@@ -32,6 +32,8 @@ def test_paper_preset_validates(repo_root):
         ({"pretrain": {"cell_defaults": {"target_mask": 1.5}}}, "pretrain.cell_defaults.target_mask"),
         ({"tables": {"table4": {"cells": [{"anchors": 2, "anchor_mask": -0.1}]}}}, "tables.table4.cells.0.anchor_mask"),
         ({"propagation": {"davis": {"gt_mode": "approx"}}}, "propagation.davis.gt_mode"),
+        # an empty root is an error, not a silent fall-back to the synthetic stand-in
+        ({"data": {"roots": {"imagenet": ""}}}, "data.roots.imagenet"),
     ],
 )
 def test_bad_config_names_the_key(repo_root, override, key):
