@@ -249,12 +249,22 @@ def test_corrupt_source_is_rejected_and_listed(tmp_path):
         assert 5 not in f["index"][:].tolist()
 
 
+def test_truncated_bag_is_named(tmp_path):
+    for name, data in (("empty.h5", b""), ("garbage.h5", b"\x89HDF\r\n\x1a\n" + b"\0" * 40)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ViewsError, match=name):
+            BagDataset(tmp_path / name)
+
+
 def test_too_many_rejects_fail_with_a_clear_message(tmp_path):
     root = _make_imagenet(tmp_path / "inet", classes=1, per_class=4)
     for p in sorted((root / "train" / "n00000000").iterdir())[:2]:
         p.write_bytes(b"not an image")
-    with pytest.raises(ViewsError, match=r"2 of 4 source images rejected.*max_reject_fraction"):
+    with pytest.raises(ViewsError, match=r"2 of 4 source images rejected.*max_reject_fraction") as err:
         _run_shards(root, tmp_path / "out", shards=1)
+    # the listing the message names exists and names the bad files
+    listing = Path(str(err.value).split("reasons are listed in the job log and in ")[1].split(" (stopped early)")[0])
+    assert len(pd.read_csv(listing)) == 2
 
 
 class _NaNFirstTry(ViewGenerator):

@@ -25,7 +25,11 @@ class BagDataset:
         self.transform = transform
         if not self.path.exists():
             raise FileNotFoundError(f"bag of views not found: {self.path}")
-        with h5py.File(self.path, "r") as f:
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as err:  # truncated, zero-byte or not HDF5: h5py's message lacks the path
+            raise ViewsError(f"{self.path}: not a readable bag of views (truncated or corrupt HDF5): {err}") from None
+        with f:
             self._validate(f)
             a = f.attrs
             self._len = len(f["index"])

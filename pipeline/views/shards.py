@@ -256,7 +256,9 @@ class ShardWriter:
         """Generate and commit part ``j``; JPEG encoding runs in ``pool`` behind the generator."""
         reals, ids, index, rej = loaded
         bar.update(len(rej))
-        self._check_rejects(n_rejects_before + len(rej), final=False)
+        if n_rejects_before + len(rej) > self._reject_limit():
+            earlier = self._read_rejects(j)
+            self._check_rejects(pd.concat([earlier, pd.DataFrame(rej, columns=REJECT_COLUMNS)]), final=False)
         encoded, seeds = [], []
         for b0 in range(0, len(ids), self.batch_size):
             batch_ids = ids[b0 : b0 + self.batch_size]
@@ -288,14 +290,18 @@ class ShardWriter:
                 f.attrs["complete"] = True  # last: a part without it is never trusted
         return len(rej)
 
-    def _check_rejects(self, n_rejects: int, final: bool) -> None:
-        n = self.end - self.start
-        limit = float(self.cfg["max_reject_fraction"]) * n
-        if n_rejects > limit:
+    def _reject_limit(self) -> float:
+        return float(self.cfg["max_reject_fraction"]) * (self.end - self.start)
+
+    def _check_rejects(self, rejects: pd.DataFrame, final: bool) -> None:
+        """Fail above ``views.max_reject_fraction``, after writing the reasons the message names."""
+        if len(rejects) > self._reject_limit():
+            listing = self.state_dir / "rejects.csv"
+            write_csv_atomic(rejects, listing)
             raise ViewsError(
-                f"shard {self.shard}: {n_rejects} of {n} source images rejected, above "
+                f"shard {self.shard}: {len(rejects)} of {self.end - self.start} source images rejected, above "
                 f"views.max_reject_fraction = {self.cfg['max_reject_fraction']}; reasons are listed "
-                f"in the job log and in {self.state_dir}/rejects.csv" + ("" if final else " (stopped early)")
+                f"in the job log and in {listing}" + ("" if final else " (stopped early)")
             )
 
     def run(self) -> Path:
@@ -391,7 +397,7 @@ class ShardWriter:
         rows = read_rows([self.part_path(j) for j in range(len(parts))])
         rejects = self._read_rejects(len(parts))
         write_csv_atomic(rejects, self.state_dir / "rejects.csv")
-        self._check_rejects(len(rejects), final=True)
+        self._check_rejects(rejects, final=True)
         write_csv_atomic(rejects, self.rejects_path)
         n_rows = len(rows["image_ids"])
         with atomic_path(self.out) as tmp:
