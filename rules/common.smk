@@ -21,6 +21,7 @@ from pipeline.cells import CELL_KEYS, CellError, canonical_cell, model_path, ran
 from pipeline.cli import command_module  # noqa: E402
 from pipeline.constants import EVAL_DATASETS as ALL_EVAL_DATASETS  # noqa: E402
 from pipeline.config import ConfigError, result_neutral_keys, validate_config  # noqa: E402
+from pipeline.data.layouts import DatasetError, check_layout  # noqa: E402  (standard library only)
 from pipeline.provenance import code_files  # noqa: E402
 from pipeline.tables import PAPER_TABLES, PROPAGATION_TABLES, TABLES, table_cells, table_seeds  # noqa: E402
 
@@ -30,6 +31,14 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err))
 validate(config, "../schemas/config.schema.yaml")
+
+# every configured dataset root has its official layout: a wrong root fails now, not in the job
+for _kind, _root in config["data"]["roots"].items():
+    if _root:
+        try:
+            check_layout(_kind, _root)
+        except DatasetError as err:
+            raise WorkflowError(f"data.roots.{_kind}: {err}")
 
 EVAL_DATASETS = config["propagation"]["evaluate"]
 

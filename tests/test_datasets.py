@@ -299,3 +299,16 @@ def test_jhmdb_official_split_and_vallist_cli(roots, tmp_path):
     )
     assert [e.name for e in read_vallist("jhmdb", out)] == test
     assert JhmdbDataset(roots["jhmdb"], split_list=out).videos == test
+
+
+def test_shallow_layout_check_names_the_missing_folder(tmp_path, roots):
+    """What the workflow runs on every configured root when it starts (a few stats, no listing)."""
+    from pipeline.data.layouts import check_layout
+
+    for kind, root in roots.items():
+        check_layout(kind, root)  # the synthetic roots are in the official layouts
+    with pytest.raises(DatasetError, match=r"missing JPEGImages/480p folder: .*\n  expected layout"):
+        check_layout("davis", tmp_path)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DatasetError, match="no sub-folders"):
+        check_layout("imagenet", tmp_path)

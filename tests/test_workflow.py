@@ -112,6 +112,17 @@ def test_default_config_dry_run(tmp_path):
     assert counts["pretrain"] == 12 and counts["propagate"] == 39
 
 
+def test_a_wrong_dataset_root_fails_when_the_workflow_starts(tmp_path):
+    """A configured root without its official layout stops the parse, naming the key and the path,
+    instead of failing hours later in the job that reads it."""
+    work = copy_workflow(tmp_path / "wf")
+    (work / "wrong.yaml").write_text(f"data: {{roots: {{davis: {tmp_path}}}}}\n")
+    proc = snakemake(work, "-n", "--cores", "1", "--configfile=wrong.yaml", "results/table4.csv", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "data.roots.davis" in out and "missing JPEGImages/480p folder" in out and str(tmp_path) in out
+
+
 def test_tiny_chain_produces_table4(tiny_run):
     table = pd.read_csv(tiny_run / "results" / "table4.csv")
     trained = table[table["row"] == "trained"]

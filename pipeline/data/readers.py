@@ -33,6 +33,8 @@ import numpy as np
 import scipy.io
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.layouts import KINDS, LAYOUTS, VALLIST_KINDS, DatasetError, layout_error, require_dir  # noqa: F401  (re-exported: the readers' API)
+
 LOG = logging.getLogger("cdgmae.datasets")
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -80,39 +82,6 @@ VIP_CLASSES = (
     "left_shoe",
     "right_shoe",
 )
-
-LAYOUTS = {
-    "imagenet": "<root>/<split>/<class>/<name>.JPEG",
-    "videos": "<root>/<video>/<frame>.jpg (one folder of frames per video)",
-    "davis": (
-        "<root>/JPEGImages/480p/<seq>/00000.jpg, <root>/Annotations/480p/<seq>/00000.png "
-        "(palette PNG of object ids), <root>/ImageSets/2017/val.txt"
-    ),
-    "vip": (
-        "<root>/Images/videos<N>/<frame>.jpg, <root>/Annotations/Category_ids/videos<N>/<frame>.png (class ids 0-19)"
-    ),
-    "jhmdb": (
-        "<root>/Rename_Images/<class>/<video>/00001.png, "
-        "<root>/joint_positions/<class>/<video>/joint_positions.mat (pos_img 2x15xT)"
-    ),
-}
-
-KINDS = tuple(LAYOUTS)
-VALLIST_KINDS = ("davis", "vip", "jhmdb")
-
-
-class DatasetError(RuntimeError):
-    """A dataset root or file is missing or malformed; the message names the path."""
-
-
-def _layout_error(kind: str, path: Path | str, problem: str) -> DatasetError:
-    return DatasetError(f"{kind} dataset: {problem}: {path}\n  expected layout: {LAYOUTS[kind]}")
-
-
-def _require_dir(kind: str, path: Path, what: str) -> Path:
-    if not path.is_dir():
-        raise _layout_error(kind, path, f"missing {what} folder")
-    return path
 
 
 def _natural_key(path: Path):
@@ -178,17 +147,17 @@ def list_imagenet(root: str | os.PathLike, split: str = "train") -> list[ImageRe
     The position of an image in this list is its global index (used by the view shards).
     """
     root = Path(root)
-    split_dir = _require_dir("imagenet", root / split, f"'{split}' split")
+    split_dir = require_dir("imagenet", root / split, f"'{split}' split")
     classes = _subdirs(split_dir)
     if not classes:
-        raise _layout_error("imagenet", split_dir, "no class folders in")
+        raise layout_error("imagenet", split_dir, "no class folders in")
     records = []
     for label, cls_dir in enumerate(classes):
         for p in cls_dir.iterdir():
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
                 records.append(ImageRecord(f"{cls_dir.name}/{p.stem}", p, label))
     if not records:
-        raise _layout_error("imagenet", split_dir, "no images (.JPEG/.jpg/.png) in")
+        raise layout_error("imagenet", split_dir, "no images (.JPEG/.jpg/.png) in")
     records.sort(key=lambda r: r.image_id)
     return records
 
@@ -200,7 +169,7 @@ def list_videos(root: str | os.PathLike) -> list[VideoRecord]:
     no video at all is an error.
     """
     root = Path(root)
-    _require_dir("videos", root, "root")
+    require_dir("videos", root, "root")
     videos = []
     for d in _subdirs(root):
         frames = _list_files(d, VIDEO_FRAME_SUFFIXES)
@@ -209,7 +178,7 @@ def list_videos(root: str | os.PathLike) -> list[VideoRecord]:
             continue
         videos.append(VideoRecord(d.name, frames))
     if not videos:
-        raise _layout_error("videos", root, "no video folder with frames in")
+        raise layout_error("videos", root, "no video folder with frames in")
     return videos
 
 
@@ -228,14 +197,14 @@ class _LabelledVideos:
         self._frames: dict[str, list[Path]] = {}
         self._annotations: dict[str, list[Path]] = {}
         for name in names:
-            frames = _list_files(_require_dir(self.kind, self.image_dir / name, unit), (".jpg",))
-            labels = _list_files(_require_dir(self.kind, self.label_dir / name, "annotation"), (".png",))
+            frames = _list_files(require_dir(self.kind, self.image_dir / name, unit), (".jpg",))
+            labels = _list_files(require_dir(self.kind, self.label_dir / name, "annotation"), (".png",))
             if not frames:
-                raise _layout_error(self.kind, self.image_dir / name, f"no .jpg frames in {unit}")
+                raise layout_error(self.kind, self.image_dir / name, f"no .jpg frames in {unit}")
             if not labels:
-                raise _layout_error(self.kind, self.label_dir / name, f"no .png annotations in {unit}")
+                raise layout_error(self.kind, self.label_dir / name, f"no .png annotations in {unit}")
             if labels[0].stem != frames[0].stem:
-                raise _layout_error(
+                raise layout_error(
                     self.kind, self.label_dir / name, f"first frame {frames[0].name} has no annotation in"
                 )
             if len(labels) != len(frames):
@@ -271,16 +240,16 @@ class DavisDataset(_LabelledVideos):
 
     def __init__(self, root: str | os.PathLike, split: str = "val", sequences: Iterable[str] | None = None):
         self.root = Path(root)
-        _require_dir("davis", self.root, "root")
-        self.image_dir = _require_dir("davis", self.root / "JPEGImages" / "480p", "JPEGImages/480p")
-        self.label_dir = _require_dir("davis", self.root / "Annotations" / "480p", "Annotations/480p")
+        require_dir("davis", self.root, "root")
+        self.image_dir = require_dir("davis", self.root / "JPEGImages" / "480p", "JPEGImages/480p")
+        self.label_dir = require_dir("davis", self.root / "Annotations" / "480p", "Annotations/480p")
         if sequences is None:
             split_file = self.root / "ImageSets" / "2017" / f"{split}.txt"
             if not split_file.is_file():
-                raise _layout_error("davis", split_file, "missing split file")
+                raise layout_error("davis", split_file, "missing split file")
             sequences = [s.strip() for s in split_file.read_text().splitlines() if s.strip()]
             if not sequences:
-                raise _layout_error("davis", split_file, "empty split file")
+                raise layout_error("davis", split_file, "empty split file")
         self.sequences = list(sequences)
         self._index(self.sequences, "sequence")
 
@@ -307,13 +276,13 @@ class VipDataset(_LabelledVideos):
 
     def __init__(self, root: str | os.PathLike, videos: Iterable[str] | None = None):
         self.root = Path(root)
-        _require_dir("vip", self.root, "root")
-        self.image_dir = _require_dir("vip", self.root / "Images", "Images")
-        self.label_dir = _require_dir("vip", self.root / "Annotations" / "Category_ids", "Annotations/Category_ids")
+        require_dir("vip", self.root, "root")
+        self.image_dir = require_dir("vip", self.root / "Images", "Images")
+        self.label_dir = require_dir("vip", self.root / "Annotations" / "Category_ids", "Annotations/Category_ids")
         if videos is None:
             videos = sorted((d.name for d in _subdirs(self.image_dir)), key=lambda n: (_vip_number(n), n))
             if not videos:
-                raise _layout_error("vip", self.image_dir, "no videos<N> folders in")
+                raise layout_error("vip", self.image_dir, "no videos<N> folders in")
         self.videos = list(videos)
         self._index(self.videos, "video")
 
@@ -347,9 +316,9 @@ class JhmdbDataset:
 
     def __init__(self, root: str | os.PathLike, split_list=None):
         self.root = Path(root)
-        _require_dir("jhmdb", self.root, "root")
-        self.image_dir = _require_dir("jhmdb", self.root / "Rename_Images", "Rename_Images")
-        self.joint_dir = _require_dir("jhmdb", self.root / "joint_positions", "joint_positions")
+        require_dir("jhmdb", self.root, "root")
+        self.image_dir = require_dir("jhmdb", self.root / "Rename_Images", "Rename_Images")
+        self.joint_dir = require_dir("jhmdb", self.root / "joint_positions", "joint_positions")
         if split_list is None:
             videos = [
                 f"{c.name}/{v.name}"
@@ -358,7 +327,7 @@ class JhmdbDataset:
                 if (self.joint_dir / c.name / v.name / "joint_positions.mat").is_file()
             ]
             if not videos:
-                raise _layout_error("jhmdb", self.root, "no video with both frames and joint_positions.mat in")
+                raise layout_error("jhmdb", self.root, "no video with both frames and joint_positions.mat in")
         elif isinstance(split_list, (str, os.PathLike)):
             videos = [e.name for e in read_vallist("jhmdb", split_list)]
         else:
@@ -367,12 +336,12 @@ class JhmdbDataset:
         self._frames: dict[str, list[Path]] = {}
         for v in self.videos:
             # the reference lists only .png frames
-            frames = _list_files(_require_dir("jhmdb", self.image_dir / v, "video"), (".png",))
+            frames = _list_files(require_dir("jhmdb", self.image_dir / v, "video"), (".png",))
             if not frames:
-                raise _layout_error("jhmdb", self.image_dir / v, "no .png frames in video")
+                raise layout_error("jhmdb", self.image_dir / v, "no .png frames in video")
             mat = self.joints_path(v)
             if not mat.is_file():
-                raise _layout_error("jhmdb", mat, "missing joint positions")
+                raise layout_error("jhmdb", mat, "missing joint positions")
             self._frames[v] = frames
 
     def __len__(self) -> int:
