@@ -13,13 +13,16 @@ import importlib
 import sys
 
 # the stage subpackages, in workflow order: a stage never imports from a later one
-STAGES = ("data", "views", "consistency", "pretrain", "propagation", "report")
+STAGES = ("data", "sldm", "views", "consistency", "pretrain", "propagation", "report")
 
 COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
     "data": {
         "synthetic": ("pipeline.data.synthetic:main", "make one synthetic dataset in its official layout"),
         "check": ("pipeline.data.check:main", "check a dataset root against its official layout"),
         "vallist": ("pipeline.data.vallists:main", "write a reference-format val list of a dataset root"),
+    },
+    "sldm": {
+        "train": ("pipeline.sldm.train:main", "train the S-LDM view generator on the pretraining images (resumable)"),
     },
     "views": {
         "generate": ("pipeline.views.shards:main", "generate one shard of the bag of views"),

@@ -1,11 +1,14 @@
-"""Torch process setup: the device, intra-op threads, global seeding."""
+"""Torch process setup: the device, intra-op threads, global seeding, the DDP process group."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def seed_everything(seed: int) -> None:
@@ -25,3 +28,24 @@ def resolve_device(device: str | None = None) -> str:
     if device:
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def distributed_context():
+    """(world_size, rank, device): DDP process group when ``WORLD_SIZE`` > 1 (torchrun)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend)
+    try:
+        yield world, rank, device
+        dist.barrier()  # only under DDP (the reference barriers unconditionally and crashes)
+    finally:
+        dist.destroy_process_group()

@@ -95,7 +95,7 @@ def build_tiny_sldm(folder, pixel_space=False, **save_kwargs):
     import timm
     import torch
 
-    from pipeline.views.sldm import save_sldm
+    from pipeline.sldm.folder import save_sldm
 
     torch.manual_seed(0)
     kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
@@ -276,7 +276,7 @@ def test_sd_variation_samples_with_ddim_from_a_pndm_folder(tmp_path):
 def test_sldm_folder_validation_names_the_problem(tmp_path):
     from diffusers import DDIMScheduler
 
-    from pipeline.views.sldm import SLDMFolderError
+    from pipeline.sldm.folder import SLDMFolderError
 
     settings = {"steps": 1}
     folder = build_tiny_sldm(tmp_path / "missing")

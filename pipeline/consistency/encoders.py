@@ -22,26 +22,19 @@ Registry ``ENCODERS`` (``consistency.encoder.name``):
 
 from __future__ import annotations
 
-import logging
-import math
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import cv2
 import numpy as np
 import timm
 import torch
-import torch.nn as nn
 from skimage.feature import hog
-from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.devices import resolve_device
 from pipeline.registry import Registry
-
-LOG = logging.getLogger("cdgmae.encoders")
+from pipeline.vit_checkpoints import load_cdgmae_vit, load_timm_checkpoint
 
 # name -> builder(settings: resolved ``consistency.encoder`` section, device: str) -> FeatureEncoder
 ENCODERS = Registry("consistency.encoder.name")
@@ -103,49 +96,6 @@ class ViTFeatureEncoder(FeatureEncoder):
         return TokenFeatures(glob.float(), patches.float(), self.grid)
 
 
-_DECODER_PREFIXES = ("decoder", "mask_token")  # MAE pretraining checkpoints carry the decoder too
-
-
-def _torch_load(path: str | Path | None, key: str = "consistency.encoder.checkpoint") -> dict:
-    """The dict stored in a local checkpoint file (``weights_only``); errors name ``key`` and the file."""
-    if path is None:
-        raise ValueError(f"{key} is null: this encoder needs a local checkpoint file")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}: checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt / not a torch file
-        raise ValueError(f"{key}: cannot read checkpoint {path}: {err}") from err
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{key}: {path} holds a {type(ckpt).__name__}, not a state dict")
-    return ckpt
-
-
-def read_state_dict(path: str | Path, key: str = "consistency.encoder.checkpoint") -> dict:
-    """State dict of an MAE-style ``{"model": ...}`` / ``{"state_dict": ...}`` or plain checkpoint."""
-    ckpt = _torch_load(path, key)
-    for k in ("model", "state_dict"):
-        if isinstance(ckpt.get(k), dict):
-            ckpt = ckpt[k]
-            break
-    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in ckpt.items()}
-
-
-def load_timm_checkpoint(model, path: str | Path) -> None:
-    """Load ``path`` into a timm ViT; missing keys are an error, extra (decoder) keys are logged."""
-    state = read_state_dict(path)
-    dropped = [k for k in state if k.startswith(_DECODER_PREFIXES)]
-    # a leftover MAE ``mask_token`` would make timm's filter treat the file as DINOv2
-    state = {k: v for k, v in state.items() if not k.startswith(_DECODER_PREFIXES)}
-    state = checkpoint_filter_fn(state, model)  # conv patch-embed, pos-embed resampled to img_size
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing:
-        raise KeyError(f"{path}: checkpoint lacks {len(missing)} encoder keys, e.g. {missing[:8]}")
-    if dropped or unexpected:
-        LOG.info("%s: ignored %d decoder and %d unexpected keys", path, len(dropped), len(unexpected))
-
-
 class TimmViTEncoder(ViTFeatureEncoder):
     def __init__(self, model_name: str, checkpoint: str | Path, image_size: int, device: str = "cpu"):
         model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=image_size)
@@ -158,99 +108,6 @@ class TimmViTEncoder(ViTFeatureEncoder):
 @ENCODERS.register("timm")
 def _build_timm(settings: dict, device: str) -> FeatureEncoder:
     return TimmViTEncoder(settings["timm_model"], settings["checkpoint"], settings["image_size"], device)
-
-
-# our pretraining stage's encoder keys (MAE layout), under ``encoder.`` in its checkpoints
-_CDGMAE_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-_CDGMAE_ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads")
-
-
-def _strip_wrapper(state: dict, prefix: str) -> dict:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def read_cdgmae_checkpoint(path: str | Path) -> tuple[dict, dict, int]:
-    """(encoder state dict with MAE key names, arch dict, img_size) of our checkpoint payload.
-
-    The payload is ``{"model": state dict, "arch": {patch_size, embed_dim, depth, num_heads, ...},
-    "img_size": int}``; the encoder keys are ``encoder.``-prefixed in a full model and top-level in
-    an encoder-only payload, and DDP / ``torch.compile`` wrapper prefixes are removed first.
-    """
-    ckpt = _torch_load(path)
-    state = ckpt["model"] if "model" in ckpt else ckpt
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: no state dict found (expected ckpt['model'] or a dict of tensors)")
-    for wrapper in ("module.", "_orig_mod.", "module."):
-        state = _strip_wrapper(state, wrapper)
-    if any(k.startswith("encoder.") for k in state):
-        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    else:
-        state = {k: v for k, v in state.items() if k.startswith(_CDGMAE_PREFIXES)}
-    arch = ckpt.get("arch")
-    if not isinstance(arch, dict) or any(k not in arch for k in _CDGMAE_ARCH_KEYS):
-        raise ValueError(
-            f"{path}: 'arch' must be a dict with keys {list(_CDGMAE_ARCH_KEYS)} (our checkpoints store "
-            f"the resolved arch), got {arch!r}"
-        )
-    img_size = ckpt.get("img_size")
-    if img_size is None:  # a square grid of patches, as our encoder is built
-        if "pos_embed" not in state:
-            raise KeyError(f"{path}: encoder key 'pos_embed' missing; cannot infer img_size")
-        img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * int(arch["patch_size"])
-    return state, {k: int(arch[k]) for k in _CDGMAE_ARCH_KEYS}, int(img_size)
-
-
-def cdgmae_vit(arch: dict, img_size: int) -> VisionTransformer:
-    """A timm ViT whose ``forward_features`` is our encoder's forward: timm PatchEmbed and Blocks
-    (mlp_ratio 4, qkv bias, LayerNorm eps 1e-6), cls token + pos_embed[:, :1], final LayerNorm."""
-    return VisionTransformer(
-        img_size=img_size,
-        **{k: arch[k] for k in _CDGMAE_ARCH_KEYS},
-        mlp_ratio=4.0,
-        qkv_bias=True,
-        num_classes=0,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        weight_init="skip",  # every weight comes from the checkpoint
-    )
-
-
-def load_cdgmae_vit(path: str | Path, image_size: int) -> VisionTransformer:
-    """Our checkpoint in a timm ViT at ``image_size``, loaded strictly (every encoder key, right shapes).
-
-    Built at the checkpoint's ``img_size`` when ``image_size`` equals it (then the forward is our
-    encoder's, bit for bit); otherwise timm's ``resample_abs_pos_embed`` (bicubic, antialiased)
-    resamples the stored position embedding to the ``image_size`` grid, which is not the DINO-style
-    interpolation the pretraining stage applies to other input sizes.
-    """
-    state, arch, img_size = read_cdgmae_checkpoint(path)
-    if image_size % arch["patch_size"]:
-        raise ValueError(
-            f"consistency.encoder.image_size {image_size} is not a multiple of patch_size {arch['patch_size']}"
-        )
-    model = cdgmae_vit(arch, image_size)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    if missing:
-        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-        raise KeyError(f"{path}: {len(missing)} of {len(expected)} encoder keys missing: {shown}")
-    state = {k: state[k] for k in expected}
-    if image_size != img_size:
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(model.patch_embed.grid_size))
-    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{path}: encoder shape mismatch: {'; '.join(bad[:8])}")
-    model.load_state_dict(state, strict=True)
-    LOG.info(
-        "loaded %d encoder tensors from %s (arch %s, img_size %d -> %d)",
-        len(expected),
-        path,
-        arch,
-        img_size,
-        image_size,
-    )
-    return model
 
 
 class CdgmaeEncoder(ViTFeatureEncoder):

@@ -1,5 +1,5 @@
 """The pretraining loop (MAE's ``engine_pretrain``): one optimizer step, one epoch, the lr schedule,
-the data order, the loss history and its outputs, and the DDP process group.
+the data order, the loss history and its outputs (the DDP process group: ``pipeline.devices``).
 
 Every step is a function of (seed, rank, step) and every sample of (seed, epoch, index): the lr is
 set from the step index before the optimizer step (so step 0 runs at lr 0, not the peak), and the
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -216,28 +215,3 @@ def plot_curve(history: dict, path, title: str) -> None:
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed
-
-
-@contextlib.contextmanager
-def distributed_context():
-    """(world_size, rank, device): DDP process group when ``WORLD_SIZE`` > 1 (torchrun)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        yield 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend)
-    try:
-        yield world, rank, device
-        dist.barrier()  # only under DDP (the reference barriers unconditionally and crashes)
-    finally:
-        dist.destroy_process_group()

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.cells import CELL_KEYS, complete_cell
 from pipeline.config import load_settings, result_neutral_keys, section_defaults
-from pipeline.devices import resolve_device, set_threads
+from pipeline.devices import distributed_context, resolve_device, set_threads
 from pipeline.io import file_sha256
 from pipeline.pretrain.checkpoints import mae_layout, save_torch_atomic
 from pipeline.pretrain.engine_pretrain import (
@@ -46,7 +46,6 @@ from pipeline.pretrain.engine_pretrain import (
     EpochSampler,
     Loop,
     NonFiniteLossError,
-    distributed_context,
     new_history,
     plot_curve,
     train_one_epoch,

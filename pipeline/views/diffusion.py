@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline.devices import resolve_device
 from pipeline.imaging import resize_square
+from pipeline.sldm.sampling import cpu_generators
 from pipeline.views.base import ViewGenerator, register
 
 LOG = logging.getLogger("cdgmae.generators")
@@ -29,11 +30,6 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
         LOG.info("dtype %s requested but running on CPU: using float32", name)
         return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def cpu_generators(seeds: np.ndarray) -> list[torch.Generator]:
-    """One CPU torch.Generator per view, flattened in (image, view) order."""
-    return [torch.Generator("cpu").manual_seed(int(s)) for s in np.asarray(seeds).reshape(-1)]
 
 
 def model_dir(settings: dict, name: str) -> Path:

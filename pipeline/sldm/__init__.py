@@ -1,0 +1,6 @@
+"""Stage 0.5: train the self-supervised LDM view generator (S-LDM) on the pretraining images.
+
+``python -m pipeline.sldm <command>``: the commands are listed in ``pipeline.cli.COMMANDS``. The
+folder it writes (``folder.py``, ``docs/sldm-format.md``) is what the views stage's ``sldm``
+generator loads; the classifier-free-guidance DDIM sampler both use is ``sampling.py``.
+"""
