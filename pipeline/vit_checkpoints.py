@@ -8,6 +8,7 @@ neither stage may import the pretraining stage (our checkpoint's encoder is read
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 from functools import partial
@@ -31,7 +32,9 @@ def _torch_load(path: str | Path | None, key: str = "consistency.encoder.checkpo
     if not path.is_file():
         raise FileNotFoundError(f"{key}: checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # MAE / DINO training checkpoints pickle an argparse.Namespace: allowed by name only
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt / not a torch file
         raise ValueError(f"{key}: cannot read checkpoint {path}: {err}") from err
     if not isinstance(ckpt, dict):
