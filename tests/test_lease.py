@@ -55,20 +55,22 @@ def _run(cmd, env, timeout=60):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_concurrent_leases_get_different_devices(tmp_path):
-    env = _env(2)
-    release = tmp_path / "release"
-    locks = tmp_path / "locks"
+def _two_concurrent_leases(env, locks, release):
+    """The devices two jobs leased while both held their lease (released afterwards)."""
     procs = [
         subprocess.Popen(_lease_cmd(locks, sleep=release), env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
     ]
-    # both hold their lease until released: the second cannot reuse the first one's slot
     devices = sorted(p.stdout.readline().strip() for p in procs)
     release.touch()
     for p in procs:
         p.communicate(timeout=60)
-    assert devices == ["0", "1"]
     assert all(p.returncode == 0 for p in procs)
+    return devices
+
+
+def test_two_concurrent_leases_get_different_devices(tmp_path):
+    # both hold their lease until released: the second cannot reuse the first one's slot
+    assert _two_concurrent_leases(_env(2), tmp_path / "locks", tmp_path / "release") == ["0", "1"]
 
 
 def test_busy_slot_makes_the_next_job_wait(tmp_path):
@@ -106,16 +108,8 @@ def test_preset_device_list_outside_slurm_is_the_pool(tmp_path):
     """A node-wide CUDA_VISIBLE_DEVICES list (no Slurm) is leased from, one device per job, instead
     of every job landing on its first device."""
     env = {k: v for k, v in _env(8, CUDA_VISIBLE_DEVICES="3,5").items() if k != "SLURM_JOB_ID"}
-    release = tmp_path / "release"
     locks = tmp_path / "locks"
-    procs = [
-        subprocess.Popen(_lease_cmd(locks, sleep=release), env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
-    ]
-    devices = sorted(p.stdout.readline().strip() for p in procs)
-    release.touch()
-    for p in procs:
-        p.communicate(timeout=60)
-    assert devices == ["3", "5"]
+    assert _two_concurrent_leases(env, locks, tmp_path / "release") == ["3", "5"]
     assert sorted(f.name for f in locks.iterdir()) == ["gpu-3.lock", "gpu-5.lock"]  # named by device id
     env["CUDA_VISIBLE_DEVICES"] = ""
     res = _run(_lease_cmd(tmp_path / "none"), env)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.pretrain.augment import sample_rrc_box
+from pipeline.imaging import random_resized_crop_box
 from pipeline.pretrain.strategies import (
     STRATEGIES,
     BagViewsDataset,
@@ -64,7 +64,7 @@ def test_rrc_boxes_follow_torchvisions_sampler(hw, scale):
     ratio = (3 / 4, 4 / 3)
     n = 20000
     rng = np.random.default_rng(0)
-    ours = np.array([sample_rrc_box(rng, H, W, scale, ratio)[2:] for _ in range(n)], float)
+    ours = np.array([random_resized_crop_box(rng, H, W, scale, ratio)[2:] for _ in range(n)], float)
     torch.manual_seed(0)
     image = torch.zeros(3, H, W)
     ref = np.array([RandomResizedCrop.get_params(image, list(scale), list(ratio))[2:] for _ in range(n)], float)
@@ -82,7 +82,7 @@ def test_rrc_boxes_follow_torchvisions_sampler(hw, scale):
 def test_rrc_box_in_bounds_and_scale():
     rng = np.random.default_rng(0)
     for _ in range(500):
-        top, left, h, w = sample_rrc_box(rng, 60, 80, (0.5, 1.0), (3 / 4, 4 / 3))
+        top, left, h, w = random_resized_crop_box(rng, 60, 80, (0.5, 1.0), (3 / 4, 4 / 3))
         assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 80
         # area within the scale range, up to rounding and clamping to the image
         assert h * w <= 60 * 80 and h * w >= 0.5 * 60 * 80 * 0.75

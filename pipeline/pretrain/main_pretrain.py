@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -54,6 +53,7 @@ from pipeline.pretrain.engine_pretrain import (
 from pipeline.pretrain.models_mae import CrossViewMAE, resolve_arch
 from pipeline.pretrain.strategies import STRATEGIES, TARGET_RULES, build_dataset
 from pipeline.provenance import PACKAGE_DIR, code_files
+from pipeline.resume import load_resume_state
 from pipeline.runtime import derive_seed, progress, setup_logging
 
 LOG = logging.getLogger("cdgmae.pretrain")
@@ -203,21 +203,9 @@ def build_loader(dataset, settings: dict, device, *, steps_per_epoch: int, seed:
 
 def load_state(path: Path, expected_fingerprint: str):
     """The resumable state at ``path`` if it belongs to this job, else None (with a log line)."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated file cannot come from atomic writes, but say so
-        bad = path.with_name(path.name + ".corrupt")
-        os.replace(path, bad)
-        LOG.warning("resumable state %s is unreadable (%s); moved to %s, starting over", path, err, bad)
-        return None
-    if state.get("fingerprint") != expected_fingerprint:
-        LOG.warning(
-            "resumable state %s belongs to another configuration, older input data or older code; starting over", path
-        )
-        return None
-    LOG.info("resuming from %s: epoch %d, step %d", path, state["epoch"], state["step"])
+    state = load_resume_state(path, expected_fingerprint, LOG)
+    if state is not None:
+        LOG.info("resuming from %s: epoch %d, step %d", path, state["epoch"], state["step"])
     return state
 
 

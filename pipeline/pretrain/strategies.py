@@ -36,8 +36,9 @@ from torch.utils.data import Dataset
 
 from pipeline.consistency.knn_file import read_knn
 from pipeline.data.readers import list_imagenet, list_videos, read_rgb
+from pipeline.imaging import random_resized_crop_box
 from pipeline.io import cached_sha256
-from pipeline.pretrain.augment import match_size, normalize, resized_crop, sample_rrc_box, to_chw
+from pipeline.pretrain.augment import match_size, normalize, resized_crop, to_chw
 from pipeline.registry import Registry
 from pipeline.views.bag import BagDataset
 
@@ -198,7 +199,7 @@ class BagViewsDataset(EpochDataset):
         crops = []
         for k, im in enumerate(images):
             if k == 0 or not self.shared:  # draw a box (and flip) for the target, or per view
-                box = sample_rrc_box(rng, h, w, self.scale, self.ratio)
+                box = random_resized_crop_box(rng, h, w, self.scale, self.ratio)
                 flip = self.flip and bool(rng.random() < 0.5)
             crops.append(resized_crop(im, box, self.img_size, flip))
         return normalize(torch.stack(crops))  # (1 + N, 3, S, S)
@@ -232,9 +233,9 @@ class GlobalToLocalDataset(EpochDataset):
     def crops(self, image: torch.Tensor, rng: np.random.Generator):
         """(global box on the image, local box on the resized global crop) and the two crops."""
         s = self.img_size
-        gbox = sample_rrc_box(rng, *image.shape[-2:], self.global_scale, self.ratio)
+        gbox = random_resized_crop_box(rng, *image.shape[-2:], self.global_scale, self.ratio)
         global_crop = resized_crop(image, gbox, s, False)  # (3, S, S)
-        lbox = sample_rrc_box(rng, s, s, self.local_scale, self.ratio)
+        lbox = random_resized_crop_box(rng, s, s, self.local_scale, self.ratio)
         local_crop = resized_crop(global_crop, lbox, s, False)
         # each view gets its own flip, after both crops (as the reference's per-view transforms)
         if self.flip and rng.random() < 0.5:
@@ -291,7 +292,7 @@ class VideoPairDataset(EpochDataset):
         f1, f2 = sample_frame_pair(rng, len(video.frames), self.frame_gap)
         past, future = (to_chw(read_rgb(video.frames[f]), str(video.frames[f])) for f in (f1, f2))
         past, future = match_size([past, future])
-        box = sample_rrc_box(rng, *future.shape[-2:], self.scale, self.ratio)
+        box = random_resized_crop_box(rng, *future.shape[-2:], self.scale, self.ratio)
         flip = self.flip and bool(rng.random() < 0.5)
         # target = future frame, anchor = past frame, one box and flip for both
         return normalize(

@@ -40,6 +40,7 @@ from pipeline.devices import distributed_context, resolve_device, set_threads
 from pipeline.imaging import load_square
 from pipeline.io import atomic_path, file_sha256, folder_sha256
 from pipeline.provenance import PACKAGE_DIR, code_files
+from pipeline.resume import load_resume_state
 from pipeline.runtime import derive_seed, progress, setup_logging
 from pipeline.sldm import engine
 from pipeline.sldm.encoders import build_conditioning_encoder
@@ -125,19 +126,9 @@ def resume_fingerprint(settings: dict, seed: int, data: str) -> str:
 
 def load_state(path: Path, fingerprint: str) -> dict | None:
     """The resumable state at ``path`` if it belongs to this run, else None (with a log line)."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated file cannot come from atomic writes, but say so
-        bad = path.with_name(path.name + ".corrupt")
-        os.replace(path, bad)
-        LOG.warning("resumable state %s is unreadable (%s); moved to %s, starting over", path, err, bad)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        LOG.warning("resumable state %s belongs to other settings, data or code; not resuming it, starting over", path)
-        return None
-    LOG.info("resuming from %s at step %d", path, state["step"])
+    state = load_resume_state(path, fingerprint, LOG)
+    if state is not None:
+        LOG.info("resuming from %s at step %d", path, state["step"])
     return state
 
 

@@ -27,7 +27,7 @@ import math
 import cv2
 import numpy as np
 
-from pipeline.imaging import resize_square
+from pipeline.imaging import random_resized_crop_box, resize_square
 from pipeline.views import diffusion, sldm  # noqa: F401  (register sd-variation and sldm)
 from pipeline.views.base import GENERATORS, ViewGenerator, register
 
@@ -77,32 +77,6 @@ class WarpGenerator(ViewGenerator):
         x0 = int(rng.integers(0, S - side + 1))
         img = cv2.resize(img[y0 : y0 + side, x0 : x0 + side], (S, S), interpolation=cv2.INTER_LINEAR)
         return np.clip(img, 0.0, 1.0)
-
-
-def random_resized_crop_box(
-    rng: np.random.Generator, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
-) -> tuple[int, int, int, int]:
-    """torchvision ``RandomResizedCrop.get_params`` with a NumPy generator: (top, left, h, w)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    # fallback: central crop clamped to the ratio range (as torchvision)
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
 
 
 @register("crop")
