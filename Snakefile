@@ -15,6 +15,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/sldm.smk"
 include: "rules/views.smk"
 include: "rules/consistency.smk"
 include: "rules/pretrain.smk"

@@ -70,6 +70,34 @@ def get_dataset_input(name):
 
 
 # ---------------------------------------------------------------------------------------------
+# view generators: the S-LDM the workflow trains (rules/sldm.smk) when no folder is configured
+
+TRAINED_SLDM = "results/sldm/model"
+
+
+def get_sldm_encoder_input():
+    """The local files train_sldm reads besides the images: encoder checkpoint, autoencoder folder."""
+    s = config["sldm"]
+    files = [s["encoder"]["checkpoint"]] if s["encoder"]["source"] in ("timm", "cdgmae") else []
+    return files + ([s["autoencoder"]] if s["autoencoder"] != "none" else [])
+
+
+def trains_sldm(generator):
+    return generator == "sldm" and not config["views"]["generators"]["sldm"]["model_path"]
+
+
+def get_generator_model_input(generator):
+    """The trained S-LDM folder, when the generator is the workflow's own S-LDM (else nothing)."""
+    return [TRAINED_SLDM] if trains_sldm(generator) else []
+
+
+def get_generator_settings(generator):
+    """A generator's settings, the trained S-LDM's folder filled in where model_path is null."""
+    s = dict(config["views"]["generators"][generator])
+    return {**s, "model_path": TRAINED_SLDM} if trains_sldm(generator) else s
+
+
+# ---------------------------------------------------------------------------------------------
 # provenance and params
 
 

@@ -28,6 +28,8 @@ VIEWS_SHARD_KEYS = [
 rule generate_views:
     input:
         data=get_dataset_input("imagenet"),
+        # the S-LDM this workflow trains (rules/sldm.smk), when it is the generator asked for
+        model=lambda wildcards: get_generator_model_input(wildcards.generator),
         code=stage_code("views", "generate"),
     output:
         shard="results/views/{generator}/shard-{shard}.h5",
@@ -50,7 +52,7 @@ rule generate_views:
         settings=lambda wildcards: json.dumps(
             {
                 **{k: config["views"][k] for k in VIEWS_SHARD_KEYS},
-                "generators": {wildcards.generator: config["views"]["generators"][wildcards.generator]},
+                "generators": {wildcards.generator: get_generator_settings(wildcards.generator)},
             },
             sort_keys=True,
         ),

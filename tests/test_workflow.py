@@ -6,6 +6,7 @@ lines, killed-run recovery and the HTML report.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -123,6 +124,29 @@ def test_a_wrong_dataset_root_fails_when_the_workflow_starts(tmp_path):
     assert "data.roots.davis" in out and "missing JPEGImages/480p folder" in out and str(tmp_path) in out
 
 
+def test_trained_s_ldm_feeds_the_bag_of_views(tmp_path):
+    """With the sldm generator and no model_path, the workflow trains its own S-LDM (rule
+    train_sldm) and generates the bag with it; the bag records the trained folder's sampler."""
+    import h5py
+
+    work = copy_workflow(tmp_path / "wf")
+    (work / "sldm.yaml").write_text(
+        "views: {generator: sldm, generators: {sldm: {steps: 2, guidance_scale: 3.0, dtype: float32}}}\n"
+        "sldm: {steps: 4, batch_size: 8, warmup_steps: 1, sample_every: 0, checkpoint_every: 2,"
+        " samples: {images: 2, views: 2, ddim_steps: 2}}\n"
+    )
+    args = ("--cores", "2", *TINY, "--configfile=sldm.yaml")
+    counts, _ = job_counts(snakemake(work, "-n", *args, "results/views/sldm/bag.h5").stdout), None
+    assert counts == {"make_synthetic_data": 1, "train_sldm": 1, "generate_views": 2, "merge_views": 1}, counts
+    snakemake(work, *args, "results/views/sldm/bag.h5")
+    assert (work / "results" / "sldm" / "model" / "sldm.json").exists()
+    assert (work / "results" / "sldm" / "samples.png").exists()
+    with h5py.File(work / "results" / "views" / "sldm" / "bag.h5", "r") as f:
+        assert f.attrs["generator"] == "sldm" and len(f["index"]) > 0
+        (sampler,) = json.loads(f.attrs["samplers"])
+    assert sampler["sampler"]["null_condition"] == "projected_zero" and sampler["sampler"]["steps"] == 2
+
+
 def test_tiny_chain_produces_table4(tiny_run):
     table = pd.read_csv(tiny_run / "results" / "table4.csv")
     trained = table[table["row"] == "trained"]
@@ -216,8 +240,14 @@ def test_paper_preset_lists_the_whole_grid(repo_root, tmp_path):
     import yaml
 
     work = copy_workflow(tmp_path / "wf")
-    preset = yaml.safe_load((work / "presets" / "paper.yaml").read_text())
-    (work / "paper_local.yaml").write_text(yaml.safe_dump(localize_paths(preset, tmp_path / "local")))
+    preset = localize_paths(yaml.safe_load((work / "presets" / "paper.yaml").read_text()), tmp_path / "local")
+    # the placeholder dataset roots get the folders of their official layouts (checked at parse time)
+    from pipeline.data.layouts import REQUIRED_DIRS
+
+    for kind, root in preset["data"]["roots"].items():
+        for rel in REQUIRED_DIRS[kind]:
+            (Path(root) / rel / "placeholder").mkdir(parents=True, exist_ok=True)
+    (work / "paper_local.yaml").write_text(yaml.safe_dump(preset))
     t0 = time.perf_counter()
     proc = snakemake(work, "-n", "--cores", "8", "--configfile=paper_local.yaml")
     elapsed = time.perf_counter() - t0

@@ -282,14 +282,22 @@ def parse_args(argv=None):
     ap.add_argument("--samples-png", help="sample grid PNG: real images beside their generated views")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    # the result-neutral knobs (the workflow passes them as resources, not in --settings)
+    for key in RUNTIME_FLAGS:
+        ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"overrides sldm.{key}")
     return ap.parse_args(argv)
+
+
+RUNTIME_FLAGS = ("checkpoint_every", "sample_every", "num_workers")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging()
     set_threads(args.threads)
-    settings = resolve_sldm_settings(load_settings(args.settings))
+    overrides = load_settings(args.settings)
+    overrides.update({k: getattr(args, k) for k in RUNTIME_FLAGS if getattr(args, k) is not None})
+    settings = resolve_sldm_settings(overrides)
     records = training_records(args.imagenet_root, settings["max_images"])
     LOG.info("training the S-LDM on %d images from %s, seed %d", len(records), args.imagenet_root, args.seed)
     paths = dict(output=args.output, state_dir=args.state_dir, log_csv=args.log_csv, curve_png=args.curve_png)
