@@ -16,6 +16,8 @@ import ast
 import functools
 from pathlib import Path
 
+from pipeline.io import file_sha256
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE = PACKAGE_DIR.name
 
@@ -82,3 +84,9 @@ def code_files(*modules: str) -> list[Path]:
     for stage in {m.split(".")[1] for m in seen}:
         files.update((PACKAGE_DIR / stage).rglob("*.yaml"))
     return sorted(f for f in files if f is not None)
+
+
+def code_digests(*modules: str) -> dict[str, str]:
+    """SHA-256 of each of ``code_files(*modules)``, keyed by its path inside the package: what a
+    resumable state records so that only the same code continues it."""
+    return {f.relative_to(PACKAGE_DIR).as_posix(): file_sha256(f) for f in code_files(*modules)}

@@ -38,7 +38,6 @@ from torch.utils.data import DataLoader
 from pipeline.cells import CELL_KEYS, complete_cell
 from pipeline.config import load_settings, result_neutral_keys, section_defaults
 from pipeline.devices import distributed_context, resolve_device, set_threads
-from pipeline.io import file_sha256
 from pipeline.pretrain.checkpoints import mae_layout, save_torch_atomic
 from pipeline.pretrain.engine_pretrain import (
     HISTORY_KEYS,
@@ -52,7 +51,7 @@ from pipeline.pretrain.engine_pretrain import (
 )
 from pipeline.pretrain.models_mae import CrossViewMAE, resolve_arch
 from pipeline.pretrain.strategies import STRATEGIES, TARGET_RULES, build_dataset
-from pipeline.provenance import PACKAGE_DIR, code_files
+from pipeline.provenance import code_digests
 from pipeline.resume import load_resume_state
 from pipeline.runtime import derive_seed, progress, setup_logging
 
@@ -97,9 +96,7 @@ def resume_fingerprint(cell: dict, settings: dict, seed: int, data_signature=Non
     training = {k: v for k, v in settings.items() if k not in neutral}
     # the code too: the files the rule lists as inputs (a state made by other code may not even
     # load into the current model), keyed by their path inside the package
-    code = {
-        f.relative_to(PACKAGE_DIR).as_posix(): file_sha256(f) for f in code_files("pipeline.pretrain.main_pretrain")
-    }
+    code = code_digests("pipeline.pretrain.main_pretrain")
     return json.dumps(
         {"cell": cell, "settings": training, "seed": int(seed), "data": data_signature, "code": code},
         sort_keys=True,

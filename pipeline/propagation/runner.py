@@ -35,7 +35,7 @@ from pipeline.pretrain.checkpoints import load_encoder
 from pipeline.propagation.algorithm import grid_size, input_size, propagate
 from pipeline.propagation.drivers import WRITERS, Video, score_predictions
 from pipeline.propagation.figures import figure_frames, save_figure
-from pipeline.provenance import PACKAGE_DIR, code_files
+from pipeline.provenance import code_digests
 from pipeline.runtime import LOG, progress, setup_logging
 
 IMAGENET_MEAN = np.asarray(constants.IMAGENET_MEAN, dtype=np.float32)
@@ -204,8 +204,8 @@ def model_name_from_checkpoint(checkpoint: str | Path) -> str:
 def code_sha256() -> str:
     """One digest of the source files this stage's predictions depend on (``pipeline.provenance``)."""
     digest = hashlib.sha256()
-    for path in code_files("pipeline.propagation.runner"):
-        digest.update(f"{path.relative_to(PACKAGE_DIR)} {file_sha256(path)}\n".encode())
+    for path, sha in code_digests("pipeline.propagation.runner").items():
+        digest.update(f"{path} {sha}\n".encode())
     return digest.hexdigest()
 
 

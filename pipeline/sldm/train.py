@@ -39,7 +39,7 @@ from pipeline.data.readers import list_imagenet
 from pipeline.devices import distributed_context, resolve_device, set_threads
 from pipeline.imaging import load_square
 from pipeline.io import atomic_path, file_sha256, folder_sha256
-from pipeline.provenance import PACKAGE_DIR, code_files
+from pipeline.provenance import code_digests
 from pipeline.resume import load_resume_state
 from pipeline.runtime import derive_seed, progress, setup_logging
 from pipeline.sldm import engine
@@ -118,7 +118,7 @@ def resume_fingerprint(settings: dict, seed: int, data: str) -> str:
         inputs["autoencoder"] = folder_sha256(settings["autoencoder"])
     if settings["encoder"]["checkpoint"] and settings["encoder"]["source"] != "random-init":
         inputs["encoder"] = file_sha256(settings["encoder"]["checkpoint"])
-    code = {f.relative_to(PACKAGE_DIR).as_posix(): file_sha256(f) for f in code_files("pipeline.sldm.train")}
+    code = code_digests("pipeline.sldm.train")
     return json.dumps(
         {"settings": training, "seed": int(seed), "inputs": inputs, "code": code}, sort_keys=True, default=str
     )
