@@ -1,7 +1,10 @@
 """Atomic writes and content digests.
 
 Everything that writes a result goes through ``atomic_path`` so a killed job never leaves a
-half-written file under its final name.
+half-written file under its final name. Artefacts that later stages read back (view parts, shards,
+the bag, checkpoints, resume states) also get a recorded content digest: a ``<name>.sha256`` file
+beside them in ``sha256sum`` format (``sha256sum -c`` checks it too), verified on every read by
+``verify_digest`` so flipped bytes are an error naming the file, never a silently wrong result.
 """
 
 from __future__ import annotations
@@ -21,12 +24,20 @@ import numpy as np
 _HOST = socket.gethostname().replace(".", "-")  # no dots: they separate the name's fields
 
 
+DIGEST_SUFFIX = ".sha256"
+
+
+class IntegrityError(RuntimeError):
+    """A file's content does not match its recorded digest (or has none); the message names it."""
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "", digest: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
 
     The temporary file lives in the same directory (same filesystem) so ``os.replace`` is atomic.
     ``suffix`` lets writers that infer the format from the extension (PIL, cv2) see the real one.
+    ``digest=True`` also records the content digest (``record_digest``) once the file is in place.
     Its name carries the host and PID of the writer, so the temporaries a killed writer left for the
     same path are removed by the next write (only those of dead processes on this host).
     """
@@ -44,7 +55,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:  # make the bytes durable before the rename
             os.fsync(fh.fileno())
+        sha = file_sha256(tmp) if digest else None
         os.replace(tmp, path)
+        if sha is not None:  # a kill between the two leaves a mismatch, which verify_digest reports
+            write_text_atomic(digest_path(path), f"{sha}  {path.name}\n")
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -134,3 +148,47 @@ def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
             if limit is not None and fh.tell() >= limit:
                 break
     return h.hexdigest()
+
+
+def digest_path(path: str | os.PathLike) -> Path:
+    """Where the recorded content digest of ``path`` lives: ``<name>.sha256`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def record_digest(path: str | os.PathLike) -> str:
+    """Record the SHA-256 of ``path`` beside it (atomically) and return it."""
+    path = Path(path)
+    sha = file_sha256(path)
+    write_text_atomic(digest_path(path), f"{sha}  {path.name}\n")
+    return sha
+
+
+def recorded_digest(path: str | os.PathLike) -> str | None:
+    """The digest recorded for ``path``, or None when there is no (readable) record."""
+    try:
+        text = digest_path(path).read_text().split()
+    except OSError:
+        return None
+    return text[0] if text and len(text[0]) == 64 else None
+
+
+def verify_digest(path: str | os.PathLike, required: bool = True) -> str | None:
+    """Check ``path`` against its recorded digest and return the digest.
+
+    A mismatch raises ``IntegrityError`` naming the file. A file without a record raises too when
+    ``required`` (our own artefacts always have one); otherwise (a checkpoint another tool wrote)
+    it returns None and the caller reads the file unverified."""
+    path = Path(path)
+    expected = recorded_digest(path)
+    if expected is None:
+        if required:
+            raise IntegrityError(f"{path}: no recorded content digest ({digest_path(path).name} missing or unreadable)")
+        return None
+    actual = file_sha256(path)
+    if actual != expected:
+        raise IntegrityError(
+            f"{path}: content digest {actual[:16]}… does not match the recorded {expected[:16]}… "
+            f"({digest_path(path).name}); the file is corrupt or was changed after it was written"
+        )
+    return actual
