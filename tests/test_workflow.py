@@ -259,6 +259,9 @@ def test_paper_preset_lists_the_whole_grid(repo_root, tmp_path):
     assert counts["init_random_encoder"] == 2
     # 8 shards for each of the two diffusion generators (Tables 9/10)
     assert counts["generate_views"] == 16 and counts["merge_views"] == 2
+    # the S-LDM is trained by the workflow (8 GPUs) before its views are generated
+    assert counts["train_sldm"] == 1
+    assert re.search(r"rule train_sldm:.*?resources: [^\n]*gpu=8", proc.stdout, re.S), "train_sldm must ask for 8 GPUs"
     assert "make_synthetic_data" not in counts  # real roots: nothing synthetic
     print(f"paper-preset DAG: {sum(counts.values())} jobs in {elapsed:.1f} s")
 
