@@ -1,10 +1,22 @@
 # Stage 1: bag of views (pipeline/views/, GPU lease pipeline/lease.py).
 # One generate_views job per (generator, shard); the generator is a wildcard and its settings come
 # from views.generators.<name> only, so switching views.generator never re-runs another
-# generator's shards. Part files live in results/views/<generator>/parts/ (outside the declared
-# outputs) so a failed or killed shard resumes instead of starting over. Shards are never temp().
+# generator's shards. Shards are never temp().
+# Time limits: work is committed in parts (views.part_size images, each with a recorded digest) in
+# results/views/<generator>/parts/ (outside the declared outputs), named by global row range and
+# settings fingerprint, not by shard: a killed job (SIGKILL, a time limit's SIGTERM) redoes at most
+# the part it was writing, a corrupt part is regenerated, and a new views.shards reuses every part
+# and every finished shard's rows (kept as hard links in parts/ when Snakemake deletes the old
+# shard files). Under a `runtime` resource (minutes; the Slurm profile sets it) the job starts no
+# part that would end in the last stretch of it (`--time-limit`; the margin is
+# pipeline.views.timelimit.TIME_LIMIT_MARGIN_MIN) and exits 1 naming the clean stop; the retry or
+# the next run of the same command continues from the next part, so a shard of any length
+# completes across any number of time-limited jobs. SIGUSR1 also stops a job after its current
+# part. Once a shard is written and its digest re-verified, its parts are removed (its hard link
+# holds the rows at no extra cost): with views.merge_mode vds the disk holds the bag once; copy
+# keeps the shards beside bag.h5. Assembly and the copy merge stream rows (bounded memory).
 
-VIEW_GENERATORS = "sd-variation|sldm|warp|crop"
+VIEW_GENERATORS = "sd-variation|sldm|rcg|warp|crop"
 
 
 localrules:
@@ -47,6 +59,9 @@ rule generate_views:
         gpu=config["views"]["gpus"],
         # infrastructure knob, not a param: the views do not depend on the batch size
         views_batch_size=config["views"]["batch_size"],
+        # minutes, 0: no limit; a profile's set-resources replaces it with the site's job limit
+        # (a resource, not a param: running under another limit re-runs nothing)
+        runtime=0,
     params:
         root=lambda wildcards: get_root("imagenet"),
         settings=lambda wildcards: json.dumps(
@@ -57,13 +72,14 @@ rule generate_views:
             sort_keys=True,
         ),
         seed=config["seed"],
-        state_dir=lambda wildcards: f"results/views/{wildcards.generator}/parts/shard-{wildcards.shard}",
+        state_dir=lambda wildcards: f"results/views/{wildcards.generator}/parts",
     shell:
         "python -m pipeline.lease --gpus {resources.gpu} -- "
         "python -m pipeline.views generate --root {params.root:q} --generator {wildcards.generator} "
         "--shard {wildcards.shard} --out {output.shard} --rejects {output.rejects} "
         "--state-dir {params.state_dir} --settings {params.settings:q} --seed {params.seed} "
-        "--batch-size {resources.views_batch_size} --threads {threads} > {log} 2>&1"
+        "--batch-size {resources.views_batch_size} --time-limit {resources.runtime} --threads {threads} "
+        "> {log} 2>&1"
 
 
 rule merge_views:

@@ -17,12 +17,14 @@ import pytest
 
 from pipeline.config import section_defaults
 from pipeline.data.readers import list_imagenet
+from pipeline.io import IntegrityError, file_sha256, record_digest
 from pipeline.views.bag import BagDataset
 from pipeline.views.figure import plot_bag
 from pipeline.views.generators import GENERATORS, ViewGenerator
 from pipeline.views.hdf5 import ViewsError
 from pipeline.views.merge import merge_shards
 from pipeline.views.shards import ShardWriter, shard_fingerprint, shard_range, view_seed
+from pipeline.views.timelimit import ShardStopped
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 3
@@ -71,7 +73,7 @@ def _run_shards(root, out_dir, generator="warp", batch_size=None, **kw):
             SEED,
             out,
             out.with_suffix(".rejects.csv"),
-            Path(out_dir) / "parts" / f"shard-{k}",
+            Path(out_dir) / "parts",
             batch_size=batch_size,
             device="cpu",
         ).run()
@@ -192,46 +194,83 @@ def _cli_generate(root, out, settings, extra=()):
 
 
 def test_killed_run_resumes_to_identical_content(imagenet, tmp_path):
+    """A job killed mid-part by a (simulated) time limit's SIGTERM (SIGKILL alike: no handler), or
+    stopped by --stop-after, redoes at most the part it was writing and ends with the very bytes of
+    an uninterrupted run."""
     # large views make one part take a noticeable time, so the kill lands mid-shard
     settings = '{"n_views": 4, "shards": 1, "part_size": 2, "batch_size": 1, "image_size": 320, "jpeg_quality": 90}'
-    ref_cmd, env = _cli_generate(imagenet, tmp_path / "ref" / "shard-0.h5", settings)
-    subprocess.run(ref_cmd, env=env, check=True, capture_output=True)
+    cfg = section_defaults("views", overrides=json.loads(settings))
+    ref = tmp_path / "ref" / "shard-0.h5"
+    ShardWriter(list_imagenet(imagenet), "warp", 0, cfg, SEED, ref, tmp_path / "r.csv", tmp_path / "ref" / "p").run()
     out = tmp_path / "run" / "shard-0.h5"
-    parts = tmp_path / "run" / "parts" / "shard-0"
+    parts = tmp_path / "run" / "parts"
     cmd, env = _cli_generate(imagenet, out, settings)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.monotonic()
-    while not (parts / "part-00001.h5").exists() and time.monotonic() - t0 < 120:
+    # a part is finished once its digest is recorded (a part without one is redone)
+    while len(list(parts.glob("part-*.h5.sha256"))) < 2 and time.monotonic() - t0 < 120:
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGTERM)
     proc.wait()
-    done_at_kill = sorted(p.name for p in parts.glob("part-*.h5"))
+    done_at_kill = sorted(p.name[: -len(".sha256")] for p in parts.glob("part-*.h5.sha256"))
     assert 2 <= len(done_at_kill) < 6 and not out.exists()
     mtimes = {n: (parts / n).stat().st_mtime_ns for n in done_at_kill}
+    # a clean stop before the limit: one more part, then exit 1 naming the stop
+    stopped = subprocess.run([*cmd, "--stop-after", "0.001"], env=env, capture_output=True, text=True)
+    assert stopped.returncode == 1 and "stopped cleanly" in stopped.stderr and "run the job again" in stopped.stderr
+    assert stopped.stderr.count("wrote part") == 1 and not out.exists()
+    assert all((parts / n).stat().st_mtime_ns == m for n, m in mtimes.items())  # not redone
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     reused = res.stderr.count("reusing complete part")
     written = res.stderr.count("wrote part")
-    assert reused == len(done_at_kill) and reused + written == 6
-    assert all((parts / n).stat().st_mtime_ns == m for n, m in mtimes.items())  # not redone
+    assert reused == len(done_at_kill) + 1 and reused + written == 6
     assert not list(parts.glob(".*.tmp"))  # the killed writer's temp file was cleaned up
-    assert _by_image([out]) == _by_image([tmp_path / "ref" / "shard-0.h5"])
+    assert file_sha256(out) == file_sha256(ref)
+    # the verified shard now holds the rows: its parts are gone, a hard link to it replaces them
+    fp = shard_fingerprint("warp", cfg, SEED)
+    assert not list(parts.glob("part-*")) and [p.name for p in parts.glob("shard-*.h5")] == [
+        f"shard-{fp}-{0:010d}-{12:010d}.h5"
+    ]
+    assert parts.glob("shard-*.h5").__next__().stat().st_ino == out.stat().st_ino
 
 
-def test_corrupt_or_stale_parts_are_redone(imagenet, tmp_path):
-    (path,) = _run_shards(imagenet, tmp_path, shards=1)
-    ref = _by_image([path])
-    parts = tmp_path / "parts" / "shard-0"
-    with open(parts / "part-00001.h5", "r+b") as fh:  # truncated write
-        fh.truncate(300)
-    cfg = _cfg()
-    w = ShardWriter(list_imagenet(imagenet), "warp", 0, cfg, SEED, path, path.with_suffix(".rejects.csv"), parts)
+class StopAfterParts(ShardWriter):
+    """A writer whose job ends (``ShardStopped``) after writing ``max_parts`` parts."""
+
+    max_parts = 1
+
+    def write_part(self, *args, **kwargs):
+        rejects = super().write_part(*args, **kwargs)
+        if self.parts_written + 1 >= self.max_parts:
+            self.stop.requested = "test"
+        return rejects
+
+
+def test_corrupt_or_stale_parts_are_redone(imagenet, tmp_path, caplog):
+    ref = _by_image(_run_shards(imagenet, tmp_path / "ref", shards=1))
+    path, parts, records = tmp_path / "shard-0.h5", tmp_path / "parts", list_imagenet(imagenet)
+
+    def writer(cls=ShardWriter, **kw):
+        return cls(records, "warp", 0, _cfg(**kw), SEED, path, path.with_suffix(".rejects.csv"), parts)
+
+    StopAfterParts.max_parts = 2
+    with pytest.raises(ShardStopped, match="stopped cleanly"):
+        writer(StopAfterParts).run()
+    assert not path.exists()
+    fp = shard_fingerprint("warp", _cfg(), SEED)
+    part1 = parts / f"part-{fp}-{4:010d}-{8:010d}.h5"
+    with open(part1, "r+b") as fh:  # one flipped byte in the middle
+        fh.seek(part1.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    w = writer()
     w.run()
-    assert (w.parts_written, w.parts_reused) == (1, 2)
+    assert (w.parts_written, w.parts_reused) == (2, 1)  # the corrupt part and the one never made
+    assert f"part {part1} is corrupt" in caplog.text and "does not match the recorded" in caplog.text
     assert _by_image([path]) == ref
-    # a settings change invalidates every part (fingerprint), not just the missing ones
-    w = ShardWriter(
-        list_imagenet(imagenet), "warp", 0, _cfg(jpeg_quality=80), SEED, path, path.with_suffix(".rejects.csv"), parts
-    )
+    # a settings change invalidates every part and finished shard (fingerprint), not just some
+    w = writer(jpeg_quality=80)
     w.run()
     assert (w.parts_written, w.parts_reused) == (3, 0)
 
@@ -337,11 +376,15 @@ def test_merge_fails_on_missing_incomplete_or_wrong_shards(imagenet, tmp_path):
         merge_shards(paths[::-1], tmp_path / "bag.h5")
     with h5py.File(paths[1], "r+") as f:
         f.attrs["complete"] = False
+    with pytest.raises(IntegrityError, match=f"{paths[1]}: content digest"):  # changed after writing
+        merge_shards(paths, tmp_path / "bag.h5")
+    record_digest(paths[1])  # as if written so: the validation still catches it
     with pytest.raises(ViewsError, match="incomplete"):
         merge_shards(paths, tmp_path / "bag.h5")
     with h5py.File(paths[1], "r+") as f:
         f.attrs["complete"] = True
         f.attrs["expected_rows"] = 5
+    record_digest(paths[1])
     with pytest.raises(ViewsError, match="dataset lengths"):
         merge_shards(paths, tmp_path / "bag.h5")
     assert not (tmp_path / "bag.h5").exists()

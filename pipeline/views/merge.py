@@ -1,9 +1,11 @@
 """Validate every shard and merge them into ``bag.h5`` (``python -m pipeline.views merge``).
 
-Each shard must be present, complete, with its row count and index range matching the manifest
-and the same settings as the others. ``bag.h5`` holds real datasets (``copy``) or an HDF5 virtual
+Each shard must be present, match its recorded content digest, be complete, with its row count
+and index range matching the manifest and the same settings as the others. ``bag.h5`` holds real datasets (``copy``) or an HDF5 virtual
 dataset (``vds``): a missing source of a VDS would read as fill values, hence the validation here
-and in ``BagDataset``.
+and in ``BagDataset``. ``copy`` streams the rows shard by shard in ``ROW_CHUNK`` blocks: memory does
+not grow with the bag. ``bag.h5`` gets a recorded digest; ``verify_view_file`` checks it (and, for
+a VDS, the shards it maps).
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ import numpy as np
 
 from pipeline.data.readers import list_imagenet
 from pipeline.io import atomic_path
-from pipeline.views.hdf5 import ROW_KEYS, ViewsError, read_rows, run_command, vlen_u8, write_rows
+from pipeline.views.hdf5 import (
+    ROW_KEYS,
+    ViewsError,
+    copy_rows,
+    create_row_datasets,
+    run_command,
+    verify_view_file,
+    vlen_u8,
+)
 from pipeline.views.shards import resolve_views_settings, shard_range
 
 LOG = logging.getLogger("cdgmae.views")
@@ -39,9 +49,12 @@ COMMON_ATTRS = (
 
 
 def validate_shard(path: Path, k: int, shards: int, expected: tuple[int, int] | None = None) -> dict:
-    """Open a shard, check it is complete and self-consistent; return its attributes."""
+    """Verify a shard's digest, check it is complete and self-consistent; return its attributes.
+
+    A digest mismatch raises ``IntegrityError`` naming the shard."""
     if not path.exists():
         raise ViewsError(f"missing shard {k} of {shards}: {path}")
+    verify_view_file(path)
     try:
         with h5py.File(path, "r") as f:
             a = dict(f.attrs)
@@ -113,6 +126,15 @@ def _write_vds(f, shard_paths: list[Path], rows: list[int], M: int, out: Path) -
         f.create_virtual_dataset(key, layout)
 
 
+def _copy_shards(f, shard_paths: list[Path], n_rows: int, M: int) -> None:
+    """Row datasets of ``f`` streamed from the shards (bounded memory)."""
+    create_row_datasets(f, n_rows, M)
+    at = 0
+    for p in shard_paths:
+        with h5py.File(p, "r") as src:
+            at += copy_rows(src, 0, len(src["index"]), f, at)
+
+
 def merge_shards(
     shard_paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -127,10 +149,10 @@ def merge_shards(
     rows = [int(a["expected_rows"]) for a in attrs]
     N, M = sum(rows), int(attrs[0]["n_views"])
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, digest=True) as tmp:
         with h5py.File(tmp, "w") as f:
             if mode == "copy":
-                write_rows(f, **read_rows(shard_paths), M=M)
+                _copy_shards(f, shard_paths, N, M)
             elif mode == "vds":
                 _write_vds(f, shard_paths, rows, M, out)
             else:

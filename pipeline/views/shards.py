@@ -2,11 +2,14 @@
 
 A shard is a contiguous range of global indices of ``list_imagenet(root)`` made of whole parts (see
 ``shard_range``); batches are formed inside a part. Work is committed in atomic part files of
-``part_size`` source images under a state directory outside the declared outputs
-(``results/views/<generator>/parts/shard-<k>/``); on restart a part that opens cleanly, carries
-``complete`` and the expected row count and the same settings fingerprint is reused, so a killed
-job redoes at most the part it was writing. The shard file is then assembled atomically from the
-parts (layout: ``pipeline.views.hdf5``).
+``part_size`` source images, each with a recorded content digest, in the generator's row store
+outside the declared outputs (``results/views/<generator>/parts/``, ``pipeline.views.store``),
+keyed on the part's global range and the settings fingerprint, not on the shard. On restart a
+part that verifies (digest, ``complete``, range, sources, fingerprint) is reused and a corrupt one
+regenerated, so a killed job redoes at most the part it was writing, and a new ``views.shards``
+reuses every part already made. ``--stop-after`` (or SIGUSR1) ends a job cleanly between parts
+before a time limit. The shard file is then streamed from the parts (bounded memory), verified,
+and the parts are removed (layout: ``pipeline.views.hdf5``).
 
 Real images: short side resized to ``image_size`` (PIL bicubic, antialiased) and centre-cropped,
 then used both as the generator's condition and as the stored real image, so real image and views
@@ -16,9 +19,11 @@ share one resolution.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +34,7 @@ import pandas as pd
 from pipeline.config import load_settings, section_defaults
 from pipeline.data.readers import list_imagenet
 from pipeline.imaging import load_square
-from pipeline.io import atomic_path, folder_sha256, write_csv_atomic
+from pipeline.io import IntegrityError, atomic_path, folder_sha256, write_csv_atomic
 from pipeline.runtime import derive_seed, progress
 from pipeline.views.generators import GENERATORS, build_generator
 from pipeline.views.hdf5 import (
@@ -38,15 +43,25 @@ from pipeline.views.hdf5 import (
     ROW_KEYS,
     ViewsError,
     encode_jpeg,
-    read_rows,
     run_command,
+    verify_view_file,
+    write_rejects,
     write_rows,
 )
+from pipeline.views.store import (
+    find_link,
+    list_store,
+    plan_rows,
+    range_rejects,
+    release_parts,
+    store_path,
+    write_shard,
+)
+from pipeline.views.timelimit import TIME_LIMIT_MARGIN_MIN, StopControl, stop_after_for_limit
 
 LOG = logging.getLogger("cdgmae.views")
 
 MAX_REGENERATE = 8  # attempts to replace a non-finite view before giving up
-REJECT_DATASETS = ("reject_image_id", "reject_path", "reject_reason")  # string columns of a part
 
 
 def shard_range(n_images: int, shard: int, shards: int, part_size: int) -> tuple[int, int]:
@@ -123,6 +138,7 @@ class ShardWriter:
         state_dir: Path,
         batch_size: int | None = None,
         device: str | None = None,
+        stop_after: float | None = None,
     ):
         self.records = records
         self.generator_name = generator
@@ -134,6 +150,7 @@ class ShardWriter:
         self.state_dir = Path(state_dir)
         self.batch_size = int(batch_size or cfg["batch_size"])
         self.device = device
+        self.stop = StopControl(stop_after)
         self.M = int(cfg["n_views"])
         self.size = int(cfg["image_size"])
         self.quality = int(cfg["jpeg_quality"])
@@ -161,8 +178,9 @@ class ShardWriter:
         P = int(self.cfg["part_size"])
         return [(s, min(s + P, self.end)) for s in range(self.start, self.end, P)]
 
-    def part_path(self, j: int) -> Path:
-        return self.state_dir / f"part-{j:05d}.h5"
+    def part_path(self, lo: int, hi: int) -> Path:
+        """The part of global range [lo, hi): named by range and fingerprint, not by shard."""
+        return store_path(self.state_dir, "part", self.fp, lo, hi)
 
     def _ids_hash(self, lo: int, hi: int) -> str:
         h = hashlib.sha256()
@@ -173,10 +191,11 @@ class ShardWriter:
     # ------------------------------------------------------------------------- resume
 
     def part_ok(self, path: Path, lo: int, hi: int) -> bool:
-        """Integrity, not existence: opens, complete, same settings and sources, row counts add up."""
+        """Integrity, not existence: digest, complete, same settings and sources, row counts add up."""
         if not path.exists():
             return False
         try:
+            verify_view_file(path)
             with h5py.File(path, "r") as f:
                 a = f.attrs
                 rows = int(a["expected_rows"])
@@ -190,6 +209,9 @@ class ShardWriter:
                     and all(len(f[k]) == rows for k in ROW_KEYS)
                     and f["views"].shape[1:] == (self.M,)
                 )
+        except IntegrityError as err:
+            LOG.warning("part %s is corrupt (%s): regenerating it", path, err)
+            return False
         except Exception as err:  # truncated superblock, missing key, ...: redo the part
             LOG.warning("part %s is unreadable (%s): redoing it", path, err)
             return False
@@ -197,20 +219,25 @@ class ShardWriter:
             LOG.warning("part %s is incomplete or stale: redoing it", path)
         return ok
 
-    @staticmethod
-    def _part_rejects(path: Path) -> int:
-        with h5py.File(path, "r") as f:
-            return len(f["reject_index"])
-
-    def _resume(self, parts: list[tuple[int, int]]) -> tuple[list[bool], int, int]:
-        """Which parts are already complete, the source images they cover and their rejects."""
-        done = [self.part_ok(self.part_path(j), lo, hi) for j, (lo, hi) in enumerate(parts)]
-        initial = sum(hi - lo for (lo, hi), d in zip(parts, done) if d)
-        n_rejects = sum(self._part_rejects(self.part_path(j)) for j, d in enumerate(done) if d)
-        for j in (j for j, d in enumerate(done) if d):
-            LOG.info("reusing complete part %s", self.part_path(j).name)
-        self.parts_reused = sum(done)
-        return done, initial, n_rejects
+    def _resume(self, parts: list[tuple[int, int]]) -> list[Path | None]:
+        """The file already holding each part's rows: its part, or a finished shard's link (a
+        shard of another ``views.shards``); None where the part is still to be generated."""
+        links = [sf for sf in list_store(self.state_dir, self.fp) if sf.kind == "shard"]
+        checked: dict[Path, bool] = {}  # each link's digest is verified once
+        sources: list[Path | None] = []
+        for lo, hi in parts:
+            path = self.part_path(lo, hi)
+            if self.part_ok(path, lo, hi):
+                LOG.info("reusing complete part %s", path.name)
+                sources.append(path)
+                continue
+            ids = {i: self.records[i].image_id for i in range(lo, hi)}
+            link = find_link(links, lo, hi, ids, self.M, checked)
+            if link is not None:
+                LOG.info("reusing rows [%d, %d) from finished shard %s", lo, hi, link.name)
+            sources.append(link)
+        self.parts_reused = sum(s is not None for s in sources)
+        return sources
 
     # ------------------------------------------------------------------------- generate
 
@@ -252,13 +279,12 @@ class ShardWriter:
         view_jpg = [[encode_jpeg(to_uint8(v), self.quality) for v in row] for row in views]
         return real_jpg, view_jpg
 
-    def write_part(self, j: int, lo: int, hi: int, loaded, pool, bar, n_rejects_before: int) -> int:
-        """Generate and commit part ``j``; JPEG encoding runs in ``pool`` behind the generator."""
+    def write_part(self, lo: int, hi: int, loaded, pool, bar, rejects_before: list) -> list[tuple]:
+        """Generate and commit the part [lo, hi); JPEG encoding runs in ``pool`` behind the generator."""
         reals, ids, index, rej = loaded
         bar.update(len(rej))
-        if n_rejects_before + len(rej) > self._reject_limit():
-            earlier = self._read_rejects(j)
-            self._check_rejects(pd.concat([earlier, pd.DataFrame(rej, columns=REJECT_COLUMNS)]), final=False)
+        if len(rejects_before) + len(rej) > self._reject_limit():
+            self._check_rejects(pd.DataFrame(rejects_before + rej, columns=REJECT_COLUMNS), final=False)
         encoded, seeds = [], []
         for b0 in range(0, len(ids), self.batch_size):
             batch_ids = ids[b0 : b0 + self.batch_size]
@@ -272,12 +298,15 @@ class ShardWriter:
             r, v = fut.result()
             real_jpg.extend(r)
             view_jpg.extend(v)
-        with atomic_path(self.part_path(j)) as tmp:
+        path = self.part_path(lo, hi)
+        # only the job of the shard holding [lo, hi) writes this part: any temporary of it (from a
+        # killed job on any host) is stale
+        for stale in self.state_dir.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        with atomic_path(path, digest=True) as tmp:
             with h5py.File(tmp, "w") as f:
                 write_rows(f, real_jpg, view_jpg, ids, index, seeds, self.M)
-                f.create_dataset("reject_index", data=np.array([r[0] for r in rej], np.int64))
-                for col, k in enumerate(REJECT_DATASETS, start=1):
-                    f.create_dataset(k, data=np.array([r[col] for r in rej], object), dtype=h5py.string_dtype())
+                write_rejects(f, rej)
                 f.attrs.update(
                     fingerprint=self.fp,
                     index_start=lo,
@@ -288,7 +317,7 @@ class ShardWriter:
                     sampler=json.dumps(self.gen.describe(), sort_keys=True, default=str),
                 )
                 f.attrs["complete"] = True  # last: a part without it is never trusted
-        return len(rej)
+        return rej
 
     def _reject_limit(self) -> float:
         return float(self.cfg["max_reject_fraction"]) * (self.end - self.start)
@@ -296,7 +325,7 @@ class ShardWriter:
     def _check_rejects(self, rejects: pd.DataFrame, final: bool) -> None:
         """Fail above ``views.max_reject_fraction``, after writing the reasons the message names."""
         if len(rejects) > self._reject_limit():
-            listing = self.state_dir / "rejects.csv"
+            listing = self.state_dir / f"shard-{self.shard}-of-{self.cfg['shards']}.rejects.csv"
             write_csv_atomic(rejects, listing)
             raise ViewsError(
                 f"shard {self.shard}: {len(rejects)} of {self.end - self.start} source images rejected, above "
@@ -304,10 +333,13 @@ class ShardWriter:
                 f"in the job log and in {listing}" + ("" if final else " (stopped early)")
             )
 
+    # ------------------------------------------------------------------------- run, stop
+
     def run(self) -> Path:
+        """Generate the missing parts, then assemble, verify and link the shard; return its path.
+
+        Raises ``ShardStopped`` when a stop was asked for before all parts were written."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.state_dir.glob(".*.tmp"):  # left by a killed writer (atomic_path)
-            stale.unlink()
         parts = self.part_ranges()
         LOG.info(
             "shard %d: global indices [%d, %d) of %d images, %d parts, generator %s",
@@ -318,37 +350,41 @@ class ShardWriter:
             len(parts),
             self.generator_name,
         )
-        done, initial, n_rejects = self._resume(parts)
+        sources = self._resume(parts)
+        rejects = [r for (lo, hi), s in zip(parts, sources) if s for r in range_rejects(s, lo, hi)]
+        initial = sum(hi - lo for (lo, hi), s in zip(parts, sources) if s)
         bar = progress(
             total=self.end - self.start,
             initial=initial,
             unit="img",
             desc=f"views {self.generator_name} shard {self.shard}",
         )
-        todo = [(j, lo, hi) for j, (lo, hi) in enumerate(parts) if not done[j]]
+        todo = [(j, lo, hi) for j, (lo, hi) in enumerate(parts) if sources[j] is None]
         # source decoding of the next part and JPEG encoding overlap with generation (PIL, cv2
         # and torch release the GIL); parts are still committed one at a time, in order
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        with self.stop.on_sigusr1(), ThreadPoolExecutor(max_workers=2) as pool:
             try:
-                nxt = pool.submit(self.load_part, *todo[0][1:]) if todo else None
-                for pos, (j, lo, hi) in enumerate(todo):
-                    loaded = nxt.result()
-                    nxt = pool.submit(self.load_part, *todo[pos + 1][1:]) if pos + 1 < len(todo) else None
-                    n_rejects += self.write_part(j, lo, hi, loaded, pool, bar, n_rejects)
-                    self.parts_written += 1
-                    LOG.info("wrote part %s", self.part_path(j).name)
+                self._generate(todo, sources, rejects, pool, bar)
             finally:
                 bar.close()
-        return self.assemble(parts)
+        return self.assemble(parts, sources)
+
+    def _generate(self, todo, sources, rejects, pool, bar) -> None:
+        self.stop.start()
+        nxt = pool.submit(self.load_part, *todo[0][1:]) if todo else None
+        for pos, (j, lo, hi) in enumerate(todo):
+            done = len(sources) - len(todo) + pos
+            self.stop.check(f"shard {self.shard}, {done} of {len(sources)} parts done")
+            t = time.monotonic()
+            loaded = nxt.result()
+            nxt = pool.submit(self.load_part, *todo[pos + 1][1:]) if pos + 1 < len(todo) else None
+            rejects.extend(self.write_part(lo, hi, loaded, pool, bar, rejects))
+            sources[j] = self.part_path(lo, hi)
+            self.parts_written += 1
+            self.stop.part_done(time.monotonic() - t)
+            LOG.info("wrote part %s", sources[j].name)
 
     # ------------------------------------------------------------------------- assemble
-
-    def _read_rejects(self, n_parts: int) -> pd.DataFrame:
-        rej = []
-        for j in range(n_parts):
-            with h5py.File(self.part_path(j), "r") as f:
-                rej.extend(zip(f["reject_index"][:], *(f[k].asstr()[:] for k in REJECT_DATASETS)))
-        return pd.DataFrame(rej, columns=REJECT_COLUMNS)
 
     def _shard_attrs(self, n_rows: int, n_rejects: int) -> dict:
         """The shard file's attributes (``complete`` aside, written last)."""
@@ -381,31 +417,17 @@ class ShardWriter:
             format_version=FORMAT_VERSION,
         )
 
-    def _samplers(self, n_parts: int) -> list[dict]:
-        """The distinct ``sampler`` records of the parts, in part order (one unless parts were made
-        on different devices, e.g. float16 on a GPU and float32 on a CPU)."""
-        seen: list[dict] = []
-        for j in range(n_parts):
-            with h5py.File(self.part_path(j), "r") as f:
-                rec = json.loads(f.attrs.get("sampler", "{}"))
-            if rec not in seen:
-                seen.append(rec)
-        return seen
-
-    def assemble(self, parts) -> Path:
-        """Concatenate the parts into the shard file and write the rejects CSV (both atomic)."""
-        rows = read_rows([self.part_path(j) for j in range(len(parts))])
-        rejects = self._read_rejects(len(parts))
-        write_csv_atomic(rejects, self.state_dir / "rejects.csv")
-        self._check_rejects(rejects, final=True)
-        write_csv_atomic(rejects, self.rejects_path)
-        n_rows = len(rows["image_ids"])
-        with atomic_path(self.out) as tmp:
-            with h5py.File(tmp, "w") as f:
-                write_rows(f, **rows, M=self.M)
-                f.attrs.update(self._shard_attrs(n_rows, len(rejects)))
-                f.attrs["samplers"] = json.dumps(self._samplers(len(parts)))
-                f.attrs["complete"] = True
+    def assemble(self, parts, sources) -> Path:
+        """Stream the rows of every part into the shard file and write the rejects CSV (both
+        atomic), then verify the shard and let it replace its parts (``release_parts``)."""
+        plan, rejects, samplers = plan_rows(parts, sources)
+        rejects_df = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+        self._check_rejects(rejects_df, final=True)
+        write_csv_atomic(rejects_df, self.rejects_path)
+        n_rows = sum(r1 - r0 for _, r0, r1 in plan)
+        attrs = {**self._shard_attrs(n_rows, len(rejects)), "samplers": json.dumps(samplers)}
+        write_shard(self.out, plan, rejects, attrs, self.M)
+        release_parts(self.out, n_rows, self.state_dir, self.fp, self.start, self.end)
         LOG.info(
             "shard %d: %d rows, %d rejects -> %s (%d parts written, %d reused)",
             self.shard,
@@ -422,7 +444,7 @@ def generate_shard(args: argparse.Namespace) -> Path:
     """One shard from the parsed ``generate`` arguments."""
     cfg = resolve_views_settings(args.settings)
     out = Path(args.out)
-    state = Path(args.state_dir) if args.state_dir else out.parent / "parts" / f"shard-{args.shard}"
+    state = Path(args.state_dir) if args.state_dir else out.parent / "parts"
     rejects = Path(args.rejects) if args.rejects else out.with_suffix(".rejects.csv")
     return ShardWriter(
         list_imagenet(args.root),
@@ -435,6 +457,7 @@ def generate_shard(args: argparse.Namespace) -> Path:
         state,
         batch_size=args.batch_size,
         device=args.device,
+        stop_after=args.stop_after if args.stop_after is not None else stop_after_for_limit(args.time_limit),
     ).run()
 
 
@@ -447,7 +470,7 @@ def main(argv=None) -> None:
     ap.add_argument("--shard", type=int, required=True)
     ap.add_argument("--out", required=True, help="results/views/<generator>/shard-<k>.h5")
     ap.add_argument("--rejects", help="rejects CSV (default: <out>.rejects.csv)")
-    ap.add_argument("--state-dir", help="part files (default: <out dir>/parts/shard-<k>)")
+    ap.add_argument("--state-dir", help="parts of all shards (default: <out dir>/parts)")
     ap.add_argument("--settings", help="views section (JSON or file); missing keys from the schema")
     ap.add_argument("--seed", type=int, default=0, help="base seed of the workflow")
     ap.add_argument(
@@ -456,6 +479,18 @@ def main(argv=None) -> None:
         help="images per generator call (default: views.batch_size); does not change the output",
     )
     ap.add_argument("--device", help="torch device (default: cuda if available)")
+    ap.add_argument(
+        "--stop-after",
+        type=float,
+        help="seconds: start no part that would end after this (the longest part so far as the "
+        "estimate); the job then exits 1 and the next run continues. SIGUSR1 stops after the current part",
+    )
+    ap.add_argument(
+        "--time-limit",
+        type=float,
+        default=0,
+        help=f"minutes the job may run (0: no limit): --stop-after the limit less {TIME_LIMIT_MARGIN_MIN} min (or half)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     run_command(lambda: generate_shard(args), args.threads)
