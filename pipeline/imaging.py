@@ -1,14 +1,23 @@
-"""Image resize helpers shared by the stages (one definition of each preprocessing step)."""
+"""Image helpers shared by the stages: one definition of each preprocessing step, and the one
+policy for images that do not decode (``ImageRejects``)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageOps
+
+from pipeline.config import section_defaults
+from pipeline.io import write_csv_atomic
+
+LOG = logging.getLogger("cdgmae.imaging")
 
 
 def load_square(path: str | os.PathLike, size: int) -> np.ndarray:
@@ -76,3 +85,77 @@ def random_resized_crop_box(
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+# ---------------------------------------------------------------------------------------------
+# bad images: one policy for every reader of an image root
+
+REJECT_COLUMNS = ("index", "image_id", "path", "reason")  # the listing's columns (views' rejects.csv too)
+
+
+class TooManyRejectsError(RuntimeError):
+    """More images of a root failed to decode than the allowed fraction; the message names the listing."""
+
+
+def try_load(loader: Callable[..., np.ndarray], path: str | os.PathLike, *args) -> tuple[np.ndarray | None, str]:
+    """``(loader(path, *args), "")``, or ``(None, reason)`` when the image cannot be decoded (missing,
+    zero bytes, corrupt): decoders raise OSError, ValueError, SyntaxError, cv2.error and more."""
+    try:
+        return loader(path, *args), ""
+    except Exception as err:  # whatever the decoder raised is the logged reason
+        return None, f"{type(err).__name__}: {err}"
+
+
+class ImageRejects:
+    """The bad-image policy of every reader of an image root (view generation, CropMAE pretraining,
+    the k-NN step): an image that does not decode is skipped with a logged warning naming it and the
+    reason, and listed; more than ``max_fraction`` (default: the schema's ``views.max_reject_fraction``)
+    of the ``total`` images rejected is an error
+    (``TooManyRejectsError``) naming the listing, which is written (atomically) before it is raised.
+    """
+
+    def __init__(self, total: int, max_fraction: float | None, what: str, listing: str | os.PathLike | None = None):
+        if max_fraction is None:  # the configured default of the views stage, which set the policy
+            max_fraction = section_defaults("views")["max_reject_fraction"]
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_fraction}")
+        self.total, self.max_fraction, self.what = int(total), float(max_fraction), what
+        self.listing = Path(listing) if listing is not None else None
+        self.rows: dict = {}  # key -> (key, image_id, path, reason); once per image
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, index, image_id: str, path, reason: str) -> None:
+        """Record (once) that image ``index`` (a global index, or a reader's key) was skipped, then
+        enforce the fraction."""
+        if index in self.rows:
+            return
+        LOG.warning("%s: skipping unreadable image %s (%s)", self.what, path, reason)
+        self.rows[index] = (index, str(image_id), str(path), str(reason))
+        self.check()
+
+    def load(self, index, image_id: str, path, loader: Callable[..., np.ndarray], *args) -> np.ndarray | None:
+        """``loader(path, *args)``, or None for a bad image (recorded by ``add``)."""
+        image, reason = try_load(loader, path, *args)
+        if image is None:
+            self.add(index, image_id, path, reason)
+        return image
+
+    def check(self) -> None:
+        """Raise ``TooManyRejectsError`` above the allowed fraction, after writing the listing."""
+        if len(self.rows) <= self.max_fraction * self.total:
+            return
+        where = "the job log"
+        if self.listing is not None:
+            self.write(self.listing)
+            where += f" and in {self.listing}"
+        first = "; ".join(f"{path} ({reason})" for _, _, path, reason in list(self.rows.values())[:3])
+        raise TooManyRejectsError(
+            f"{self.what}: {len(self.rows)} of {self.total} images are unreadable, above "
+            f"max_reject_fraction = {self.max_fraction}; they are listed in {where}, e.g. {first}"
+        )
+
+    def write(self, path: str | os.PathLike) -> None:
+        """The listing as CSV (``REJECT_COLUMNS``, by index), written atomically."""
+        write_csv_atomic(pd.DataFrame(sorted(self.rows.values()), columns=list(REJECT_COLUMNS)), path)

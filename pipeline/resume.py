@@ -1,33 +1,107 @@
-"""Resumable job states: a state is continued only if it belongs to the same job.
+"""Resumable job states: a state is continued only if it is intact and belongs to the same job.
 
 Pretraining and S-LDM training keep an atomic ``last.pth`` outside their declared outputs, keyed by
-a fingerprint of settings, seed, data content and code (``pipeline.provenance``); this module reads
-one back or says why it is not used.
+a fingerprint of settings, seed, data content and code (``pipeline.provenance``). Each state is
+written with a recorded content digest (``pipeline.io``), and the one it replaces is kept as
+``previous.pth``: a ``last.pth`` that fails verification is set aside (never deleted) and the run
+continues from ``previous.pth`` when that one is intact and its own, with a logged warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from pipeline.io import IntegrityError, atomic_path, digest_path, verify_digest
 
-def load_resume_state(path: Path, fingerprint: str, log: logging.Logger) -> dict | None:
-    """The state at ``path`` if its fingerprint is ``fingerprint``, else None with a log line; an
-    unreadable file is moved aside to ``<name>.corrupt`` (kept for inspection, never resumed)."""
+PREVIOUS_NAME = "previous.pth"
+
+
+def previous_state_path(path: str | os.PathLike) -> Path:
+    """Where the state replaced by the latest ``save_resume_state`` is kept."""
+    return Path(path).with_name(PREVIOUS_NAME)
+
+
+def _move_with_digest(src: Path, dst: Path) -> None:
+    """Rename ``src`` and its recorded digest (if any) onto ``dst``."""
+    os.replace(src, dst)
+    if digest_path(src).exists():
+        os.replace(digest_path(src), digest_path(dst))
+    else:
+        digest_path(dst).unlink(missing_ok=True)
+
+
+def _canonical(obj: Any) -> Any:
+    """``obj`` with fresh containers and interned strings, so its pickle does not depend on which
+    objects happened to be shared (a resumed optimizer's param groups are copies, a fresh one's
+    share their defaults): the same content always gives the same bytes."""
+    if isinstance(obj, dict):
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):  # exactly: subclasses (torch.Size, named tuples) stay as they are
+        return type(obj)(_canonical(v) for v in obj)
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    return obj
+
+
+def save_torch_file(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` of checkpoints and states: atomic, with the content digest recorded beside the
+    file (verified by every loader), and byte-deterministic (same content -> same bytes)."""
+    with atomic_path(path, digest=True) as tmp:
+        with open(tmp, "wb") as fh:  # a file object: the archive's inner name is not the temp file's
+            torch.save(_canonical(obj), fh)
+
+
+def save_resume_state(state: dict, path: str | os.PathLike) -> None:
+    """Write ``state`` to ``path`` (``save_torch_file``); the state it replaces becomes
+    ``previous.pth`` (the fallback of ``load_resume_state``)."""
     path = Path(path)
-    if not path.exists():
-        return None
+    if path.exists():
+        _move_with_digest(path, previous_state_path(path))
+    save_torch_file(state, path)
+
+
+def _read_intact(path: Path, log: logging.Logger) -> dict | None:
+    """The state at ``path`` if it passes its digest and loads; otherwise None, with the file (and
+    its digest record) moved aside to ``<name>.corrupt`` for inspection and a warning."""
     try:
+        verify_digest(path, required=True)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated file cannot come from atomic writes, but say so
+        if not isinstance(state, dict):
+            raise IntegrityError(f"{path}: holds a {type(state).__name__}, not a resumable state")
+    except Exception as err:  # digest mismatch or missing, truncated or foreign file
         bad = path.with_name(path.name + ".corrupt")
-        os.replace(path, bad)
-        log.warning("resumable state %s is unreadable (%s); moved to %s, starting over", path, err, bad)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        log.warning("resumable state %s belongs to other settings, older input data or older code; starting over", path)
+        with contextlib.suppress(FileNotFoundError):  # another DDP rank set it aside first
+            _move_with_digest(path, bad)
+        log.warning("resumable state %s failed verification (%s); moved to %s, not resumed from", path, err, bad)
         return None
     return state
+
+
+def load_resume_state(path: str | os.PathLike, fingerprint: str, log: logging.Logger) -> dict | None:
+    """The state to continue from: ``path`` if intact and of this job (``fingerprint``), else the
+    intact ``previous.pth`` of this job, else None (start over) — every fallback logged. A
+    ``previous.pth`` of this job also outlives one ``last.pth`` written for other inputs (a
+    broken bag that got as far as training), so restoring the inputs resumes the finished work."""
+    path = Path(path)
+    for candidate in (path, previous_state_path(path)):
+        if not candidate.exists():
+            continue
+        state = _read_intact(candidate, log)
+        if state is None:
+            continue
+        if state.get("fingerprint") != fingerprint:
+            log.warning("resumable state %s belongs to other settings, older input data or older code", candidate)
+            continue
+        if candidate != path:
+            log.warning("resuming from the previous good state %s instead of %s", candidate, path)
+        state["resumed_from"] = str(candidate)  # for the caller's log line
+        return state
+    log.info("no resumable state of this job in %s; starting over", path.parent)
+    return None

@@ -19,6 +19,8 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from pipeline.io import verify_digest
+
 LOG = logging.getLogger("cdgmae.vit_checkpoints")
 
 _DECODER_PREFIXES = ("decoder", "mask_token")  # MAE pretraining checkpoints carry the decoder too
@@ -31,6 +33,10 @@ def _torch_load(path: str | Path | None, key: str = "consistency.encoder.checkpo
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{key}: checkpoint not found: {path}")
+    # ours carry a recorded digest (a mismatch raises IntegrityError naming the file); another
+    # tool's checkpoint has none and is read unverified
+    if verify_digest(path, required=False) is None:
+        LOG.info("%s has no recorded content digest (not written by this pipeline): reading it unverified", path)
     try:
         # MAE / DINO training checkpoints pickle an argparse.Namespace: allowed by name only
         with torch.serialization.safe_globals([argparse.Namespace]):

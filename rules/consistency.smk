@@ -42,10 +42,13 @@ rule find_neighbours:
         k=config["pretrain"]["knn_k"],
         # resumable feature parts, outside the declared outputs (survive a failed job)
         state_dir="results/consistency_state/knn",
+        # the views stage's bad-image policy (unreadable images listed in <state_dir>/rejects.csv)
+        max_reject_fraction=config["views"]["max_reject_fraction"],
     shell:
         "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency neighbours "
         "--imagenet-root {params.root:q} --settings {params.settings:q} --k {params.k} "
         "--state-dir {params.state_dir:q} --output {output:q} --threads {threads} "
+        "--max-reject-fraction {params.max_reject_fraction} "
         "--num-workers {resources.consistency_workers} > {log} 2>&1"
 
 

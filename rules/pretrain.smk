@@ -51,6 +51,12 @@ rule pretrain:
                 if pretrain_dataset(wc)
                 else ""
             )
+            # the views stage's bad-image policy for the images / frames the baselines read themselves
+            + (
+                f" --max-reject-fraction {config['views']['max_reject_fraction']}"
+                if wc.method in ("cropmae", "siammae")
+                else ""
+            )
         ),
         # training hyper-parameters only: editing the seed list or a table's cells reruns nothing
         settings=settings("pretrain", drop=("seeds", "cell_defaults")),

@@ -450,3 +450,38 @@ def test_cli_names_a_corrupt_image(tmp_path):
             ],
         )
     assert not (tmp_path / "knn.npz").exists()
+
+
+def test_neighbour_search_skips_and_lists_unreadable_images(tmp_path):
+    """The k-NN step follows the one bad-image policy: a corrupt JPEG and a zero-byte file are
+    skipped and listed, never anyone's neighbour, their rows -1 (before: the first one crashed it)."""
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline.consistency.options import list_images
+    from pipeline.imaging import TooManyRejectsError
+    from tests.test_pretrain import write_bad_images
+
+    folder = tmp_path / "imagenet" / "train" / "n0"
+    folder.mkdir(parents=True)
+    for s in range(8):
+        Image.fromarray(random_image(s)).save(folder / f"img{s}.png")
+    bad = write_bad_images(folder)
+    images = list_images(tmp_path / "imagenet")
+    bad_rows = [i for i in range(len(images)) if images.describe(i) in map(str, bad)]
+    enc = SiftGridEncoder(64, 16)
+    settings = {"name": "sift-grid", "image_size": 64, "patch_size": 16}
+    search = functools.partial(
+        find_neighbours, enc, images, k=3, batch_size=4, num_workers=0, encoder_settings=settings, part_size=5
+    )
+    out = search(state_dir=tmp_path / "state", max_reject_fraction=0.25)
+    assert (out["neighbours"][bad_rows] == -1).all()
+    good = np.setdiff1d(np.arange(len(images)), bad_rows)
+    assert not np.isin(out["neighbours"][good], bad_rows).any() and (out["neighbours"][good] >= 0).all()
+    listing = tmp_path / "state" / "rejects.csv"
+    assert sorted(pd.read_csv(listing)["path"]) == sorted(map(str, bad))
+    resumed = search(state_dir=tmp_path / "state", max_reject_fraction=0.25)  # from the parts
+    assert np.array_equal(resumed["neighbours"], out["neighbours"])
+    with pytest.raises(TooManyRejectsError, match="2 of 10 images are unreadable"):
+        search(state_dir=tmp_path / "strict", max_reject_fraction=0.1)
+    assert knn_kind(images, out["neighbours"], 3, 8, seed=0).keys_a == good.tolist()  # never a query

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.io import record_digest
 from pipeline.pretrain.engine_pretrain import EpochSampler, NonFiniteLossError, lr_at
 from pipeline.pretrain.main_pretrain import build_optimizer, resolve_cell, resolve_pretrain_settings, train
 from pipeline.pretrain.strategies import BagViewsDataset
@@ -378,6 +379,7 @@ def write_bag(path: Path, ids, size=40, M=4, seed=1):
         f.attrs.update(
             complete=True, expected_rows=n, generator="warp", is_baseline=True, n_views=M, settings=json.dumps({})
         )
+    record_digest(path)  # as the views stage records it (the bag is verified on open)
 
 
 def test_cli_cdgmae_knn_from_an_hdf5_bag(tmp_path):
@@ -447,7 +449,8 @@ def test_regenerated_bag_starts_over_but_a_plain_rerun_resumes(tmp_path, caplog)
     time.sleep(0.01)
     write_bag(bag_path, [f"c/{i:03d}" for i in range(16)], seed=2)  # the views stage re-ran
     again = run()
-    assert "older input data or older code; starting over" in caplog.text and "resuming from" not in caplog.text
+    assert "older input data or older code" in caplog.text and "starting over" in caplog.text
+    assert "resuming from" not in caplog.text
     assert again["step"] == first["step"] and again["loss"] != first["loss"]  # trained anew on the new bag
 
 
@@ -477,6 +480,7 @@ def test_byte_identical_rebuilt_bag_resumes(tmp_path, caplog):
     moved = tmp_path / "b" / "bag.h5"  # the project moved: same content elsewhere
     moved.parent.mkdir()
     moved.write_bytes(original)
+    record_digest(moved)
     caplog.clear()
     run(moved, tmp_path / "state")
     assert "resuming from" in caplog.text and "starting over" not in caplog.text
@@ -488,3 +492,62 @@ def test_loss_curve_does_not_depend_on_loader_workers(tmp_path):
     cell, settings = setup(epochs=1, num_workers=2)
     workers = train(cell, settings, dataset(), seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
     assert workers["loss"] == base["loss"]
+
+
+def write_bad_images(folder: Path) -> list[Path]:
+    """A corrupt JPEG (a JPEG header, then noise) and a zero-byte file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    corrupt, empty = folder / "corrupt.JPEG", folder / "empty.JPEG"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(300))
+    empty.write_bytes(b"")
+    return [corrupt, empty]
+
+
+def test_cropmae_skips_and_lists_unreadable_images(tmp_path, caplog):
+    """One bad-image policy (``pipeline.imaging.ImageRejects``): skipped with a logged reason,
+    listed, an error above the fraction (before: the first bad image crashed pretraining)."""
+    from pipeline.data.readers import list_imagenet
+    from pipeline.imaging import TooManyRejectsError
+    from pipeline.pretrain.strategies import GlobalToLocalDataset
+
+    root = tmp_path / "imagenet"
+    write_imagenet(root, n=8)
+    bad = write_bad_images(root / "train" / "n00000000")
+    records = list_imagenet(root)
+    listing = tmp_path / "rejects.csv"
+    data = GlobalToLocalDataset(records, img_size=32, seed=0, max_reject_fraction=0.25, rejects_listing=listing)
+    caplog.set_level("WARNING", logger="cdgmae.imaging")
+    samples = [data[(0, i)] for i in range(len(data))]
+    assert all(s.shape == (2, 3, 32, 32) and torch.isfinite(s).all() for s in samples)
+    assert sorted(r[2] for r in data.rejects.rows.values()) == sorted(map(str, bad))
+    assert all(str(p) in caplog.text for p in bad)
+    again = GlobalToLocalDataset(records, img_size=32, seed=0, max_reject_fraction=0.25)
+    assert all(torch.equal(a, again[(0, i)]) for i, a in enumerate(samples))  # substitutes are seeded
+    strict = GlobalToLocalDataset(records, img_size=32, seed=0, max_reject_fraction=0.1, rejects_listing=listing)
+    with pytest.raises(TooManyRejectsError, match=f"2 of 10 images are unreadable.*{listing}"):
+        for i in range(len(strict)):
+            strict[(0, i)]
+    assert sorted(pd.read_csv(listing)["path"]) == sorted(map(str, bad))
+
+
+def test_siammae_skips_and_lists_unreadable_frames(tmp_path):
+    """SiamMAE's frame reader follows the same policy: a pair with a bad frame is redrawn."""
+    from PIL import Image
+
+    from pipeline.data.readers import list_videos
+    from pipeline.pretrain.strategies import VideoPairDataset
+
+    rng = np.random.default_rng(0)
+    for v in range(4):  # two frames each: every pair of a video is (frame 0, frame 1)
+        (tmp_path / "videos" / f"v{v}").mkdir(parents=True)
+        for t in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"videos/v{v}/{t}.jpg")
+    corrupt, empty = tmp_path / "videos/v0/1.jpg", tmp_path / "videos/v2/0.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(300))
+    empty.write_bytes(b"")
+    listing = tmp_path / "rejects.csv"
+    data = VideoPairDataset(
+        list_videos(tmp_path / "videos"), img_size=32, seed=0, max_reject_fraction=0.25, rejects_listing=listing
+    )
+    assert all(data[(0, i)].shape == (2, 3, 32, 32) for i in range(len(data)))
+    assert sorted(r[2] for r in data.rejects.rows.values()) == sorted(map(str, (corrupt, empty)))

@@ -6,7 +6,8 @@ r"""k nearest neighbours of every pretraining image by global embedding: the ``k
         [--state-dir S --part-size 8192]
 
 ``knn.npz``: ``image_id`` (N,) str in ``list_imagenet`` order, ``neighbours`` (N, k) int64 global
-indices (nearest first, never the image itself), ``similarity`` (N, k) float32 cosines, ``encoder``.
+indices (nearest first, never the image itself, never an unreadable image; -1 in the row of an
+unreadable image), ``similarity`` (N, k) float32 cosines (NaN there), ``encoder``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from pipeline.consistency.options import list_images, open_encoder, resolve_section, scoring_parser, start
 from pipeline.consistency.sources import ImageListSource, iter_feature_batches
+from pipeline.imaging import ImageRejects
 from pipeline.io import atomic_path, write_npz_atomic
 from pipeline.runtime import progress
 
@@ -34,11 +36,14 @@ def nearest_neighbours(embeddings, k: int, device: str = "cpu", chunk: int = 102
     """Indices (N, k) int64 and cosine similarities (N, k) of each row's k nearest other rows.
 
     Cosine similarity of the global embeddings, computed ``chunk`` queries at a time; an image is
-    never its own neighbour (its diagonal entry is set to -inf before top-k).
+    never its own neighbour (its diagonal entry is set to -inf before top-k). A NaN row is a
+    skipped (unreadable) image: never anyone's neighbour, and its own row is -1 / NaN.
     """
     n = embeddings.shape[0]
-    if k >= n:
-        raise ValueError(f"k = {k} nearest neighbours need more than {k} images, got {n}")
+    skipped = torch.isnan(embeddings).any(dim=1).to(device)
+    usable = n - int(skipped.sum())
+    if k >= usable:
+        raise ValueError(f"k = {k} nearest neighbours need more than {k} readable images, got {usable}")
     bank = F.normalize(embeddings.float().to(device), dim=-1, eps=1e-8)  # (N, C)
     idx_out = torch.empty(n, k, dtype=torch.int64)
     sim_out = torch.empty(n, k, dtype=torch.float32)
@@ -47,9 +52,12 @@ def nearest_neighbours(embeddings, k: int, device: str = "cpu", chunk: int = 102
         sim = q @ bank.T  # (c, N)
         rows = torch.arange(q.shape[0], device=device)
         sim[rows, rows + s] = -math.inf  # never self
+        sim[:, skipped] = -math.inf  # never a skipped image
         top = sim.topk(k, dim=1)
         idx_out[s : s + chunk] = top.indices.cpu()
         sim_out[s : s + chunk] = top.values.cpu()
+    idx_out[skipped.cpu()] = -1
+    sim_out[skipped.cpu()] = math.nan
     return idx_out, sim_out
 
 
@@ -61,12 +69,13 @@ def _fingerprint(encoder_settings: dict, image_ids: Sequence[str], part_size: in
 
 
 def _load_part(path: Path | None, n_rows: int):
-    """A finished part as a tensor, or None when absent, unreadable or incomplete."""
+    """A finished part as a tensor, or None when absent, unreadable or incomplete. Its rows are
+    finite, or all NaN for an image the run that wrote it skipped as unreadable."""
     if path is None or not path.is_file():
         return None
     try:
         arr = np.load(path, allow_pickle=False)
-        if arr.shape[0] == n_rows and np.isfinite(arr).all():
+        if arr.shape[0] == n_rows and (np.isfinite(arr).all(1) | np.isnan(arr).all(1)).all():
             return torch.from_numpy(arr)
     except (ValueError, OSError) as err:
         LOG.warning("re-computing unreadable part %s (%s)", path, err)
@@ -81,12 +90,15 @@ def global_embeddings(
     state_dir: str | Path | None,
     encoder_settings: dict,
     part_size: int = 8192,
+    max_reject_fraction: float | None = None,
 ):
     """(N, C) global embeddings of every pretraining image; resumable through ``state_dir``.
 
     Each part of ``part_size`` images is written atomically as ``part-XXXXXX.npy`` under a folder
     named by a fingerprint of the encoder settings and the image list, and skipped on restart when
     it loads with the expected row count. Descriptor encoders are centred on the whole set.
+    Unreadable images follow the bad-image policy (``ImageRejects``, listed in
+    ``<state_dir>/rejects.csv``): their rows are NaN.
     """
     n = len(source)
     ids = [source.image_id(i) for i in range(n)]
@@ -95,6 +107,8 @@ def global_embeddings(
         folder = Path(state_dir) / _fingerprint(encoder_settings, ids, part_size)
         folder.mkdir(parents=True, exist_ok=True)
         LOG.info("resumable feature parts in %s", folder)
+    listing = Path(state_dir) / "rejects.csv" if state_dir is not None else None
+    rejects = ImageRejects(n, max_reject_fraction, "k-NN images", listing)
     parts = []
     n_parts = (n + part_size - 1) // part_size
     for p in range(n_parts):
@@ -102,19 +116,23 @@ def global_embeddings(
         path = folder / f"part-{p:06d}.npy" if folder else None
         done = _load_part(path, len(keys))
         if done is not None:
+            for j in torch.isnan(done).any(1).nonzero().flatten().tolist():
+                rejects.add(keys[j], ids[keys[j]], source.describe(keys[j]), f"unreadable when {path.name} was made")
             parts.append(done)
             continue
         batches = iter_feature_batches(
-            encoder, source, keys, batch_size, num_workers, desc=f"part {p + 1}/{n_parts}", keep_patches=False
+            encoder, source, keys, batch_size, num_workers, f"part {p + 1}/{n_parts}", False, rejects
         )
         glob = torch.cat([f.global_tokens for _, f in batches])
         if path is not None:
             with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, glob.numpy())
         parts.append(glob)
+    if listing is not None:
+        rejects.write(listing)
     emb = torch.cat(parts)
     if encoder.centre:
-        emb = emb - emb.mean(0)  # = mean-pooled centred descriptors
+        emb = emb - emb.nanmean(0)  # = mean-pooled centred descriptors (skipped rows stay NaN)
     return ids, emb
 
 
@@ -127,9 +145,12 @@ def find_neighbours(
     encoder_settings: dict,
     state_dir=None,
     part_size: int = 8192,
+    max_reject_fraction: float | None = None,
 ) -> dict:
-    """The arrays of ``knn.npz`` for every image of ``source``."""
-    ids, emb = global_embeddings(encoder, source, batch_size, num_workers, state_dir, encoder_settings, part_size)
+    """The arrays of ``knn.npz`` for every image of ``source`` (-1 rows for skipped images)."""
+    ids, emb = global_embeddings(
+        encoder, source, batch_size, num_workers, state_dir, encoder_settings, part_size, max_reject_fraction
+    )
     neighbours, sims = nearest_neighbours(emb, k, device=encoder.device)
     return {
         "image_id": np.asarray(ids),
@@ -147,6 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", required=True)
     p.add_argument("--state-dir", default=None, help="resumable feature parts (outside the outputs)")
     p.add_argument("--part-size", type=int, default=8192, help="images per resumable part")
+    p.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=None,
+        help="unreadable images allowed before failing (default: views.max_reject_fraction's default); "
+        "they are skipped, logged and listed in <state-dir>/rejects.csv",
+    )
     args = p.parse_args(argv)
     start(args)
     cfg = resolve_section(args)
@@ -161,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg["encoder"],
         args.state_dir,
         args.part_size,
+        args.max_reject_fraction,
     )
     write_npz_atomic(args.output, out)
     LOG.info("wrote %s: %d images x %d neighbours", args.output, *out["neighbours"].shape)

@@ -3,8 +3,9 @@
 A module of its own, with no encoder or feature code, so that the ``target=knn`` pretraining cells
 depend on the file format only (``pipeline.provenance``): editing a feature encoder re-runs the
 neighbour search, and pretraining only if the neighbours it writes change. Arrays: ``image_id``
-(N,) str in ``list_imagenet`` order, ``neighbours`` (N, k) int64 global indices, never self,
-``similarity`` (N, k), ``encoder``.
+(N,) str in ``list_imagenet`` order, ``neighbours`` (N, k) int64 global indices, never self and
+never an image the neighbour search could not read (its own row is -1: the views stage, with the
+same decoder and policy, left it out of the bag too), ``similarity`` (N, k), ``encoder``.
 """
 
 from __future__ import annotations

@@ -127,13 +127,15 @@ def sample_video_pairs(
 
 
 def sample_knn_pairs(neighbours: np.ndarray, k: int, n: int, seed: int) -> list[tuple[int, int, int]]:
-    """(query, neighbour, rank 1..k): distinct queries, rank uniform among the k nearest."""
+    """(query, neighbour, rank 1..k): distinct queries, rank uniform among the k nearest. Images
+    the neighbour search skipped as unreadable (rows of -1) are never queries."""
     if k > neighbours.shape[1]:
         raise ValueError(
             f"consistency.knn_k = {k} exceeds the {neighbours.shape[1]} neighbours in knn.npz (pretrain.knn_k)"
         )
     rng = pair_rng(seed, "knn_images")
-    queries = _distinct(rng, len(neighbours), n, "knn_images")
+    readable = np.flatnonzero(neighbours[:, 0] >= 0)  # all rows when nothing was skipped: same draws
+    queries = readable[_distinct(rng, len(readable), n, "knn_images")]
     ranks = rng.integers(0, k, size=len(queries))
     pairs = [(int(q), int(neighbours[q, r]), int(r) + 1) for q, r in zip(queries, ranks)]
     for q, nb, _ in pairs:

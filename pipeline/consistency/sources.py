@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline.imaging import load_square, resize_square
+from pipeline.imaging import ImageRejects, load_square, resize_square, try_load
 from pipeline.runtime import progress
 from pipeline.views.bag import BagDataset
 
@@ -82,7 +82,9 @@ class BagSource:
 
 
 class _KeyedImages:
-    """torch Dataset over source keys -> (S, S, 3) uint8 tensors, decoded in the workers."""
+    """torch Dataset over source keys -> ((S, S, 3) uint8 tensor, reason), decoded in the workers;
+    an image that does not decode comes back as zeros with the reason (``try_load``), so the
+    caller applies the bad-image policy in one process."""
 
     def __init__(self, source, keys: Sequence, size: int):
         self.source, self.keys, self.size = source, list(keys), size
@@ -92,16 +94,27 @@ class _KeyedImages:
 
     def __getitem__(self, i):
         key = self.keys[i]
-        try:
-            image = self.source.load(key, self.size)
-        except Exception as err:  # name the file, whatever went wrong while decoding it
-            raise RuntimeError(f"cannot read image {self.source.describe(key)}: {err}") from err
+        image, reason = try_load(self.source.load, key, self.size)
+        if image is None:
+            return torch.zeros((self.size, self.size, 3), dtype=torch.uint8), reason
         if image.shape != (self.size, self.size, 3) or image.dtype != np.uint8:
             raise ValueError(
                 f"{self.source.describe(key)}: expected a {self.size}x{self.size}x3 uint8 "
                 f"image, got {image.shape} {image.dtype}"
             )
-        return torch.from_numpy(np.ascontiguousarray(image))
+        return torch.from_numpy(np.ascontiguousarray(image)), ""
+
+
+def _record_bad(source, keys: Sequence, reasons: Sequence[str], rejects: ImageRejects | None) -> list[int]:
+    """Positions of the batch's unreadable images, recorded in ``rejects``; without a policy the
+    first one is an error naming the file."""
+    bad = [j for j, reason in enumerate(reasons) if reason]
+    for j in bad:
+        if rejects is None:
+            raise RuntimeError(f"cannot read image {source.describe(keys[j])}: {reasons[j]}")
+        image_id = source.image_id(keys[j]) if hasattr(source, "image_id") else ""
+        rejects.add(keys[j], image_id, source.describe(keys[j]), reasons[j])
+    return bad
 
 
 def iter_feature_batches(
@@ -112,9 +125,13 @@ def iter_feature_batches(
     num_workers: int = 0,
     desc: str = "features",
     keep_patches: bool = True,
+    rejects: ImageRejects | None = None,
 ):
     """Yield (start, TokenFeatures on CPU) for consecutive batches of ``keys``, in order
-    (``keep_patches=False``: patch tokens are dropped on the device, only globals come back)."""
+    (``keep_patches=False``: patch tokens are dropped on the device, only globals come back).
+
+    Unreadable images: with ``rejects`` (the bad-image policy) they are skipped and listed and
+    their features are NaN rows; without, the first one is an error naming the file."""
     loader = torch.utils.data.DataLoader(
         _KeyedImages(source, keys, encoder.image_size),
         batch_size=batch_size,
@@ -123,14 +140,20 @@ def iter_feature_batches(
         persistent_workers=False,
     )
     start = 0
-    for images in progress(loader, desc=desc, total=len(loader), unit="batch"):
+    for images, reasons in progress(loader, desc=desc, total=len(loader), unit="batch"):
+        bad = _record_bad(source, keys[start : start + len(images)], reasons, rejects)
         feats = encoder.encode(images)
-        bad = ~torch.isfinite(feats.patch_tokens).all(dim=(1, 2)) | ~torch.isfinite(feats.global_tokens).all(1)
-        if bad.any():
-            which = [source.describe(keys[start + int(i)]) for i in bad.nonzero().flatten()[:5].tolist()]
+        finite = torch.isfinite(feats.patch_tokens).all(dim=(1, 2)) & torch.isfinite(feats.global_tokens).all(1)
+        finite[bad] = True  # replaced below
+        if not finite.all():
+            which = [source.describe(keys[start + int(i)]) for i in (~finite).nonzero().flatten()[:5].tolist()]
             raise FloatingPointError(f"non-finite features for {which}")
         feats.global_tokens = feats.global_tokens.cpu()
         feats.patch_tokens = feats.patch_tokens.cpu() if keep_patches else None
+        if bad:  # a skipped image has no features: NaN marks its row
+            feats.global_tokens[bad] = float("nan")
+            if feats.patch_tokens is not None:
+                feats.patch_tokens[bad] = float("nan")
         yield start, feats
         start += len(images)
 

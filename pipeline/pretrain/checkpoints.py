@@ -2,7 +2,9 @@
 that are not pretraining outputs (random init, external MAE/CropMAE checkpoints).
 
 Payload (docs/architecture.md): ``{"model", "optimizer", "scaler", "epoch", "step", "arch",
-"img_size", "config"}``, loadable with ``torch.load(weights_only=True)``.
+"img_size", "config"}``, loadable with ``torch.load(weights_only=True)``. Written with a recorded
+content digest (``<name>.sha256``, ``pipeline.resume.save_torch_file``) that every loader verifies
+(``verify_checkpoint``); another tool's checkpoint, which has none, is read unverified.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from pipeline.devices import seed_everything
-from pipeline.io import atomic_path
+from pipeline.io import verify_digest
 from pipeline.pretrain.models_mae import (
     ARCHS,
     CrossViewMAE,
@@ -29,6 +30,7 @@ from pipeline.pretrain.models_mae import (
     parameter_counts,
     resolve_arch,
 )
+from pipeline.resume import save_torch_file
 from pipeline.runtime import setup_logging
 
 LOG = logging.getLogger("cdgmae.checkpoints")
@@ -36,9 +38,14 @@ LOG = logging.getLogger("cdgmae.checkpoints")
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
 
-def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def verify_checkpoint(path: str | os.PathLike, log: logging.Logger = LOG) -> str | None:
+    """Check a checkpoint against its recorded digest (``IntegrityError`` naming it on mismatch).
+    One without a record was written by another tool (e.g. CropMAE's released weights): it is read
+    unverified, and the log says so."""
+    digest = verify_digest(path, required=False)
+    if digest is None:
+        log.info("%s has no recorded content digest (not written by this pipeline): reading it unverified", path)
+    return digest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +96,7 @@ def _read_checkpoint(path: str) -> tuple[Mapping, dict[str, torch.Tensor]]:
     """(the whole checkpoint, its encoder state dict); every failure names the file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"encoder checkpoint not found: {path}")
+    verify_checkpoint(path)
     try:
         with torch.serialization.safe_globals(list(REFERENCE_CHECKPOINT_GLOBALS)):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -183,7 +191,7 @@ def init_random_encoder(arch: str, seed: int, output: str | Path, img_size: int 
     random-init reference row is evaluated by the same ``propagate`` rule as trained encoders."""
     seed_everything(seed)
     encoder = build_encoder(arch, img_size)
-    save_torch_atomic(_encoder_payload(encoder, arch, {"random_init_seed": seed, "arch": arch}), output)
+    save_torch_file(_encoder_payload(encoder, arch, {"random_init_seed": seed, "arch": arch}), output)
     LOG.info("random-init %s (seed %d) -> %s", arch, seed, output)
 
 
@@ -191,7 +199,7 @@ def import_external_encoder(source: str | Path, arch: str, output: str | Path) -
     """An MAE/CropMAE-format checkpoint converted to our payload; every encoder key must be there
     (``load_encoder`` raises naming the missing keys, unlike the reference's silent partial load)."""
     encoder = load_encoder(source, device="cpu", arch=arch)
-    save_torch_atomic(_encoder_payload(encoder, arch, {"source": str(source), "arch": arch}), output)
+    save_torch_file(_encoder_payload(encoder, arch, {"source": str(source), "arch": arch}), output)
     LOG.info("imported %s (%s) -> %s", source, arch, output)
 
 

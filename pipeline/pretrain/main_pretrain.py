@@ -15,8 +15,10 @@ This module is the setup (settings, cell, model, optimizer, loader, resume, chec
 is ``pipeline.pretrain.engine_pretrain``.
 
 Resume: the state (model, optimizer, scaler, history) is written atomically to
-``<state-dir>/last.pth`` every ``checkpoint_every`` epochs — outside the rule's declared outputs,
-so the retry of a failed or killed job resumes. Resume is exact: the data order is a function of
+``<state-dir>/last.pth`` every ``checkpoint_every`` epochs and at the end, with its content digest
+(``pipeline.resume``: a state that fails verification is not used, the previous one is) — outside
+the rule's declared outputs, so the retry of a failed or killed job resumes, and a job re-run after
+a broken input is restored redoes no finished epoch. Resume is exact: the data order is a function of
 (seed, epoch), every augmentation a function of (seed, epoch, index) (``pipeline.pretrain.strategies``), and
 the torch RNG (masks, decoder dropout) is re-seeded from (seed, rank, step) before each step — so a
 resumed run continues the very loss curve of an uninterrupted one.
@@ -38,7 +40,7 @@ from torch.utils.data import DataLoader
 from pipeline.cells import CELL_KEYS, complete_cell
 from pipeline.config import load_settings, result_neutral_keys, section_defaults
 from pipeline.devices import distributed_context, resolve_device, set_threads
-from pipeline.pretrain.checkpoints import mae_layout, save_torch_atomic
+from pipeline.pretrain.checkpoints import mae_layout
 from pipeline.pretrain.engine_pretrain import (
     HISTORY_KEYS,
     EpochSampler,
@@ -52,7 +54,7 @@ from pipeline.pretrain.engine_pretrain import (
 from pipeline.pretrain.models_mae import CrossViewMAE, resolve_arch
 from pipeline.pretrain.strategies import STRATEGIES, TARGET_RULES, build_dataset
 from pipeline.provenance import code_digests
-from pipeline.resume import load_resume_state
+from pipeline.resume import load_resume_state, save_resume_state, save_torch_file
 from pipeline.runtime import derive_seed, progress, setup_logging
 
 LOG = logging.getLogger("cdgmae.pretrain")
@@ -202,7 +204,7 @@ def load_state(path: Path, expected_fingerprint: str):
     """The resumable state at ``path`` if it belongs to this job, else None (with a log line)."""
     state = load_resume_state(path, expected_fingerprint, LOG)
     if state is not None:
-        LOG.info("resuming from %s: epoch %d, step %d", path, state["epoch"], state["step"])
+        LOG.info("resuming from %s: epoch %d, step %d", state["resumed_from"], state["epoch"], state["step"])
     return state
 
 
@@ -274,7 +276,7 @@ def run_epochs(loop: Loop, loader, history: dict, start_epoch: int, step: int, *
         step = train_one_epoch(loop, loader, epoch, step, history, bar, keeping)
         done = epoch + 1
         if loop.rank == 0 and (done % loop.settings["checkpoint_every"] == 0 or done == epochs):
-            save_torch_atomic(payload(loop, done, step, fp, history), state_path)
+            save_resume_state(payload(loop, done, step, fp, history), state_path)
             saved_epoch = done
             LOG.info("epoch %d/%d: loss %.4f, state saved to %s", done, epochs, history["loss"][-1], state_path)
     bar.close()
@@ -337,7 +339,7 @@ def train(
         final = payload(loop, cell["epochs"], step, fp)
         # the released checkpoint in MAE's key layout (reference loaders read it); last.pth keeps ours
         final["model"] = mae_layout(final["model"])
-        save_torch_atomic(final, output)
+        save_torch_file(final, output)
         write_outputs(history, cell, seed, log_csv, curve_png)
         LOG.info("wrote %s (%d steps)", output, step)
     return history
@@ -380,6 +382,13 @@ def parse_args(argv=None):
     # them outside --settings (editing them must not re-run finished cells)
     ap.add_argument("--num-workers", type=int, default=None, help="override pretrain.num_workers")
     ap.add_argument("--checkpoint-every", type=int, default=None, help="override pretrain.checkpoint_every")
+    ap.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=None,
+        help="unreadable images of --imagenet-root / frames of --videos-root allowed before failing "
+        "(views.max_reject_fraction); they are skipped, logged and listed in <state-dir>/rejects.csv",
+    )
     return ap.parse_args(argv)
 
 
@@ -398,6 +407,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--cell is not valid JSON: {err}") from err
     LOG.info("cell %s, seed %d", cell, args.seed)
     sources = dict(bag=args.bag, knn=args.knn, imagenet_root=args.imagenet_root, videos_root=args.videos_root)
+    sources.update(max_reject_fraction=args.max_reject_fraction, rejects_listing=Path(args.state_dir) / "rejects.csv")
     dataset = build_dataset(cell, settings, seed=derive_seed(args.seed, "data"), **sources)
     with distributed_context() as (world, rank, device):
         if args.device and world == 1:

@@ -36,7 +36,11 @@ from torch.utils.data import Dataset
 
 from pipeline.consistency.knn_file import read_knn
 from pipeline.data.readers import list_imagenet, list_videos, read_rgb
-from pipeline.imaging import random_resized_crop_box
+from pipeline.imaging import (
+    ImageRejects,
+    TooManyRejectsError,
+    random_resized_crop_box,
+)
 from pipeline.io import cached_sha256
 from pipeline.pretrain.augment import match_size, normalize, resized_crop, to_chw
 from pipeline.registry import Registry
@@ -79,6 +83,8 @@ def choose_bag_indices(rng: np.random.Generator, n_views: int, anchors: int, tar
 
 # ---------------------------------------------------------------------------------------------
 # datasets
+
+MAX_SUBSTITUTE_DRAWS = 64  # replacement draws for an unreadable image before giving up
 
 
 class EpochDataset(Dataset):
@@ -173,6 +179,19 @@ class BagViewsDataset(EpochDataset):
         except KeyError:
             raise KeyError(f"neighbour with global index {global_index} is not in the bag of views") from None
 
+    def _reader(self, index: int) -> tuple[int, Callable[[list[int]], tuple[dict, list[np.ndarray]]]]:
+        """(M, read) of bag row ``index``: ``read(images)`` gives the row's metadata and its images
+        ``images`` (0 = real, 1..M = views). A ``BagDataset`` decodes only those; any other bag's
+        item (or a ``BagDataset``'s with a ``transform``) is fetched once, whole."""
+        if isinstance(self.bag, BagDataset) and self.bag.transform is None:
+            return self.bag.n_views, lambda images: self.bag.read(index, images)
+        item = self.bag[index]
+        row = [item["real"], *item["views"]]
+        return len(item["views"]), lambda images: (item, [row[k] for k in images])
+
+    def _real_image(self, index: int) -> np.ndarray:
+        return self._reader(index)[1]([0])[1][0]
+
     def _neighbour_images(self, item: dict, rng: np.random.Generator) -> list[np.ndarray]:
         row = self.knn["row_of_id"].get(item["image_id"])
         if row is None:
@@ -181,20 +200,22 @@ class BagViewsDataset(EpochDataset):
         if (neigh == item["index"]).any():
             raise ValueError(f"neighbours of {item['image_id']!r} include the image itself")
         picked = rng.choice(len(neigh), size=self.anchors, replace=False)
-        return [self.bag[self._bag_row(neigh[int(i)])]["real"] for i in picked]
+        return [self._real_image(self._bag_row(neigh[int(i)])) for i in picked]
 
-    def select(self, item: dict, rng: np.random.Generator) -> list[np.ndarray]:
-        """[target, anchor_1..anchor_N] images (HxWx3 uint8) of one bag item."""
+    def select(self, index: int, rng: np.random.Generator) -> tuple[dict, list[np.ndarray]]:
+        """Bag row ``index``'s metadata and its [target, anchor_1..anchor_N] images (HxWx3 uint8),
+        decoding only those. The draws (and their order) do not depend on which images are read."""
+        n_views, read = self._reader(index)
         if self.target == "knn":
-            return [item["real"]] + self._neighbour_images(item, rng)
-        images = [item["real"]] + list(item["views"])
-        t, a = choose_bag_indices(rng, len(item["views"]), self.anchors, self.target)
-        return [images[t]] + [images[i] for i in a]
+            item, (real,) = read([0])
+            return item, [real] + self._neighbour_images(item, rng)
+        t, a = choose_bag_indices(rng, n_views, self.anchors, self.target)
+        return read([t, *a])
 
     def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        item = self.bag[index]
+        item, selected = self.select(index, rng)
         name = f"bag item {index} ({item.get('image_id', '?')})"
-        images = match_size([to_chw(im, name) for im in self.select(item, rng)])
+        images = match_size([to_chw(im, name) for im in selected])
         h, w = images[0].shape[-2:]
         crops = []
         for k, im in enumerate(images):
@@ -218,11 +239,15 @@ class GlobalToLocalDataset(EpochDataset):
         local_scale=(0.3, 0.6),
         ratio=(3 / 4, 4 / 3),
         flip: bool = True,
+        max_reject_fraction: float | None = None,
+        rejects_listing: str | os.PathLike | None = None,
     ):
         super().__init__(seed)
         self.images, self.img_size = list(images), int(img_size)
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.ratio, self.flip = tuple(ratio), bool(flip)
+        # per process: with loader workers each one enforces the fraction on the images it read
+        self.rejects = ImageRejects(len(self.images), max_reject_fraction, "CropMAE images", rejects_listing)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -244,9 +269,21 @@ class GlobalToLocalDataset(EpochDataset):
             local_crop = local_crop.flip(-1)
         return gbox, lbox, global_crop, local_crop
 
+    def image(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        """Image ``index`` (3, H, W); one that does not decode is skipped (``ImageRejects``) for
+        another drawn from the sample's own ``rng``, so samples stay a function of (seed, epoch,
+        index) and of the set of bad files."""
+        for _ in range(MAX_SUBSTITUTE_DRAWS):
+            record = self.images[index]
+            image_id = getattr(record, "image_id", record.path)  # records need only ``.path``
+            image = self.rejects.load(index, image_id, record.path, read_rgb)
+            if image is not None:
+                return to_chw(image, str(record.path))
+            index = int(rng.integers(len(self.images)))
+        raise TooManyRejectsError(f"CropMAE images: {MAX_SUBSTITUTE_DRAWS} draws in a row hit unreadable images")
+
     def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        path = self.images[index].path
-        image = to_chw(read_rgb(path), str(path))
+        image = self.image(index, rng)
         _, _, global_crop, local_crop = self.crops(image, rng)
         # reference order [global, local] = [anchor, target]; ours puts the target first
         return normalize(torch.stack([local_crop, global_crop]))  # (2, 3, S, S)
@@ -276,10 +313,14 @@ class VideoPairDataset(EpochDataset):
         scale=(0.5, 1.0),
         ratio=(3 / 4, 4 / 3),
         flip: bool = True,
+        max_reject_fraction: float | None = None,
+        rejects_listing: str | os.PathLike | None = None,
     ):
         super().__init__(seed)
         self.videos, self.img_size = list(videos), int(img_size)
         self.frame_gap, self.scale, self.ratio, self.flip = tuple(frame_gap), tuple(scale), tuple(ratio), bool(flip)
+        n_frames = sum(len(v.frames) for v in self.videos)
+        self.rejects = ImageRejects(n_frames, max_reject_fraction, "SiamMAE frames", rejects_listing)
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -287,11 +328,20 @@ class VideoPairDataset(EpochDataset):
     def source_files(self) -> list:
         return [f for v in _spread(self.videos) for f in _spread(v.frames)]
 
+    def frame_pair(self, index: int, rng: np.random.Generator) -> list[torch.Tensor]:
+        """[past, future] frames of video ``index``; a pair with an unreadable frame (``ImageRejects``)
+        is redrawn from the sample's own ``rng`` (another pair of another video)."""
+        for _ in range(MAX_SUBSTITUTE_DRAWS):
+            video = self.videos[index]
+            pair = [video.frames[f] for f in sample_frame_pair(rng, len(video.frames), self.frame_gap)]
+            frames = [self.rejects.load(str(f), f"{video.name}/{f.stem}", f, read_rgb) for f in pair]
+            if all(frame is not None for frame in frames):
+                return [to_chw(frame, str(f)) for frame, f in zip(frames, pair)]
+            index = int(rng.integers(len(self.videos)))
+        raise TooManyRejectsError(f"SiamMAE frames: {MAX_SUBSTITUTE_DRAWS} draws in a row hit unreadable frames")
+
     def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        video = self.videos[index]
-        f1, f2 = sample_frame_pair(rng, len(video.frames), self.frame_gap)
-        past, future = (to_chw(read_rgb(video.frames[f]), str(video.frames[f])) for f in (f1, f2))
-        past, future = match_size([past, future])
+        past, future = match_size(self.frame_pair(index, rng))
         box = random_resized_crop_box(rng, *future.shape[-2:], self.scale, self.ratio)
         flip = self.flip and bool(rng.random() < 0.5)
         # target = future frame, anchor = past frame, one box and flip for both
@@ -358,7 +408,17 @@ def build_cdgmae(
 
 
 @STRATEGIES.register("cropmae")
-def build_cropmae(cell: dict, settings: dict, *, seed: int, imagenet_root=None, images=None, **_):
+def build_cropmae(
+    cell: dict,
+    settings: dict,
+    *,
+    seed: int,
+    imagenet_root=None,
+    images=None,
+    max_reject_fraction: float | None = None,
+    rejects_listing=None,
+    **_,
+):
     images = _records(images, imagenet_root, list_imagenet, "--imagenet-root", "cropmae")
     cfg = settings["cropmae"]
     return GlobalToLocalDataset(
@@ -369,11 +429,23 @@ def build_cropmae(cell: dict, settings: dict, *, seed: int, imagenet_root=None, 
         local_scale=cfg["local_scale"],
         ratio=settings["crop"]["ratio"],
         flip=settings["crop"]["flip"],
+        max_reject_fraction=max_reject_fraction,
+        rejects_listing=rejects_listing,
     )
 
 
 @STRATEGIES.register("siammae")
-def build_siammae(cell: dict, settings: dict, *, seed: int, videos_root=None, videos=None, **_):
+def build_siammae(
+    cell: dict,
+    settings: dict,
+    *,
+    seed: int,
+    videos_root=None,
+    videos=None,
+    max_reject_fraction: float | None = None,
+    rejects_listing=None,
+    **_,
+):
     videos = _records(videos, videos_root, list_videos, "--videos-root", "siammae")
     short = [v.name for v in videos if len(v.frames) < 2]
     if short:
@@ -387,6 +459,8 @@ def build_siammae(cell: dict, settings: dict, *, seed: int, videos_root=None, vi
         scale=crop["scale"],
         ratio=crop["ratio"],
         flip=crop["flip"],
+        max_reject_fraction=max_reject_fraction,
+        rejects_listing=rejects_listing,
     )
 
 

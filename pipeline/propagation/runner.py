@@ -31,7 +31,7 @@ from pipeline.config import load_settings, section_defaults
 from pipeline.data.readers import read_rgb, read_vallist
 from pipeline.devices import resolve_device, set_threads
 from pipeline.io import file_sha256, write_csv_atomic, write_text_atomic
-from pipeline.pretrain.checkpoints import load_encoder
+from pipeline.pretrain.checkpoints import load_encoder, verify_checkpoint
 from pipeline.propagation.algorithm import grid_size, input_size, propagate
 from pipeline.propagation.drivers import WRITERS, Video, score_predictions
 from pipeline.propagation.figures import figure_frames, save_figure
@@ -293,7 +293,8 @@ def run_propagation(
     device = resolve_device(device)
     model = model or model_name_from_checkpoint(checkpoint)
     run_key = {
-        "checkpoint_sha256": file_sha256(checkpoint),
+        # verified before anything is claimed: a corrupt checkpoint raises IntegrityError naming it
+        "checkpoint_sha256": verify_checkpoint(checkpoint) or file_sha256(checkpoint),
         "protocol": protocol.__dict__,
         "root": str(root.resolve()),
         "vallist": names,

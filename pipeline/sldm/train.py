@@ -10,12 +10,13 @@ first ``max_images``), read by ``load_square`` at ``image_size``. Model, loss an
 AdamW, linear warm-up + cosine, EMA weights saved, bf16 autocast on CUDA only (fp32 elsewhere).
 
 Resume: ``<state-dir>/last.pth`` (model, EMA, optimizer, RNG, step, history, fingerprint) is written
-atomically every ``checkpoint_every`` steps, outside the output folder; a rerun with the same
-fingerprint (settings minus result-neutral keys and the sample grid, seed, data identity, code)
-continues it exactly, any other state is set aside and training starts over. The output is the
-``sldm`` folder (``docs/sldm-format.md``) holding the EMA weights, replaced atomically. Under
-``torchrun`` (``WORLD_SIZE`` > 1) the run is DDP: each rank takes ``batch_size / world`` images of
-every step, rank 0 writes every output.
+atomically with its content digest every ``checkpoint_every`` steps and at the end, outside the
+output folder (``pipeline.resume``: one that fails verification is not used, the previous one
+is); a rerun with the same fingerprint (settings minus result-neutral keys and the sample grid,
+seed, data identity, code) continues it exactly, any other state is set aside and training starts
+over. The output is the ``sldm`` folder (``docs/sldm-format.md``) holding the EMA weights,
+replaced atomically. Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is DDP: each rank takes
+``batch_size / world`` images of every step, rank 0 writes every output.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ from pipeline.config import load_settings, result_neutral_keys, section_defaults
 from pipeline.data.readers import list_imagenet
 from pipeline.devices import distributed_context, resolve_device, set_threads
 from pipeline.imaging import load_square
-from pipeline.io import atomic_path, file_sha256, folder_sha256
+from pipeline.io import file_sha256, folder_sha256
 from pipeline.provenance import code_digests
-from pipeline.resume import load_resume_state
+from pipeline.resume import load_resume_state, save_resume_state
 from pipeline.runtime import derive_seed, progress, setup_logging
 from pipeline.sldm import engine
 from pipeline.sldm.encoders import build_conditioning_encoder
@@ -128,7 +129,7 @@ def load_state(path: Path, fingerprint: str) -> dict | None:
     """The resumable state at ``path`` if it belongs to this run, else None (with a log line)."""
     state = load_resume_state(path, fingerprint, LOG)
     if state is not None:
-        LOG.info("resuming from %s at step %d", path, state["step"])
+        LOG.info("resuming from %s at step %d", state["resumed_from"], state["step"])
     return state
 
 
@@ -195,8 +196,7 @@ def write_folder(loop: engine.Loop, output, n_images: int, step: int) -> Path:
 
 
 def save_state(loop: engine.Loop, step: int, history: dict, fingerprint: str, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(engine.payload(loop, step, history, fingerprint), tmp)
+    save_resume_state(engine.payload(loop, step, history, fingerprint), path)
 
 
 def write_samples(loop: engine.Loop, real: np.ndarray, samples_png, state_dir: Path, step: int) -> None:

@@ -1,0 +1,131 @@
+"""Checkpoints and resumable states are verified against their recorded content digests on every
+read, and a broken input never costs finished training (issue 13). Tiny: vit_mini_patch8 at 32 px."""
+
+import hashlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.io import IntegrityError, digest_path, recorded_digest
+from pipeline.pretrain.checkpoints import init_random_encoder, load_encoder
+from pipeline.pretrain.main_pretrain import main as pretrain_main
+from pipeline.pretrain.main_pretrain import train
+from pipeline.resume import load_resume_state, previous_state_path, save_resume_state
+from pipeline.vit_checkpoints import load_cdgmae_vit, read_state_dict
+from tests.test_pretrain import ROOT, dataset, setup, train_command, write_bag
+
+
+def flip(path: Path, offset: int | None = None, n: int = 16) -> None:
+    """Invert ``n`` bytes of ``path`` in place (in the middle unless ``offset``)."""
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 if offset is None else offset
+    data[at : at + n] = bytes(b ^ 0xFF for b in data[at : at + n])
+    path.write_bytes(bytes(data))
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def encoder_checkpoint(tmp_path):
+    path = tmp_path / "random-init" / "checkpoint.pth"
+    init_random_encoder("vit_mini_patch8", 0, path, img_size=32)
+    return path
+
+
+def test_a_flipped_checkpoint_is_an_error_naming_it_in_every_loader(encoder_checkpoint, tmp_path):
+    from pipeline.propagation import runner
+
+    assert recorded_digest(encoder_checkpoint) == sha(encoder_checkpoint)  # recorded when written
+    load_encoder(encoder_checkpoint)  # intact: loads
+    flip(encoder_checkpoint)
+    for load in (load_encoder, read_state_dict, lambda p: load_cdgmae_vit(p, 32)):
+        with pytest.raises(IntegrityError, match=str(encoder_checkpoint)):
+            load(encoder_checkpoint)
+    out = tmp_path / "propagation"
+    with pytest.raises(IntegrityError, match=f"{encoder_checkpoint}: content digest"):
+        runner.run_propagation(encoder_checkpoint, "davis", tmp_path / "davis", out, {"figures": 0})
+    assert not (out / "predictions").exists()  # nothing claimed or removed before the check
+
+
+def test_a_foreign_checkpoint_without_digest_loads_unverified(encoder_checkpoint, caplog):
+    digest_path(encoder_checkpoint).unlink()  # as CropMAE's released weights: no record beside them
+    caplog.set_level("INFO")
+    encoder = load_encoder(encoder_checkpoint)
+    assert encoder.img_size == 32 and "reading it unverified" in caplog.text
+    assert read_state_dict(encoder_checkpoint)
+
+
+def test_resume_state_falls_back_to_the_previous_good_one(tmp_path, caplog):
+    """The S-LDM and pretraining share this: a flipped last.pth is set aside, the previous state
+    of the same job is used, with a warning; nothing intact of this job -> start over."""
+    path = tmp_path / "state" / "last.pth"
+    save_resume_state({"fingerprint": "job", "step": 1}, path)
+    save_resume_state({"fingerprint": "job", "step": 2}, path)
+    assert torch.load(previous_state_path(path), weights_only=True)["step"] == 1
+    log = logging.getLogger("cdgmae.test")
+    caplog.set_level("INFO", logger=log.name)
+    assert load_resume_state(path, "job", log)["step"] == 2
+    flip(path)
+    assert load_resume_state(path, "job", log)["step"] == 1
+    assert "failed verification" in caplog.text and "resuming from the previous good state" in caplog.text
+    assert (path.parent / "last.pth.corrupt").exists() and not path.exists()  # kept, not deleted
+    # a last.pth written for other inputs does not hide this job's previous state
+    save_resume_state({"fingerprint": "job", "step": 3}, path)
+    save_resume_state({"fingerprint": "other", "step": 1}, path)
+    assert load_resume_state(path, "job", log)["step"] == 3
+    flip(previous_state_path(path))
+    assert load_resume_state(path, "job", log) is None
+
+
+def test_flipped_last_pth_is_not_resumed_from(tmp_path, caplog):
+    cell, settings = setup(epochs=3, checkpoint_every=1)
+    full = train(cell, settings, dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "sa")
+    state_dir = tmp_path / "sa"
+    assert torch.load(previous_state_path(state_dir / "last.pth"), weights_only=True)["epoch"] == 2
+    flip(state_dir / "last.pth")
+    caplog.set_level("INFO", logger="cdgmae.pretrain")
+    again = train(cell, settings, dataset(), seed=0, output=tmp_path / "b.pth", state_dir=state_dir)
+    assert "failed verification" in caplog.text and "resuming from the previous good state" in caplog.text
+    assert "resuming from" in caplog.text and "epoch 2" in caplog.text  # only epoch 3 redone
+    assert again["loss"] == full["loss"]  # the same curve, epoch 3 recomputed from the good state
+    a, b = (torch.load(tmp_path / n, weights_only=True)["model"] for n in ("a.pth", "b.pth"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_bag_costs_no_finished_training(tmp_path):
+    """Train via the CLI, truncate the bag (the rerun fails naming it, and Snakemake removes the
+    job's outputs), rebuild it byte-identical: the rerun resumes the finished state in the state
+    dir, redoes no epoch and writes the identical checkpoint."""
+    bag = tmp_path / "bag.h5"
+    write_bag(bag, [f"c/{i:03d}" for i in range(16)])
+    original = bag.read_bytes()
+    cell = {"arch": "vit_mini_patch8", "anchors": 2, "anchor_mask": 0.25, "epochs": 2, "target": "either"}
+    settings = {"img_size": 32, "batch_size": 8, "micro_batch": 4, "num_workers": 0, "samples_per_epoch": 16}
+    out = tmp_path / "run"
+    cmd = train_command(cell, settings, out, "--bag", str(bag))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def run():
+        return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    assert run().returncode == 0
+    checkpoint, log = out / "checkpoint.pth", out / "train_log.csv"
+    finished, curve = sha(checkpoint), pd.read_csv(log)
+    for broken in (original[: len(original) // 2], b""):  # truncated, then zero bytes
+        bag.write_bytes(broken)
+        with pytest.raises(Exception, match=str(bag)):  # the same entry point, in-process (faster)
+            pretrain_main(cmd[cmd.index("train") + 1 :])
+        for output in (checkpoint, log):  # what Snakemake does to a failed job's outputs
+            output.unlink(missing_ok=True)
+    bag.write_bytes(original)
+    rerun = run()
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming from" in rerun.stderr and "epoch 2, step 4" in rerun.stderr, rerun.stderr[-3000:]
+    assert sha(checkpoint) == finished and pd.read_csv(log).equals(curve)
