@@ -23,6 +23,7 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
     },
     "sldm": {
         "train": ("pipeline.sldm.train:main", "train the S-LDM view generator on the pretraining images (resumable)"),
+        "import-rcg": ("pipeline.sldm.rcg:main", "convert RCG's LDM-8 + MoCo v3 checkpoints into an sldm folder"),
     },
     "views": {
         "generate": ("pipeline.views.shards:main", "generate one shard of the bag of views"),

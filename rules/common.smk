@@ -70,9 +70,11 @@ def get_dataset_input(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# view generators: the S-LDM the workflow trains (rules/sldm.smk) when no folder is configured
+# view generators: the S-LDM the workflow trains, or RCG's it imports (rules/sldm.smk), when no
+# folder is configured
 
 TRAINED_SLDM = "results/sldm/model"
+IMPORTED_RCG = "results/sldm/rcg"
 
 
 def get_sldm_encoder_input():
@@ -86,15 +88,30 @@ def trains_sldm(generator):
     return generator == "sldm" and not config["views"]["generators"]["sldm"]["model_path"]
 
 
+def imports_rcg(generator):
+    """rcg with its checkpoints set and no folder of its own: rule import_rcg (rules/sldm.smk) makes it."""
+    s = config["views"]["generators"]["rcg"]
+    return generator == "rcg" and not s["model_path"] and bool(s["ldm_checkpoint"] or s["encoder_checkpoint"])
+
+
+def built_generator_folder(generator):
+    """The sldm folder the workflow builds for this generator (trained or imported), else None."""
+    if trains_sldm(generator):
+        return TRAINED_SLDM
+    return IMPORTED_RCG if imports_rcg(generator) else None
+
+
 def get_generator_model_input(generator):
-    """The trained S-LDM folder, when the generator is the workflow's own S-LDM (else nothing)."""
-    return [TRAINED_SLDM] if trains_sldm(generator) else []
+    """The S-LDM folder the workflow trains or imports for this generator (else nothing)."""
+    folder = built_generator_folder(generator)
+    return [folder] if folder else []
 
 
 def get_generator_settings(generator):
-    """A generator's settings, the trained S-LDM's folder filled in where model_path is null."""
+    """A generator's settings, the built S-LDM's folder filled in where model_path is null."""
     s = dict(config["views"]["generators"][generator])
-    return {**s, "model_path": TRAINED_SLDM} if trains_sldm(generator) else s
+    folder = built_generator_folder(generator)
+    return {**s, "model_path": folder} if folder else s
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ optionally ``l2`` or ``standardize``-d) conditions the UNet through a Linear pro
 Whatever the source, the encoder is a ``timm.create_model(timm_name, num_classes=0,
 global_pool="token", **kwargs)`` whose weights go into the folder, so the views stage's generator
 rebuilds exactly the embeddings training conditioned on (``embed_images`` is shared by both).
+An imported RCG folder adds MoCo v3's projection MLP after the CLS token (``projection_head``).
 """
 
 from __future__ import annotations
@@ -49,11 +50,32 @@ def normalize_embedding(z: torch.Tensor, norm: str) -> torch.Tensor:
     return z
 
 
-def embed_images(encoder, images, input_size: int, mean: torch.Tensor, std: torch.Tensor, norm: str, device):
-    """(B, H, W, 3) uint8 -> (B, D_enc) CLS embeddings: bicubic (antialiased) resize to
-    ``input_size``, [0, 1], ``mean`` / ``std`` (1, 3, 1, 1) normalized, then ``normalize_embedding``."""
+def projection_head(dims) -> torch.nn.Sequential:
+    """MoCo v3's projection MLP (the head RCG conditions on): per hidden layer Linear (no bias) ->
+    BatchNorm1d -> ReLU, then Linear (no bias) -> BatchNorm1d without affine; ``dims`` = [in,
+    hidden..., out]. Module indices follow that order, so MoCo's ``head.<i>.*`` keys load as is."""
+    layers: list[torch.nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(torch.nn.Linear(int(d_in), int(d_out), bias=False))
+        last = i == len(dims) - 2
+        layers += [torch.nn.BatchNorm1d(int(d_out), affine=not last)] + ([] if last else [torch.nn.ReLU()])
+    return torch.nn.Sequential(*layers)
+
+
+def head_dims(head: torch.nn.Sequential) -> list[int]:
+    """The ``dims`` a ``projection_head`` was built with."""
+    linears = [m for m in head if isinstance(m, torch.nn.Linear)]
+    return [linears[0].in_features] + [m.out_features for m in linears]
+
+
+def embed_images(
+    encoder, images, input_size: int, mean: torch.Tensor, std: torch.Tensor, norm: str, device, antialias: bool = True
+):
+    """(B, H, W, 3) uint8 -> (B, D_enc) CLS embeddings: bicubic resize (``antialias``: RCG's is
+    not) to ``input_size``, [0, 1], ``mean`` / ``std`` (1, 3, 1, 1) normalized, then the
+    ``encoder`` (a ViT, or a ViT then its ``projection_head``) and ``normalize_embedding``."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    x = F.interpolate(x, size=(input_size, input_size), mode="bicubic", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=(input_size, input_size), mode="bicubic", align_corners=False, antialias=antialias)
     x = ((x - mean) / std).to(device)
     return normalize_embedding(encoder(x), norm)  # encoder(x): CLS token after the final norm
 

@@ -14,11 +14,19 @@ from pathlib import Path
 from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 
+from pipeline.sldm.encoders import head_dims
+
 SLDM_MANIFEST = "sldm.json"
 MANIFEST_KEYS = ("encoder", "projector", "unet", "vae", "scheduler", "conditioning")
 # the noise-schedule keys the sampler must agree on with training (checked, not assumed)
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-NULL_CONDITIONS = ("projected_zero", "zero_token")
+# projected_zero / zero_token: the null token of CFG training; none: never trained without the
+# condition (RCG's LDM), so it is sampled unguided only
+NULL_CONDITIONS = ("projected_zero", "zero_token", "none")
+# the autoencoders a folder's vae/ may hold (diffusers class names, from its config.json)
+AUTOENCODERS = ("AutoencoderKL", "VQModel")
+HEAD_WEIGHTS = "encoder_head.safetensors"
+PROJECTOR_WEIGHTS = "projector.safetensors"
 
 
 class SLDMFolderError(ValueError):
@@ -41,6 +49,10 @@ def save_sldm(
     p_uncond: float | None = None,
     encoder_source: str | None = None,
     training: dict | None = None,
+    encoder_head=None,
+    resize_antialias: bool = True,
+    sampling_keys: tuple = (),
+    imported: dict | None = None,
 ) -> Path:
     """Write an S-LDM folder in the layout :class:`SLDMGenerator` loads.
 
@@ -51,6 +63,10 @@ def save_sldm(
     UNet was trained with, and the classifier-free-guidance convention (``null_condition``: the
     null token training used; ``p_uncond``: how often the condition was dropped, when known);
     ``encoder_source`` (``random-init``: an untrained stand-in) and ``training`` when given.
+    ``projector`` None: the embedding is the token itself (``"projector": null``); ``encoder_head``:
+    a ``projection_head`` MLP after the CLS embedding (``encoder_head.safetensors``);
+    ``resize_antialias``: how the encoder's input is resized; ``sampling_keys``: scheduler config keys
+    the sampler must keep (recorded, checked on load); ``imported``: provenance of an imported model.
     """
     if null_condition not in NULL_CONDITIONS:
         raise ValueError(f"null_condition must be one of {NULL_CONDITIONS}, got {null_condition!r}")
@@ -60,8 +76,13 @@ def save_sldm(
     if vae is not None:
         vae.save_pretrained(folder / "vae")
     scheduler.save_pretrained(folder / "scheduler")
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, folder / "encoder.safetensors")
-    save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, folder / "projector.safetensors")
+    for module, name in (
+        (encoder, "encoder.safetensors"),
+        (projector, PROJECTOR_WEIGHTS),
+        (encoder_head, HEAD_WEIGHTS),
+    ):
+        if module is not None:
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / name)
     manifest = {
         "format": "cdgmae-sldm",
         "version": 1,
@@ -73,21 +94,30 @@ def save_sldm(
             "mean": list(mean),
             "std": list(std),
             "embedding_norm": embedding_norm,
+            "resize_antialias": bool(resize_antialias),
+            "head": None if encoder_head is None else {"weights": HEAD_WEIGHTS, "dims": head_dims(encoder_head)},
             **({"source": encoder_source} if encoder_source is not None else {}),
         },
-        "projector": {
-            "weights": "projector.safetensors",
-            "in_features": projector.in_features,
-            "out_features": projector.out_features,
-        },
+        "projector": _projector_entry(projector),
         "unet": "unet",
         "vae": "vae" if vae is not None else None,
-        "scheduler": {"folder": "scheduler", "training": {k: scheduler.config[k] for k in SCHEDULE_KEYS}},
+        "scheduler": {
+            "folder": "scheduler",
+            "training": {k: scheduler.config[k] for k in SCHEDULE_KEYS},
+            **({"sampling": {k: scheduler.config[k] for k in sampling_keys}} if sampling_keys else {}),
+        },
         "conditioning": {"null_condition": null_condition, "p_uncond": p_uncond},
         **({"training": training} if training is not None else {}),
+        **({"imported": imported} if imported is not None else {}),
     }
     (folder / SLDM_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
+
+
+def _projector_entry(projector) -> dict | None:
+    if projector is None:  # the embedding is the cross-attention token itself
+        return None
+    return {"weights": PROJECTOR_WEIGHTS, "in_features": projector.in_features, "out_features": projector.out_features}
 
 
 def read_manifest(path: Path) -> dict:
@@ -106,24 +136,43 @@ def read_manifest(path: Path) -> dict:
 
 
 def validate_folder(path: Path) -> dict:
-    """The manifest of an S-LDM folder whose every named file exists and whose scheduler has the
-    noise schedule the UNet was trained with; raises naming the missing file or mismatched key."""
+    """The manifest of an S-LDM folder whose every named file exists, whose autoencoder is a known
+    class and whose scheduler has the noise schedule the UNet was trained with (and the sampling
+    keys recorded); raises naming the missing file or mismatched key."""
     man = read_manifest(path)
-    needed = [man["encoder"]["weights"], man["projector"]["weights"], f"{man['unet']}/config.json"]
-    needed += [f"{man['scheduler']['folder']}/scheduler_config.json"]
+    enc, pr = man["encoder"], man["projector"]
+    needed = [enc["weights"], f"{man['unet']}/config.json", f"{man['scheduler']['folder']}/scheduler_config.json"]
+    needed += [pr["weights"]] if pr else []
+    needed += [enc["head"]["weights"]] if enc.get("head") else []
     needed += [f"{man['vae']}/config.json"] if man["vae"] else []
     for rel in needed:
         if not (path / rel).is_file():
             raise FileNotFoundError(f"{path / rel}: missing from the S-LDM folder (named in {SLDM_MANIFEST})")
-    shipped = DDIMScheduler.load_config(path / man["scheduler"]["folder"])
-    for key, trained in man["scheduler"]["training"].items():
-        if shipped.get(key) != trained:
-            raise SLDMFolderError(
-                f"{path / man['scheduler']['folder']}: scheduler {key} = {shipped.get(key)!r}, but the UNet "
-                f"was trained with {trained!r} ({SLDM_MANIFEST})"
-            )
-    if man["scheduler"]["training"].get("prediction_type") != "epsilon":
-        raise SLDMFolderError(f"{path}: only epsilon-prediction UNets are sampled here ({SLDM_MANIFEST})")
+    if man["vae"]:
+        kind = json.loads((path / man["vae"] / "config.json").read_text()).get("_class_name")
+        if kind not in AUTOENCODERS:
+            raise SLDMFolderError(f"{path / man['vae'] / 'config.json'}: _class_name {kind!r} not in {AUTOENCODERS}")
+    _check_scheduler(path, man["scheduler"])
     if man["conditioning"].get("null_condition") not in NULL_CONDITIONS:
         raise SLDMFolderError(f"{path / SLDM_MANIFEST}: conditioning.null_condition not in {NULL_CONDITIONS}")
     return man
+
+
+def autoencoder_class(path: Path, man: dict) -> str | None:
+    """The diffusers class name of the folder's autoencoder (None: pixel space); validated first."""
+    return json.loads((path / man["vae"] / "config.json").read_text())["_class_name"] if man["vae"] else None
+
+
+def _check_scheduler(path: Path, sched: dict) -> None:
+    """The shipped scheduler config agrees with every recorded training (and sampling) key."""
+    folder = path / sched["folder"]
+    shipped = DDIMScheduler.load_config(folder)
+    for part in ("training", "sampling"):
+        for key, recorded in sched.get(part, {}).items():
+            if shipped.get(key) != recorded:
+                what = "the UNet was trained with" if part == "training" else "the sampler must use"
+                raise SLDMFolderError(
+                    f"{folder}: scheduler {key} = {shipped.get(key)!r}, but {what} {recorded!r} ({SLDM_MANIFEST})"
+                )
+    if sched["training"].get("prediction_type") != "epsilon":
+        raise SLDMFolderError(f"{path}: only epsilon-prediction UNets are sampled here ({SLDM_MANIFEST})")

@@ -1,10 +1,12 @@
 """Classifier-free-guidance DDIM sampling of an S-LDM, shared by the training stage (its sample
 grids) and the views stage's ``sldm`` generator.
 
-Conditioning: ``projector(embedding)`` is the one cross-attention token; the null token is
-``projector(0)`` (``projected_zero``, the raw embedding zeroed before the projector, as trained
-here) or an all-zero token (``zero_token``). Guidance: ``eps = eps_u + w (eps_c - eps_u)``. Every
-view has its own CPU generator seeded from its seed, so a view depends on (image, seed) only.
+Conditioning: ``projector(embedding)`` is the one cross-attention token (``projector`` an
+``Identity`` when the folder has none: RCG); the null token is ``projector(0)`` (``projected_zero``,
+the raw embedding zeroed before the projector, as trained here) or an all-zero token
+(``zero_token``); ``none`` (a model never trained without its condition) has no null token and is
+sampled unguided only. Guidance: ``eps = eps_u + w (eps_c - eps_u)``. Every view has its own CPU
+generator seeded from its seed, so a view depends on (image, seed) only.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ def cpu_generators(seeds: np.ndarray) -> list[torch.Generator]:
 
 def cfg_conditions(projector, z: torch.Tensor, M: int, null_condition: str, dtype: torch.dtype):
     """Conditional and CFG-null cross-attention tokens, (B*M, 1, D_ctx) each, image-major, from the
-    raw embeddings ``z`` (B, D_enc)."""
+    raw embeddings ``z`` (B, D_enc); the null is None for ``none``."""
     cond = projector(z).repeat_interleave(M, 0)[:, None]
+    if null_condition == "none":
+        return cond.to(dtype), None
     if null_condition == "projected_zero":
         null = projector(torch.zeros_like(z[:1]))[:, None].expand_as(cond)
     else:
@@ -35,6 +39,8 @@ def denoise(unet, scheduler, latents, cond, null, gens: list, *, steps: int, eta
     w = float(guidance_scale)
     scheduler.set_timesteps(int(steps), device=device)
     use_cfg = w != 1.0
+    if use_cfg and null is None:
+        raise ValueError(f"guidance_scale {w} needs a CFG null token; this model has none (use 1.0)")
     for t in scheduler.timesteps:
         inp = torch.cat([latents, latents]) if use_cfg else latents
         inp = scheduler.scale_model_input(inp, t)

@@ -14,6 +14,8 @@ Registry (``GENERATORS``, complete once this module is imported):
   from a local folder (CLIP image embedding as one cross-attention token, zero-token CFG).
 - ``sldm`` (``pipeline.views.sldm``): a self-supervised LDM (Gen-SIS / RCG style) conditioned on the
   CLS embedding of a timm ViT, from one local folder written by ``save_sldm``.
+- ``rcg`` (``pipeline.views.sldm``): the same loader on RCG's LDM-8 imported as an ``sldm`` folder
+  (``python -m pipeline.sldm import-rcg``), its MoCo v3 representation as the one token, unguided.
 - ``warp`` (BASELINE): weights-free pseudo-views (random perspective + elastic warp + crop).
 - ``crop`` (BASELINE): CropMAE-style random resized crops of the real image.
 ``warp`` and ``crop`` set ``is_baseline = True``; their bags are never CDG-MAE diffusion views.
@@ -28,7 +30,7 @@ import cv2
 import numpy as np
 
 from pipeline.imaging import random_resized_crop_box, resize_square
-from pipeline.views import diffusion, sldm  # noqa: F401  (register sd-variation and sldm)
+from pipeline.views import diffusion, sldm  # noqa: F401  (register sd-variation, sldm and rcg)
 from pipeline.views.base import GENERATORS, ViewGenerator, register
 
 
