@@ -1,6 +1,9 @@
 # Stage 0.5: train the S-LDM view generator (pipeline/sldm/) on the pretraining images, when the
 # sldm generator is asked for and views.generators.sldm.model_path is null (a user folder, e.g. an
 # imported one, is used as it is). Resumable state in results/sldm_state/, outside the outputs.
+# Also: import RCG's public LDM-8 (the rcg generator, Tables 9/10) from its two checkpoints.
+
+import shlex
 
 
 rule train_sldm:
@@ -24,7 +27,9 @@ rule train_sldm:
         "results/benchmarks/train_sldm.tsv"
     conda:
         "../envs/pipeline.yaml"
-    threads: 1
+    # one job that everything downstream waits for: give it the cores a CPU run has (capped by
+    # --cores); on a GPU the thread count barely matters
+    threads: 2
     resources:
         gpu=config["sldm"]["gpus"],
         checkpoint_every=config["sldm"]["checkpoint_every"],
@@ -45,3 +50,39 @@ rule train_sldm:
         "--curve-png {output.curve:q} --samples-png {output.samples:q} --threads {threads} "
         "--checkpoint-every {resources.checkpoint_every} --sample-every {resources.sample_every} "
         "--num-workers {resources.num_workers} > {log} 2>&1"
+
+
+def rcg_checkpoint(key):
+    """A path of views.generators.rcg, required once import_rcg is asked for."""
+    path = config["views"]["generators"]["rcg"][key]
+    if not path:
+        raise ValueError(f"views.generators.rcg.{key} is not set: import_rcg needs both RCG checkpoints")
+    return path
+
+
+def rcg_config_input():
+    path = config["views"]["generators"]["rcg"]["ldm_config"]
+    return [path] if path else []
+
+
+rule import_rcg:
+    input:
+        ldm=lambda wildcards: rcg_checkpoint("ldm_checkpoint"),
+        encoder=lambda wildcards: rcg_checkpoint("encoder_checkpoint"),
+        ldm_config=lambda wildcards: rcg_config_input(),
+        code=stage_code("sldm", "import-rcg"),
+    output:
+        model=directory(IMPORTED_RCG),
+    log:
+        "results/logs/import_rcg.log",
+    benchmark:
+        "results/benchmarks/import_rcg.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    params:
+        ldm_config=" ".join(f"--ldm-config {shlex.quote(p)}" for p in rcg_config_input()),
+        unet_weights=config["views"]["generators"]["rcg"]["unet_weights"],
+    shell:
+        "python -m pipeline.sldm import-rcg --ldm {input.ldm:q} --encoder {input.encoder:q} "
+        "{params.ldm_config} --unet-weights {params.unet_weights} --out {output.model:q} > {log} 2>&1"
