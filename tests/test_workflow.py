@@ -252,15 +252,16 @@ def test_paper_preset_lists_the_whole_grid(repo_root, tmp_path):
     proc = snakemake(work, "-n", "--cores", "8", "--configfile=paper_local.yaml")
     elapsed = time.perf_counter() - t0
     counts = job_counts(proc.stdout + proc.stderr)
-    # 17 cells x 3 seeds + the two single-seed N = 4 cells of Table 8
-    assert counts["pretrain"] == 53, counts
-    # (53 trained + 2 random-init archs) x 3 datasets
-    assert counts["propagate"] == 165
+    # 18 cells x 3 seeds (Table 10's a1 cells on sldm, rcg and sd-variation views among them) + the
+    # two single-seed N = 4 cells of Table 8
+    assert counts["pretrain"] == 56, counts
+    # (56 trained + 2 random-init archs) x 3 datasets
+    assert counts["propagate"] == 174
     assert counts["init_random_encoder"] == 2
-    # 8 shards for each of the two diffusion generators (Tables 9/10)
-    assert counts["generate_views"] == 16 and counts["merge_views"] == 2
-    # the S-LDM is trained by the workflow (8 GPUs) before its views are generated
-    assert counts["train_sldm"] == 1
+    # 8 shards for each of the three diffusion generators (Tables 9/10)
+    assert counts["generate_views"] == 24 and counts["merge_views"] == 3
+    # the S-LDM is trained by the workflow (8 GPUs) before its views are generated; RCG's imported
+    assert counts["train_sldm"] == 1 and counts["import_rcg"] == 1
     assert re.search(r"rule train_sldm:.*?resources: [^\n]*gpu=8", proc.stdout, re.S), "train_sldm must ask for 8 GPUs"
     assert "make_synthetic_data" not in counts  # real roots: nothing synthetic
     print(f"paper-preset DAG: {sum(counts.values())} jobs in {elapsed:.1f} s")
