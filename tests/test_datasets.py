@@ -312,3 +312,18 @@ def test_shallow_layout_check_names_the_missing_folder(tmp_path, roots):
     (tmp_path / "train").mkdir()
     with pytest.raises(DatasetError, match="no sub-folders"):
         check_layout("imagenet", tmp_path)
+
+
+def test_read_rgb_refuses_truncated_and_empty_jpegs_as_pil_does(tmp_path):
+    """OpenCV's imread fills a truncated JPEG with grey and returns it; the reader refuses it, as the
+    PIL readers do, so one bad-image policy holds for every reader."""
+    img = (np.indices((64, 64)).sum(0) % 256).astype(np.uint8)[..., None].repeat(3, -1)
+    good = tmp_path / "good.jpg"
+    Image.fromarray(img).save(good, quality=95)
+    np.testing.assert_array_equal(datasets.read_rgb(good), np.asarray(Image.open(good).convert("RGB")))
+    data = good.read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: int(len(data) * 0.9)])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    for name in ("cut.jpg", "empty.jpg", "missing.jpg"):
+        with pytest.raises(DatasetError, match=name):
+            datasets.read_rgb(tmp_path / name)

@@ -105,12 +105,25 @@ def _subdirs(folder: Path) -> list[Path]:
 # single-file readers
 
 
+JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"  # start / end of image markers (EOI may precede a trailer)
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """HxWx3 uint8 RGB, read with OpenCV (BGR → RGB) like the reference propagation code."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """HxWx3 uint8 RGB, decoded with OpenCV (BGR → RGB) like the reference propagation code.
+
+    A JPEG without its end-of-image marker is an error: OpenCV would fill the missing rows with grey
+    and go on, while PIL (the other image readers) refuses it, so the bad-image policy would differ
+    by reader."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        data = np.zeros(0, np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if img is None:
         raise DatasetError(f"cannot read image (missing or corrupt): {path}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if data[:2].tobytes() == JPEG_SOI and JPEG_EOI not in data[-4096:].tobytes():
+        raise DatasetError(f"truncated JPEG (no end-of-image marker): {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)  # in place: same values, no second copy
 
 
 def read_id_png(path: str | os.PathLike) -> np.ndarray:
