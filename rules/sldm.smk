@@ -40,6 +40,8 @@ rule train_sldm:
         settings=settings("sldm"),
         seed=config["seed"],
         state_dir="results/sldm_state",
+        # the bad-image policy of every reader of the image root (views, k-NN, CropMAE)
+        max_reject_fraction=config["views"]["max_reject_fraction"],
     shell:
         "if [ {resources.gpu} -gt 1 ]; then "
         "launch='torchrun --standalone --nproc_per_node {resources.gpu} -m'; "
@@ -49,7 +51,7 @@ rule train_sldm:
         "--output {output.model:q} --state-dir {params.state_dir:q} --log-csv {output.log_csv:q} "
         "--curve-png {output.curve:q} --samples-png {output.samples:q} --threads {threads} "
         "--checkpoint-every {resources.checkpoint_every} --sample-every {resources.sample_every} "
-        "--num-workers {resources.num_workers} > {log} 2>&1"
+        "--num-workers {resources.num_workers} --max-reject-fraction {params.max_reject_fraction} > {log} 2>&1"
 
 
 def rcg_checkpoint(key):

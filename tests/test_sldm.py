@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline import cli
+from pipeline.imaging import TooManyRejectsError
 from pipeline.sldm.encoders import build_conditioning_encoder
 from pipeline.sldm.train import resolve_sldm_settings
 
@@ -213,10 +214,18 @@ def test_inputs_errors_name_the_file(imagenet, tmp_path):
     enc = {**TINY["encoder"], "source": "timm", "checkpoint": str(tmp_path / "dino.pth")}
     with pytest.raises(FileNotFoundError, match="sldm.encoder.checkpoint: checkpoint not found: .*dino.pth"):
         _train(imagenet, tmp_path / "out", {**TINY, "encoder": enc})
+    # unreadable images: skipped for the next readable one and listed (the policy of every image
+    # reader), an error naming them above the allowed fraction
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG not really")
-    with pytest.raises(ValueError, match="bad.png: unreadable training image"):
-        StepBatches([bad] * 4, 16, 4, 0)[0]
+    good = sorted((imagenet / "train").rglob("*.png"))[:3]
+    batches = StepBatches([bad, *good], 16, 4, 0, max_reject_fraction=0.5, rejects_listing=tmp_path / "rej.csv")
+    batch = batches[0]
+    assert batch.shape == (4, 16, 16, 3) and len(batches.rejects) == 1
+    np.testing.assert_array_equal(batches.image(0), batches.image(1))  # bad.png -> the next image
+    with pytest.raises(TooManyRejectsError, match=r"bad.png: unreadable training image"):
+        StepBatches([bad, *good], 16, 4, 0, max_reject_fraction=0.1, rejects_listing=tmp_path / "rej.csv")[0]
+    assert "bad.png" in (tmp_path / "rej.csv").read_text()
     # an unreadable resumable state is set aside, naming it, and training starts over
     state = tmp_path / "c" / "state" / "last.pth"
     state.parent.mkdir(parents=True)

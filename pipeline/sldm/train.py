@@ -38,7 +38,7 @@ from pipeline.cli import command_parser
 from pipeline.config import load_settings, result_neutral_keys, section_defaults
 from pipeline.data.readers import list_imagenet
 from pipeline.devices import distributed_context, resolve_device, set_threads
-from pipeline.imaging import load_square
+from pipeline.imaging import ImageRejects, TooManyRejectsError, load_square
 from pipeline.io import file_sha256, folder_sha256
 from pipeline.provenance import code_digests
 from pipeline.resume import load_resume_state, save_resume_state
@@ -71,9 +71,22 @@ def read_image(path, size: int) -> np.ndarray:
 class StepBatches(Dataset):
     """Item ``k`` = this rank's share (``[rank::world]``) of the (B, S, S, 3) uint8 batch of step
     ``k``: epoch ``k // steps_per_epoch`` is a permutation of the images drawn from (seed, epoch),
-    cut into whole batches (drop_last)."""
+    cut into whole batches (drop_last). An image that does not decode is skipped with the bad-image
+    policy of every image reader (``pipeline.imaging.ImageRejects``: logged, listed in
+    ``rejects_listing``, an error above ``max_reject_fraction``) for the next readable image of the
+    list, so a batch stays a function of (seed, step) and of the set of bad files."""
 
-    def __init__(self, paths: list, image_size: int, batch_size: int, seed: int, world_size: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        paths: list,
+        image_size: int,
+        batch_size: int,
+        seed: int,
+        world_size: int = 1,
+        rank: int = 0,
+        max_reject_fraction: float | None = None,
+        rejects_listing: str | os.PathLike | None = None,
+    ):
         if len(paths) < batch_size:
             raise ValueError(f"sldm.batch_size {batch_size} is larger than the {len(paths)} training images")
         if batch_size % world_size:
@@ -81,6 +94,8 @@ class StepBatches(Dataset):
         self.paths, self.size, self.batch, self.seed = list(paths), image_size, batch_size, seed
         self.world_size, self.rank = world_size, rank
         self.steps_per_epoch = len(self.paths) // batch_size
+        # per process: with loader workers each one enforces the fraction on the images it read
+        self.rejects = ImageRejects(len(self.paths), max_reject_fraction, "S-LDM training images", rejects_listing)
 
     def indices(self, step: int) -> np.ndarray:
         epoch, i = divmod(int(step), self.steps_per_epoch)
@@ -91,8 +106,17 @@ class StepBatches(Dataset):
     def __len__(self) -> int:  # steps are unbounded; the sampler says which are run
         return 1 << 62
 
+    def image(self, j: int) -> np.ndarray:
+        """Image ``j``, or the next readable one after it (wrapping) when it does not decode."""
+        n = len(self.paths)
+        for i in (int(j + k) % n for k in range(n)):
+            image = self.rejects.load(i, Path(self.paths[i]).stem, self.paths[i], read_image, self.size)
+            if image is not None:
+                return image
+        raise TooManyRejectsError(f"S-LDM training images: none of the {n} images decodes")
+
     def __getitem__(self, step: int) -> torch.Tensor:
-        return torch.from_numpy(np.stack([read_image(self.paths[j], self.size) for j in self.indices(step)]))
+        return torch.from_numpy(np.stack([self.image(j) for j in self.indices(step)]))
 
 
 def training_records(root, max_images: int | None) -> list:
@@ -232,19 +256,38 @@ def finish(loop: engine.Loop, history: dict, step: int, *, fingerprint, records,
 
 
 def train(
-    settings: dict, records: list, *, seed: int, device=None, world_size: int = 1, rank: int = 0, **paths
+    settings: dict,
+    records: list,
+    *,
+    seed: int,
+    device=None,
+    world_size: int = 1,
+    rank: int = 0,
+    max_reject_fraction: float | None = None,
+    **paths,
 ) -> dict:
     """Train on ``records`` (ImageNet records), resuming ``<state_dir>/last.pth`` when it is this
     run's, and write the ``sldm`` folder ``output``. ``paths``: ``output``, ``state_dir`` and the
-    optional ``log_csv``, ``curve_png``, ``samples_png``. Returns the history (step, loss, lr, images/s)."""
+    optional ``log_csv``, ``curve_png``, ``samples_png``. Unreadable images are skipped and listed in
+    ``<state_dir>/rejects.csv`` up to ``max_reject_fraction``. Returns the history (step, loss, lr,
+    images/s)."""
     s, device = settings, torch.device(resolve_device(device))
     state_dir = Path(paths["state_dir"])
     loop = build_loop(s, seed, device)  # reads the encoder and autoencoder: errors name them first
     loop.world_size, loop.rank = world_size, rank
     fingerprint = resume_fingerprint(s, seed, data_signature(records))
     files = [r.path for r in records]
-    batches = StepBatches(files, s["image_size"], s["batch_size"], derive_seed(seed, "data"), world_size, rank)
-    real = np.stack([read_image(r.path, s["image_size"]) for r in records[: s["samples"]["images"]]])
+    batches = StepBatches(
+        files,
+        s["image_size"],
+        s["batch_size"],
+        derive_seed(seed, "data"),
+        world_size,
+        rank,
+        max_reject_fraction=max_reject_fraction,
+        rejects_listing=state_dir / "rejects.csv",
+    )
+    real = np.stack([batches.image(j) for j in range(min(s["samples"]["images"], len(files)))])
     state = load_state(state_dir / "last.pth", fingerprint)
     history, step = engine.restore(loop, state) if state is not None else (engine.new_history(), 0)
     if state is not None and state.get("world_size", 1) != world_size:
@@ -282,6 +325,12 @@ def parse_args(argv=None):
     ap.add_argument("--samples-png", help="sample grid PNG: real images beside their generated views")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=None,
+        help="unreadable images allowed (default: the schema's views.max_reject_fraction)",
+    )
     # the result-neutral knobs (the workflow passes them as resources, not in --settings)
     for key in RUNTIME_FLAGS:
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"overrides sldm.{key}")
@@ -306,6 +355,15 @@ def main(argv=None) -> None:
         if args.device and world == 1:
             device = args.device
         try:
-            train(settings, records, seed=args.seed, device=device, world_size=world, rank=rank, **paths)
+            train(
+                settings,
+                records,
+                seed=args.seed,
+                device=device,
+                world_size=world,
+                rank=rank,
+                max_reject_fraction=args.max_reject_fraction,
+                **paths,
+            )
         except engine.NonFiniteLossError as err:
             raise SystemExit(f"sldm: {err}") from err
