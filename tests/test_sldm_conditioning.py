@@ -87,6 +87,7 @@ def _views(folder, sources, guidance_scale):
     return gen, to_uint8(gen.generate(sources, seeds))  # (N, M, S, S, 3) uint8, as the shards store them
 
 
+@torch.no_grad()
 def _margin(gen, sources, views):
     """Mean cosine (conditioning encoder) of a view to its own source minus to the other sources,
     and the fraction of views whose nearest source is their own."""
