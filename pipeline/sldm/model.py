@@ -57,15 +57,19 @@ def build_unet(settings: dict, in_channels: int, sample_size: int) -> UNet2DCond
     )
 
 
-def build_scheduler(settings: dict) -> DDPMScheduler:
-    """The DDPM training noise schedule of ``sldm.scheduler`` (ε-prediction)."""
+def build_scheduler(settings: dict, pixel_space: bool = False) -> DDPMScheduler:
+    """The DDPM training noise schedule of ``sldm.scheduler`` (ε-prediction). In pixel space the
+    sampler clips its x0 estimate to the image range [-1, 1], as DDPM does: an imperfect ε at high
+    noise otherwise blows x0 up far outside it and DDIM's few large steps never recover (measured on
+    the CPU demo's 400-step model: pure noise unclipped). Latents have no such range: no clipping."""
     return DDPMScheduler(
         num_train_timesteps=settings["num_train_timesteps"],
         beta_start=settings["beta_start"],
         beta_end=settings["beta_end"],
         beta_schedule=settings["beta_schedule"],
         prediction_type="epsilon",
-        clip_sample=False,
+        clip_sample=bool(pixel_space),
+        clip_sample_range=1.0,
     )
 
 

@@ -179,7 +179,7 @@ def build_loop(settings: dict, seed: int, device: torch.device) -> engine.Loop:
         model=model,
         ema=build_ema(model, settings["ema_decay"]),
         optimizer=torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=settings["weight_decay"]),
-        scheduler=build_scheduler(settings["scheduler"]),
+        scheduler=build_scheduler(settings["scheduler"], pixel_space=vae is None),
         vae=vae,
         encoder=encoder,
         settings=settings,
@@ -212,6 +212,7 @@ def write_folder(loop: engine.Loop, output, n_images: int, step: int) -> Path:
         p_uncond=s["p_uncond"],
         encoder_source=enc.source,
         training=training,
+        sampling_keys=("clip_sample",),  # pixel space clips x0, latents do not: the sampler keeps it
     )
     if output.exists():
         shutil.rmtree(output)
