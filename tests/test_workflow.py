@@ -167,6 +167,22 @@ def test_nothing_to_do_on_second_run(tiny_run):
     assert "Nothing to be done" in out
 
 
+def test_moved_or_recloned_project_reruns_nothing(tiny_run, tmp_path):
+    """The project moved elsewhere with its results/ (mtimes kept), then every code file rewritten
+    with the same bytes as a fresh clone does: nothing re-runs (code inputs are relative paths and
+    resume keys on content, never on paths or modification times)."""
+    moved = tmp_path / "elsewhere" / "project"
+    shutil.copytree(tiny_run, moved, symlinks=True)
+    counts, out = dry(moved)
+    assert counts == {} and "Nothing to be done" in out, out[-2000:]
+    later = time.time() + 60
+    for f in [*(moved / "pipeline").rglob("*.py"), *(moved / "rules").glob("*.smk"), moved / "Snakefile"]:
+        f.write_bytes(f.read_bytes())
+        os.utime(f, (later, later))
+    counts, out = dry(moved)
+    assert counts == {} and "Nothing to be done" in out, out[-2000:]
+
+
 @pytest.mark.parametrize(
     "module, expected",
     [
