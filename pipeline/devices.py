@@ -18,9 +18,10 @@ def seed_everything(seed: int) -> None:
 
 
 def set_threads(threads: int | None) -> None:
-    """Bound intra-op threads to what the Snakemake job was given."""
+    """Bound intra-op threads to what the Snakemake job was given, and to the CPUs this process may
+    run on (a job given more threads than cores would only oversubscribe them)."""
     if threads:
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(max(1, min(int(threads), len(os.sched_getaffinity(0)))))
 
 
 def resolve_device(device: str | None = None) -> str:

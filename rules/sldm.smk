@@ -25,11 +25,14 @@ rule train_sldm:
         "results/logs/train_sldm.log",
     benchmark:
         "results/benchmarks/train_sldm.tsv"
+    priority: 10
     conda:
         "../envs/pipeline.yaml"
-    # one job that everything downstream waits for: give it the cores a CPU run has (capped by
-    # --cores); on a GPU the thread count barely matters
-    threads: 2
+    # the one job everything downstream waits for: it takes every core Snakemake was given, so on a
+    # CPU machine no single-threaded job shares them (two torch threads among 8 jobs on 2 cores ran
+    # 8x slower), and it is scheduled first; torch uses at most the CPUs the job may run on
+    # (pipeline.devices.set_threads). On Slurm the profile gives it --cpus-per-gpu instead.
+    threads: workflow.cores
     resources:
         gpu=config["sldm"]["gpus"],
         checkpoint_every=config["sldm"]["checkpoint_every"],
