@@ -226,3 +226,10 @@ def get_final_targets():
         "results/figures/bag_of_views.png",
         "results/summary.md",
     ]
+
+
+def get_all_cores():
+    """Every core Snakemake was given (--cores): the thread count of a job that should run alone
+    on a local machine. 1 under a cluster executor, which has no such total (the profile sets each
+    job's CPUs there)."""
+    return workflow.resource_settings.cores or 1

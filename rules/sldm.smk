@@ -31,8 +31,8 @@ rule train_sldm:
     # the one job everything downstream waits for: it takes every core Snakemake was given, so on a
     # CPU machine no single-threaded job shares them (two torch threads among 8 jobs on 2 cores ran
     # 8x slower), and it is scheduled first; torch uses at most the CPUs the job may run on
-    # (pipeline.devices.set_threads). On Slurm the profile gives it --cpus-per-gpu instead.
-    threads: workflow.cores
+    # (pipeline.devices.set_threads). On Slurm the profile gives it --cpus-per-gpu.
+    threads: get_all_cores()
     resources:
         gpu=config["sldm"]["gpus"],
         checkpoint_every=config["sldm"]["checkpoint_every"],

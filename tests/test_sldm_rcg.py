@@ -32,7 +32,7 @@ from pipeline.sldm.rcg import RCGImportError, convert_rcg
 from pipeline.views.generators import build_generator
 from tests.fixtures.rcg_reference_recipe import BIG_SEED
 from tests.rcg_fixture import write_rcg_fixture
-from tests.test_workflow import TINY, copy_workflow, job_counts, snakemake
+from tests.test_workflow import copy_workflow, job_counts, snakemake
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tests" / "fixtures" / "rcg_reference.npz"
@@ -223,7 +223,8 @@ def test_table9_imports_rcg_when_its_checkpoints_are_set(tmp_path):
         "views: {generators: {rcg: {ldm_checkpoint: ckpt/ldm.pth, encoder_checkpoint: ckpt/moco.pth.tar}}}\n"
         "consistency: {generators: [rcg]}\n"
     )
-    args = ("-n", "--cores", "1", *TINY, "--configfile=rcg.yaml", "results/table9.csv")
+    # one --configfile with both files: a second --configfile option replaces the first
+    args = ("results/table9.csv", "-n", "--cores", "1", "--configfile", "tests/configs/tiny.yaml", "rcg.yaml")
     proc = snakemake(work, *args)
     counts = job_counts(proc.stdout + proc.stderr)
     assert counts["import_rcg"] == 1 and counts["generate_views"] >= 1, counts

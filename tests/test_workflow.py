@@ -135,10 +135,12 @@ def test_trained_s_ldm_feeds_the_bag_of_views(tmp_path):
         "sldm: {steps: 4, batch_size: 8, warmup_steps: 1, sample_every: 0, checkpoint_every: 2,"
         " samples: {images: 2, views: 2, ddim_steps: 2}}\n"
     )
-    args = ("--cores", "2", *TINY, "--configfile=sldm.yaml")
-    counts, _ = job_counts(snakemake(work, "-n", *args, "results/views/sldm/bag.h5").stdout), None
+    # one --configfile with both files: a second --configfile option replaces the first
+    args = ("--cores", "2", "--configfile", "tests/configs/tiny.yaml", "sldm.yaml")
+    # (the target first: --configfile takes every word after it)
+    counts, _ = job_counts(snakemake(work, "results/views/sldm/bag.h5", "-n", *args).stdout), None
     assert counts == {"make_synthetic_data": 1, "train_sldm": 1, "generate_views": 2, "merge_views": 1}, counts
-    snakemake(work, *args, "results/views/sldm/bag.h5")
+    snakemake(work, "results/views/sldm/bag.h5", *args)
     assert (work / "results" / "sldm" / "model" / "sldm.json").exists()
     assert (work / "results" / "sldm" / "samples.png").exists()
     with h5py.File(work / "results" / "views" / "sldm" / "bag.h5", "r") as f:
