@@ -233,3 +233,17 @@ def get_all_cores():
     on a local machine. 1 under a cluster executor, which has no such total (the profile sets each
     job's CPUs there)."""
     return workflow.resource_settings.cores or 1
+
+
+def get_rcg_checkpoint(key):
+    """A path of views.generators.rcg, required once import_rcg is asked for."""
+    path = config["views"]["generators"]["rcg"][key]
+    if not path:
+        raise ValueError(f"views.generators.rcg.{key} is not set: import_rcg needs both RCG checkpoints")
+    return path
+
+
+def get_rcg_config_input():
+    """RCG's LDM config file as an input of import_rcg, when one is set."""
+    path = config["views"]["generators"]["rcg"]["ldm_config"]
+    return [path] if path else []

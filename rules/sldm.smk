@@ -57,24 +57,11 @@ rule train_sldm:
         "--num-workers {resources.num_workers} --max-reject-fraction {params.max_reject_fraction} > {log} 2>&1"
 
 
-def rcg_checkpoint(key):
-    """A path of views.generators.rcg, required once import_rcg is asked for."""
-    path = config["views"]["generators"]["rcg"][key]
-    if not path:
-        raise ValueError(f"views.generators.rcg.{key} is not set: import_rcg needs both RCG checkpoints")
-    return path
-
-
-def rcg_config_input():
-    path = config["views"]["generators"]["rcg"]["ldm_config"]
-    return [path] if path else []
-
-
 rule import_rcg:
     input:
-        ldm=lambda wildcards: rcg_checkpoint("ldm_checkpoint"),
-        encoder=lambda wildcards: rcg_checkpoint("encoder_checkpoint"),
-        ldm_config=lambda wildcards: rcg_config_input(),
+        ldm=lambda wildcards: get_rcg_checkpoint("ldm_checkpoint"),
+        encoder=lambda wildcards: get_rcg_checkpoint("encoder_checkpoint"),
+        ldm_config=lambda wildcards: get_rcg_config_input(),
         code=stage_code("sldm", "import-rcg"),
     output:
         model=directory(IMPORTED_RCG),
@@ -86,7 +73,7 @@ rule import_rcg:
         "../envs/pipeline.yaml"
     threads: 1
     params:
-        ldm_config=" ".join(f"--ldm-config {shlex.quote(p)}" for p in rcg_config_input()),
+        ldm_config=" ".join(f"--ldm-config {shlex.quote(p)}" for p in get_rcg_config_input()),
         unet_weights=config["views"]["generators"]["rcg"]["unet_weights"],
     shell:
         "python -m pipeline.sldm import-rcg --ldm {input.ldm:q} --encoder {input.encoder:q} "
