@@ -19,6 +19,7 @@ from pipeline.consistency.encoders import build_feature_encoder
 from pipeline.consistency.scores import centre_descriptors, pair_metrics
 from pipeline.views.generators import build_generator
 from pipeline.views.shards import to_uint8
+from tests.test_sldm import TINY
 
 SIZE = 16
 N_IMAGES, N_VIEWS = 6, 4
@@ -32,14 +33,7 @@ SETTINGS = {
     "flip": False,
     "checkpoint_every": 100,
     "sample_every": 0,
-    "unet": {
-        "block_out_channels": [16, 32],
-        "attention": [False, True],
-        "layers_per_block": 1,
-        "attention_head_dim": 8,
-        "cross_attention_dim": 16,
-        "norm_num_groups": 8,
-    },
+    "unet": TINY["unet"],  # test_sldm's tiny UNet
     # a random-init ViT whose embeddings of the six images are far apart (cosines 0.0-0.8)
     "encoder": {"input_size": SIZE, "kwargs": {"patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2}},
     "scheduler": {"num_train_timesteps": 100},
