@@ -1,20 +1,13 @@
-"""Torch process setup: the device, intra-op threads, global seeding, the DDP process group."""
+"""Torch process setup: the device, intra-op threads, the DDP process group (infrastructure; global
+seeding is ``pipeline.seeding``)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 
-import numpy as np
 import torch
 import torch.distributed as dist
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
 
 
 def set_threads(threads: int | None) -> None:

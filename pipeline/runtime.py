@@ -1,19 +1,18 @@
-"""Process setup shared by every stage: logging, progress bars, seeds derived from keys.
+"""Process setup shared by every stage: logging and progress bars (infrastructure: nothing here
+changes a number; seeds live in ``pipeline.seeding``).
 
-Torch-free, so data and report jobs start fast; the torch side (devices, threads, global seeding)
-is ``pipeline.devices``.
+Torch-free, so data and report jobs start fast; the torch side (devices, threads, DDP) is
+``pipeline.devices``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 LOG = logging.getLogger("cdgmae")
@@ -38,18 +37,3 @@ def progress(iterable: Iterable | None = None, **kwargs):
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", 10.0)
     return tqdm(iterable, **kwargs)
-
-
-def derive_seed(*keys: int | str) -> int:
-    """A 63-bit seed that depends only on ``keys`` (ints or strings), via NumPy's SeedSequence.
-
-    Strings are hashed with SHA-256 so the result is stable across processes and Python versions
-    (unlike ``hash()``).
-    """
-    entropy = []
-    for key in keys:
-        if isinstance(key, str):
-            entropy.append(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
-        else:
-            entropy.append(int(key))
-    return int(np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32).view(np.uint64)[0] & ((1 << 63) - 1))

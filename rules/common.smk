@@ -19,10 +19,10 @@ shell.prefix(f'export PYTHONPATH="{workflow.basedir}:$PYTHONPATH"; ')
 # cheap at parse time: yaml, jsonschema, ast and plain data (no torch)
 from pipeline.cells import CELL_KEYS, CellError, canonical_cell, model_path, random_init_model  # noqa: E402
 from pipeline.cli import command_module  # noqa: E402
-from pipeline.constants import EVAL_DATASETS as ALL_EVAL_DATASETS  # noqa: E402
+from pipeline.labels import EVAL_DATASETS as ALL_EVAL_DATASETS  # noqa: E402
 from pipeline.config import ConfigError, result_neutral_keys, validate_config  # noqa: E402
 from pipeline.data.layouts import DatasetError, check_layout  # noqa: E402  (standard library only)
-from pipeline.provenance import code_files  # noqa: E402
+from pipeline.provenance import code_digest, combined_digest, file_digests, plugin_code_files  # noqa: E402
 from pipeline.tables import PAPER_TABLES, PROPAGATION_TABLES, TABLES, table_cells, table_seeds  # noqa: E402
 
 try:
@@ -119,12 +119,19 @@ def get_generator_settings(generator):
 
 
 def stage_code(stage, command):
-    """The source files of ``python -m pipeline.<stage> <command>``: the module it runs and every
-    stage module that imports, transitively (``pipeline.provenance``). Listed as a rule input, so
-    editing them re-runs that job and what depends on it, and nothing else. Relative to the working
-    directory where possible, so a moved or re-cloned project re-runs nothing."""
-    files = [os.path.relpath(f) for f in code_files(command_module(stage, command))]
-    return [f if not f.startswith("..") else os.path.abspath(f) for f in files]
+    """The digest of the code ``python -m pipeline.<stage> <command>`` runs: every result-carrying
+    module its entry module imports, transitively, wherever it lives (``pipeline.provenance``).
+    Recorded as a ``code`` param, so an edit that changes what that code executes re-runs the job
+    and what depends on it, and nothing else (comments, docstrings, formatting and infrastructure
+    modules re-run nothing; the digests are independent of where the project lives)."""
+    return code_digest(command_module(stage, command))
+
+
+def get_generator_code(generator):
+    """``stage_code("views", "generate")`` for one generator: the shard writer without the other
+    generators' modules, so editing one generator re-runs only its own views."""
+    files = plugin_code_files(command_module("views", "generate"), "views", generator)
+    return combined_digest(file_digests(files))
 
 
 def settings(*keys, drop=()):

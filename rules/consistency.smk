@@ -22,7 +22,6 @@ rule find_neighbours:
     input:
         data=get_dataset_input("imagenet"),
         checkpoint=CONSISTENCY_CHECKPOINT,
-        code=stage_code("consistency", "neighbours"),
     output:
         "results/consistency/knn.npz",
     log:
@@ -36,6 +35,8 @@ rule find_neighbours:
         gpu=CONSISTENCY["gpus"],
         consistency_workers=CONSISTENCY["num_workers"],
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("consistency", "neighbours"),
         root=lambda wildcards: get_root("imagenet"),
         # only the encoder defines the neighbours: changing n_pairs or the gaps keeps knn.npz
         settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS + ("n_pairs", "knn_k", "frame_gap")),
@@ -59,7 +60,6 @@ rule score_consistency:
         imagenet=get_dataset_input("imagenet"),
         videos=get_dataset_input("videos"),
         checkpoint=CONSISTENCY_CHECKPOINT,
-        code=stage_code("consistency", "table1"),
     output:
         table="results/table1.csv",
         pairs="results/consistency/table1_pairs.csv",
@@ -74,6 +74,8 @@ rule score_consistency:
         gpu=CONSISTENCY["gpus"],
         consistency_workers=CONSISTENCY["num_workers"],
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("consistency", "table1"),
         settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS),
         generator=config["views"]["generator"],
         seed=config["seed"],
@@ -94,7 +96,6 @@ rule score_generators:
         bags=expand("results/views/{generator}/bag.h5", generator=CONSISTENCY["generators"]),
         videos=get_dataset_input("videos"),
         checkpoint=CONSISTENCY_CHECKPOINT,
-        code=stage_code("consistency", "table9"),
     output:
         table="results/table9.csv",
         pairs="results/consistency/table9_pairs.csv",
@@ -109,6 +110,8 @@ rule score_generators:
         gpu=CONSISTENCY["gpus"],
         consistency_workers=CONSISTENCY["num_workers"],
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("consistency", "table9"),
         settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS),
         # one "--bag GENERATOR=PATH" per Table 9 row, in config order
         bags=" ".join(f"--bag {shlex.quote(f'{g}=results/views/{g}/bag.h5')}" for g in CONSISTENCY["generators"]),

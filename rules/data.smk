@@ -4,8 +4,6 @@
 
 
 rule make_synthetic_data:
-    input:
-        code=stage_code("data", "synthetic"),
     output:
         directory("results/data/synthetic/{dataset}"),
     log:
@@ -20,6 +18,8 @@ rule make_synthetic_data:
         "../envs/pipeline.yaml"
     threads: 1
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("data", "synthetic"),
         settings=lambda wildcards: settings("data", "synthetic", wildcards.dataset),
         seed=config["seed"],
     shell:

@@ -20,7 +20,6 @@ rule pretrain:
         bag=lambda wc: f"results/views/{wc.generator}/bag.h5" if wc.method == "cdgmae" else [],
         knn=lambda wc: "results/consistency/knn.npz" if wc.target == "knn" else [],
         data=lambda wc: get_dataset_input(pretrain_dataset(wc)) if pretrain_dataset(wc) else [],
-        code=stage_code("pretrain", "train"),
     output:
         checkpoint=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/checkpoint.pth",
         log_csv=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/train_log.csv",
@@ -40,6 +39,8 @@ rule pretrain:
         num_workers=config["pretrain"]["num_workers"],
         checkpoint_every=config["pretrain"]["checkpoint_every"],
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("pretrain", "train"),
         # canonical JSON of the cell
         cell=lambda wc: json.dumps(cell_from_wildcards(wc), sort_keys=True),
         # flags naming the cell's data (wildcards-only, so tracked like any param)
@@ -74,8 +75,6 @@ rule pretrain:
 
 
 rule count_gflops:
-    input:
-        code=stage_code("pretrain", "flops"),
     output:
         "results/gflops.csv",
     log:
@@ -86,6 +85,8 @@ rule count_gflops:
         "../envs/pipeline.yaml"
     threads: 1
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("pretrain", "flops"),
         arch=config["pretrain"]["cell_defaults"]["arch"],
         img_size=config["pretrain"]["img_size"],
         target_mask=config["pretrain"]["cell_defaults"]["target_mask"],
@@ -102,8 +103,6 @@ EXTERNAL_NAMES = "|".join(re.escape(n) for n in config["propagation"]["external"
 
 
 rule init_random_encoder:
-    input:
-        code=stage_code("pretrain", "init-random"),
     output:
         checkpoint="results/pretrain/random-init/arch~{arch}/seed~{seed}/checkpoint.pth",
     log:
@@ -114,6 +113,8 @@ rule init_random_encoder:
         "../envs/pipeline.yaml"
     threads: 1
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("pretrain", "init-random"),
         # same position-embedding grid as the trained encoders it is compared with
         img_size=config["pretrain"]["img_size"],
     shell:
@@ -124,7 +125,6 @@ rule init_random_encoder:
 rule import_external_encoder:
     input:
         source=lambda wildcards: config["propagation"]["external"][wildcards.name]["path"],
-        code=stage_code("pretrain", "import-external"),
     output:
         checkpoint="results/pretrain/external/{name}/checkpoint.pth",
     log:
@@ -137,6 +137,8 @@ rule import_external_encoder:
         "../envs/pipeline.yaml"
     threads: 1
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("pretrain", "import-external"),
         arch=lambda wildcards: config["propagation"]["external"][wildcards.name]["arch"],
     shell:
         "python -m pipeline.pretrain import-external --source {input.source:q} "

@@ -10,7 +10,6 @@ rule propagate:
     input:
         checkpoint="results/pretrain/{model}/checkpoint.pth",
         data=lambda wildcards: get_dataset_input(wildcards.dataset),
-        code=stage_code("propagation", "run"),
     output:
         metrics="results/eval/{model}/{dataset}/metrics.csv",
     log:
@@ -23,6 +22,8 @@ rule propagate:
     resources:
         gpu=config["propagation"]["gpus"],
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("propagation", "run"),
         root=lambda wildcards: get_root(wildcards.dataset),
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
         # shared protocol keys only (temperature, radius, queue, ...), not the dataset sections,

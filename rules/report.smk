@@ -15,7 +15,6 @@ rule assemble_table:
     input:
         evals=lambda wildcards: get_table_evals(wildcards.table),
         gflops=lambda wildcards: "results/gflops.csv" if wildcards.table == "table8" else [],
-        code=stage_code("report", "table"),
     output:
         table=report_table("results/{table}.csv"),
         per_seed="results/{table}_per_seed.csv",
@@ -28,6 +27,8 @@ rule assemble_table:
     conda:
         "../envs/pipeline.yaml"
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("report", "table"),
         gflops=lambda wildcards, input: f"--gflops {input.gflops}" if input.gflops else "",
         caption=lambda wildcards: TABLES[wildcards.table].caption,
         run_label=config["run_label"],
@@ -38,8 +39,6 @@ rule assemble_table:
 
 
 rule assemble_config_table:
-    input:
-        code=stage_code("report", "config-table"),
     output:
         report_table("results/{table}.csv"),
     log:
@@ -51,6 +50,8 @@ rule assemble_config_table:
     conda:
         "../envs/pipeline.yaml"
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("report", "config-table"),
         settings=lambda wildcards: json.dumps(config_table_settings(wildcards.table), sort_keys=True),
         caption=lambda wildcards: TABLES[wildcards.table].caption,
     shell:
@@ -61,7 +62,6 @@ rule assemble_config_table:
 rule plot_figure4:
     input:
         table="results/figure4.csv",
-        code=stage_code("report", "figure4"),
     output:
         report(
             "results/figure4.png",
@@ -76,6 +76,8 @@ rule plot_figure4:
     conda:
         "../envs/pipeline.yaml"
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("report", "figure4"),
         caption=TABLES["figure4"].caption,
     shell:
         "python -m pipeline.report figure4 --table {input.table} --output {output} 2> {log}"
@@ -84,7 +86,6 @@ rule plot_figure4:
 rule plot_loss_curves:
     input:
         logs=[f"results/pretrain/{m}/train_log.csv" for _, _, m in table_models("table4")],
-        code=stage_code("report", "loss-curves"),
     output:
         report(
             "results/figures/loss_curves.png",
@@ -98,6 +99,9 @@ rule plot_loss_curves:
         "results/benchmarks/plot_loss_curves.tsv"
     conda:
         "../envs/pipeline.yaml"
+    params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("report", "loss-curves"),
     shell:
         "python -m pipeline.report loss-curves --logs {input.logs} --output {output} 2> {log}"
 
@@ -105,7 +109,6 @@ rule plot_loss_curves:
 rule assemble_summary:
     input:
         tables=[f"results/{t}.csv" for t in PAPER_TABLES] + ["results/figure4.csv"],
-        code=stage_code("report", "summary"),
     output:
         report(
             "results/summary.md",
@@ -119,6 +122,8 @@ rule assemble_summary:
     conda:
         "../envs/pipeline.yaml"
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("report", "summary"),
         run_label=config["run_label"],
         synthetic="--synthetic" if not any(config["data"]["roots"].values()) else "",
     shell:

@@ -10,7 +10,6 @@ rule train_sldm:
     input:
         data=get_dataset_input("imagenet"),
         encoder=get_sldm_encoder_input(),
-        code=stage_code("sldm", "train"),
     output:
         model=directory(TRAINED_SLDM),
         log_csv="results/sldm/train_log.csv",
@@ -39,6 +38,8 @@ rule train_sldm:
         sample_every=config["sldm"]["sample_every"],
         num_workers=config["sldm"]["num_workers"],
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("sldm", "train"),
         root=lambda wildcards: get_root("imagenet"),
         settings=settings("sldm"),
         seed=config["seed"],
@@ -62,7 +63,6 @@ rule import_rcg:
         ldm=lambda wildcards: get_rcg_checkpoint("ldm_checkpoint"),
         encoder=lambda wildcards: get_rcg_checkpoint("encoder_checkpoint"),
         ldm_config=lambda wildcards: get_rcg_config_input(),
-        code=stage_code("sldm", "import-rcg"),
     output:
         model=directory(IMPORTED_RCG),
     log:
@@ -73,6 +73,8 @@ rule import_rcg:
         "../envs/pipeline.yaml"
     threads: 1
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("sldm", "import-rcg"),
         ldm_config=" ".join(f"--ldm-config {shlex.quote(p)}" for p in get_rcg_config_input()),
         unet_weights=config["views"]["generators"]["rcg"]["unet_weights"],
     shell:

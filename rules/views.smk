@@ -42,7 +42,6 @@ rule generate_views:
         data=get_dataset_input("imagenet"),
         # the S-LDM this workflow trains (rules/sldm.smk), when it is the generator asked for
         model=lambda wildcards: get_generator_model_input(wildcards.generator),
-        code=stage_code("views", "generate"),
     output:
         shard="results/views/{generator}/shard-{shard}.h5",
         rejects="results/views/{generator}/shard-{shard}.rejects.csv",
@@ -63,6 +62,8 @@ rule generate_views:
         # (a resource, not a param: running under another limit re-runs nothing)
         runtime=0,
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=lambda wildcards: get_generator_code(wildcards.generator),
         root=lambda wildcards: get_root("imagenet"),
         settings=lambda wildcards: json.dumps(
             {
@@ -90,7 +91,6 @@ rule merge_views:
             shard=range(config["views"]["shards"]),
         ),
         data=get_dataset_input("imagenet"),
-        code=stage_code("views", "merge"),
     output:
         bag="results/views/{generator}/bag.h5",
     log:
@@ -103,6 +103,8 @@ rule merge_views:
         "../envs/pipeline.yaml"
     threads: 1
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("views", "merge"),
         root=lambda wildcards: get_root("imagenet"),
         settings=settings(
             "views",
@@ -116,7 +118,6 @@ rule merge_views:
 rule plot_bag_of_views:
     input:
         bag=f"results/views/{config['views']['generator']}/bag.h5",
-        code=stage_code("views", "figure"),
     output:
         figure=report(
             "results/figures/bag_of_views.png",
@@ -132,6 +133,8 @@ rule plot_bag_of_views:
         "../envs/pipeline.yaml"
     threads: 1
     params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("views", "figure"),
         n_images=config["views"]["figure_images"],
         seed=config["seed"],
     shell:

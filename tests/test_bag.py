@@ -12,7 +12,7 @@ import torch
 
 import pipeline.views.bag as bag_module
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.imaging import random_resized_crop_box
+from pipeline.crop_sampler import random_resized_crop_box
 from pipeline.io import IntegrityError, digest_path, record_digest
 from pipeline.pretrain.augment import match_size, normalize, resized_crop, to_chw
 from pipeline.pretrain.strategies import BagViewsDataset, choose_bag_indices

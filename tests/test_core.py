@@ -141,19 +141,72 @@ def _rel(files):
     return {f.relative_to(provenance.PACKAGE_DIR).as_posix() for f in files}
 
 
-def test_code_files_follow_imports_within_stage_subpackages():
+def test_code_files_follow_imports_to_every_result_carrying_module():
     train = _rel(provenance.code_files(cli.command_module("pretrain", "train")))
     assert {"pretrain/main_pretrain.py", "pretrain/models_mae.py", "pretrain/strategies.py"} <= train
     assert not any(f.startswith(("report/", "propagation/")) for f in train)  # never a later stage
-    assert not any("/" not in f for f in train)  # core modules are not code inputs
+    # result-carrying core modules are tracked wherever they are imported from; infrastructure never
+    assert {"crop_sampler.py", "constants.py", "imaging.py", "seeding.py"} <= train
+    assert not train & {"io.py", "config.py", "runtime.py", "devices.py", "lease.py", "resume.py", "cli.py"}
     figure = _rel(provenance.code_files(cli.command_module("views", "figure")))
     assert "views/figure.py" in figure and "views/shards.py" not in figure
     run = _rel(provenance.code_files(cli.command_module("propagation", "run")))
-    assert "pretrain/models_mae.py" in run  # the encoder it loads
+    assert {"pretrain/models_mae.py", "constants.py", "palette.py"} <= run  # the encoder it loads, normalisation
+    assert "crop_sampler.py" not in run
     report = _rel(provenance.code_files(cli.command_module("report", "table")))
-    assert "report/paper_numbers.yaml" in report
+    assert "report/paper_numbers.yaml" in report and "tables.py" in report
     with pytest.raises(ModuleNotFoundError):
         provenance.code_files("pipeline.views.no_such_module")
+
+
+def test_every_core_module_is_classified_once():
+    """A new top-level module must be classified before anything runs (and no stale entry stays)."""
+    on_disk = set(provenance.core_modules_on_disk())
+    assert set(provenance.CORE_MODULES) == on_disk, on_disk ^ set(provenance.CORE_MODULES)
+    for module, (kind, why) in provenance.CORE_MODULES.items():
+        assert kind in (provenance.RESULT, provenance.INFRASTRUCTURE) and why, module
+    for module in provenance.STAGE_INFRASTRUCTURE:
+        assert provenance.module_file(module) is not None, module
+    with pytest.raises(provenance.UnclassifiedModuleError, match="pipeline.newthing is not classified"):
+        provenance.classify("pipeline.newthing")
+
+
+def test_each_generator_tracks_only_its_own_module():
+    """The crop sampler reaches the crop views and pretraining, never the warp views; an S-LDM
+    generator's code includes its conditioning encoder's normalisation."""
+    generate = cli.command_module("views", "generate")
+    assert set(provenance.registrations("views")) == {"warp", "crop", "sd-variation", "sldm", "rcg"}
+    files = {g: _rel(provenance.plugin_code_files(generate, "views", g)) for g in ("warp", "crop", "sldm")}
+    assert "crop_sampler.py" in files["crop"] and "crop_sampler.py" not in files["warp"]
+    assert "views/warp.py" not in files["crop"] and "views/crop.py" not in files["warp"]
+    assert {"views/shards.py", "views/generators.py", "imaging.py"} <= files["warp"] & files["crop"]
+    assert {"constants.py", "sldm/encoders.py"} <= files["sldm"] and "constants.py" not in files["warp"]
+    with pytest.raises(KeyError, match="no @register"):
+        provenance.plugin_code_files(generate, "views", "nope")
+
+
+def test_code_digest_follows_the_syntax_tree(tmp_path):
+    """Comments, docstrings and formatting change no digest; a changed constant does."""
+    base = '"""Doc."""\n\nRRC_TRIES = 10\n\n\ndef f(x):\n    """Say."""\n    return x + RRC_TRIES\n'
+    variants = {
+        "same": base,
+        "comment": base.replace("RRC_TRIES = 10", "RRC_TRIES = 10  # tries"),
+        "docstrings": base.replace("Doc.", "Another doc.").replace("Say.", "Says more."),
+        "format": base.replace("return x + RRC_TRIES", "return (x +\n            RRC_TRIES)"),
+        "code": base.replace("RRC_TRIES = 10", "RRC_TRIES = 11"),
+    }
+    digests = {}
+    for name, text in variants.items():
+        path = tmp_path / f"{name}.py"
+        path.write_text(text)
+        digests[name] = provenance.ast_digest(path)
+    assert digests["comment"] == digests["docstrings"] == digests["format"] == digests["same"]
+    assert digests["code"] != digests["same"]
+    data = tmp_path / "numbers.yaml"
+    data.write_text("a: 1  # note\nb: [1, 2]\n")
+    first = provenance.ast_digest(data)
+    data.write_text("# header\nb: [1,   2]\na: 1\n")
+    assert provenance.ast_digest(data) == first
 
 
 def test_no_stage_imports_a_later_stage():

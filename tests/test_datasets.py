@@ -10,7 +10,6 @@ import scipy.io
 from PIL import Image
 
 from pipeline.cli import run
-from pipeline.constants import pascal_palette
 from pipeline.data import readers as datasets
 from pipeline.data import synthetic
 from pipeline.data.readers import (
@@ -22,6 +21,7 @@ from pipeline.data.readers import (
     list_videos,
 )
 from pipeline.data.vallists import read_vallist, write_vallist
+from pipeline.palette import pascal_palette
 
 TINY = {
     "imagenet": {"classes": 3, "images_per_class": 3, "size": 24},

@@ -167,7 +167,7 @@ def test_warp_is_a_geometric_change_of_the_image():
 
 
 def test_crop_box_within_image_and_scale():
-    from pipeline.imaging import random_resized_crop_box
+    from pipeline.crop_sampler import random_resized_crop_box
 
     rng = np.random.default_rng(0)
     for _ in range(200):

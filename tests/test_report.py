@@ -137,7 +137,7 @@ def test_cli_writes_table_and_figure(table4_evals, tmp_path):
 
 
 def test_substitute_generators_are_labelled_as_such():
-    from pipeline.constants import views_label
+    from pipeline.labels import views_label
 
     assert "substitute for the paper's S-LDM" in views_label("sd-variation")
     assert views_label("sldm") == "sldm diffusion views"

@@ -24,7 +24,7 @@ import yaml
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from pipeline.cli import run
-from pipeline.constants import views_label
+from pipeline.labels import views_label
 from pipeline.report.summary import PAPER_GENERATOR_ROWS, summary_markdown
 from pipeline.report.tables import PAPER_NUMBERS
 from pipeline.sldm.folder import SLDMFolderError

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.imaging import random_resized_crop_box
+from pipeline.crop_sampler import random_resized_crop_box
 from pipeline.pretrain.strategies import (
     STRATEGIES,
     BagViewsDataset,

@@ -9,11 +9,11 @@ import scipy.io
 from PIL import Image
 
 from pipeline.cli import run
-from pipeline.constants import pascal_palette
 from pipeline.data import puppets, sprites, synthetic
 from pipeline.data import readers as datasets
 from pipeline.data.readers import JHMDB_JOINTS
 from pipeline.data.vallists import read_vallist
+from pipeline.palette import pascal_palette
 
 TINY = {
     "imagenet": {"classes": 3, "images_per_class": 2, "size": 32},

@@ -24,8 +24,8 @@ import pandas as pd
 
 from pipeline.consistency.scores import METRICS, centre_descriptors, pair_metrics
 from pipeline.consistency.sources import BagSource, ImageListSource, VideoFrameSource, extract_features
-from pipeline.constants import views_label
-from pipeline.runtime import derive_seed
+from pipeline.labels import views_label
+from pipeline.seeding import derive_seed
 
 LOG = logging.getLogger("cdgmae.consistency")
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.data.readers import JHMDB_JOINTS, VIP_CLASSES
 from pipeline.data.sprites import Sprite, make_texture, similarity, textured
-from pipeline.runtime import derive_seed
+from pipeline.seeding import derive_seed
 
 # JHMDB's 21 action classes, in the official order; extra classes get generic names.
 JHMDB_CLASSES = (

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.runtime import derive_seed
+from pipeline.seeding import derive_seed
 
 # ---------------------------------------------------------------------------------------------
 # textures (one generator for background and objects: same colour statistics everywhere)

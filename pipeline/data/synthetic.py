@@ -43,7 +43,6 @@ import scipy.io
 from PIL import Image
 
 from pipeline.config import load_settings, section_defaults
-from pipeline.constants import pascal_palette
 from pipeline.data.puppets import JHMDB_CLASSES, action_family
 from pipeline.data.scenes import (
     N_BLOB_FAMILIES,
@@ -56,8 +55,10 @@ from pipeline.data.scenes import (
 )
 from pipeline.data.sprites import RigidActor, blob_family
 from pipeline.data.vallists import write_vallist
+from pipeline.palette import pascal_palette
 from pipeline.registry import Registry
-from pipeline.runtime import derive_seed, progress, setup_logging
+from pipeline.runtime import progress, setup_logging
+from pipeline.seeding import derive_seed
 
 LOG = logging.getLogger("cdgmae.synthetic")
 

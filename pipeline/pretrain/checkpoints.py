@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.devices import seed_everything
 from pipeline.io import verify_digest
 from pipeline.pretrain.models_mae import (
     ARCHS,
@@ -32,6 +31,7 @@ from pipeline.pretrain.models_mae import (
 )
 from pipeline.resume import save_torch_file
 from pipeline.runtime import setup_logging
+from pipeline.seeding import seed_everything
 
 LOG = logging.getLogger("cdgmae.checkpoints")
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from matplotlib.figure import Figure
 
 from pipeline.io import atomic_path, write_csv_atomic
-from pipeline.runtime import derive_seed
+from pipeline.seeding import derive_seed
 
 HISTORY_KEYS = ("step", "epoch", "loss", "lr", "samples_per_s")
 

@@ -55,7 +55,8 @@ from pipeline.pretrain.models_mae import CrossViewMAE, resolve_arch
 from pipeline.pretrain.strategies import STRATEGIES, TARGET_RULES, build_dataset
 from pipeline.provenance import code_digests
 from pipeline.resume import load_resume_state, save_resume_state, save_torch_file
-from pipeline.runtime import derive_seed, progress, setup_logging
+from pipeline.runtime import progress, setup_logging
+from pipeline.seeding import derive_seed
 
 LOG = logging.getLogger("cdgmae.pretrain")
 

@@ -35,12 +35,9 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.consistency.knn_file import read_knn
+from pipeline.crop_sampler import random_resized_crop_box
 from pipeline.data.readers import list_imagenet, list_videos, read_rgb
-from pipeline.imaging import (
-    ImageRejects,
-    TooManyRejectsError,
-    random_resized_crop_box,
-)
+from pipeline.imaging import ImageRejects, TooManyRejectsError
 from pipeline.io import cached_sha256
 from pipeline.pretrain.augment import match_size, normalize, resized_crop, to_chw
 from pipeline.registry import Registry

@@ -18,10 +18,10 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from pipeline import constants
 from pipeline.data.readers import JHMDB_JOINTS, DavisDataset, JhmdbDataset, VipDataset
 from pipeline.imaging import pil_nearest
 from pipeline.io import atomic_path, write_csv_atomic
+from pipeline.palette import pascal_palette
 from pipeline.propagation import score
 from pipeline.propagation.algorithm import (
     jhmdb_heatmaps,
@@ -81,7 +81,7 @@ def davis_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vi
     sequence's frame-0 annotation.
     """
     ds = DavisDataset(root, sequences=names)
-    palette = np.asarray(constants.pascal_palette(), np.uint8).reshape(256, 3)
+    palette = np.asarray(pascal_palette(), np.uint8).reshape(256, 3)
     videos = []
     for seq in ds.sequences:
         frames, annotations = ds.frames(seq), ds.annotations(seq)

@@ -12,7 +12,6 @@ and write ``metrics.csv``::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -26,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline import constants
+from pipeline import constants, labels
 from pipeline.config import load_settings, section_defaults
 from pipeline.data.readers import read_rgb, read_vallist
 from pipeline.devices import resolve_device, set_threads
@@ -35,7 +34,7 @@ from pipeline.pretrain.checkpoints import load_encoder, verify_checkpoint
 from pipeline.propagation.algorithm import grid_size, input_size, propagate
 from pipeline.propagation.drivers import WRITERS, Video, score_predictions
 from pipeline.propagation.figures import figure_frames, save_figure
-from pipeline.provenance import code_digests
+from pipeline.provenance import code_digest
 from pipeline.runtime import LOG, progress, setup_logging
 
 IMAGENET_MEAN = np.asarray(constants.IMAGENET_MEAN, dtype=np.float32)
@@ -105,8 +104,8 @@ class Protocol:
 
     @classmethod
     def from_settings(cls, dataset: str, settings: dict) -> Protocol:
-        if dataset not in constants.EVAL_DATASETS:
-            raise ValueError(f"dataset must be one of {constants.EVAL_DATASETS}, got {dataset!r}")
+        if dataset not in labels.EVAL_DATASETS:
+            raise ValueError(f"dataset must be one of {labels.EVAL_DATASETS}, got {dataset!r}")
         section = section_defaults("propagation", overrides=settings)
         ds = section[dataset]
         return cls(
@@ -202,11 +201,8 @@ def model_name_from_checkpoint(checkpoint: str | Path) -> str:
 
 
 def code_sha256() -> str:
-    """One digest of the source files this stage's predictions depend on (``pipeline.provenance``)."""
-    digest = hashlib.sha256()
-    for path, sha in code_digests("pipeline.propagation.runner").items():
-        digest.update(f"{path} {sha}\n".encode())
-    return digest.hexdigest()
+    """One digest of the code this stage's predictions depend on (``pipeline.provenance``)."""
+    return code_digest("pipeline.propagation.runner")
 
 
 def _claim_predictions(pred_dir: Path, run_key: str) -> None:
@@ -329,7 +325,7 @@ def _run_parser() -> argparse.ArgumentParser:
         "'python -m pipeline.pretrain init-random / import-external'.",
     )
     ap.add_argument("--checkpoint", required=True, help="encoder checkpoint (payload or MAE format)")
-    ap.add_argument("--dataset", required=True, choices=constants.EVAL_DATASETS)
+    ap.add_argument("--dataset", required=True, choices=labels.EVAL_DATASETS)
     ap.add_argument("--root", required=True, help="dataset root in the official layout")
     ap.add_argument("--output-dir", required=True, help="results/eval/<model>/<dataset>")
     ap.add_argument("--settings", help="config 'propagation' section (JSON or file); partial is fine")

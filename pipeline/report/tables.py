@@ -25,8 +25,8 @@ import yaml
 from pipeline.cells import RANDOM_INIT, parse_model_path
 from pipeline.cli import command_parser
 from pipeline.config import load_settings
-from pipeline.constants import BASELINE_GENERATORS, EVAL_DATASETS, SUBSTITUTE_GENERATORS, views_label
 from pipeline.io import write_csv_atomic
+from pipeline.labels import BASELINE_GENERATORS, EVAL_DATASETS, SUBSTITUTE_GENERATORS, views_label
 from pipeline.runtime import setup_logging
 from pipeline.tables import PROPAGATION_TABLES, TABLES
 

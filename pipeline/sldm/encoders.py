@@ -23,8 +23,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.registry import Registry
-from pipeline.runtime import derive_seed
+from pipeline.seeding import derive_seed
 from pipeline.vit_checkpoints import load_cdgmae_vit, load_timm_checkpoint, read_cdgmae_checkpoint
 
 EMBEDDING_NORMS = ("none", "l2", "standardize")
@@ -88,8 +89,8 @@ class ConditioningEncoder:
     timm_name: str
     kwargs: dict
     source: str
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
     embedding_norm: str = "none"
     _stats: tuple = field(default=(), repr=False)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 
+from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.sldm.encoders import head_dims
 
 SLDM_MANIFEST = "sldm.json"
@@ -42,8 +43,8 @@ def save_sldm(
     encoder_name: str,
     projector,
     encoder_kwargs: dict | None = None,
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
     embedding_norm: str = "none",
     null_condition: str = "projected_zero",
     p_uncond: float | None = None,

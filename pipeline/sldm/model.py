@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline.runtime import derive_seed
+from pipeline.seeding import derive_seed
 
 NULL_CONDITION = "projected_zero"  # how this training drops the condition (recorded in sldm.json)
 

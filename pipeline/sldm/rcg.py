@@ -32,6 +32,7 @@ import yaml
 from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
 
 from pipeline.cli import command_parser
+from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.io import file_sha256, write_text_atomic
 from pipeline.sldm.encoders import projection_head, timm_vit
 from pipeline.sldm.folder import save_sldm
@@ -83,7 +84,6 @@ RCG_LDM8_CONFIG = {
 MOCO_HEADS = {"mocov3_vit_small": 12, "mocov3_vit_base": 12, "mocov3_vit_large": 16}
 TIMM_NAME = "vit_base_patch16_224"  # its size kwargs are read off the checkpoint
 ENCODER_INPUT = 224  # RCG: bicubic to 224 (no antialias), ImageNet mean / std, then the ViT
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # DDPM buffers LatentDiffusion registers from its betas (compared to the scheduler's where noted)
 SCHEDULE_BUFFERS = (
     "betas",

@@ -42,7 +42,8 @@ from pipeline.imaging import ImageRejects, TooManyRejectsError, load_square
 from pipeline.io import file_sha256, folder_sha256
 from pipeline.provenance import code_digests
 from pipeline.resume import load_resume_state, save_resume_state
-from pipeline.runtime import derive_seed, progress, setup_logging
+from pipeline.runtime import progress, setup_logging
+from pipeline.seeding import derive_seed
 from pipeline.sldm import engine
 from pipeline.sldm.encoders import build_conditioning_encoder
 from pipeline.sldm.folder import save_sldm

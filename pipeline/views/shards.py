@@ -35,7 +35,9 @@ from pipeline.config import load_settings, section_defaults
 from pipeline.data.readers import list_imagenet
 from pipeline.imaging import load_square
 from pipeline.io import IntegrityError, atomic_path, folder_sha256, write_csv_atomic
-from pipeline.runtime import derive_seed, progress
+from pipeline.provenance import combined_digest, file_digests, plugin_code_files
+from pipeline.runtime import progress
+from pipeline.seeding import derive_seed
 from pipeline.views.generators import GENERATORS, build_generator
 from pipeline.views.hdf5 import (
     FORMAT_VERSION,
@@ -91,19 +93,25 @@ def view_seed(seed: int, image_id: str, view: int, attempt: int = 0) -> int:
     return derive_seed(seed, image_id, view, attempt)
 
 
+def generator_code_digest(generator: str) -> str:
+    """The digest of the code that generates ``generator``'s views (what rule generate_views records)."""
+    return combined_digest(file_digests(plugin_code_files("pipeline.views.shards", "views", generator)))
+
+
 def shard_fingerprint(generator: str, cfg: dict, seed: int) -> str:
     """Hash of everything that determines the stored bytes (not batch size, shards or parts).
 
-    Editing a views module re-runs generate_views (the command's import closure is its code input,
-    ``pipeline.provenance``), but finished parts are reused unless this fingerprint changes (bump
-    ``FORMAT_VERSION`` or the generator's ``version`` when the bytes change), so a cosmetic edit
-    costs only re-assembly.
+    The generator's code is part of it, as the rule tracks it (``generator_code_digest``): a part
+    made by other code is never reused, so a re-run after a code edit regenerates the views instead
+    of re-assembling stale ones, while a comment- or format-only edit (same syntax tree) changes
+    nothing and costs only re-assembly.
     """
     key = {
         "format": FORMAT_VERSION,
         "generator": generator,
         "seed": int(seed),
         "generator_version": getattr(GENERATORS.get(generator), "version", None),
+        "code": generator_code_digest(generator),
         "n_views": cfg["n_views"],
         "image_size": cfg["image_size"],
         "jpeg_quality": cfg["jpeg_quality"],
