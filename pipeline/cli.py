@@ -62,6 +62,10 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "figure4": ("pipeline.report.figures:figure4_main", "Figure 4 from results/figure4.csv"),
         "loss-curves": ("pipeline.report.figures:loss_curves_main", "training-loss curves"),
         "summary": ("pipeline.report.summary:main", "results/summary.md: our numbers beside the paper's"),
+        "provenance-diff": (
+            "pipeline.report.provenance_diff:main",
+            "what differs between the provenance records of two results folders",
+        ),
     },
 }
 

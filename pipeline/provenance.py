@@ -55,6 +55,7 @@ CORE_MODULES = {
     f"{PACKAGE}.io": (INFRASTRUCTURE, "atomic writes and content digests"),
     f"{PACKAGE}.lease": (INFRASTRUCTURE, "GPU slot leasing"),
     f"{PACKAGE}.provenance": (INFRASTRUCTURE, "this table and the digests"),
+    f"{PACKAGE}.records": (INFRASTRUCTURE, "the provenance records written beside results"),
     f"{PACKAGE}.registry": (INFRASTRUCTURE, "the name -> entry registry helper"),
     f"{PACKAGE}.resume": (INFRASTRUCTURE, "resumable states, keyed on these digests"),
     f"{PACKAGE}.runtime": (INFRASTRUCTURE, "logging and progress bars"),
@@ -62,6 +63,7 @@ CORE_MODULES = {
 # stage modules that only decide how a job runs (each stage's ``__main__`` is CLI dispatch too)
 STAGE_INFRASTRUCTURE = {
     f"{PACKAGE}.views.timelimit": "when a view job stops between parts",
+    f"{PACKAGE}.report.provenance_diff": "compares provenance records, computes no result",
 }
 
 

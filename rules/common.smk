@@ -23,6 +23,7 @@ from pipeline.labels import EVAL_DATASETS as ALL_EVAL_DATASETS  # noqa: E402
 from pipeline.config import ConfigError, result_neutral_keys, validate_config  # noqa: E402
 from pipeline.data.layouts import DatasetError, check_layout  # noqa: E402  (standard library only)
 from pipeline.provenance import code_digest, combined_digest, file_digests, plugin_code_files  # noqa: E402
+from pipeline.records import describe_record, read_record, record_path  # noqa: E402  (no torch)
 from pipeline.tables import PAPER_TABLES, PROPAGATION_TABLES, TABLES, table_cells, table_seeds  # noqa: E402
 
 try:
@@ -215,14 +216,35 @@ def config_table_settings(table):
 
 
 def report_table(path):
-    """A results/{table}.csv output shown in the HTML report, labelled and captioned from the table
-    registry (pipeline.tables); the caption text travels as the rule's ``caption`` param."""
-    return report(
-        path,
-        caption="../report/table.rst",
-        category="Tables",
-        labels=lambda wildcards: {"table": TABLES[wildcards.table].label},
-    )
+    """A results/{table}.csv output (or a fixed results/tableN.csv) shown in the HTML report,
+    labelled and captioned from the table registry (pipeline.tables); the caption text travels as
+    the rule's ``caption`` param. Its ``provenance`` label, read from the table's record
+    (pipeline.records) when the report is made, names the code, environments and inputs behind it."""
+    fixed = os.path.basename(path).split(".")[0]  # "{table}", or the table of a fixed path
+
+    def labels(wildcards):
+        name = getattr(wildcards, "table", fixed)
+        return {"table": TABLES[name].label, "provenance": provenance_label(f"results/{name}.csv")}
+
+    return report(path, caption="../report/table.rst", category="Tables", labels=labels)
+
+
+def report_record(path):
+    """A table's provenance record (results/{table}.provenance.json) in the HTML report, under
+    Provenance, labelled with its table and what its record says."""
+    fixed = os.path.basename(path).split(".")[0]
+
+    def labels(wildcards):
+        name = getattr(wildcards, "table", fixed)
+        return {"table": TABLES[name].label, "record": provenance_label(f"results/{name}.csv")}
+
+    return report(path, caption="../report/provenance.rst", category="Provenance", labels=labels)
+
+
+def provenance_label(artefact):
+    """One line from the provenance record beside ``artefact`` (read when the report is made)."""
+    record = read_record(record_path(artefact))
+    return describe_record(record) if record else f"no provenance record ({record_path(artefact)})"
 
 
 def get_final_targets():

@@ -23,7 +23,9 @@ rule find_neighbours:
         data=get_dataset_input("imagenet"),
         checkpoint=CONSISTENCY_CHECKPOINT,
     output:
-        "results/consistency/knn.npz",
+        knn="results/consistency/knn.npz",
+        # its provenance record (pipeline.records), written by the command
+        record="results/consistency/knn.provenance.json",
     log:
         "results/logs/find_neighbours/knn.log",
     benchmark:
@@ -48,7 +50,7 @@ rule find_neighbours:
     shell:
         "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency neighbours "
         "--imagenet-root {params.root:q} --settings {params.settings:q} --k {params.k} "
-        "--state-dir {params.state_dir:q} --output {output:q} --threads {threads} "
+        "--state-dir {params.state_dir:q} --output {output.knn:q} --threads {threads} "
         "--max-reject-fraction {params.max_reject_fraction} "
         "--num-workers {resources.consistency_workers} > {log} 2>&1"
 
@@ -61,8 +63,10 @@ rule score_consistency:
         videos=get_dataset_input("videos"),
         checkpoint=CONSISTENCY_CHECKPOINT,
     output:
-        table="results/table1.csv",
+        table=report_table("results/table1.csv"),
         pairs="results/consistency/table1_pairs.csv",
+        # written by the command beside the table (pipeline.records)
+        record=report_record("results/table1.provenance.json"),
     log:
         "results/logs/score_consistency/table1.log",
     benchmark:
@@ -76,6 +80,7 @@ rule score_consistency:
     params:
         # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
         code=stage_code("consistency", "table1"),
+        caption=TABLES["table1"].caption,
         settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS),
         generator=config["views"]["generator"],
         seed=config["seed"],
@@ -97,8 +102,9 @@ rule score_generators:
         videos=get_dataset_input("videos"),
         checkpoint=CONSISTENCY_CHECKPOINT,
     output:
-        table="results/table9.csv",
+        table=report_table("results/table9.csv"),
         pairs="results/consistency/table9_pairs.csv",
+        record=report_record("results/table9.provenance.json"),
     log:
         "results/logs/score_generators/table9.log",
     benchmark:
@@ -112,6 +118,7 @@ rule score_generators:
     params:
         # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
         code=stage_code("consistency", "table9"),
+        caption=TABLES["table9"].caption,
         settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS),
         # one "--bag GENERATOR=PATH" per Table 9 row, in config order
         bags=" ".join(f"--bag {shlex.quote(f'{g}=results/views/{g}/bag.h5')}" for g in CONSISTENCY["generators"]),

@@ -24,6 +24,8 @@ rule pretrain:
         checkpoint=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/checkpoint.pth",
         log_csv=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/train_log.csv",
         curve=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/loss_curve.png",
+        # the checkpoint's provenance record (pipeline.records), written by the command
+        record=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/checkpoint.provenance.json",
     log:
         f"results/logs/pretrain/{CELL_PATTERN}/seed~{{seed}}.log",
     benchmark:
@@ -105,6 +107,7 @@ EXTERNAL_NAMES = "|".join(re.escape(n) for n in config["propagation"]["external"
 rule init_random_encoder:
     output:
         checkpoint="results/pretrain/random-init/arch~{arch}/seed~{seed}/checkpoint.pth",
+        record="results/pretrain/random-init/arch~{arch}/seed~{seed}/checkpoint.provenance.json",
     log:
         "results/logs/init_random_encoder/arch~{arch}/seed~{seed}.log",
     benchmark:
@@ -127,6 +130,7 @@ rule import_external_encoder:
         source=lambda wildcards: config["propagation"]["external"][wildcards.name]["path"],
     output:
         checkpoint="results/pretrain/external/{name}/checkpoint.pth",
+        record="results/pretrain/external/{name}/checkpoint.provenance.json",
     log:
         "results/logs/import_external_encoder/{name}.log",
     benchmark:

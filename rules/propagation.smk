@@ -12,6 +12,8 @@ rule propagate:
         data=lambda wildcards: get_dataset_input(wildcards.dataset),
     output:
         metrics="results/eval/{model}/{dataset}/metrics.csv",
+        # its provenance record (pipeline.records), written by the command
+        record="results/eval/{model}/{dataset}/metrics.provenance.json",
     log:
         "results/logs/propagate/{model}/{dataset}.log",
     benchmark:

@@ -18,6 +18,8 @@ rule assemble_table:
     output:
         table=report_table("results/{table}.csv"),
         per_seed="results/{table}_per_seed.csv",
+        # written by the command beside the table (pipeline.records)
+        record=report_record("results/{table}.provenance.json"),
     log:
         "results/logs/assemble_table/{table}.log",
     benchmark:
@@ -40,7 +42,8 @@ rule assemble_table:
 
 rule assemble_config_table:
     output:
-        report_table("results/{table}.csv"),
+        table=report_table("results/{table}.csv"),
+        record=report_record("results/{table}.provenance.json"),
     log:
         "results/logs/assemble_config_table/{table}.log",
     benchmark:
@@ -56,7 +59,7 @@ rule assemble_config_table:
         caption=lambda wildcards: TABLES[wildcards.table].caption,
     shell:
         "python -m pipeline.report config-table --name {wildcards.table} --settings {params.settings:q} "
-        "--output {output} 2> {log}"
+        "--output {output.table} 2> {log}"
 
 
 rule plot_figure4:
@@ -109,6 +112,8 @@ rule plot_loss_curves:
 rule assemble_summary:
     input:
         tables=[f"results/{t}.csv" for t in PAPER_TABLES] + ["results/figure4.csv"],
+        # each table's provenance record, summarised beside it
+        records=[f"results/{t}.provenance.json" for t in PAPER_TABLES] + ["results/figure4.provenance.json"],
     output:
         report(
             "results/summary.md",

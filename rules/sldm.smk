@@ -12,6 +12,8 @@ rule train_sldm:
         encoder=get_sldm_encoder_input(),
     output:
         model=directory(TRAINED_SLDM),
+        # the folder's provenance record beside it (pipeline.records), written by the command
+        record=f"{TRAINED_SLDM}.provenance.json",
         log_csv="results/sldm/train_log.csv",
         curve="results/sldm/loss_curve.png",
         samples=report(
@@ -65,6 +67,7 @@ rule import_rcg:
         ldm_config=lambda wildcards: get_rcg_config_input(),
     output:
         model=directory(IMPORTED_RCG),
+        record=f"{IMPORTED_RCG}.provenance.json",
     log:
         "results/logs/import_rcg.log",
     benchmark:

@@ -93,6 +93,8 @@ rule merge_views:
         data=get_dataset_input("imagenet"),
     output:
         bag="results/views/{generator}/bag.h5",
+        # its provenance record (pipeline.records), written by the command
+        record="results/views/{generator}/bag.provenance.json",
     log:
         "results/logs/merge_views/{generator}.log",
     benchmark:

@@ -181,6 +181,9 @@ def test_each_generator_tracks_only_its_own_module():
     assert "views/warp.py" not in files["crop"] and "views/crop.py" not in files["warp"]
     assert {"views/shards.py", "views/generators.py", "imaging.py"} <= files["warp"] & files["crop"]
     assert {"constants.py", "sldm/encoders.py"} <= files["sldm"] and "constants.py" not in files["warp"]
+    # merging shards runs no generator
+    merge = _rel(provenance.code_files(cli.command_module("views", "merge")))
+    assert not merge & {"views/generators.py", "views/shards.py", "crop_sampler.py", "seeding.py"}
     with pytest.raises(KeyError, match="no @register"):
         provenance.plugin_code_files(generate, "views", "nope")
 

@@ -12,7 +12,7 @@ from pipeline.io import IntegrityError, file_sha256
 from pipeline.views.hdf5 import verify_view_file
 from pipeline.views.merge import merge_shards
 from pipeline.views.shards import ShardWriter, shard_fingerprint
-from pipeline.views.timelimit import ShardStopped
+from pipeline.views.timelimit import ShardStopped, StopControl
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,38 @@ def test_sigusr1_stops_after_the_current_part(records, tmp_path):
     w = _writer(records, tmp_path, 0, 2)
     w.run()
     assert (w.parts_written, w.parts_reused) == (2, 1)
+
+
+def test_a_time_budget_never_stops_a_run_before_its_first_part():
+    """A budget already spent (start-up took longer) still lets the run write one part; after a
+    part, the budget stops it; an explicit request stops at once. No clock is involved."""
+    stop = StopControl(stop_after=0.0)
+    stop.start()
+    stop.check("first", parts_written=0)  # no raise: progress first
+    stop.part_done(1.0)
+    with pytest.raises(ShardStopped, match=r"second: stopped cleanly \(--stop-after 0 s"):
+        stop.check("second", parts_written=1)
+    stop.requested = "SIGUSR1"
+    with pytest.raises(ShardStopped, match=r"\(SIGUSR1\)"):
+        stop.check("asked", parts_written=0)
+    StopControl(stop_after=None).check("no budget", parts_written=5)
+
+
+def test_runs_under_a_spent_budget_complete_the_shard(records, tmp_path):
+    """However short the budget, each run writes a part: three runs of a 3-part shard finish it,
+    with the bytes of an uninterrupted run."""
+    ref = _writer(records, tmp_path / "ref", 0, 2).run()
+    outcomes = []
+    for _ in range(3):
+        w = _writer(records, tmp_path / "run", 0, 2)
+        w.stop.stop_after = 0.0
+        try:
+            w.run()
+            outcomes.append(("done", w.parts_written))
+        except ShardStopped:
+            outcomes.append(("stopped", w.parts_written))
+    assert outcomes == [("stopped", 1), ("stopped", 1), ("done", 1)]
+    assert file_sha256(tmp_path / "run" / "shard-0.h5") == file_sha256(ref)
 
 
 def test_flipped_bytes_in_a_shard_or_bag_are_errors_naming_the_file(records, tmp_path):

@@ -92,10 +92,15 @@ def dry(work: Path, *extra: str) -> tuple[dict[str, int], str]:
     return job_counts(proc.stdout + proc.stderr), proc.stdout + proc.stderr
 
 
-def edit(path: Path):
-    """Append a comment (a real content change); return a function restoring the original."""
+def edit(path: Path, change: str = "\n_EDITED_BY_TEST_WORKFLOW = True\n", old: str | None = None):
+    """Change a source file (by default a new statement: a change of what Python executes; with
+    ``old``, replace that text by ``change``); return a function restoring the original."""
     original = path.read_text()
-    path.write_text(original + "\n# edited by test_workflow\n")
+    if old is None:
+        path.write_text(original + change)
+    else:
+        assert original.count(old) == 1, f"{old!r} must occur once in {path}"
+        path.write_text(original.replace(old, change))
 
     def restore():
         path.write_text(original)
@@ -185,25 +190,69 @@ def test_moved_or_recloned_project_reruns_nothing(tiny_run, tmp_path):
     assert counts == {} and "Nothing to be done" in out, out[-2000:]
 
 
+# table4 on the tiny config: 2 trained cells + the random-init reference, each on 3 datasets
+PROPAGATION_ALL = {"propagate": 9, "assemble_table": 1}
+PROPAGATION_TRAINED = {"propagate": 6, "assemble_table": 1}
+
+
 @pytest.mark.parametrize(
-    "module, expected",
+    "module, old, new, expected",
     [
         # the report stage alone
-        ("report/tables", {"assemble_table": 1}),
+        ("report/tables", None, None, {"assemble_table": 1}),
         # propagation of the 2 trained models + the random-init reference on 3 datasets, then the report
-        ("propagation/runner", {"propagate": 9, "assemble_table": 1}),
+        ("propagation/runner", None, None, PROPAGATION_ALL),
         # the model: pretraining and everything after it, never the views or the data
-        ("pretrain/models_mae", {"pretrain": 2, "init_random_encoder": 1, "propagate": 9, "assemble_table": 1}),
+        ("pretrain/models_mae", None, None, {"pretrain": 2, "init_random_encoder": 1, **PROPAGATION_ALL}),
+        # the crop sampler (a core module): every pretraining sample goes through it; the tiny run's
+        # warp views do not (the crop generator's would), nor the random-init encoder
+        ("crop_sampler", "RRC_TRIES = 10", "RRC_TRIES = 11", {"pretrain": 2, **PROPAGATION_TRAINED}),
+        # the normalisation constants: pretraining and propagation normalise with them
+        (
+            "constants",
+            "IMAGENET_MEAN = (0.485, 0.456, 0.406)",
+            "IMAGENET_MEAN = (0.5, 0.456, 0.406)",
+            {"pretrain": 2, **PROPAGATION_ALL},
+        ),
+        # seeds reach the data, the views and everything after them
+        (
+            "seeding",
+            "& ((1 << 63) - 1))",
+            "& ((1 << 62) - 1))",
+            {"make_synthetic_data": 1, "generate_views": 2, "merge_views": 1, "pretrain": 2}
+            | {"init_random_encoder": 1, **PROPAGATION_ALL},
+        ),
     ],
 )
-def test_code_edit_reruns_only_what_it_invalidates(tiny_run, module, expected):
-    restore = edit(tiny_run / "pipeline" / f"{module}.py")
+def test_code_edit_reruns_only_what_it_invalidates(tiny_run, module, old, new, expected):
+    restore = edit(tiny_run / "pipeline" / f"{module}.py", *((new, old) if old else ()))
     try:
         counts, out = dry(tiny_run)
     finally:
         restore()
     assert counts == expected, counts
-    assert "Updated input files" in out and f"pipeline/{module}.py" in out
+    assert "Params have changed since last execution" in out
+
+
+@pytest.mark.parametrize(
+    "module, change",
+    [
+        # infrastructure: how a job runs, never what it computes
+        ("lease", "\n_EDITED_BY_TEST_WORKFLOW = True\n"),
+        ("io", "\n_EDITED_BY_TEST_WORKFLOW = True\n"),
+        ("runtime", "\n_EDITED_BY_TEST_WORKFLOW = True\n"),
+        # a comment- or format-only edit of result-carrying code (same syntax tree)
+        ("crop_sampler", "\n# a comment only\n"),
+        ("pretrain/models_mae", "\n\n\n# reformatted, commented\n"),
+    ],
+)
+def test_edit_that_changes_no_result_reruns_nothing(tiny_run, module, change):
+    restore = edit(tiny_run / "pipeline" / f"{module}.py", change)
+    try:
+        counts, out = dry(tiny_run)
+    finally:
+        restore()
+    assert counts == {} and "Nothing to be done" in out, out[-2000:]
 
 
 def test_cell_change_adds_only_that_cell(tiny_run, tmp_path):

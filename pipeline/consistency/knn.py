@@ -23,10 +23,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.consistency.options import list_images, open_encoder, resolve_section, scoring_parser, start
+from pipeline.consistency.options import (
+    encoder_checkpoint,
+    list_images,
+    open_encoder,
+    resolve_section,
+    scoring_parser,
+    scoring_settings,
+    start,
+)
 from pipeline.consistency.sources import ImageListSource, iter_feature_batches
 from pipeline.imaging import ImageRejects
 from pipeline.io import atomic_path, write_npz_atomic
+from pipeline.records import write_record
 from pipeline.runtime import progress
 
 LOG = logging.getLogger("cdgmae.consistency")
@@ -192,4 +201,13 @@ def main(argv: list[str] | None = None) -> None:
         args.max_reject_fraction,
     )
     write_npz_atomic(args.output, out)
+    write_record(
+        args.output,
+        kind="knn",
+        command=("consistency", "neighbours"),
+        inputs=[args.imagenet_root, encoder_checkpoint(cfg)],
+        settings={**scoring_settings(cfg, args), "k": args.k},
+        device=encoder.device,
+        precision="fp32",
+    )
     LOG.info("wrote %s: %d images x %d neighbours", args.output, *out["neighbours"].shape)

@@ -10,7 +10,7 @@ import argparse
 import logging
 
 from pipeline.cli import command_parser
-from pipeline.config import load_settings, section_defaults
+from pipeline.config import load_settings, result_neutral_keys, section_defaults
 from pipeline.consistency.encoders import FeatureEncoder, build_feature_encoder
 from pipeline.consistency.sources import ImageListSource
 from pipeline.data.readers import list_imagenet
@@ -48,6 +48,23 @@ def resolve_section(args) -> dict:
     if args.num_workers is not None:
         cfg["num_workers"] = args.num_workers
     return cfg
+
+
+def encoder_checkpoint(cfg: dict) -> str | None:
+    """The weights file the configured encoder reads (timm / cdgmae), else None."""
+    return cfg["encoder"].get("checkpoint") if cfg["encoder"]["name"] in ("timm", "cdgmae") else None
+
+
+def scoring_settings(cfg: dict, args, sources=None) -> dict:
+    """What a consistency output was computed with: the section (runtime knobs and the Table 9
+    generator list aside), the seed, the run label and the named sources."""
+    drop = {*result_neutral_keys("consistency"), "generators"}
+    return {
+        "consistency": {k: v for k, v in cfg.items() if k not in drop},
+        "seed": getattr(args, "seed", None),
+        "run_label": getattr(args, "run_label", None),
+        "sources": sources,
+    }
 
 
 def open_encoder(cfg: dict, device: str | None) -> FeatureEncoder:

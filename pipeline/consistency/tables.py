@@ -13,11 +13,20 @@ import argparse
 import logging
 
 from pipeline.consistency.knn_file import read_knn
-from pipeline.consistency.options import list_images, open_encoder, resolve_section, scoring_parser, start
+from pipeline.consistency.options import (
+    encoder_checkpoint,
+    list_images,
+    open_encoder,
+    resolve_section,
+    scoring_parser,
+    scoring_settings,
+    start,
+)
 from pipeline.consistency.pairs import generated_kind, knn_kind, random_kind, score_table, video_kind
 from pipeline.consistency.sources import BagSource
 from pipeline.data.readers import list_videos
 from pipeline.io import write_csv_atomic
+from pipeline.records import write_record
 
 LOG = logging.getLogger("cdgmae.consistency")
 
@@ -33,13 +42,23 @@ def table_parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
-def write_tables(encoder, kinds, cfg: dict, args) -> None:
-    """Score ``kinds`` and write the table and per-pair CSVs named by ``args``."""
+def write_tables(encoder, kinds, cfg: dict, args, command: str, inputs=(), sources=None) -> None:
+    """Score ``kinds`` and write the table and per-pair CSVs named by ``args``, and the table's
+    provenance record (``pipeline.records``: ``inputs`` = the bags, knn file and checkpoint read)."""
     table, pairs = score_table(
         encoder, kinds, cfg["encoder"]["batch_size"], cfg["num_workers"], args.seed, args.run_label
     )
     write_csv_atomic(pairs, args.pairs_output)
     write_csv_atomic(table, args.output, float_format="%.6g")
+    write_record(
+        args.output,
+        kind="table",
+        command=("consistency", command),
+        inputs=[*inputs, encoder_checkpoint(cfg)],
+        settings=scoring_settings(cfg, args, sources),
+        device=encoder.device,
+        precision="fp32",
+    )
     LOG.info("wrote %s and %s", args.output, args.pairs_output)
 
 
@@ -65,7 +84,7 @@ def table1_main(argv: list[str] | None = None) -> None:
         knn_kind(images, neighbours, cfg["knn_k"], n, seed),
         random_kind(images, n, seed),
     ]
-    write_tables(encoder, kinds, cfg, args)
+    write_tables(encoder, kinds, cfg, args, "table1", [args.bag, args.knn], {"generator": args.generator})
 
 
 def _bag_arg(value: str) -> tuple[str, str]:
@@ -88,4 +107,4 @@ def table9_main(argv: list[str] | None = None) -> None:
     if args.videos_root:  # the paper's reference row
         kinds.append(video_kind(list_videos(args.videos_root), cfg["frame_gap"], n, seed))
     kinds += [generated_kind(BagSource(path), name, n, seed) for name, path in args.bag]
-    write_tables(encoder, kinds, cfg, args)
+    write_tables(encoder, kinds, cfg, args, "table9", [path for _, path in args.bag], {"bags": dict(args.bag)})

@@ -29,6 +29,7 @@ from pipeline.pretrain.models_mae import (
     parameter_counts,
     resolve_arch,
 )
+from pipeline.records import write_record
 from pipeline.resume import save_torch_file
 from pipeline.runtime import setup_logging
 from pipeline.seeding import seed_everything
@@ -218,6 +219,15 @@ def init_random_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     init_random_encoder(args.arch, args.seed, args.output, args.img_size)
+    settings = {"arch": args.arch, "seed": args.seed, "img_size": args.img_size}
+    write_record(
+        args.output,
+        kind="checkpoint",
+        command=("pretrain", "init-random"),
+        settings=settings,
+        device="cpu",
+        precision="fp32",
+    )
 
 
 def import_external_main(argv: list[str] | None = None) -> None:
@@ -231,6 +241,13 @@ def import_external_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     import_external_encoder(args.source, args.arch, args.output)
+    write_record(
+        args.output,
+        kind="checkpoint",
+        command=("pretrain", "import-external"),
+        inputs=[args.source],
+        settings={"arch": args.arch},
+    )
 
 
 def describe_checkpoint(path: str, arch: str) -> dict:

@@ -54,6 +54,7 @@ from pipeline.pretrain.engine_pretrain import (
 from pipeline.pretrain.models_mae import CrossViewMAE, resolve_arch
 from pipeline.pretrain.strategies import STRATEGIES, TARGET_RULES, build_dataset
 from pipeline.provenance import code_digests
+from pipeline.records import write_record
 from pipeline.resume import load_resume_state, save_resume_state, save_torch_file
 from pipeline.runtime import progress, setup_logging
 from pipeline.seeding import derive_seed
@@ -297,8 +298,10 @@ def train(
     world_size: int = 1,
     rank: int = 0,
     device=None,
+    inputs=(),
 ) -> dict:
-    """Train one cell on ``dataset`` (an ``EpochDataset``) and write the final checkpoint.
+    """Train one cell on ``dataset`` (an ``EpochDataset``) and write the final checkpoint, with its
+    provenance record (``pipeline.records``; ``inputs``: the bag / knn / dataset roots read).
 
     Resumes from ``<state_dir>/last.pth`` when it holds a state of the same configuration.
     Returns the history (per-step ``step, epoch, loss, lr, samples_per_s``).
@@ -342,6 +345,16 @@ def train(
         final["model"] = mae_layout(final["model"])
         save_torch_file(final, output)
         write_outputs(history, cell, seed, log_csv, curve_png)
+        training = {k: v for k, v in s.items() if k not in result_neutral_keys("pretrain")}
+        write_record(
+            output,
+            kind="checkpoint",
+            command=("pretrain", "train"),
+            inputs=inputs,
+            settings={"cell": cell, "seed": seed, "pretrain": training},
+            device=device,
+            precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+        )
         LOG.info("wrote %s (%d steps)", output, step)
     return history
 
@@ -414,6 +427,7 @@ def main(argv=None) -> None:
         if args.device and world == 1:
             device = torch.device(args.device)
         outputs = dict(output=args.output, state_dir=args.state_dir, log_csv=args.log_csv, curve_png=args.curve_png)
+        outputs["inputs"] = [args.bag, args.knn, args.imagenet_root, args.videos_root]
         try:
             train(cell, settings, dataset, seed=args.seed, world_size=world, rank=rank, device=device, **outputs)
         except NonFiniteLossError as err:

@@ -35,6 +35,7 @@ from pipeline.propagation.algorithm import grid_size, input_size, propagate
 from pipeline.propagation.drivers import WRITERS, Video, score_predictions
 from pipeline.propagation.figures import figure_frames, save_figure
 from pipeline.provenance import code_digest
+from pipeline.records import write_record
 from pipeline.runtime import LOG, progress, setup_logging
 
 IMAGENET_MEAN = np.asarray(constants.IMAGENET_MEAN, dtype=np.float32)
@@ -309,6 +310,15 @@ def run_propagation(
     )
     row = _metrics_row(dataset, model, metrics, protocol, encoder.patch_size, videos, checkpoint)
     write_csv_atomic(pd.DataFrame([row]), output_dir / "metrics.csv")
+    write_record(
+        output_dir / "metrics.csv",
+        kind="metrics",
+        command=("propagation", "run"),
+        inputs=[checkpoint],
+        settings={"dataset": dataset, "protocol": protocol.__dict__, "vallist": names},
+        device=device,
+        precision="fp32",
+    )
     LOG.info("metrics: %s", {k: row[k] for k in metrics})
     return row
 

@@ -16,6 +16,7 @@ import yaml
 
 from pipeline.cli import command_parser
 from pipeline.io import write_text_atomic
+from pipeline.records import describe_code, describe_environment, read_record, record_path
 from pipeline.report.tables import HEADLINE, METHOD_TABLES, PAPER_NUMBERS, REFERENCE_ROW, STD_DDOF
 from pipeline.runtime import setup_logging
 from pipeline.tables import TABLES
@@ -34,8 +35,11 @@ SYNTHETIC_NOTE = (
 REAL_NOTE = "Data: the dataset roots configured in `data.roots`."
 
 
-def summary_markdown(tables: dict[str, pd.DataFrame], run_label: str, data_note: str) -> str:
-    """Our numbers beside the paper's, with the scale they came from stated up front."""
+def summary_markdown(
+    tables: dict[str, pd.DataFrame], run_label: str, data_note: str, records: dict[str, tuple] | None = None
+) -> str:
+    """Our numbers beside the paper's, with the scale they came from stated up front; ``records``
+    (table -> (record path, record or None)) adds each table's provenance below it."""
     paper = yaml.safe_load(PAPER_NUMBERS.read_text())
     lines = [
         "# CDG-MAE reproduction: summary",
@@ -62,6 +66,9 @@ def summary_markdown(tables: dict[str, pd.DataFrame], run_label: str, data_note:
         else:
             lines += _ablation_lines(name, df, ref)
         lines.append("")
+        if records and name in records:
+            lines += provenance_lines(*records[name])
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -120,6 +127,24 @@ def _ablation_lines(name: str, df: pd.DataFrame, ref: dict) -> list[str]:
     return lines
 
 
+def provenance_lines(path, record: dict | None) -> list[str]:
+    """A table's provenance (``pipeline.records``): commit, the distinct environments that made its
+    numbers, how many input artefacts, and where the record is."""
+    if record is None:
+        return [f"*Provenance:* no record (`{path}` is missing or unreadable)."]
+    envs: dict[str, int] = {}
+    for env in record.get("environments") or []:
+        text = describe_environment(env)
+        envs[text] = envs.get(text, 0) + len(env.get("artefacts") or [])
+    lines = [
+        f"*Provenance* (`{path}`): {describe_code(record)}; {len(record.get('inputs') or {})} input artefacts; "
+        f"{len(envs)} environment(s):",
+        "",
+    ]
+    lines += [f"- {text} ({n} artefact{'s' if n != 1 else ''})" for text, n in envs.items()]
+    return lines
+
+
 def _fmt(v, digits=1):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -170,6 +195,8 @@ def main(argv=None) -> None:
     ap.add_argument("--synthetic", action="store_true", help="the run used the embedded synthetic data")
     args = ap.parse_args(argv)
     setup_logging()
-    tables = {Path(p).stem: pd.read_csv(p) for p in sorted(args.tables, key=_table_order)}
+    paths = sorted(args.tables, key=_table_order)
+    tables = {Path(p).stem: pd.read_csv(p) for p in paths}
+    records = {Path(p).stem: (record_path(p).as_posix(), read_record(record_path(p))) for p in paths}
     note = SYNTHETIC_NOTE if args.synthetic else REAL_NOTE
-    write_text_atomic(args.output, summary_markdown(tables, args.run_label, note))
+    write_text_atomic(args.output, summary_markdown(tables, args.run_label, note, records))

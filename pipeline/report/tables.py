@@ -27,6 +27,7 @@ from pipeline.cli import command_parser
 from pipeline.config import load_settings
 from pipeline.io import write_csv_atomic
 from pipeline.labels import BASELINE_GENERATORS, EVAL_DATASETS, SUBSTITUTE_GENERATORS, views_label
+from pipeline.records import write_record
 from pipeline.runtime import setup_logging
 from pipeline.tables import PROPAGATION_TABLES, TABLES
 
@@ -279,6 +280,9 @@ def table_main(argv=None) -> None:
     write_csv_atomic(table, args.output, float_format="%.4f")
     if args.per_seed:
         write_csv_atomic(per_seed, args.per_seed, float_format="%.4f")
+    settings = {"name": args.name, "run_label": args.run_label}
+    inputs = [*args.evals, args.gflops]
+    write_record(args.output, kind="table", command=("report", "table"), inputs=inputs, settings=settings)
 
 
 def config_table_main(argv=None) -> None:
@@ -289,4 +293,6 @@ def config_table_main(argv=None) -> None:
     ap.add_argument("--output", required=True)
     args = ap.parse_args(argv)
     setup_logging()
-    write_csv_atomic(config_table(args.name, load_settings(args.settings)), args.output)
+    settings = load_settings(args.settings)
+    write_csv_atomic(config_table(args.name, settings), args.output)
+    write_record(args.output, kind="table", command=("report", "config-table"), settings=settings)

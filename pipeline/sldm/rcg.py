@@ -34,6 +34,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
 from pipeline.cli import command_parser
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.io import file_sha256, write_text_atomic
+from pipeline.records import write_record
 from pipeline.sldm.encoders import projection_head, timm_vit
 from pipeline.sldm.folder import save_sldm
 from pipeline.sldm.ldm_keys import build_unet, build_vq, unet_key, vq_key
@@ -417,6 +418,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="the sldm folder to write")
     args = ap.parse_args(argv)
     groups = convert_rcg(args.ldm, args.encoder, args.out, args.ldm_config, args.unet_weights)
+    # the folder's provenance record, <folder>.provenance.json beside it (pipeline.records)
+    write_record(
+        args.out,
+        kind="sldm",
+        command=("sldm", "import-rcg"),
+        inputs=[args.ldm, args.encoder, args.ldm_config],
+        settings={"unet_weights": args.unet_weights, "ldm_config": args.ldm_config},
+        device="cpu",
+        precision="fp32",
+    )
     for source, counts in groups.items():
         print(source)
         for target, n in sorted(counts.items()):

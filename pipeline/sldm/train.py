@@ -41,6 +41,7 @@ from pipeline.devices import distributed_context, resolve_device, set_threads
 from pipeline.imaging import ImageRejects, TooManyRejectsError, load_square
 from pipeline.io import file_sha256, folder_sha256
 from pipeline.provenance import code_digests
+from pipeline.records import write_record
 from pipeline.resume import load_resume_state, save_resume_state
 from pipeline.runtime import progress, setup_logging
 from pipeline.seeding import derive_seed
@@ -369,3 +370,26 @@ def main(argv=None) -> None:
             )
         except engine.NonFiniteLossError as err:
             raise SystemExit(f"sldm: {err}") from err
+        if rank == 0:
+            write_folder_record(args, settings, device)
+
+
+def write_folder_record(args, settings: dict, device) -> None:
+    """The S-LDM folder's provenance record, ``<folder>.provenance.json`` beside it
+    (``pipeline.records``): the images, encoder and autoencoder it read, settings, device, precision."""
+    device = torch.device(resolve_device(device))
+    encoder = settings["encoder"]
+    neutral = {*result_neutral_keys("sldm"), "samples"}
+    write_record(
+        args.output,
+        kind="sldm",
+        command=("sldm", "train"),
+        inputs=[
+            args.imagenet_root,
+            encoder["checkpoint"] if encoder["checkpoint"] and encoder["source"] != "random-init" else None,
+            settings["autoencoder"] if settings["autoencoder"] != "none" else None,
+        ],
+        settings={"sldm": {k: v for k, v in settings.items() if k not in neutral}, "seed": args.seed},
+        device=device,
+        precision="bf16" if device.type == "cuda" and settings["precision"] != "fp32" else "fp32",
+    )

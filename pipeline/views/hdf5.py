@@ -156,7 +156,9 @@ def copy_rows(src, r0: int, r1: int, dst, at: int) -> int:
     for a in range(r0, r1, ROW_CHUNK):
         b = min(a + ROW_CHUNK, r1)
         for key in ROW_KEYS:
-            dst[key][at + a - r0 : at + b - r0] = src[key][a:b]
+            # write_direct: slice assignment of a vlen block whose blobs share one length (one
+            # row, say) is read by h5py as a 2-D array and refused
+            dst[key].write_direct(src[key][a:b], dest_sel=np.s_[at + a - r0 : at + b - r0])
     return r1 - r0
 
 

@@ -20,8 +20,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.config import result_neutral_keys
 from pipeline.data.readers import list_imagenet
 from pipeline.io import atomic_path
+from pipeline.records import write_record
 from pipeline.views.hdf5 import (
     ROW_KEYS,
     ViewsError,
@@ -31,7 +33,7 @@ from pipeline.views.hdf5 import (
     verify_view_file,
     vlen_u8,
 )
-from pipeline.views.shards import resolve_views_settings, shard_range
+from pipeline.views.store import resolve_views_settings, shard_range
 
 LOG = logging.getLogger("cdgmae.views")
 
@@ -182,9 +184,20 @@ def merge(args: argparse.Namespace) -> Path:
         n_images = n if cfg["max_images"] is None else min(n, cfg["max_images"])
     if len(args.shards) != cfg["shards"]:
         raise ViewsError(f"{len(args.shards)} shard files given, views.shards = {cfg['shards']}")
-    return merge_shards(
+    out = merge_shards(
         args.shards, args.out, n_images=n_images, part_size=int(cfg["part_size"]), mode=args.mode or cfg["merge_mode"]
     )
+    with h5py.File(out, "r") as f:
+        views = json.loads(f.attrs["settings"])
+    # the generator's model folder (an S-LDM) joins the inputs, so its record's environment does too
+    model = (views.get("generator_settings") or {}).get("model_path")
+    inputs = [*args.shards, model if model and Path(model).is_dir() else None]
+    drop = {*result_neutral_keys("views"), "generator", "generators", "figure_images"}
+    merge_settings = {k: v for k, v in cfg.items() if k not in drop}
+    write_record(
+        out, kind="bag", command=("views", "merge"), inputs=inputs, settings={"merge": merge_settings, "views": views}
+    )
+    return out
 
 
 def main(argv=None) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import inspect
 import json
 import logging
 import time
@@ -31,11 +32,17 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from pipeline.config import load_settings, section_defaults
 from pipeline.data.readers import list_imagenet
 from pipeline.imaging import load_square
 from pipeline.io import IntegrityError, atomic_path, folder_sha256, write_csv_atomic
-from pipeline.provenance import combined_digest, file_digests, plugin_code_files
+from pipeline.provenance import (
+    ast_digest,
+    code_files,
+    combined_digest,
+    file_digests,
+    plugin_code_files,
+    registrations,
+)
 from pipeline.runtime import progress
 from pipeline.seeding import derive_seed
 from pipeline.views.generators import GENERATORS, build_generator
@@ -56,6 +63,8 @@ from pipeline.views.store import (
     plan_rows,
     range_rejects,
     release_parts,
+    resolve_views_settings,
+    shard_range,
     store_path,
     write_shard,
 )
@@ -64,22 +73,6 @@ from pipeline.views.timelimit import TIME_LIMIT_MARGIN_MIN, StopControl, stop_af
 LOG = logging.getLogger("cdgmae.views")
 
 MAX_REGENERATE = 8  # attempts to replace a non-finite view before giving up
-
-
-def shard_range(n_images: int, shard: int, shards: int, part_size: int) -> tuple[int, int]:
-    """Global index range [start, end) of ``shard``: a contiguous run of whole parts.
-
-    Parts tile the global index space in blocks of ``part_size`` and shards take contiguous runs of
-    parts, so part (and batch) composition depends only on the global index, never on the shard
-    count: a diffusion generator's float kernels can depend on the batch it runs in, so this keeps
-    the stored bytes identical whatever ``views.shards`` is. Trailing shards may be empty when
-    there are fewer parts than shards.
-    """
-    if not 0 <= shard < shards:
-        raise ValueError(f"shard {shard} out of range for views.shards = {shards}")
-    n_parts = -(-n_images // part_size)
-    p0, p1 = shard * n_parts // shards, (shard + 1) * n_parts // shards
-    return min(p0 * part_size, n_images), min(p1 * part_size, n_images)
 
 
 def to_uint8(view: np.ndarray) -> np.ndarray:
@@ -94,8 +87,15 @@ def view_seed(seed: int, image_id: str, view: int, attempt: int = 0) -> int:
 
 
 def generator_code_digest(generator: str) -> str:
-    """The digest of the code that generates ``generator``'s views (what rule generate_views records)."""
-    return combined_digest(file_digests(plugin_code_files("pipeline.views.shards", "views", generator)))
+    """The digest of the code that generates ``generator``'s views (what rule generate_views records).
+
+    A generator registered from outside the package (a plugin, a test) adds its class's source file."""
+    entry = "pipeline.views.shards"
+    if generator in registrations("views"):
+        return combined_digest(file_digests(plugin_code_files(entry, "views", generator)))
+    digests = file_digests(code_files(entry, exclude=registrations("views").values()))
+    source = inspect.getsourcefile(GENERATORS[generator])
+    return combined_digest({**digests, f"<{generator}> {Path(source).name}": ast_digest(source)})
 
 
 def shard_fingerprint(generator: str, cfg: dict, seed: int) -> str:
@@ -124,11 +124,6 @@ def shard_fingerprint(generator: str, cfg: dict, seed: int) -> str:
         key["generator_settings"] = {k: v for k, v in key["generator_settings"].items() if k != "model_path"}
         key["weights_sha256"] = folder_sha256(model_path)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def resolve_views_settings(settings_arg: str | None) -> dict:
-    """The ``views`` section: ``--settings`` (partial) completed from the schema defaults."""
-    return section_defaults("views", overrides=load_settings(settings_arg))
 
 
 class ShardWriter:
@@ -382,7 +377,7 @@ class ShardWriter:
         nxt = pool.submit(self.load_part, *todo[0][1:]) if todo else None
         for pos, (j, lo, hi) in enumerate(todo):
             done = len(sources) - len(todo) + pos
-            self.stop.check(f"shard {self.shard}, {done} of {len(sources)} parts done")
+            self.stop.check(f"shard {self.shard}, {done} of {len(sources)} parts done", parts_written=pos)
             t = time.monotonic()
             loaded = nxt.result()
             nxt = pool.submit(self.load_part, *todo[pos + 1][1:]) if pos + 1 < len(todo) else None

@@ -29,6 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.config import load_settings, section_defaults
 from pipeline.io import IntegrityError, atomic_path, digest_path, record_digest, verify_digest
 from pipeline.views.hdf5 import (
     ROW_KEYS,
@@ -43,6 +44,27 @@ from pipeline.views.hdf5 import (
 LOG = logging.getLogger("cdgmae.views")
 
 _NAME = re.compile(r"^(part|shard)-([0-9a-f]{16})-(\d{10})-(\d{10})\.h5$")
+
+
+def shard_range(n_images: int, shard: int, shards: int, part_size: int) -> tuple[int, int]:
+    """Global index range [start, end) of ``shard``: a contiguous run of whole parts.
+
+    Parts tile the global index space in blocks of ``part_size`` and shards take contiguous runs of
+    parts, so part (and batch) composition depends only on the global index, never on the shard
+    count: a diffusion generator's float kernels can depend on the batch it runs in, so this keeps
+    the stored bytes identical whatever ``views.shards`` is. Trailing shards may be empty when
+    there are fewer parts than shards.
+    """
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} out of range for views.shards = {shards}")
+    n_parts = -(-n_images // part_size)
+    p0, p1 = shard * n_parts // shards, (shard + 1) * n_parts // shards
+    return min(p0 * part_size, n_images), min(p1 * part_size, n_images)
+
+
+def resolve_views_settings(settings_arg: str | None) -> dict:
+    """The ``views`` section: ``--settings`` (partial) completed from the schema defaults."""
+    return section_defaults("views", overrides=load_settings(settings_arg))
 
 
 @dataclass(frozen=True)

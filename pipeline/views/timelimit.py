@@ -2,7 +2,8 @@
 
 A job asked to stop finishes the part it is writing, starts no other and raises ``ShardStopped``
 (exit 1, one log line naming the stop); the next run of the same job continues from the next
-part. A job killed instead (SIGKILL, or the SIGTERM of a limit reached) loses only the part it
+part. Every run writes at least one part before a time budget stops it, so any sequence of runs
+completes the shard, however short the budget. A job killed instead (SIGKILL, or the SIGTERM of a limit reached) loses only the part it
 was writing: parts are atomic and verified by digest on reuse.
 """
 
@@ -47,11 +48,22 @@ class StopControl:
     def part_done(self, seconds: float) -> None:
         self.longest = max(self.longest, seconds)
 
-    def check(self, what: str) -> None:
-        """Raise ``ShardStopped`` (its message starts with ``what``) if a stop is due."""
+    def check(self, what: str, parts_written: int) -> None:
+        """Raise ``ShardStopped`` (its message starts with ``what``) if a stop is due.
+
+        A time budget never stops a run before it has written a part (``parts_written`` in this
+        run): a budget shorter than the start-up, or than one part, would otherwise stop every run
+        without progress. The part then overruns the budget by at most its own length, which the
+        ``--time-limit`` margin absorbs. An explicit request (SIGUSR1) stops at once.
+        """
         reason = self.requested
         elapsed = time.monotonic() - self._t0
-        if reason is None and self.stop_after is not None and elapsed + self.longest > self.stop_after:
+        if (
+            reason is None
+            and parts_written > 0
+            and self.stop_after is not None
+            and elapsed + self.longest > self.stop_after
+        ):
             reason = f"--stop-after {self.stop_after:g} s: another part (up to {self.longest:.0f} s) would not fit"
         if reason:
             raise ShardStopped(f"{what}: stopped cleanly ({reason}); run the job again to continue from the next part")
