@@ -22,7 +22,13 @@ from pipeline.cli import command_module  # noqa: E402
 from pipeline.labels import EVAL_DATASETS as ALL_EVAL_DATASETS  # noqa: E402
 from pipeline.config import ConfigError, result_neutral_keys, validate_config  # noqa: E402
 from pipeline.data.layouts import DatasetError, check_layout  # noqa: E402  (standard library only)
-from pipeline.provenance import code_digest, combined_digest, file_digests, plugin_code_files  # noqa: E402
+from pipeline.provenance import (  # noqa: E402
+    code_digest,
+    combined_digest,
+    file_digests,
+    plugin_code_files,
+    registrations,
+)
 from pipeline.records import describe_record, read_record, record_path  # noqa: E402  (no torch)
 from pipeline.tables import PAPER_TABLES, PROPAGATION_TABLES, TABLES, table_cells, table_seeds  # noqa: E402
 

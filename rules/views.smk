@@ -16,7 +16,8 @@
 # holds the rows at no extra cost): with views.merge_mode vds the disk holds the bag once; copy
 # keeps the shards beside bag.h5. Assembly and the copy merge stream rows (bounded memory).
 
-VIEW_GENERATORS = "sd-variation|sldm|rcg|warp|crop"
+# every @register("name") of pipeline/views/ (read from the source, no import)
+VIEW_GENERATORS = "|".join(sorted(registrations("views")))
 
 
 localrules:

@@ -250,6 +250,10 @@ def test_sd_variation_samples_with_ddim_from_a_pndm_folder(tmp_path):
     folder = build_tiny_sd_variation(tmp_path / "sdv")
     # as the public folder: PNDM in model_index.json and in the scheduler's own config
     PNDMScheduler.from_config(DDIMScheduler.load_config(folder / "scheduler")).save_pretrained(folder / "scheduler")
+    config_file = folder / "scheduler" / "scheduler_config.json"  # lambdalabs' has no clip_sample key
+    config_file.write_text(
+        json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "clip_sample"})
+    )
     index = json.loads((folder / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "PNDMScheduler"]
     (folder / "model_index.json").write_text(json.dumps(index))
@@ -264,9 +268,15 @@ def test_sd_variation_samples_with_ddim_from_a_pndm_folder(tmp_path):
         "steps": 3,
         "eta": 0.0,
         "guidance_scale": 6.0,
+        "clip_sample": False,
         "dtype": "float32",
         "native_size": 32,
     }
+    # latent x0 is never clipped: the public folder's config has no clip_sample key, and DDIM's
+    # default (True) would cap unit-variance SD latents at +-1
+    assert "clip_sample" not in PNDMScheduler.load_config(folder / "scheduler")
+    assert DDIMScheduler.from_config(PNDMScheduler.load_config(folder / "scheduler")).config.clip_sample
+    assert gen.pipe.scheduler.config.clip_sample is False
     images, seeds = _images(1), _seeds(1, 1)
     stochastic = build_generator("sd-variation", {**settings, "eta": 1.0}, image_size=IMAGE_SIZE, device="cpu")
     # eta now matters (PNDM would give the same views for both)

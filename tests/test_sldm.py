@@ -310,6 +310,16 @@ def test_latent_space_training_with_a_local_autoencoder(imagenet, tmp_path):
     workers = _train(imagenet, tmp_path / "b", {**settings, "num_workers": 1})
     a, b = _weights(folder), _weights(workers)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a latent folder whose scheduler clips x0 (recorded so, consistently) is refused on load
+    from pipeline.sldm.folder import SLDMFolderError, validate_folder
+
+    assert man["scheduler"]["sampling"] == {"clip_sample": False}
+    sched = folder / man["scheduler"]["folder"] / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "clip_sample": True}))
+    man["scheduler"]["sampling"]["clip_sample"] = True
+    (folder / "sldm.json").write_text(json.dumps(man))
+    with pytest.raises(SLDMFolderError, match="clip_sample must be false for a latent-space S-LDM"):
+        validate_folder(folder)
 
 
 @pytest.mark.slow

@@ -154,6 +154,13 @@ def validate_folder(path: Path) -> dict:
         if kind not in AUTOENCODERS:
             raise SLDMFolderError(f"{path / man['vae'] / 'config.json'}: _class_name {kind!r} not in {AUTOENCODERS}")
     _check_scheduler(path, man["scheduler"])
+    if man["vae"] and DDIMScheduler.load_config(path / man["scheduler"]["folder"]).get("clip_sample", True):
+        # DDIM's default is True: a latent model's x0 estimate must never be clipped to [-1, 1]
+        # (latents are not bounded like pixels; clipping washes the views out)
+        raise SLDMFolderError(
+            f"{path / man['scheduler']['folder']}: clip_sample must be false for a latent-space S-LDM "
+            f"(its autoencoder is {man['vae']}/); only a pixel-space model clips x0"
+        )
     if man["conditioning"].get("null_condition") not in NULL_CONDITIONS:
         raise SLDMFolderError(f"{path / SLDM_MANIFEST}: conditioning.null_condition not in {NULL_CONDITIONS}")
     return man

@@ -74,14 +74,18 @@ class SDVariationGenerator(ViewGenerator):
         path = model_dir(self.settings, self.name)
         # the safety checker would black out views; it is not part of the paper's generation
         self.pipe = StableDiffusionImageVariationPipeline.from_pretrained(
-            path, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            path, local_files_only=True, safety_checker=None, requires_safety_checker=False
         )
         # the paper samples with DDIM (eta from the settings); the public image-variation folder
-        # ships PNDM, which would ignore eta: DDIM from the folder's own noise-schedule config
+        # ships PNDM, which would ignore eta: DDIM from the folder's own noise-schedule config.
+        # Latent x0 is never clipped: SD latents are about unit-variance (a third of the entries
+        # lie outside +-1), and DDIM's default clip_sample=True, which that config does not set,
+        # would wash the views out; diffusers' Stable Diffusion pipelines turn it off likewise.
         self.shipped_scheduler = type(self.pipe.scheduler).__name__
-        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
-        self.dtype = dtype
-        self.pipe.to(self.device)
+        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config, clip_sample=False)
+        # cast explicitly (a from_pretrained dtype argument is dropped by some diffusers versions)
+        self.pipe.to(device=self.device, dtype=dtype)
+        self.dtype = self.pipe.unet.dtype  # the dtype it really runs in, as recorded
         self.pipe.set_progress_bar_config(disable=True)
         self.native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
@@ -93,6 +97,7 @@ class SDVariationGenerator(ViewGenerator):
             "steps": int(s.get("steps", 50)),
             "eta": float(s.get("eta", 0.0)),
             "guidance_scale": float(s.get("guidance_scale", 6.0)),
+            "clip_sample": bool(self.pipe.scheduler.config.clip_sample),
             "dtype": str(self.dtype).removeprefix("torch."),
             "native_size": self.native,
         }
