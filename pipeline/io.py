@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,9 @@ _HOST = socket.gethostname().replace(".", "-")  # no dots: they separate the nam
 
 
 DIGEST_SUFFIX = ".sha256"
+# the folder (relative to the working directory, as every rule writes it) holding what the workflow
+# made: a file there must carry its recorded digest; a file elsewhere is a user's external input
+RESULTS_DIR = "results"
 
 
 class IntegrityError(RuntimeError):
@@ -192,3 +196,49 @@ def verify_digest(path: str | os.PathLike, required: bool = True) -> str | None:
             f"({digest_path(path).name}); the file is corrupt or was changed after it was written"
         )
     return actual
+
+
+def is_external(path: str | os.PathLike) -> bool:
+    """Whether ``path`` lies outside the workflow's ``results/`` (a file a user configured)."""
+    try:
+        Path(path).resolve().relative_to((Path.cwd() / RESULTS_DIR).resolve())
+    except ValueError:
+        return True
+    return False
+
+
+def check_zip_records(path: str | os.PathLike) -> bool:
+    """Check every record of a zip archive (torch's checkpoint format) against its CRC-32; False
+    when ``path`` is not a zip archive (nothing to check), ``IntegrityError`` naming it when damaged."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise IntegrityError(f"{path}: damaged zip archive ({err})") from None
+    if bad is not None:
+        raise IntegrityError(f"{path}: zip record {bad!r} fails its CRC-32 check; the file is corrupt")
+    return True
+
+
+def verify_artefact(path: str | os.PathLike, external: bool | None = None) -> str | None:
+    """Verify a file before it is read; return its digest, or None for an external file without one.
+
+    A file the workflow made (``external`` False; by default: inside ``results/``) must carry its
+    recorded digest: without it (copied without its ``.sha256``, say) it is an ``IntegrityError``,
+    never a silent unverified read. An external file (a user's checkpoint) is checked against its
+    digest when one is recorded, else by what can be checked without one: its zip records' CRCs."""
+    path = Path(path)
+    if external is None:
+        external = is_external(path)
+    if recorded_digest(path) is not None:
+        return verify_digest(path)
+    if not external:
+        raise IntegrityError(
+            f"{path}: no recorded content digest ({digest_path(path).name} missing or unreadable); "
+            f"every file this workflow makes under {RESULTS_DIR}/ has one, so this one cannot be "
+            "trusted: delete it and run the workflow again to rebuild it"
+        )
+    check_zip_records(path)
+    return None

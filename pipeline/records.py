@@ -298,17 +298,17 @@ def build_record(
             record["config"] = json.loads(text)
     else:
         record["config_digest"] = None
-    own = {_display(p): artefact_digest(p) for p in inputs if p is not None and str(p) != ""}
-    merged, upstream, stale, conflicts = dict(own), {}, {}, {}
+    own = {_display(p): _input_digest(p) for p in inputs if p is not None and str(p) != ""}
+    merged, upstream, stale, conflicts = dict(own), [], [], {}
     environments = [[{**environment_of(record), "artefacts": [name]}]]
     for path, digest in own.items():
         up = read_record(record_path(path))
         if up is None:
             continue
         if up.get("sha256") != digest:  # the record describes other bytes than those read
-            stale[path] = _display(record_path(path))
+            stale.append(_display(record_path(path)))
             continue
-        upstream[path] = _display(record_path(path))
+        upstream.append(_display(record_path(path)))
         for p, d in (up.get("inputs") or {}).items():
             if p not in merged:
                 merged[p] = d
@@ -325,6 +325,14 @@ def build_record(
         record["input_conflicts"] = conflicts
     record["environments"] = merge_environments(*environments)
     return record
+
+
+def _input_digest(path) -> str | None:
+    """``artefact_digest``, None where the input cannot be read (the record is still written)."""
+    try:
+        return artefact_digest(path)
+    except OSError:
+        return None
 
 
 def _command_digest(command: tuple[str, str] | None) -> str | None:

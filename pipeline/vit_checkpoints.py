@@ -19,7 +19,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from pipeline.io import verify_digest
+from pipeline.io import verify_artefact
 
 LOG = logging.getLogger("cdgmae.vit_checkpoints")
 
@@ -33,10 +33,10 @@ def _torch_load(path: str | Path | None, key: str = "consistency.encoder.checkpo
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{key}: checkpoint not found: {path}")
-    # ours carry a recorded digest (a mismatch raises IntegrityError naming the file); another
-    # tool's checkpoint has none and is read unverified
-    if verify_digest(path, required=False) is None:
-        LOG.info("%s has no recorded content digest (not written by this pipeline): reading it unverified", path)
+    # ours (under results/) must match their recorded digest; a user's external checkpoint without
+    # one is checked by its zip records' CRCs (IntegrityError naming the file either way)
+    if verify_artefact(path) is None:
+        LOG.info("%s: external checkpoint without a recorded digest: zip CRCs checked, read as given", path)
     try:
         # MAE / DINO training checkpoints pickle an argparse.Namespace: allowed by name only
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -54,12 +54,55 @@ def test_a_flipped_checkpoint_is_an_error_naming_it_in_every_loader(encoder_chec
     assert not (out / "predictions").exists()  # nothing claimed or removed before the check
 
 
-def test_a_foreign_checkpoint_without_digest_loads_unverified(encoder_checkpoint, caplog):
+def test_an_external_checkpoint_without_digest_loads_after_its_zip_check(encoder_checkpoint, caplog):
     digest_path(encoder_checkpoint).unlink()  # as CropMAE's released weights: no record beside them
     caplog.set_level("INFO")
-    encoder = load_encoder(encoder_checkpoint)
-    assert encoder.img_size == 32 and "reading it unverified" in caplog.text
+    encoder = load_encoder(encoder_checkpoint)  # outside results/: a user's external file
+    assert encoder.img_size == 32 and "external checkpoint without a recorded digest: zip CRCs checked" in caplog.text
     assert read_state_dict(encoder_checkpoint)
+
+
+def _our_checkpoint_without_digest(tmp_path, monkeypatch) -> Path:
+    """A workflow checkpoint under results/ with 16 flipped bytes and its .sha256 deleted (a copy
+    of ``*.pth`` only, an rsync filter, a tidy-up)."""
+    monkeypatch.chdir(tmp_path)
+    path = Path("results/pretrain/method~cdgmae/seed~0/checkpoint.pth")
+    init_random_encoder("vit_mini_patch8", 0, path, img_size=32)
+    flip(path)
+    digest_path(path).unlink()
+    return path
+
+
+def _propagate(checkpoint: Path, out: Path):
+    from pipeline.propagation import runner
+
+    return runner.run_propagation(checkpoint, "davis", out / "davis", out / "propagation", {"figures": 0})
+
+
+@pytest.mark.parametrize(
+    "reader",
+    [
+        pytest.param(lambda p, out: load_encoder(p), id="load_encoder"),
+        pytest.param(lambda p, out: read_state_dict(p), id="read_state_dict"),
+        pytest.param(lambda p, out: load_cdgmae_vit(p, 32), id="load_cdgmae_vit"),
+        pytest.param(lambda p, out: _propagate(p, out), id="propagation"),
+    ],
+)
+def test_our_checkpoint_without_its_digest_is_refused(tmp_path, monkeypatch, reader):
+    """Never read as a foreign checkpoint: a file the workflow made must carry its digest."""
+    path = _our_checkpoint_without_digest(tmp_path, monkeypatch)
+    with pytest.raises(IntegrityError, match=f"{path}: no recorded content digest"):
+        reader(path, tmp_path)
+    assert not (tmp_path / "propagation" / "predictions").exists()
+
+
+@pytest.mark.parametrize("where", [0.5, 0.97], ids=["tensor-record", "zip-directory"])
+def test_a_damaged_external_checkpoint_is_named(encoder_checkpoint, where):
+    """An external file has no digest to check, but its zip records have CRCs."""
+    digest_path(encoder_checkpoint).unlink()
+    flip(encoder_checkpoint, int(encoder_checkpoint.stat().st_size * where))
+    with pytest.raises(IntegrityError, match=str(encoder_checkpoint)):
+        load_encoder(encoder_checkpoint)
 
 
 def test_resume_state_falls_back_to_the_previous_good_one(tmp_path, caplog):

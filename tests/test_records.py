@@ -183,10 +183,7 @@ def test_environments_merge_flatly_across_upstream_records(tmp_path, monkeypatch
     # inputs: the metrics, and flatly what was behind them (checkpoint, bag, shard)
     assert set(rec["inputs"]) == {"davis/metrics.csv", "vip/metrics.csv", "checkpoint.pth", "bag.h5", "shard-0.h5"}
     assert rec["inputs"]["checkpoint.pth"] == _sha(b"weights")
-    assert rec["upstream"] == {
-        "davis/metrics.csv": "davis/metrics.provenance.json",
-        "vip/metrics.csv": "vip/metrics.provenance.json",
-    }
+    assert rec["upstream"] == ["davis/metrics.provenance.json", "vip/metrics.provenance.json"]
     envs = rec["environments"]
     # three distinct environments: propagation (cpu fp32), training (torch 9.9.9, cuda bf16), and the
     # device-less jobs (the report and the merge, same machine); each listed once with its artefacts
@@ -206,7 +203,7 @@ def test_environments_merge_flatly_across_upstream_records(tmp_path, monkeypatch
     # a record that describes other bytes than the input read is not merged, and is named
     Path("vip/metrics.csv").write_text("changed after its record\n")
     rec = build_record("table4.csv", kind="table", inputs=["vip/metrics.csv"])
-    assert rec["stale_upstream"] == {"vip/metrics.csv": "vip/metrics.provenance.json"}
+    assert rec["stale_upstream"] == ["vip/metrics.provenance.json"]
     assert set(rec["inputs"]) == {"vip/metrics.csv"} and len(rec["environments"]) == 1
 
 

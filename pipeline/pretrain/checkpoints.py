@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.io import verify_digest
+from pipeline.io import verify_artefact
 from pipeline.pretrain.models_mae import (
     ARCHS,
     CrossViewMAE,
@@ -39,13 +39,14 @@ LOG = logging.getLogger("cdgmae.checkpoints")
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
 
-def verify_checkpoint(path: str | os.PathLike, log: logging.Logger = LOG) -> str | None:
-    """Check a checkpoint against its recorded digest (``IntegrityError`` naming it on mismatch).
-    One without a record was written by another tool (e.g. CropMAE's released weights): it is read
-    unverified, and the log says so."""
-    digest = verify_digest(path, required=False)
+def verify_checkpoint(path: str | os.PathLike, external: bool | None = None, log: logging.Logger = LOG) -> str | None:
+    """Check a checkpoint before it is read (``pipeline.io.verify_artefact``): one this workflow
+    made (by default: under ``results/``) must match its recorded digest, and one without a record
+    is an ``IntegrityError``; an external one (e.g. CropMAE's released weights) is checked against
+    its digest if recorded, else by its zip records' CRCs, and the log says so."""
+    digest = verify_artefact(path, external)
     if digest is None:
-        log.info("%s has no recorded content digest (not written by this pipeline): reading it unverified", path)
+        log.info("%s: external checkpoint without a recorded digest: zip CRCs checked, read as given", path)
     return digest
 
 
@@ -93,11 +94,11 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
 REFERENCE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
 
 
-def _read_checkpoint(path: str) -> tuple[Mapping, dict[str, torch.Tensor]]:
+def _read_checkpoint(path: str, external: bool | None = None) -> tuple[Mapping, dict[str, torch.Tensor]]:
     """(the whole checkpoint, its encoder state dict); every failure names the file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"encoder checkpoint not found: {path}")
-    verify_checkpoint(path)
+    verify_checkpoint(path, external)
     try:
         with torch.serialization.safe_globals(list(REFERENCE_CHECKPOINT_GLOBALS)):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -130,15 +131,17 @@ def load_encoder(
     device: str | torch.device = "cpu",
     arch: str | Mapping | None = None,
     img_size: int | None = None,
+    external: bool | None = None,
 ) -> ViTEncoder:
     """Encoder from our checkpoint payload, an MAE/CropMAE checkpoint, or an encoder-only state dict.
 
     arch / img_size: explicit > the checkpoint's ``arch`` / ``img_size`` > inferred from the weights.
+    external: how the file is verified first (``verify_checkpoint``; None: by its location).
     Every encoder key must be present with the right shape (unlike the reference loader, which keeps
     missing weights random); decoder keys are ignored. Loads with ``weights_only=True``.
     """
     path = os.fspath(checkpoint_path)
-    ckpt, state = _read_checkpoint(path)
+    ckpt, state = _read_checkpoint(path, external)
     if arch is None:
         arch = ckpt.get("arch") if "model" in ckpt else None
         arch = resolve_arch(arch) if arch is not None else infer_arch(state)
@@ -199,7 +202,7 @@ def init_random_encoder(arch: str, seed: int, output: str | Path, img_size: int 
 def import_external_encoder(source: str | Path, arch: str, output: str | Path) -> None:
     """An MAE/CropMAE-format checkpoint converted to our payload; every encoder key must be there
     (``load_encoder`` raises naming the missing keys, unlike the reference's silent partial load)."""
-    encoder = load_encoder(source, device="cpu", arch=arch)
+    encoder = load_encoder(source, device="cpu", arch=arch, external=True)
     save_torch_file(_encoder_payload(encoder, arch, {"source": str(source), "arch": arch}), output)
     LOG.info("imported %s (%s) -> %s", source, arch, output)
 

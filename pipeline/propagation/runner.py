@@ -29,7 +29,7 @@ from pipeline import constants, labels
 from pipeline.config import load_settings, section_defaults
 from pipeline.data.readers import read_rgb, read_vallist
 from pipeline.devices import resolve_device, set_threads
-from pipeline.io import file_sha256, write_csv_atomic, write_text_atomic
+from pipeline.io import write_csv_atomic, write_text_atomic
 from pipeline.pretrain.checkpoints import load_encoder, verify_checkpoint
 from pipeline.propagation.algorithm import grid_size, input_size, propagate
 from pipeline.propagation.drivers import WRITERS, Video, score_predictions
@@ -291,7 +291,8 @@ def run_propagation(
     model = model or model_name_from_checkpoint(checkpoint)
     run_key = {
         # verified before anything is claimed: a corrupt checkpoint raises IntegrityError naming it
-        "checkpoint_sha256": verify_checkpoint(checkpoint) or file_sha256(checkpoint),
+        # the workflow's own (init-random, import-external, pretraining): its digest is required
+        "checkpoint_sha256": verify_checkpoint(checkpoint, external=False),
         "protocol": protocol.__dict__,
         "root": str(root.resolve()),
         "vallist": names,
@@ -299,7 +300,7 @@ def run_propagation(
     }
     _claim_predictions(pred_dir, json.dumps(run_key, sort_keys=True))
 
-    encoder = load_encoder(checkpoint, device=device)
+    encoder = load_encoder(checkpoint, device=device, external=False)
     videos = WRITERS[dataset](root, pred_dir, protocol, names)
     LOG.info(
         "%s: %d videos, protocol %s, patch %d, device %s", dataset, len(videos), protocol, encoder.patch_size, device
