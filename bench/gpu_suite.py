@@ -111,7 +111,7 @@ TINY = Sizes(
             "block_out_channels": [16, 32],
             "attention": [False, True],
             "layers_per_block": 1,
-            "attention_head_dim": 8,
+            "head_channels": 4,
             "cross_attention_dim": 16,
             "norm_num_groups": 8,
         },

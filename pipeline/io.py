@@ -10,10 +10,12 @@ beside them in ``sha256sum`` format (``sha256sum -c`` checks it too), verified o
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import zipfile
@@ -63,9 +65,27 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", digest: bool = False)
         os.replace(tmp, path)
         if sha is not None:  # a kill between the two leaves a mismatch, which verify_digest reports
             write_text_atomic(digest_path(path), f"{sha}  {path.name}\n")
+    except Exception as err:
+        # a full disk surfaces as the writer's own error (h5py, torch, PIL), naming the temporary
+        # or nothing: name the artefact being written
+        if _disk_full(err, path.parent):
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path} ({err})") from err
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether ``err`` (or its cause) is a full disk or quota, or the folder has no room left."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,28 @@ from typing import Any
 import torch
 
 from pipeline.io import IntegrityError, atomic_path, digest_path, verify_digest
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that holds pickled code (or objects other than plain data) was refused."""
+
+
+def safe_torch_load(path: str | os.PathLike, allowed: tuple = ()) -> Any:
+    """``torch.load(weights_only=True)`` of ``path``, with ``allowed`` globals (e.g. MAE's
+    ``argparse.Namespace``) by name. A file that pickles anything else (a function, a class to
+    call: possibly code) is refused with ``UnsafeCheckpointError`` saying so plainly; it is never
+    retried with ``weights_only=False``, whatever torch's own message suggests."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"global ([\w.]+)", str(err))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise UnsafeCheckpointError(
+            f"{path}: refused: the file holds pickled code or objects other than tensors and plain data{what}; "
+            "checkpoints are only ever loaded as data, never executed"
+        ) from None
+
 
 PREVIOUS_NAME = "previous.pth"
 
@@ -72,7 +96,7 @@ def _read_intact(path: Path, log: logging.Logger) -> dict | None:
     its digest record) moved aside to ``<name>.corrupt`` for inspection and a warning."""
     try:
         verify_digest(path, required=True)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_torch_load(path)
         if not isinstance(state, dict):
             raise IntegrityError(f"{path}: holds a {type(state).__name__}, not a resumable state")
     except Exception as err:  # digest mismatch or missing, truncated or foreign file

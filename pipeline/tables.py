@@ -88,10 +88,11 @@ TABLES: dict[str, Table] = {
     ),
     "table10": Table(
         "10: choice of generator",
-        "Choice of generator: downstream (paper Table 10), N = 1, r_a = 0. Weights-free generators are baselines.",
+        "Choice of generator: downstream (paper Table 10), N = 1, r_a = 0. Weights-free generators are baselines; "
+        "an S-LDM's row says whether it was trained here (and its encoder's source) or imported (RCG's), with the "
+        "sampler, encoder source and model digest its bag recorded.",
         "propagation",
-        row_keys=("generator",),
-        rename={"generator": "views"},
+        row_keys=("generator",),  # views: the row label (pipeline.labels.generator_row_label)
     ),
     "figure4": Table(
         "figure 4: patch size",

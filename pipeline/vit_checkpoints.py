@@ -20,6 +20,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from pipeline.io import verify_artefact
+from pipeline.resume import UnsafeCheckpointError, safe_torch_load
 
 LOG = logging.getLogger("cdgmae.vit_checkpoints")
 
@@ -39,8 +40,9 @@ def _torch_load(path: str | Path | None, key: str = "consistency.encoder.checkpo
         LOG.info("%s: external checkpoint without a recorded digest: zip CRCs checked, read as given", path)
     try:
         # MAE / DINO training checkpoints pickle an argparse.Namespace: allowed by name only
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = safe_torch_load(path, (argparse.Namespace,))
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(f"{key}: {err}") from None
     except Exception as err:  # corrupt / not a torch file
         raise ValueError(f"{key}: cannot read checkpoint {path}: {err}") from err
     if not isinstance(ckpt, dict):

@@ -15,6 +15,13 @@ rule assemble_table:
     input:
         evals=lambda wildcards: get_table_evals(wildcards.table),
         gflops=lambda wildcards: "results/gflops.csv" if wildcards.table == "table8" else [],
+        # table 10: each generator's bag, whose attributes say what made its views (label, sampler,
+        # encoder source, model digest); read, never decoded
+        bags=lambda wildcards: (
+            [f"results/views/{g}/bag.h5" for g in config["tables"]["table10"]["generators"]]
+            if wildcards.table == "table10"
+            else []
+        ),
     output:
         table=report_table("results/{table}.csv"),
         per_seed="results/{table}_per_seed.csv",
@@ -32,12 +39,13 @@ rule assemble_table:
         # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
         code=stage_code("report", "table"),
         gflops=lambda wildcards, input: f"--gflops {input.gflops}" if input.gflops else "",
+        bags=lambda wildcards, input: " ".join(f"--bag {b.split('/')[-2]}={b}" for b in input.bags),
         caption=lambda wildcards: TABLES[wildcards.table].caption,
         run_label=config["run_label"],
     shell:
         "python -m pipeline.report table --name {wildcards.table} --evals {input.evals} "
         "--output {output.table} --per-seed {output.per_seed} --run-label {params.run_label} "
-        "{params.gflops} 2> {log}"
+        "{params.gflops} {params.bags} 2> {log}"
 
 
 rule assemble_config_table:

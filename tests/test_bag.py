@@ -166,3 +166,34 @@ def test_a_bag_with_a_transform_is_read_whole_through_it(bag_path):
     ds = BagViewsDataset(bag, img_size=24, anchors=3, target="either", seed=2)
     in_memory = BagViewsDataset([bag[i] for i in range(ROWS)], img_size=24, anchors=3, target="either", seed=2)
     assert all(torch.equal(ds[(0, i)], in_memory[(0, i)]) for i in range(ROWS))
+
+
+def test_a_blob_that_does_not_decode_is_named_by_file_row_and_image(tmp_path):
+    """A faulty generator's blob under a valid digest: the error names the bag, the row and the
+    image id, not just "corrupt JPEG blob"."""
+    path = write_tiny_bag(tmp_path / "bag.h5")
+    with h5py.File(path, "r+") as f:
+        f["views"][3, 1] = np.frombuffer(b"not a jpeg at all", np.uint8)
+    record_digest(path)  # the digest is valid: the generator wrote these bytes
+    bag = BagDataset(path)
+    bag.read(3, [0, 1])  # the other images of the row decode
+    with pytest.raises(ViewsError, match=rf"{path}: row 3 \(image 'c/003', index 3\): view 1 does not decode"):
+        bag.read(3, [2])
+
+
+def test_a_generator_writing_undecodable_blobs_never_makes_a_part(tmp_path, monkeypatch):
+    """Blobs are decoded back before a part is written: a bad bag is never assembled."""
+    import pipeline.views.shards as shards
+    from pipeline.config import section_defaults
+    from pipeline.data.readers import list_imagenet
+    from tests.test_views import SEED, _make_imagenet
+
+    records = list_imagenet(_make_imagenet(tmp_path / "imagenet"))
+    monkeypatch.setattr(shards, "encode_jpeg", lambda image, quality: np.frombuffer(b"\xff\xd8garbage", np.uint8))
+    cfg = section_defaults("views", overrides={"n_views": 2, "shards": 1, "part_size": 4, "image_size": 32})
+    writer = shards.ShardWriter(
+        records, "warp", 0, cfg, SEED, tmp_path / "shard-0.h5", tmp_path / "r.csv", tmp_path / "parts"
+    )
+    with pytest.raises(ViewsError, match=r"shard 0: the real image of '.+' does not decode"):
+        writer.run()
+    assert not list((tmp_path / "parts").glob("part-*.h5"))

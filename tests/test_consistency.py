@@ -485,3 +485,76 @@ def test_neighbour_search_skips_and_lists_unreadable_images(tmp_path):
     with pytest.raises(TooManyRejectsError, match="2 of 10 images are unreadable"):
         search(state_dir=tmp_path / "strict", max_reject_fraction=0.1)
     assert knn_kind(images, out["neighbours"], 3, 8, seed=0).keys_a == good.tolist()  # never a query
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 9 rows of an S-LDM: labelled as ours (or RCG's), with the sampler, encoder and model they used
+
+
+def make_bag(imagenet_root, out_dir, generator, generators=None, image_size=32, n_views=2):
+    """A merged bag of ``generator``'s views of an ImageNet-layout folder, through the views CLI."""
+    import json
+
+    s = {"shards": 1, "part_size": 8, "image_size": image_size, "n_views": n_views, "generators": generators or {}}
+    shard = out_dir / generator / "shard-0.h5"
+    args = ["--root", str(imagenet_root), "--generator", generator, "--shard", "0", "--out", str(shard)]
+    run("views", ["generate", *args, "--settings", json.dumps(s)])
+    bag = out_dir / generator / "bag.h5"
+    run("views", ["merge", "--shards", str(shard), "--out", str(bag), "--settings", json.dumps(s)])
+    return bag
+
+
+def make_sldm_bag(imagenet_root, out_dir, encoder_source="random-init", **save_kwargs):
+    """(bag, folder): a random-weight pixel-space S-LDM folder 'trained here' (sldm.json records
+    ``training`` and the encoder's source), and the bag of its views (1 DDIM step, CFG 3)."""
+    from tests.test_generators import build_tiny_sldm
+
+    folder = build_tiny_sldm(
+        out_dir / "sldm-model",
+        pixel_space=True,
+        encoder_source=encoder_source,
+        **{"training": {"seed": 0, "steps": 1}, **save_kwargs},
+    )
+    gens = {"sldm": {"model_path": str(folder), "steps": 1, "eta": 0.5, "guidance_scale": 3.0, "dtype": "float32"}}
+    return make_bag(imagenet_root, out_dir / "views", "sldm", gens), folder
+
+
+def test_table9_rows_say_which_s_ldm_sampler_and_encoder_made_them(tiny_data, tmp_path):
+    import pandas as pd
+
+    from pipeline.io import folder_sha256
+    from pipeline.labels import generator_row_label
+
+    bag, folder = make_sldm_bag(tiny_data / "imagenet", tmp_path)
+    s = '{"encoder": {"name": "sift-grid", "image_size": 32, "patch_size": 8}, "n_pairs": 4}'
+    out = tmp_path / "t9.csv"
+    run(
+        "consistency",
+        [
+            "table9",
+            "--bag",
+            f"sldm={bag}",
+            "--bag",
+            f"warp={tiny_data / 'views/warp/bag.h5'}",
+            "--settings",
+            s,
+            "--output",
+            str(out),
+            "--pairs-output",
+            str(tmp_path / "p9.csv"),
+        ],
+    )
+    t9 = pd.read_csv(out).set_index("generator")
+    sldm = t9.loc["sldm"]
+    assert sldm.views == "S-LDM trained here (encoder: random-init)"  # not the paper's "Diffusion (S-LDM)"
+    assert (sldm.sampler, sldm.sampler_steps, sldm.sampler_eta, sldm.guidance_scale) == ("DDIMScheduler", 1, 0.5, 3)
+    assert sldm.encoder_source == "random-init" and sldm.model_sha256 == folder_sha256(folder)
+    warp = t9.loc["warp"]  # weights-free: a baseline, no sampler, encoder or model
+    assert (
+        warp.views.startswith("warp pseudo-views") and warp[["sampler", "encoder_source", "model_sha256"]].isna().all()
+    )
+    # RCG's imported LDM-8, under its own name or as an sldm folder, and an sldm folder given as is
+    rcg = [{"manifest": {"encoder": {"source": "rcg-mocov3"}, "imported": {"from": "rcg-ldm8"}}}]
+    assert generator_row_label("rcg", rcg) == generator_row_label("sldm", rcg) == "RCG S-LDM (imported)"
+    given = [{"manifest": {"encoder": {"source": "timm"}}}]
+    assert generator_row_label("sldm", given) == "S-LDM from a given folder (encoder: timm)"

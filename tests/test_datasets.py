@@ -176,6 +176,28 @@ def test_missing_root(tmp_path):
         list_videos(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize(
+    "kind, wrong",
+    # (a videos root one level too deep is a folder of frames: the empty case's message)
+    [(k, "empty") for k in ("imagenet", "videos", "davis", "vip", "jhmdb")]
+    + [(k, "one-level-too-deep") for k in ("imagenet", "davis", "vip", "jhmdb")],
+)
+def test_a_wrong_root_is_named_with_its_expected_layout(roots, tmp_path, kind, wrong):
+    """The parse-time check (``check_layout``) of an empty root, or a root pointed one level into
+    the dataset, is a DatasetError naming the path and the expected layout, never a raw
+    FileNotFoundError."""
+    from pipeline.data.layouts import LAYOUTS, check_layout
+
+    if wrong == "empty":
+        root = tmp_path / "empty"
+        root.mkdir()
+    else:
+        root = next(p for p in sorted(roots[kind].iterdir()) if p.is_dir())
+    with pytest.raises(DatasetError) as err:
+        check_layout(kind, root)
+    assert str(root) in str(err.value) and LAYOUTS[kind] in str(err.value)
+
+
 def test_davis_missing_annotations_folder(roots, tmp_path):
     root = _copy(roots["davis"], tmp_path / "davis")
     shutil.rmtree(root / "Annotations")

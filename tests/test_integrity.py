@@ -172,3 +172,34 @@ def test_truncated_bag_costs_no_finished_training(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resuming from" in rerun.stderr and "epoch 2, step 4" in rerun.stderr, rerun.stderr[-3000:]
     assert sha(checkpoint) == finished and pd.read_csv(log).equals(curve)
+
+
+class _Payload:
+    """What a malicious checkpoint pickles: a call of os.system on load."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def _rcg_load(path):
+    from pipeline.sldm.rcg import load_checkpoint
+
+    return load_checkpoint(path, "--ldm")
+
+
+@pytest.mark.parametrize(
+    "reader",
+    [
+        pytest.param(lambda p: load_encoder(p, external=True), id="load_encoder"),
+        pytest.param(read_state_dict, id="read_state_dict"),
+        pytest.param(_rcg_load, id="rcg-import"),
+    ],
+)
+def test_a_pickle_with_code_is_refused_saying_so(tmp_path, reader):
+    """Refused plainly, never with torch's advice to retry with weights_only=False."""
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "payload": _Payload()}, path)
+    with pytest.raises(Exception, match="refused: the file holds pickled code") as err:
+        reader(path)
+    assert "os.system" in str(err.value) or "posix.system" in str(err.value)
+    assert "weights_only=False" not in str(err.value) and str(path) in str(err.value)

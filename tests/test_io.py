@@ -40,3 +40,52 @@ def test_cached_sha256_rereads_changed_files_only(tmp_path):
     assert io.cached_sha256([a], cache) == [first]
     a.write_bytes(b"two")
     assert io.cached_sha256([a], cache) != [first]
+
+
+def test_a_full_disk_names_the_artefact_being_written(tmp_path):
+    """The writer's error names its temporary (or nothing); the raised one names the artefact."""
+    import errno
+
+    import pytest
+
+    target = tmp_path / "results" / "bag.h5"
+    with pytest.raises(OSError, match=f"no space left on the device while writing {target}") as err:
+        with io.atomic_path(target) as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert err.value.errno == errno.ENOSPC and not target.exists()
+    assert not list(target.parent.glob(".*.tmp"))  # the temporary is gone
+    with pytest.raises(ValueError, match="unrelated"):  # other errors pass through unchanged
+        with io.atomic_path(target):
+            raise ValueError("unrelated")
+
+
+def test_a_really_full_filesystem_names_the_artefact(tmp_path):
+    """On a 64 KiB tmpfs (root only): torch's and h5py's own errors become one naming the file."""
+    import errno
+
+    import h5py
+    import numpy as np
+    import pytest
+    import torch
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+
+    def write_h5(path):
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=np.zeros(100_000))
+
+    try:
+        for name, write in [
+            ("checkpoint.pth", lambda p: torch.save({"w": torch.zeros(100_000)}, p)),
+            ("bag.h5", write_h5),
+        ]:
+            target = mount / name
+            with pytest.raises(OSError, match=f"writing {target}") as err:
+                with io.atomic_path(target) as tmp:
+                    write(tmp)
+            assert err.value.errno == errno.ENOSPC and not target.exists()
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)

@@ -159,7 +159,7 @@ def test_summary_puts_our_s_ldm_beside_the_papers_generator_rows():
                 "nearest_patch_sim": 0.8,
             },
             {
-                "views": "Diffusion (S-LDM)",
+                "views": "S-LDM trained here (encoder: random-init)",
                 "generator": "sldm",
                 "global_sim": 0.8,
                 "local_sim": 0.2,
@@ -176,14 +176,65 @@ def test_summary_puts_our_s_ldm_beside_the_papers_generator_rows():
     )
     t10 = pd.DataFrame(
         [
-            {"views": g, "row": "trained", **{f"{m}_{s}": 1.0 for m in tables.HEADLINE for s in ("mean", "std")}}
-            for g in ("sldm", "warp")
+            {
+                "generator": g,
+                "views": label,
+                "row": "trained",
+                **{f"{m}_{s}": 1.0 for m in tables.HEADLINE for s in ("mean", "std")},
+            }
+            for g, label in (("sldm", "S-LDM trained here (encoder: random-init)"), ("warp", "warp pseudo-views"))
         ]
     )
-    md = summary.summary_markdown({"table9": t9, "table10": t10}, "demo", "Data: synthetic.")
+    t1 = t9.assign(views=t9.views.where(t9.generator != "warp", "warp pseudo-views"))
+    md = summary.summary_markdown({"table1": t1, "table9": t9, "table10": t10}, "demo", "Data: synthetic.")
     assert "| Video frames | 0.900 | 0.300 | 0.800 | 0.991 / 0.405 / 0.885 |" in md
-    assert "| Diffusion (S-LDM) | 0.800 | 0.200 | 0.700 | 0.991 / 0.384 / 0.794 |" in md  # Gen-SIS S-LDM
+    # Table 9: Gen-SIS S-LDM; Table 1: the paper's "Diffusion (S-LDM)" row (the same values)
+    row = "| S-LDM trained here (encoder: random-init) | 0.800 | 0.200 | 0.700 | 0.991 / 0.384 / 0.794 |"
+    assert md.count(row) == 2
     assert "| warp pseudo-views | 0.700 | 0.100 | 0.600 | – |" in md
-    sldm_row = next(line for line in md.splitlines() if line.startswith("| sldm |"))
+    t10_rows = md.split("## table10")[1].splitlines()
+    sldm_row = next(line for line in t10_rows if line.startswith("| S-LDM trained here (encoder: random-init) |"))
     assert sldm_row.endswith("61.2 / 37.6 / 46.5 |")
-    assert next(line for line in md.splitlines() if line.startswith("| warp |")).endswith("– |")
+    assert next(line for line in t10_rows if line.startswith("| warp pseudo-views |")).endswith("– |")
+
+
+def test_table10_rows_say_which_s_ldm_sampler_and_encoder_made_them(tmp_path):
+    """Table 10's rows carry what their bags recorded: the S-LDM trained here with its encoder's
+    source (not a bare "sldm" beside Gen-SIS's numbers), its sampler and model digest."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.io import folder_sha256
+    from tests.test_consistency import make_bag, make_sldm_bag
+
+    images = tmp_path / "imagenet" / "train" / "n0"
+    images.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            images / f"{i}.png"
+        )
+    sldm_bag, folder = make_sldm_bag(tmp_path / "imagenet", tmp_path)
+    warp_bag = make_bag(tmp_path / "imagenet", tmp_path / "views", "warp")
+    files = []
+    for g in ("sldm", "warp"):
+        for s in (0, 1):
+            files += write_eval(tmp_path, CELL.format(g=g, n=1, ra=0.0, s=s), 40.0 + s, 20.0, 30.0)
+    files += write_eval(tmp_path, "random-init/arch~vit_mini_patch8/seed~0", 20.0, 10.0, 15.0)
+    out = tmp_path / "table10.csv"
+    args = ["table", "--name", "table10", "--evals", *files, "--output", str(out)]
+    run("report", [*args, "--bag", f"sldm={sldm_bag}", "--bag", f"warp={warp_bag}"])
+    t = pd.read_csv(out)
+    assert list(t.generator) == ["sldm", "warp", tables.REFERENCE_ROW]
+    sldm, warp = t.iloc[0], t.iloc[1]
+    assert sldm.views == "S-LDM trained here (encoder: random-init)"
+    assert (sldm.sampler, sldm.sampler_steps, sldm.sampler_eta, sldm.guidance_scale) == ("DDIMScheduler", 1, 0.5, 3.0)
+    assert sldm.encoder_source == "random-init" and sldm.model_sha256 == folder_sha256(folder)
+    assert warp.views.startswith("warp pseudo-views") and pd.isna(warp.sampler) and pd.isna(warp.model_sha256)
+    assert ",DDIMScheduler,1,0.5,3.0,random-init," in out.read_text()  # as recorded, not 1.0000
+    # every generator's row needs its bag
+    with pytest.raises(ValueError, match=r"no bag of views given for \['warp'\]"):
+        tables.build_table("table10", files, "demo", bags={"sldm": str(sldm_bag)})
+    # the summary shows the labelled row beside the paper's Gen-SIS S-LDM values
+    md = summary.summary_markdown({"table10": t}, "demo", "Data: synthetic.")
+    line = next(x for x in md.splitlines() if x.startswith("| S-LDM trained here (encoder: random-init) |"))
+    assert line.endswith("61.2 / 37.6 / 46.5 |")

@@ -32,7 +32,7 @@ TINY = {
         "block_out_channels": [16, 32],
         "attention": [False, True],
         "layers_per_block": 1,
-        "attention_head_dim": 8,
+        "head_channels": 4,
         "cross_attention_dim": 16,
         "norm_num_groups": 8,
     },
@@ -336,3 +336,112 @@ def test_ddp_under_torchrun_on_cpu(imagenet, tmp_path):
     assert all(np.isfinite(state["history"]["loss"]))
     gen = build_generator("sldm", {"model_path": str(tmp_path / "model"), "steps": 1}, 16, "cpu")
     assert np.isfinite(gen.generate(_images(1), np.zeros((1, 1), np.int64))).all()
+
+
+def test_head_channels_is_the_width_of_every_attention_head(repo_root):
+    """``sldm.unet.head_channels`` is channels per head; diffusers' ``attention_head_dim`` (legacy
+    naming: a head count) gets the per-level counts. The paper preset: 32-channel heads (RCG's
+    num_head_channels), not 32 heads of 12-30 channels."""
+    from diffusers.models.attention_processor import Attention
+
+    from pipeline.config import load_config
+    from pipeline.sldm.model import attention_heads, build_unet
+
+    preset = load_config(repo_root / "config.yaml", repo_root / "presets" / "paper.yaml")["sldm"]["unet"]
+    assert "attention_head_dim" not in preset and preset["head_channels"] == 32
+    assert attention_heads(preset) == [6, 12, 18, 30]  # 192, 384, 576, 960 channels / 32
+    small = {**resolve_sldm_settings({})["unet"], "block_out_channels": [32, 64, 96], "head_channels": 32}
+    small.update(attention=[False, True, True], cross_attention_dim=16, norm_num_groups=16)
+    unet = build_unet(small, in_channels=3, sample_size=16)
+    attn = [m for m in unet.modules() if isinstance(m, Attention)]
+    assert attn and {m.inner_dim // m.heads for m in attn} == {32}
+    assert sorted({m.heads for m in attn}) == [2, 3]
+    # the schema default keeps the demo's UNet: 8-channel heads at its 64-channel attention levels
+    assert attention_heads(resolve_sldm_settings({})["unet"]) == [4, 8, 8]
+    with pytest.raises(ValueError, match=r"head_channels 48 does not divide block_out_channels\[1\] = 64"):
+        attention_heads({**small, "head_channels": 48})
+
+
+def test_ema_has_rcgs_warm_up():
+    """The n-th EMA update decays by min(decay, (1 + n) / (10 + n)) from the initial weights
+    (CompVis LitEma, RCG); in the demo's 300 steps the step-1 weights keep a negligible share
+    (0.995**299 = 22 % without the warm-up)."""
+    import math
+    from fractions import Fraction
+
+    from pipeline.sldm.model import Ema, ema_decay_at
+
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(0.0)  # the initial weights the average starts from
+    ema = Ema(model, decay=0.995)
+    seen = []
+    for value in [1, 2, -3, 5]:
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update_parameters(model)
+        seen.append(ema.module.weight.item())
+    # by hand, d_n = (1 + n) / (10 + n) (below 0.995 for the first ~1790 updates):
+    # 9/11 * 1; 3/12 * 9/11 + 9/12 * 2; 4/13 * e2 + 9/13 * -3; 5/14 * e3 + 9/14 * 5
+    d = [Fraction(1 + n, 10 + n) for n in range(1, 5)]
+    e1 = (1 - d[0]) * 1
+    e2 = d[1] * e1 + (1 - d[1]) * 2
+    e3 = d[2] * e2 + (1 - d[2]) * -3
+    e4 = d[3] * e3 + (1 - d[3]) * 5
+    assert [float(e) for e in (e1, e2, e3, e4)] == pytest.approx(
+        [0.8181818182, 1.7045454545, -1.5524475524, 2.6598401598]
+    )
+    assert seen == pytest.approx([float(e) for e in (e1, e2, e3, e4)], rel=1e-12)
+    assert int(ema.num_updates) == 4
+    assert ema_decay_at(1, 0.995) == pytest.approx(2 / 11) and ema_decay_at(10**6, 0.995) == 0.995
+    assert ema_decay_at(20, 0.5) == 0.5  # the cap
+    # the state resumes with its count
+    again = Ema(model, decay=0.995)
+    again.load_state_dict(ema.state_dict())
+    assert int(again.num_updates) == 4 and torch.equal(again.module.weight, ema.module.weight)
+
+    # 300 steps: weights 1 after step 1, 0 after every later step -> the EMA is the step-1 share
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = Ema(model, decay=0.995)
+    for step in range(1, 301):
+        with torch.no_grad():
+            model.weight.fill_(1.0 if step == 1 else 0.0)
+        ema.update_parameters(model)
+    share = (1 - ema_decay_at(1, 0.995)) * math.prod(ema_decay_at(n, 0.995) for n in range(2, 301))
+    assert ema.module.weight.item() == pytest.approx(share, rel=1e-9)
+    assert share < 1e-12 and 0.995**299 > 0.2  # without the warm-up: 22 %
+
+
+# the reference configs the paper preset's S-LDM cites (values transcribed from the files named)
+LIDM_ONLY_SSL = {  # cvlab-stonybrook/Large-Image-Diffusion configs/latent-diffusion/brca/only_ssl.yaml
+    "model_channels": 192,
+    "channel_mult": [1, 2, 3, 5],
+    "attention_resolutions": [8, 4, 2],  # downsampling factors
+    "num_heads": 1,
+    "first_stage": "VQModelInterface, vq-f4, embed_dim 3, image_size 64",
+    "use_ema": False,
+}
+RCG_LDM8 = {
+    "num_head_channels": 32,
+    "image_size": 32,
+    "in_channels": 4,
+}  # LTH14/rcg config/ldm/cin-ldm-vq-f8-repcond.yaml
+
+
+def test_paper_preset_says_which_reference_each_s_ldm_size_follows(repo_root):
+    """The preset is an LDM-8 of RCG's size with LIDM's channel list: LIDM's own model (VQ-f4,
+    3 x 64 x 64 latents, one head, no EMA) is not what it trains, and its text says so."""
+    from pipeline.config import load_config
+
+    text = (repo_root / "presets" / "paper.yaml").read_text()
+    sldm = load_config(repo_root / "config.yaml", repo_root / "presets" / "paper.yaml")["sldm"]
+    unet = sldm["unet"]
+    assert unet["block_out_channels"] == [LIDM_ONLY_SSL["model_channels"] * m for m in LIDM_ONLY_SSL["channel_mult"]]
+    assert unet["attention"] == [2**i in LIDM_ONLY_SSL["attention_resolutions"] for i in range(4)]
+    assert unet["head_channels"] == RCG_LDM8["num_head_channels"]
+    assert sldm["image_size"] // 8 == RCG_LDM8["image_size"]  # f8: 4 x 32 x 32 latents, as RCG's LDM-8
+    assert "Large-Image-Diffusion: a 256-px LDM in the latent" not in text  # the old, wrong provenance
+    for cited in ("config/ldm/cin-ldm-vq-f8-repcond.yaml", "configs/latent-diffusion/brca/only_ssl.yaml"):
+        assert cited in text
+    assert "VQ-f4" in text and "one attention head and no EMA" in text

@@ -6,6 +6,8 @@ generator's bag), ``knn_images`` (pretraining image -> one of its k nearest neig
 embedding, never itself, read from ``results/consistency/knn.npz``), ``random_images`` (two distinct
 pretraining images). Table 9 = ``generated`` for every generator in ``consistency.generators``
 (same seed, so the same bag positions and views for every generator) plus the video reference.
+A generator's row is labelled, and carries the sampler, encoder source and model digest, from what
+its bag recorded (``pipeline.labels.generator_row_label`` / ``GENERATOR_COLUMNS``).
 Features are extracted once per distinct image of a pair kind; descriptor encoders are mean-centred
 over the images of that pair kind (so a generator's row is identical in Tables 1 and 9). Every draw
 is recorded in the per-pair CSV.
@@ -24,7 +26,7 @@ import pandas as pd
 
 from pipeline.consistency.scores import METRICS, centre_descriptors, pair_metrics
 from pipeline.consistency.sources import BagSource, ImageListSource, VideoFrameSource, extract_features
-from pipeline.labels import views_label
+from pipeline.labels import GENERATOR_COLUMNS, generator_columns, generator_row_label
 from pipeline.seeding import derive_seed
 
 LOG = logging.getLogger("cdgmae.consistency")
@@ -68,14 +70,17 @@ TABLE_COLUMNS = [
     "encoder",
     "is_baseline",
     "nps_direction",
+    *GENERATOR_COLUMNS,  # the sampler, encoder source and model digest of a generator's row
     "seed",
     "run_label",
 ]
 
 
-def generated_label(generator: str) -> str:
-    """Row label of real<->generated pairs; weights-free pseudo-views are named as baselines."""
-    return "Diffusion (S-LDM)" if generator == "sldm" else views_label(generator)
+def generated_label(generator: str, samplers=()) -> str:
+    """Row label of real<->generated pairs (``pipeline.labels.generator_row_label``): an S-LDM says
+    whether it was trained here (and its encoder's source) or imported; weights-free pseudo-views
+    are named as baselines. ``samplers``: the bag's recorded generator descriptions."""
+    return generator_row_label(generator, samplers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +176,7 @@ class PairKind:
     records: list[dict] = field(default_factory=list)  # per-pair columns (ids, frames, view, ...)
     generator: str = ""
     is_baseline: bool = False
+    columns: dict = field(default_factory=dict)  # GENERATOR_COLUMNS of a generator's row
 
 
 def generated_kind(bag: BagSource, generator: str, n: int, seed: int) -> PairKind:
@@ -183,13 +189,14 @@ def generated_kind(bag: BagSource, generator: str, n: int, seed: int) -> PairKin
         records.append({"a_id": image_id, "b_id": image_id, "a_index": pos, "b_index": pos, "view": view})
     return PairKind(
         "generated",
-        generated_label(generator),
+        generated_label(generator, bag.samplers),
         bag,
         [(p, -1) for p, _ in pairs],
         [(p, v) for p, v in pairs],
         records,
         generator,
         bag.is_baseline,
+        generator_columns(bag.samplers),
     )
 
 
@@ -261,6 +268,7 @@ def _table_row(pk: PairKind, scores: np.ndarray, encoder_name: str, seed: int, r
         encoder=encoder_name,
         is_baseline=pk.is_baseline,
         nps_direction=NPS_DIRECTION[pk.kind],
+        **pk.columns,
         seed=seed,
         run_label=run_label,
     )

@@ -7,6 +7,7 @@ preprocessing as the bag's real images.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,6 +62,8 @@ class BagSource:
         self.bag = BagDataset(str(self.path))  # checks presence, completeness, VDS sources
         with h5py.File(self.path, "r") as f:  # ids only: no JPEG decoding (pipeline.views.hdf5 layout)
             self.image_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in f["image_id"][:]]
+            # what made the views (each part's generator description): the rows' label and sampler columns
+            self.samplers = json.loads(f.attrs.get("samplers", "[]"))
         self.n_views = self.bag.n_views
         self.is_baseline = self.bag.is_baseline
         self.generator = self.bag.generator

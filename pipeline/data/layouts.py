@@ -59,6 +59,6 @@ def check_layout(kind: str, root: str | os.PathLike) -> None:
     *folders, populated = REQUIRED_DIRS[kind]
     for rel in folders:
         require_dir(kind, root / rel, rel)
-    top = root / populated
+    top = require_dir(kind, root / populated, populated if populated != "." else "root")
     if not any(p.is_dir() and not p.name.startswith(".") for p in top.iterdir()):
         raise layout_error(kind, top, "no sub-folders (classes, videos or sequences)")

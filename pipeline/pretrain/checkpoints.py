@@ -30,7 +30,7 @@ from pipeline.pretrain.models_mae import (
     resolve_arch,
 )
 from pipeline.records import write_record
-from pipeline.resume import save_torch_file
+from pipeline.resume import UnsafeCheckpointError, safe_torch_load, save_torch_file
 from pipeline.runtime import setup_logging
 from pipeline.seeding import seed_everything
 
@@ -100,9 +100,10 @@ def _read_checkpoint(path: str, external: bool | None = None) -> tuple[Mapping, 
         raise FileNotFoundError(f"encoder checkpoint not found: {path}")
     verify_checkpoint(path, external)
     try:
-        with torch.serialization.safe_globals(list(REFERENCE_CHECKPOINT_GLOBALS)):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file or pickled non-tensor objects
+        ckpt = safe_torch_load(path, REFERENCE_CHECKPOINT_GLOBALS)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:  # corrupt or not a torch file
         raise RuntimeError(f"cannot load {path} with weights_only=True: {err}") from err
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")

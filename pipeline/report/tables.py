@@ -5,10 +5,13 @@ propagation stage; the cell that produced it is read back from the ``<model>`` p
 hyper-parameter that defines a cell is in it, ``pipeline.cells``). Which cell keys identify a row
 of each table, and how its columns are named, is the table registry ``pipeline.tables.TABLES``.
 The paper's published numbers (``paper_numbers.yaml``) are only used for Table 5 rows this
-workflow does not train (``source = cited``) and printed beside ours in the summary.
+workflow does not train (``source = cited``) and printed beside ours in the summary. Table 10
+also reads each generator's ``bag.h5`` attributes (``--bag``): what made its views.
 
     python -m pipeline.report table --name table4 --evals results/eval/**/metrics.csv \\
         --output results/table4.csv --per-seed results/table4_per_seed.csv
+    python -m pipeline.report table --name table10 --evals ... --bag sldm=results/views/sldm/bag.h5 \\
+        --bag warp=results/views/warp/bag.h5 --output results/table10.csv
     python -m pipeline.report config-table --name table6 --settings '{...}' --output results/table6.csv
 """
 
@@ -26,7 +29,15 @@ from pipeline.cells import RANDOM_INIT, parse_model_path
 from pipeline.cli import command_parser
 from pipeline.config import load_settings
 from pipeline.io import write_csv_atomic
-from pipeline.labels import BASELINE_GENERATORS, EVAL_DATASETS, SUBSTITUTE_GENERATORS, views_label
+from pipeline.labels import (
+    BASELINE_GENERATORS,
+    EVAL_DATASETS,
+    SUBSTITUTE_GENERATORS,
+    generator_columns,
+    generator_row_label,
+    read_bag_samplers,
+    views_label,
+)
 from pipeline.records import write_record
 from pipeline.runtime import setup_logging
 from pipeline.tables import PROPAGATION_TABLES, TABLES
@@ -118,9 +129,10 @@ def method_label(row: dict) -> str:
 
 
 def build_table(
-    name: str, eval_files, run_label: str, gflops: str | None = None, cited: bool = True
+    name: str, eval_files, run_label: str, gflops: str | None = None, cited: bool = True, bags: dict | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(table, per-seed long table) for one paper table."""
+    """(table, per-seed long table) for one paper table. ``bags`` (Table 10: generator -> its
+    ``bag.h5``) label each generator's row and give its sampler, encoder and model columns."""
     if name not in PROPAGATION_TABLES:
         raise KeyError(f"{name!r}: not a propagation table; known: {PROPAGATION_TABLES}")
     spec = TABLES[name]
@@ -135,7 +147,10 @@ def build_table(
     if name not in METHOD_TABLES:
         # which views trained these rows: say so when they are a weights-free baseline
         gens = trained.groupby(keys, sort=False)["generator"].first().reset_index(drop=True)
-        table["views"] = [views_label(g) for g in gens] if name != "table10" else table["generator"]
+        if name == "table10":
+            table = _generator_rows(table, gens, bags or {})
+        else:
+            table["views"] = [views_label(g) for g in gens]
         table["views_are_baseline"] = [g in BASELINE_GENERATORS for g in gens]
     if not refs.empty:
         table = _with_reference_rows(table, refs, keys, metrics)
@@ -155,6 +170,20 @@ def build_table(
     per_seed = long.rename(columns=spec.rename)
     per_seed["run_label"] = run_label
     return table, per_seed
+
+
+def _generator_rows(table: pd.DataFrame, gens: pd.Series, bags: dict) -> pd.DataFrame:
+    """Table 10: each generator's row labelled as what made its views (``generator_row_label``: an
+    S-LDM trained here, with its encoder's source, or RCG's imported), with the sampler, encoder
+    source and model digest its bag recorded (``GENERATOR_COLUMNS``)."""
+    missing = sorted(set(gens) - set(bags))
+    if missing:
+        raise ValueError(f"table10: no bag of views given for {missing} (--bag GENERATOR=PATH)")
+    samplers = {g: read_bag_samplers(bags[g]) for g in dict.fromkeys(gens)}
+    table["views"] = [generator_row_label(g, samplers[g]) for g in gens]
+    # as recorded (object: 50 stays 50 beside the reference row's blanks, not 50.0000)
+    columns = pd.DataFrame([generator_columns(samplers[g]) for g in gens], index=table.index, dtype=object)
+    return pd.concat([table, columns], axis=1)
 
 
 def _with_reference_rows(table: pd.DataFrame, refs: pd.DataFrame, keys: list[str], metrics) -> pd.DataFrame:
@@ -273,16 +302,31 @@ def table_main(argv=None) -> None:
     ap.add_argument("--output", required=True)
     ap.add_argument("--per-seed", help="long-format CSV with the per-seed values")
     ap.add_argument("--gflops", help="results/gflops.csv (table 8)")
+    ap.add_argument(
+        "--bag",
+        action="append",
+        default=[],
+        metavar="GENERATOR=PATH",
+        help="table 10: each generator's bag.h5 (its row's label, sampler, encoder and model digest)",
+    )
     ap.add_argument("--run-label", default="synthetic-demo")
     args = ap.parse_args(argv)
     setup_logging()
-    table, per_seed = build_table(args.name, args.evals, args.run_label, gflops=args.gflops)
+    bags = dict(_bag_arg(ap, value) for value in args.bag)
+    table, per_seed = build_table(args.name, args.evals, args.run_label, gflops=args.gflops, bags=bags)
     write_csv_atomic(table, args.output, float_format="%.4f")
     if args.per_seed:
         write_csv_atomic(per_seed, args.per_seed, float_format="%.4f")
     settings = {"name": args.name, "run_label": args.run_label}
-    inputs = [*args.evals, args.gflops]
+    inputs = [*args.evals, args.gflops, *bags.values()]
     write_record(args.output, kind="table", command=("report", "table"), inputs=inputs, settings=settings)
+
+
+def _bag_arg(ap, value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        ap.error(f"--bag expects GENERATOR=PATH, got {value!r}")
+    return name, path
 
 
 def config_table_main(argv=None) -> None:

@@ -42,7 +42,7 @@ class Loop:
     """What every step of one training run uses; built by ``pipeline.sldm.train.train``."""
 
     model: torch.nn.Module  # Denoiser: UNet + projector
-    ema: torch.optim.swa_utils.AveragedModel  # its EMA (the saved weights)
+    ema: torch.nn.Module  # its EMA with RCG's warm-up (pipeline.sldm.model.Ema; the saved weights)
     optimizer: torch.optim.Optimizer
     scheduler: object  # the DDPM training schedule
     vae: torch.nn.Module | None  # None: pixel space

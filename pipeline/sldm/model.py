@@ -9,13 +9,13 @@ learns is ``projector(0)`` = the projector's bias (``null_condition: projected_z
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.seeding import derive_seed
 
@@ -33,8 +33,28 @@ class Denoiser(torch.nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=self.projector(z)[:, None]).sample
 
 
+def attention_heads(settings: dict) -> list[int]:
+    """Heads per level of ``sldm.unet``: ``block_out_channels[i] // head_channels`` (channels per
+    head, as openaimodel's ``num_head_channels``). diffusers' ``attention_head_dim`` is, by legacy
+    naming, the number of heads, so it is passed this list. A level with attention (or the last
+    one, the mid block's) whose width ``head_channels`` does not divide is an error naming both."""
+    channels, attention = list(settings["block_out_channels"]), list(settings["attention"])
+    width = int(settings["head_channels"])
+    heads = []
+    for i, c in enumerate(channels):
+        used = attention[i] or (i == len(channels) - 1 and any(attention))
+        if used and c % width:
+            raise ValueError(
+                f"sldm.unet.head_channels {width} does not divide block_out_channels[{i}] = {c} "
+                "(a level with attention: its heads would not have head_channels channels each)"
+            )
+        heads.append(max(c // width, 1))  # a level without attention never uses its count
+    return heads
+
+
 def build_unet(settings: dict, in_channels: int, sample_size: int) -> UNet2DConditionModel:
-    """The UNet of ``sldm.unet``: cross-attention blocks where ``attention`` says so."""
+    """The UNet of ``sldm.unet``: cross-attention blocks where ``attention`` says so, heads of
+    ``head_channels`` channels (``attention_heads``)."""
     channels, attention = list(settings["block_out_channels"]), list(settings["attention"])
     if len(attention) != len(channels):
         raise ValueError(
@@ -51,7 +71,7 @@ def build_unet(settings: dict, in_channels: int, sample_size: int) -> UNet2DCond
         up_block_types=up,
         mid_block_type="UNetMidBlock2DCrossAttn" if any(attention) else None,
         layers_per_block=settings["layers_per_block"],
-        attention_head_dim=settings["attention_head_dim"],
+        attention_head_dim=attention_heads(settings),  # diffusers' name for the heads per level
         cross_attention_dim=settings["cross_attention_dim"],
         norm_num_groups=settings["norm_num_groups"],
     )
@@ -95,9 +115,36 @@ def build_denoiser(settings: dict, encoder_dim: int, in_channels: int, sample_si
     return Denoiser(unet, projector)
 
 
-def build_ema(model: Denoiser, decay: float) -> AveragedModel:
-    """EMA of every parameter (``AveragedModel``; its first update copies the weights)."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+def ema_decay_at(n: int, decay: float) -> float:
+    """The decay of the ``n``-th EMA update (n = 1, 2, ...): RCG's warm-up (CompVis ``LitEma``,
+    ``ldm/modules/ema.py``: ``min(self.decay, (1 + num_updates) / (10 + num_updates))``)."""
+    return min(float(decay), (1.0 + n) / (10.0 + n))
+
+
+class Ema(torch.nn.Module):
+    """EMA of every parameter with RCG's warm-up, as CompVis ``LitEma``: the average starts at the
+    initial weights and the ``n``-th update is ``ema <- d_n ema + (1 - d_n) w`` with
+    ``d_n = ema_decay_at(n, decay)``. Without the warm-up a short run keeps its first steps: 300
+    steps at decay 0.995 left 0.995**299 = 22 % of the step-1 weights in the saved model; with it,
+    7e-16. ``module`` holds the averaged copy; ``num_updates`` is saved with it."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay = float(decay)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        self.num_updates += 1
+        weight = 1.0 - ema_decay_at(int(self.num_updates), self.decay)
+        for avg, p in zip(self.module.parameters(), model.parameters(), strict=True):
+            avg.lerp_(p.detach().to(avg.device, avg.dtype), weight)
+
+
+def build_ema(model: Denoiser, decay: float) -> Ema:
+    """EMA of every parameter with RCG's warm-up (``Ema``; the saved weights)."""
+    return Ema(model, decay)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> float:

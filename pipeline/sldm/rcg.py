@@ -35,6 +35,7 @@ from pipeline.cli import command_parser
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.io import file_sha256, write_text_atomic
 from pipeline.records import write_record
+from pipeline.resume import UnsafeCheckpointError, safe_torch_load
 from pipeline.sldm.encoders import projection_head, timm_vit
 from pipeline.sldm.folder import save_sldm
 from pipeline.sldm.ldm_keys import build_unet, build_vq, unet_key, vq_key
@@ -140,11 +141,12 @@ def load_checkpoint(path, label: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{label}: {path} is not a file")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # the unpickler names what it refused
-            raise RCGImportError(f"{label}: {path} is not a plain-data torch checkpoint ({err})") from None
+    try:
+        ckpt = safe_torch_load(path, (argparse.Namespace,))
+    except UnsafeCheckpointError as err:
+        raise RCGImportError(f"{label}: {err}") from None
+    except Exception as err:  # truncated, not a torch file
+        raise RCGImportError(f"{label}: {path} is not a readable torch checkpoint ({err})") from None
     if not isinstance(ckpt, dict):
         raise RCGImportError(f"{label}: {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt

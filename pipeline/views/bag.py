@@ -101,7 +101,17 @@ class BagDataset:
         }
         views = f["views"][i] if any(k > 0 for k in wanted) else None  # one chunk read for the row's M blobs
         blobs = [f["real"][i] if k == 0 else views[k - 1] for k in wanted]
-        return meta, [decode_jpeg(b) for b in blobs]
+        decoded = []
+        for k, blob in zip(wanted, blobs):
+            try:
+                decoded.append(decode_jpeg(blob))
+            except ValueError as err:  # a blob that does not decode, under a valid digest
+                what = "the real image" if k == 0 else f"view {k - 1}"
+                raise ViewsError(
+                    f"{self.path}: row {i} (image {meta['image_id']!r}, index {meta['index']}): {what} "
+                    f"does not decode ({err}); the bag's generator wrote a bad blob: regenerate the bag"
+                ) from None
+        return meta, decoded
 
     def __getitem__(self, i: int) -> dict:
         meta, (real, *views) = self.read(i, range(self.n_views + 1))

@@ -51,6 +51,7 @@ from pipeline.views.hdf5 import (
     REJECT_COLUMNS,
     ROW_KEYS,
     ViewsError,
+    decode_jpeg,
     encode_jpeg,
     run_command,
     verify_view_file,
@@ -277,9 +278,20 @@ class ShardWriter:
                 rej.append((i, rec.image_id, str(rec.path), f"{type(err).__name__}: {err}"))
         return reals, ids, index, rej
 
-    def _encode(self, reals, views):
+    def _encode(self, reals, views, ids):
+        """JPEG blobs of a batch, each decoded back once: a blob that does not decode never
+        reaches a part, so a bad bag is never assembled (the error names the image)."""
         real_jpg = [encode_jpeg(r, self.quality) for r in reals]
         view_jpg = [[encode_jpeg(to_uint8(v), self.quality) for v in row] for row in views]
+        for image_id, real, row in zip(ids, real_jpg, view_jpg):
+            for k, blob in enumerate([real, *row]):
+                try:
+                    decode_jpeg(blob)
+                except ValueError as err:
+                    what = "real image" if k == 0 else f"view {k - 1}"
+                    raise ViewsError(
+                        f"shard {self.shard}: the {what} of {image_id!r} does not decode ({err})"
+                    ) from None
         return real_jpg, view_jpg
 
     def write_part(self, lo: int, hi: int, loaded, pool, bar, rejects_before: list) -> list[tuple]:
@@ -293,7 +305,7 @@ class ShardWriter:
             batch_ids = ids[b0 : b0 + self.batch_size]
             batch_real = reals[b0 : b0 + self.batch_size]
             views, s = self._generate_batch(batch_real, batch_ids)
-            encoded.append(pool.submit(self._encode, batch_real, views))
+            encoded.append(pool.submit(self._encode, batch_real, views, batch_ids))
             seeds.extend(s)
             bar.update(len(batch_ids))
         real_jpg, view_jpg = [], []

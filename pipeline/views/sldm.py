@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VQMode
 from safetensors.torch import load_file
 
 from pipeline.devices import resolve_device
+from pipeline.io import folder_sha256
 from pipeline.sldm.encoders import embed_images, projection_head, timm_vit
 from pipeline.sldm.folder import SLDMFolderError, autoencoder_class, validate_folder
 from pipeline.sldm.sampling import sample
@@ -46,6 +47,7 @@ class SLDMGenerator(ViewGenerator):
         self.dtype = torch_dtype(self.settings.get("dtype", "float16"), self.device)
         path = model_dir(self.settings, self.name)
         self.manifest = man = validate_folder(path)
+        self.model_sha256 = folder_sha256(path)  # which weights made the views (Tables 9 / 10 rows)
         # the CFG null token training used, unless the settings override it
         self.null_condition = self.settings.get("null_condition") or man["conditioning"]["null_condition"]
         if self.null_condition == "none" and float(self.settings.get("guidance_scale", 6.0)) != 1.0:
@@ -122,7 +124,7 @@ class SLDMGenerator(ViewGenerator):
             "null_condition": self.null_condition,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
-        return {**super().describe(), "manifest": self.manifest, "sampler": sampler}
+        return {**super().describe(), "manifest": self.manifest, "model_sha256": self.model_sha256, "sampler": sampler}
 
     def embed(self, images: np.ndarray):
         """(B, H, W, 3) uint8 -> (B, D_enc) CLS embeddings (bicubic resize, mean/std normalized)."""
