@@ -117,3 +117,21 @@ def main(stage: str) -> None:
 def run(stage: str, argv: list[str]) -> None:
     """``python -m pipeline.<stage> *argv`` in this process (tests, notebooks)."""
     dispatch(f"pipeline.{stage}", stage_commands(stage), argv)
+
+
+def main_all(argv: list[str] | None = None) -> None:
+    """``python -m pipeline`` / ``cdgmae``: list every stage and command (as ``snakemake
+    --list-rules`` lists rules), or run ``<stage> <command> ...``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        run(argv[0], argv[1:])
+        return
+    width = max(len(c) for cmds in COMMANDS.values() for c in cmds)
+    lines = ["usage: python -m pipeline <stage> <command> ...  (or: cdgmae <stage> <command> ...)", ""]
+    for stage in STAGES:
+        lines.append(f"{stage}:  python -m pipeline.{stage} <command>")
+        lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS[stage].items()]
+    known = argv[:1] in ([], ["-h"], ["--help"])
+    print("\n".join(lines), file=sys.stdout if known else sys.stderr)
+    if not known:
+        raise SystemExit(f"python -m pipeline: unknown stage {argv[0]!r}; stages: {', '.join(STAGES)}")

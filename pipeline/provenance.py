@@ -48,6 +48,7 @@ CORE_MODULES = {
     f"{PACKAGE}.seeding": (RESULT, "every derived seed and the global RNG seeding"),
     f"{PACKAGE}.tables": (RESULT, "the tables' rows, cells and captions"),
     f"{PACKAGE}.vit_checkpoints": (RESULT, "which checkpoint keys become which encoder weights"),
+    f"{PACKAGE}.__main__": (INFRASTRUCTURE, "python -m pipeline: the list of stages and commands"),
     f"{PACKAGE}.cells": (INFRASTRUCTURE, "cell keys and paths: a change is a new path or param Snakemake sees"),
     f"{PACKAGE}.cli": (INFRASTRUCTURE, "command dispatch and argument parsing"),
     f"{PACKAGE}.config": (INFRASTRUCTURE, "config loading and validation: values reach jobs as params"),

@@ -128,6 +128,18 @@ def test_every_command_resolves_to_a_function(capsys):
     assert exit_info.value.code == 0 and "generate" in capsys.readouterr().out
 
 
+def test_python_m_pipeline_lists_every_stage_and_command(capsys):
+    cli.main_all(["--help"])
+    listing = capsys.readouterr().out
+    for stage in cli.STAGES:
+        assert f"python -m pipeline.{stage} <command>" in listing
+        assert all(command in listing for command in cli.stage_commands(stage))
+    with pytest.raises(SystemExit, match="unknown stage 'nope'"):
+        cli.main_all(["nope"])
+    cli.main_all(["views", "generators"])  # runs the command, as python -m pipeline.views generators
+    assert "warp" in capsys.readouterr().out
+
+
 def test_result_neutral_keys_come_from_the_schema():
     assert set(result_neutral_keys("pretrain")) == {"gpus", "num_workers", "checkpoint_every"}
     assert "gpus" in result_neutral_keys("propagation") and "temperature" not in result_neutral_keys("propagation")

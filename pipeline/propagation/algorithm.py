@@ -1,7 +1,6 @@
 """Label propagation, the reference protocol's algorithm: geometry, context queue, propagation, labels.
 
-The protocol is CropMAE's evaluation (itself videowalk's, ``downstreams/propagation``), digested in
-``/work/shared/spec/propagation-eval.md`` §1; the numbers only match the published ones when every
+The protocol is CropMAE's evaluation (itself videowalk's, ``downstreams/propagation``); the numbers only match the published ones when every
 detail matches, so the quirks are reproduced and named here:
 
 * frames (``pipeline.propagation.runner.load_frame``): OpenCV read, RGB, /255, OpenCV bilinear

@@ -1,4 +1,4 @@
-"""Stage 0.5: train the self-supervised LDM view generator (S-LDM) on the pretraining images.
+"""The view generator's stage (before the bag of views): train the self-supervised LDM view generator (S-LDM) on the pretraining images.
 
 ``python -m pipeline.sldm <command>``: the commands are listed in ``pipeline.cli.COMMANDS``. The
 folder it writes (``folder.py``, ``docs/sldm-format.md``) is what the views stage's ``sldm``

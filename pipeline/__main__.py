@@ -1,0 +1,3 @@
+from pipeline.cli import main_all
+
+main_all()
