@@ -1,4 +1,5 @@
-# The view generator's stage (before the bag of views): train the S-LDM view generator (pipeline/sldm/) on the pretraining images, when the
+# The view generator's stage (before the bag of views): train the S-LDM view generator
+# (pipeline/sldm/) on the pretraining images, when the
 # sldm generator is asked for and views.generators.sldm.model_path is null (a user folder, e.g. an
 # imported one, is used as it is). Resumable state in results/sldm_state/, outside the outputs.
 # Also: import RCG's public LDM-8 (the rcg generator, Tables 9/10) from its two checkpoints.
