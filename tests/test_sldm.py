@@ -20,6 +20,7 @@ from pipeline import cli
 from pipeline.imaging import TooManyRejectsError
 from pipeline.sldm.encoders import build_conditioning_encoder
 from pipeline.sldm.train import resolve_sldm_settings
+from tests.support import HANG_GUARD_S
 
 TINY = {
     "image_size": 16,
@@ -173,7 +174,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_weights(imagenet, tmp_path
         stderr=subprocess.DEVNULL,
     )
     state = killed / "state" / "last.pth"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_GUARD_S
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -313,7 +314,14 @@ def test_latent_space_training_with_a_local_autoencoder(imagenet, tmp_path):
     # a latent folder whose scheduler clips x0 (recorded so, consistently) is refused on load
     from pipeline.sldm.folder import SLDMFolderError, validate_folder
 
-    assert man["scheduler"]["sampling"] == {"clip_sample": False}
+    # latents: no clipping, CompVis's DDIM offsets (the schema's latent default)
+    assert man["scheduler"]["sampling"] == {
+        "clip_sample": False,
+        "steps_offset": 1,
+        "set_alpha_to_one": False,
+        "timestep_spacing": "leading",
+    }
+    assert man["scheduler"]["training"]["beta_schedule"] == "scaled_linear"
     sched = folder / man["scheduler"]["folder"] / "scheduler_config.json"
     sched.write_text(json.dumps({**json.loads(sched.read_text()), "clip_sample": True}))
     man["scheduler"]["sampling"]["clip_sample"] = True
@@ -330,7 +338,9 @@ def test_ddp_under_torchrun_on_cpu(imagenet, tmp_path):
     settings = {**TINY, "steps": 3, "sample_every": 0}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "pipeline.sldm", *_args(imagenet, tmp_path, settings)]
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300)
+    subprocess.run(
+        cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=HANG_GUARD_S
+    )
     state = torch.load(tmp_path / "state" / "last.pth", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 3
     assert all(np.isfinite(state["history"]["loss"]))

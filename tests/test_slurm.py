@@ -18,6 +18,8 @@ import pytest
 import yaml
 from test_workflow import ROOT, copy_workflow, snakemake
 
+from tests.support import HANG_GUARD_S
+
 CLUSTER = "cdgmae-ci"
 GPU_RULES = ("generate_views", "pretrain", "propagate")
 # (merge_views and assemble_table are localrules: they run in the submitting process)
@@ -73,7 +75,9 @@ def submitted_jobs(output: str) -> dict[str, list[dict[str, str]]]:
     assert ids, output[-3000:]
     by_rule: dict[str, list[dict[str, str]]] = {}
     for jid in ids:
-        proc = subprocess.run(["scontrol", "-o", "show", "job", jid], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["scontrol", "-o", "show", "job", jid], capture_output=True, text=True, timeout=HANG_GUARD_S
+        )
         assert proc.returncode == 0, f"job {jid} left the controller (MinJobAge too low?): {proc.stderr}"
         fields = dict(re.findall(r"(\S+?)=(\S*)", proc.stdout))
         m = re.match(r"rule_(\w+?)_wildcards", fields.get("Comment", ""))
@@ -115,7 +119,7 @@ def test_tiny_chain_through_the_slurm_profile(tmp_path):
         "5",
         "--verbose",
     ]
-    proc = snakemake(work, *base, *configs, "--", "results/table4.csv", timeout=900)
+    proc = snakemake(work, *base, *configs, "--", "results/table4.csv", timeout=HANG_GUARD_S)
     out = proc.stdout + proc.stderr
     assert (work / "results" / "table4.csv").is_file()
     # the README's command loads profiles/slurm alone (no local `gpu=8` cap from profiles/default)
@@ -161,7 +165,7 @@ def test_tiny_chain_through_the_slurm_profile(tmp_path):
         "generate_views",
         "--",
         "results/views/warp/shard-0.h5",
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     (job,) = submitted_jobs(proc.stdout + proc.stderr)["generate_views"]
     assert job["JobState"] == "COMPLETED", job

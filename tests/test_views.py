@@ -26,6 +26,7 @@ from pipeline.views.merge import merge_shards
 from pipeline.views.shards import ShardWriter, shard_fingerprint, view_seed
 from pipeline.views.store import shard_range
 from pipeline.views.timelimit import ShardStopped
+from tests.support import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 3
@@ -210,7 +211,7 @@ def test_killed_run_resumes_to_identical_content(imagenet, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.monotonic()
     # a part is finished once its digest is recorded (a part without one is redone)
-    while len(list(parts.glob("part-*.h5.sha256"))) < 2 and time.monotonic() - t0 < 300:
+    while len(list(parts.glob("part-*.h5.sha256"))) < 2 and time.monotonic() - t0 < HANG_GUARD_S:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)  # what a time limit's SIGTERM does to a job with no handler
     proc.wait()
@@ -249,6 +250,7 @@ class StopAfterParts(ShardWriter):
         return rejects
 
 
+@pytest.mark.fault
 def test_corrupt_or_stale_parts_are_redone(imagenet, tmp_path, caplog):
     ref = _by_image(_run_shards(imagenet, tmp_path / "ref", shards=1))
     path, parts, records = tmp_path / "shard-0.h5", tmp_path / "parts", list_imagenet(imagenet)
@@ -278,6 +280,7 @@ def test_corrupt_or_stale_parts_are_redone(imagenet, tmp_path, caplog):
     assert (w.parts_written, w.parts_reused) == (3, 0)
 
 
+@pytest.mark.fault
 def test_corrupt_source_is_rejected_and_listed(tmp_path):
     root = _make_imagenet(tmp_path / "inet", classes=2, per_class=4)
     bad = sorted((root / "train" / "n00000001").iterdir())[1]
@@ -291,6 +294,7 @@ def test_corrupt_source_is_rejected_and_listed(tmp_path):
         assert 5 not in f["index"][:].tolist()
 
 
+@pytest.mark.fault
 def test_truncated_bag_is_named(tmp_path):
     for name, data in (("empty.h5", b""), ("garbage.h5", b"\x89HDF\r\n\x1a\n" + b"\0" * 40)):
         (tmp_path / name).write_bytes(data)

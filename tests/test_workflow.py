@@ -19,6 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.support import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parent.parent
 COPY = [
     "Snakefile",
@@ -37,7 +39,9 @@ TINY = ["--configfile=tests/configs/tiny.yaml"]
 pytestmark = pytest.mark.slow
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: int = HANG_GUARD_S
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(workdir)}
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", *args],
@@ -319,11 +323,12 @@ def test_paper_preset_lists_the_whole_grid(repo_root, tmp_path):
     proc = snakemake(work, "-n", "--cores", "8", "--configfile=paper_local.yaml")
     elapsed = time.perf_counter() - t0
     counts = job_counts(proc.stdout + proc.stderr)
-    # 18 cells x 3 seeds (Table 10's a1 cells on sldm, rcg and sd-variation views among them) + the
-    # two single-seed N = 4 cells of Table 8
-    assert counts["pretrain"] == 56, counts
-    # (56 trained + 2 random-init archs) x 3 datasets
-    assert counts["propagate"] == 174
+    # 21 cells x 3 seeds (Table 10's a1 cells on sldm, rcg and sd-variation views, and the MAE-family
+    # table's mae / lut / pseudo-mae among them) + the two single-seed N = 4 cells of Table 8
+    assert counts["pretrain"] == 65, counts
+    # (65 trained + 2 random-init archs) x 3 datasets
+    assert counts["propagate"] == 201
+    assert counts["count_method_gflops"] == 1
     assert counts["init_random_encoder"] == 2
     # 8 shards for each of the three diffusion generators (Tables 9/10)
     assert counts["generate_views"] == 24 and counts["merge_views"] == 3
@@ -362,7 +367,7 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(tiny_run, tmp_path):
     proc = subprocess.Popen(
         cmd, cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_GUARD_S  # waits for the submissions, whatever the load
     while time.time() < deadline and (not captured.exists() or captured.read_text().count("\n") < 3):
         time.sleep(1)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -442,6 +447,9 @@ def test_every_table_builds_on_a_tiny_config(tmp_path):
     assert table9["is_baseline"].sum() == 2  # warp and crop rows are labelled baselines
     summary = (results / "summary.md").read_text()
     assert "synthetic" in summary and "## table10" in summary
+    family = pd.read_csv(results / "mae_family.csv")  # this project's extension table
+    assert {"MAE", "LUT", "Pseudo MAE", "CropMAE"} <= set(family["method"])
+    assert family["gflops"].notna().sum() == 5 and "## mae_family" in summary
 
 
 def test_table_provenance_record_names_the_checkpoints_and_their_environments(tiny_run):
@@ -488,3 +496,67 @@ def test_html_report_shows_each_tables_provenance(tiny_run):
     assert "table4.provenance.json" in html and "Provenance" in html
     # and the table's label says what the record holds (read when the report is made)
     assert "input artefacts" in html and "environment(s)" in html
+
+
+@pytest.mark.fault
+def test_scrub_then_rebuild_gives_the_same_results(tiny_run, tmp_path):
+    """Issue 19: one corrupt artefact of each kind (a checkpoint, the bag, a metrics.csv, a resume
+    state) in a copy of the tiny run; ``python -m pipeline.scrub`` lists them and what was made from
+    them, ``--remove`` deletes exactly those, and the README's normal command rebuilds them (resuming
+    the kept states): the table, the bag, every checkpoint and metrics file byte-identical."""
+    import hashlib
+
+    work = tmp_path / "wf"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    results = work / "results"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(work)}
+
+    def scrub(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "pipeline.scrub", *args]
+        return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+    def digests() -> dict[str, str]:
+        files = [results / "table4.csv", results / "views" / "warp" / "bag.h5"]
+        files += sorted((results / "pretrain").rglob("checkpoint.pth")) + sorted(
+            (results / "eval").rglob("metrics.csv")
+        )
+        return {f.relative_to(work).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+    def flip(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 16] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 16])
+        path.write_bytes(bytes(data))
+
+    original = digests()
+    checkpoint = next((results / "pretrain" / "random-init").rglob("checkpoint.pth"))
+    bag = results / "views" / "warp" / "bag.h5"
+    metrics = sorted((results / "eval").rglob("davis/metrics.csv"))[0]
+    states = sorted((results / "pretrain_state").rglob("last.pth"))
+    state = states[0]
+    flip(checkpoint)
+    flip(bag)
+    metrics.write_text(metrics.read_text().replace("0.", "0.9", 1))
+    flip(state)
+    assert job_counts(dry(work)[1]) == {}  # Snakemake alone sees nothing to do
+
+    found = scrub()
+    assert found.returncode == 1, found.stderr[-2000:]
+    lines = found.stdout.splitlines()
+    for path in (checkpoint, bag, metrics, state):
+        rel = path.relative_to(work).as_posix()
+        assert any(line.startswith("CORRUPT") and f" {rel} " in line for line in lines), found.stdout
+    assert any(line.startswith("MADE FROM") and " results/table4.csv " in line for line in lines)
+    assert bag.exists() and checkpoint.exists()  # the report alone removes nothing
+
+    removed = scrub("--remove")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert not bag.exists() and not checkpoint.exists() and not state.exists()
+    assert (states[1]).exists()  # an intact state is kept, to be resumed
+
+    rebuilt = snakemake(work, "--cores", "2", *TINY, "results/table4.csv")
+    counts = job_counts(rebuilt.stdout + rebuilt.stderr)
+    assert counts == {"merge_views": 1, "pretrain": 2, "init_random_encoder": 1, "propagate": 9, "assemble_table": 1}
+    assert digests() == original
+    logs = "".join(p.read_text() for p in (results / "logs" / "pretrain").rglob("*.log"))
+    assert "resuming from" in logs  # the intact state's job rewrote its checkpoint without retraining
+    assert scrub().returncode == 0 and job_counts(dry(work)[1]) == {}
