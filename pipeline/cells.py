@@ -17,6 +17,9 @@ CELL_FLOAT = frozenset({"anchor_mask", "target_mask"})
 # what a method that reads no bag of views has in place of the view keys, so changing the view
 # generator never invalidates the CropMAE / SiamMAE baselines
 NO_VIEWS = {"generator": "none", "target": "none", "anchors": 1, "anchor_mask": 0.0}
+# the methods that read a bag of views (every cell key applies): CDG-MAE, and CDG-MAE with LUT's
+# broader contextualization loss on the anchors' unmasked tokens (pipeline.pretrain.models_mae_family)
+VIEW_METHODS = ("cdgmae", "cdgmae-lut")
 RANDOM_INIT = "random-init"
 EXTERNAL = "external"
 
@@ -45,7 +48,7 @@ def canonical_cell(partial: dict, config: dict) -> dict:
     view-free methods replaced by ``NO_VIEWS``, anchors checked against what the bag can give."""
     cell = complete_cell(partial, config["pretrain"]["cell_defaults"], what=f"cell {partial}")
     n_views, knn_k = config["views"]["n_views"], config["pretrain"]["knn_k"]
-    if cell["method"] != "cdgmae":
+    if cell["method"] not in VIEW_METHODS:
         cell.update(NO_VIEWS)
     elif cell["target"] != "knn" and cell["anchors"] > n_views:
         raise CellError(

@@ -1,7 +1,8 @@
 """``python -m pipeline.<stage> <command> ...``: one entry point per stage, one module per command.
 
 ``COMMANDS`` is the one table of every command: stage -> command -> (``"module:function"`` taking
-``argv``, one-line help). ``dispatch`` imports only the module asked for, so ``--help`` of a data
+``argv``, one-line help); ``TOOLS`` the stage-less ones (``python -m pipeline.scrub``,
+``python -m pipeline.config``). ``dispatch`` imports only the module asked for, so ``--help`` of a data
 command never loads torch; the rules read the same table to derive their code inputs
 (``pipeline.provenance``), and ``command_parser`` gives every command the same argparse header.
 """
@@ -39,6 +40,10 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
     "pretrain": {
         "train": ("pipeline.pretrain.main_pretrain:main", "train one cell with one seed (resumable)"),
         "flops": ("pipeline.pretrain.flops:main", "Table 8 GFLOPs per training sample"),
+        "method-flops": (
+            "pipeline.pretrain.method_flops:main",
+            "GFLOPs per training sample and parameters of any cells (MAE-family table)",
+        ),
         "init-random": (
             "pipeline.pretrain.checkpoints:init_random_main",
             "save a seeded random-init encoder checkpoint",
@@ -67,6 +72,15 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
             "what differs between the provenance records of two results folders",
         ),
     },
+}
+
+# commands outside the stages, run as ``python -m pipeline.<name>``: (``"module:function"``, help)
+TOOLS: dict[str, tuple[str, str]] = {
+    "config": ("pipeline.config:main", "validate config files and print the resolved config"),
+    "scrub": (
+        "pipeline.scrub:main",
+        "verify every recorded digest under results/; --remove deletes what is corrupt and what was made from it",
+    ),
 }
 
 
@@ -117,6 +131,12 @@ def main(stage: str) -> None:
 def run(stage: str, argv: list[str]) -> None:
     """``python -m pipeline.<stage> *argv`` in this process (tests, notebooks)."""
     dispatch(f"pipeline.{stage}", stage_commands(stage), argv)
+
+
+def run_tool(name: str, argv: list[str]) -> None:
+    """``python -m pipeline.<name> *argv`` of a ``TOOLS`` entry in this process."""
+    module, function = entry_point(TOOLS[name][0])
+    getattr(importlib.import_module(module), function)(list(argv))
 
 
 def main_all(argv: list[str] | None = None) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonschema import Draft202012Validator, validators
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -31,6 +30,10 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
 
 def _default_filling_validator(schema: dict):
     """Draft 2020-12 validator that inserts schema defaults while validating (like snakemake)."""
+    # imported here: what imports this module without validating (deep_update, load_settings,
+    # ConfigError; e.g. the GPU suite's propagation section on an image without jsonschema) runs
+    from jsonschema import Draft202012Validator, validators  # noqa: PLC0415
+
     base = Draft202012Validator
 
     def set_defaults(validator, properties, instance, schema):

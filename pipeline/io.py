@@ -139,6 +139,84 @@ def folder_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+FOLDER_DIGESTS = "digests.sha256"  # a model folder's per-file digest manifest, inside the folder
+
+
+def write_folder_digests(folder: str | os.PathLike) -> Path:
+    """Record the SHA-256 of every file of ``folder`` in ``<folder>/digests.sha256`` (``sha256sum``
+    format, relative paths, sorted; ``cd folder && sha256sum -c digests.sha256`` checks it too).
+    Written atomically and last: a folder killed before it has no manifest."""
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != FOLDER_DIGESTS)
+    text = "".join(f"{file_sha256(f)}  {f.relative_to(root).as_posix()}\n" for f in files)
+    write_text_atomic(root / FOLDER_DIGESTS, text)
+    return root / FOLDER_DIGESTS
+
+
+def read_folder_digests(folder: str | os.PathLike) -> dict[str, str] | None:
+    """{relative path: SHA-256} of a folder's manifest; None without one; ``IntegrityError`` when
+    it cannot be parsed."""
+    path = Path(folder) / FOLDER_DIGESTS
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise IntegrityError(f"{path}: unreadable digest manifest ({err})") from None
+    digests = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        sha, sep, rel = line.partition("  ")
+        if not sep or len(sha) != 64 or not rel or any(c not in "0123456789abcdef" for c in sha):
+            raise IntegrityError(f"{path}: line {n} is not '<sha256>  <file>'; the manifest is corrupt")
+        digests[rel] = sha
+    return digests
+
+
+def verify_folder_digests(folder: str | os.PathLike, external: bool | None = None, log=None) -> bool:
+    """Check every file of ``folder`` against its ``digests.sha256``; True when verified.
+
+    A file whose content differs from its recorded digest, a listed file that is missing and a
+    file the manifest does not list are ``IntegrityError``s naming the file. A folder without a
+    manifest is an ``IntegrityError`` when the workflow made it (under ``results/``; ``external``
+    False); an external folder (a user's) without one is read with a logged note (``log``) and
+    False is returned."""
+    root = Path(folder)
+    digests = read_folder_digests(root)
+    if external is None:
+        external = is_external(root)
+    if digests is None:
+        if not external:
+            raise IntegrityError(
+                f"{root}: no digest manifest ({FOLDER_DIGESTS} missing); every folder this workflow makes "
+                f"under {RESULTS_DIR}/ has one, so this one cannot be trusted: delete it (python -m pipeline.scrub "
+                "--remove) and run the workflow again to rebuild it"
+            )
+        if log is not None:
+            log.info("%s: external folder without %s: its files are read unverified", root, FOLDER_DIGESTS)
+        return False
+    for rel, expected in digests.items():
+        path = root / rel
+        if not path.is_file():
+            raise IntegrityError(f"{path}: listed in {root / FOLDER_DIGESTS} but missing; the folder is incomplete")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise IntegrityError(
+                f"{path}: content digest {actual[:16]}… does not match the recorded {expected[:16]}… "
+                f"({root / FOLDER_DIGESTS}); the file is corrupt or was changed after the folder was written"
+            )
+    listed = {*digests, FOLDER_DIGESTS}
+    extra = sorted(
+        rel for p in root.rglob("*") if p.is_file() and (rel := p.relative_to(root).as_posix()) not in listed
+    )
+    if extra:
+        raise IntegrityError(
+            f"{root / extra[0]}: not listed in {root / FOLDER_DIGESTS}"
+            + (f" (nor {len(extra) - 1} more file(s))" if len(extra) > 1 else "")
+            + "; the folder was changed after it was written"
+        )
+    return True
+
+
 def cached_sha256(paths, cache_path: str | os.PathLike) -> list[str]:
     """SHA-256 of each file, re-read only when its size or mtime changed since the digest recorded in
     ``cache_path`` (a JSON file, written atomically). Keys work on content, never on mtimes: a file

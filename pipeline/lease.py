@@ -4,22 +4,30 @@ Snakemake's ``resources: gpu`` is only a counter: it neither sets nor rotates
 ``CUDA_VISIBLE_DEVICES`` (snakemake #281). Every GPU rule therefore wraps its command in this
 lease (snakemake.md §3):
 
-- inside a Slurm job (``SLURM_JOB_ID`` set) with ``CUDA_VISIBLE_DEVICES`` set: the scheduler bound
-  the job to its devices; keep them.
-- ``CUDA_VISIBLE_DEVICES`` set to a list outside Slurm (e.g. ``0,1,2,3`` on a shared node): that
-  list is the pool; jobs lease from it as below (lock files are named by device id, so jobs with and
-  without the variable share the same slots). An empty value means no GPU: run on CPU.
 - ``--gpus 0``: a CPU job; GPUs are hidden (``CUDA_VISIBLE_DEVICES=""``) so it cannot touch a
   device leased by another job.
-- no GPU on the node: run on CPU.
-- otherwise take K free slots with a non-blocking ``fcntl.flock`` on one lock file per device in a
-  node-local directory (``--lock-dir``, ``$CDGMAE_LOCK_DIR``, default
+- ``CUDA_VISIBLE_DEVICES`` set to a list: that list is the pool. Outside Slurm (e.g. ``0,1,2,3`` on
+  a shared node) the lock files are named by device id, so jobs with and without the variable share
+  the same slots. Inside a Slurm job (``SLURM_JOB_ID`` set) the list is the allocation's: jobs lease
+  from it through locks of that allocation alone (``<lock dir>/slurm-<job id>``; so too from the
+  node's GPUs when Slurm set no list), so the jobs of a Snakemake run local inside one allocation
+  get distinct devices instead of all landing on cuda:0, and a job that owns its allocation gets
+  its devices at once. A list shorter than K is an error.
+- otherwise take K free slots of the node's GPUs with a non-blocking ``fcntl.flock`` on one lock file
+  per device in a node-local directory (``--lock-dir``, ``$CDGMAE_LOCK_DIR``, default
   ``/tmp/cdgmae-gpu-locks-<uid>``); poll while none is free; set ``CUDA_VISIBLE_DEVICES`` and
   ``exec`` the command. The lock descriptors stay open in the command's process, so the slots are
   held until it exits, and the kernel releases them if it dies (SIGKILL, OOM).
+- no CUDA device for a K > 0 job (no GPU on the node, an empty ``CUDA_VISIBLE_DEVICES``): an error
+  (exit 2), unless ``CDGMAE_ALLOW_CPU=1`` (the workflow sets it from the
+  config's ``allow_cpu``: true for the CPU demo, false in presets/paper.yaml); then the job runs on
+  the CPU, with a warning. Where the CPU is not allowed the command also gets
+  ``CDGMAE_REQUIRE_CUDA=K``: ``pipeline.devices`` then fails the job if torch sees fewer than K CUDA
+  devices (a CPU-only torch, devices hidden by a cgroup) instead of training on the CPU.
 
-Slot count: ``$CDGMAE_NUM_GPUS``, else the lines of ``nvidia-smi -L``, else the entries of
-``/proc/driver/nvidia/gpus``, else ``torch.cuda.device_count()`` (only when a driver is present).
+Slot count: ``$CDGMAE_NUM_GPUS`` (also how tests simulate nodes, 0 = no GPU), else the lines of
+``nvidia-smi -L``, else the entries of ``/proc/driver/nvidia/gpus``, else
+``torch.cuda.device_count()`` (only when a driver is present).
 """
 
 from __future__ import annotations
@@ -138,6 +146,22 @@ def lease(k: int, lock_dir: str | os.PathLike | None = None, poll: float = 2.0, 
             os.close(fd)
 
 
+def cpu_allowed() -> bool:
+    """``CDGMAE_ALLOW_CPU``: may a GPU job that finds no CUDA device run on the CPU."""
+    return os.environ.get("CDGMAE_ALLOW_CPU", "").strip().lower() in ("1", "true", "yes")
+
+
+def _no_device(k: int, why: str):
+    """No CUDA device for a K > 0 job: the CPU where allowed, else an error."""
+    if cpu_allowed():
+        LOG.warning("asked for %d GPU(s) but %s: running on the CPU (CDGMAE_ALLOW_CPU=1)", k, why)
+        return None, []
+    raise LeaseError(
+        f"asked for {k} GPU(s) but {why}: a GPU job does not run on the CPU unless allowed "
+        "(config allow_cpu: true, i.e. CDGMAE_ALLOW_CPU=1)"
+    )
+
+
 def plan(k: int, lock_dir=None, poll: float = 2.0, timeout: float | None = None):
     """Decide the device set: (CUDA_VISIBLE_DEVICES value or None to keep the env, lock fds)."""
     if k < 0:
@@ -145,21 +169,25 @@ def plan(k: int, lock_dir=None, poll: float = 2.0, timeout: float | None = None)
     if k == 0:
         return "", []
     preset = os.environ.get("CUDA_VISIBLE_DEVICES")
+    slurm = os.environ.get("SLURM_JOB_ID")
     pool = None
+    lock_dir = Path(lock_dir) if lock_dir else default_lock_dir()
     if preset is not None:
-        if os.environ.get("SLURM_JOB_ID"):
-            LOG.info("CUDA_VISIBLE_DEVICES=%r set by the Slurm allocation: keeping it", preset)
-            return None, []
         pool = [d.strip() for d in preset.split(",") if d.strip()]
         if not pool:
-            LOG.info("CUDA_VISIBLE_DEVICES is empty: running on CPU")
-            return None, []
-        LOG.info("CUDA_VISIBLE_DEVICES=%r set outside Slurm: leasing from that pool", preset)
+            return _no_device(k, "CUDA_VISIBLE_DEVICES is empty")
+        where = f"the Slurm allocation {slurm}'s" if slurm else "the preset"
+        if len(pool) < k:
+            raise LeaseError(f"asked for {k} GPUs but {where} CUDA_VISIBLE_DEVICES={preset!r} lists {len(pool)}")
+        LOG.info("CUDA_VISIBLE_DEVICES=%r%s: leasing from that pool", preset, f" (Slurm job {slurm})" if slurm else "")
+    if slurm:
+        # the allocation's devices, shared by the jobs run inside it (snakemake run locally in an
+        # salloc): locks of this allocation alone (another allocation's "0" is another device)
+        lock_dir = lock_dir / f"slurm-{slurm}"
     n = len(pool) if pool is not None else count_gpus()
     if n == 0:
-        LOG.info("no GPU on this node: running on CPU")
-        return None, []
-    devices, fds = acquire(k, n, Path(lock_dir) if lock_dir else None, poll, timeout, names=pool)
+        return _no_device(k, "this node has no GPU")
+    devices, fds = acquire(k, n, lock_dir, poll, timeout, names=pool)
     value = ",".join(map(str, devices))
     LOG.info("leased GPU slot(s) %s", value)
     return value, fds
@@ -195,6 +223,9 @@ def main(argv=None) -> None:
     env = dict(os.environ)
     if value is not None:
         env["CUDA_VISIBLE_DEVICES"] = value
+    env.pop("CDGMAE_REQUIRE_CUDA", None)
+    if args.gpus > 0 and not cpu_allowed():  # the job checks it got them (pipeline.devices)
+        env["CDGMAE_REQUIRE_CUDA"] = str(args.gpus)
     for fd in fds:  # the command inherits the locked descriptors: the lease lives as long as it
         os.set_inheritable(fd, True)
     sys.stderr.flush()

@@ -60,6 +60,7 @@ CORE_MODULES = {
     f"{PACKAGE}.registry": (INFRASTRUCTURE, "the name -> entry registry helper"),
     f"{PACKAGE}.resume": (INFRASTRUCTURE, "resumable states, keyed on these digests"),
     f"{PACKAGE}.runtime": (INFRASTRUCTURE, "logging and progress bars"),
+    f"{PACKAGE}.scrub": (INFRASTRUCTURE, "verifies recorded digests and removes corrupt results: computes none"),
 }
 # stage modules that only decide how a job runs (each stage's ``__main__`` is CLI dispatch too)
 STAGE_INFRASTRUCTURE = {

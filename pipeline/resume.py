@@ -46,6 +46,88 @@ def safe_torch_load(path: str | os.PathLike, allowed: tuple = ()) -> Any:
 
 PREVIOUS_NAME = "previous.pth"
 
+# the rule of a healthy state (``WeightHealth``): weights at most this factor x the initial weights'
+# largest magnitude, and one step's update at most this fraction of the weights' norm
+MAX_WEIGHT_FACTOR = 100.0
+MAX_UPDATE_RATIO = 0.5
+
+
+class UnhealthyWeightsError(RuntimeError):
+    """A training step left non-finite, exploded or violently moved weights; the message names the
+    step, what broke the rule and the state kept (the last one whose every step passed)."""
+
+
+class WeightHealth:
+    """When a state is good enough to keep ("last good"): the weights and the update size, not only
+    the loss.
+
+    The rule, checked after every optimizer step (``check``) of pretraining and S-LDM training,
+    before any state of that step can be saved:
+
+    1. every weight is finite;
+    2. the largest weight magnitude is at most ``MAX_WEIGHT_FACTOR`` (100) x that of the initial
+       weights (the seeded initialization, measured before any resume: a LayerNorm's ones make it
+       at least 1);
+    3. the step's update is small relative to the weights: ``||w_after - w_before|| / ||w_before||
+       <= MAX_UPDATE_RATIO`` (0.5), all parameters taken as one vector (a healthy AdamW step moves
+       them by ~lr / RMS(w), well under 1 %; the huge-lr step this guards against moves them by
+       several times their norm).
+
+    A step that breaks it raises ``UnhealthyWeightsError`` without saving, so the state a retry
+    resumes from (``last.pth``) is one whose every step passed this rule and the loss rule. Costs
+    one copy of the weights (the snapshot before the step) and three reductions per step.
+    """
+
+    def __init__(
+        self, parameters, max_weight_factor: float = MAX_WEIGHT_FACTOR, max_update_ratio: float = MAX_UPDATE_RATIO
+    ):
+        self.params = [p for p in parameters]
+        with torch.no_grad():
+            self.initial_max = max(float(p.detach().abs().max()) for p in self.params if p.numel())
+        self.bound = max_weight_factor * max(self.initial_max, 1e-12)
+        self.max_update_ratio = float(max_update_ratio)
+        self.before = [p.detach().clone() for p in self.params]
+
+    def snapshot(self) -> None:
+        """Take the current weights as those before the next step (after a resume, say)."""
+        with torch.no_grad():
+            for b, p in zip(self.before, self.params):
+                b.copy_(p.detach())
+
+    def measure(self) -> tuple[bool, float, float]:
+        """(all finite, largest |w|, ||w - w_before|| / ||w_before||) of the current weights."""
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+            largest = torch.stack([p.detach().abs().max() for p in self.params if p.numel()]).max()
+            delta = torch.linalg.vector_norm(
+                torch.stack(
+                    [torch.linalg.vector_norm((p.detach() - b).float()) for p, b in zip(self.params, self.before)]
+                )
+            )
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b.float()) for b in self.before]))
+            values = torch.stack([finite.float(), largest.float(), delta / norm.clamp_min(1e-12)]).tolist()
+        return bool(values[0]), values[1], values[2]
+
+    def check(self, step: int, keeping: str) -> None:
+        """Apply the rule to the weights after ``step``'s update; then they are the next snapshot."""
+        finite, largest, ratio = self.measure()
+        problem = None
+        if not finite:
+            problem = "non-finite weights"
+        elif largest > self.bound:
+            problem = (
+                f"largest weight magnitude {largest:.4g} > {self.bound / max(self.initial_max, 1e-12):g} x the "
+                f"initial weights' {self.initial_max:.4g}"
+            )
+        elif ratio > self.max_update_ratio:
+            problem = f"update of {ratio:.3g} x the weights' norm (||dw|| / ||w|| > {self.max_update_ratio:g})"
+        if problem is not None:
+            raise UnhealthyWeightsError(
+                f"diverged weights after the update of step {step}: {problem}; stopped before saving, keeping "
+                f"{keeping} (lower the learning rate, or lengthen the warm-up)"
+            )
+        self.snapshot()
+
 
 def previous_state_path(path: str | os.PathLike) -> Path:
     """Where the state replaced by the latest ``save_resume_state`` is kept."""

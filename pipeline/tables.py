@@ -21,6 +21,7 @@ class Table:
     row_keys: tuple[str, ...] = ()  # cell keys that identify a row (propagation tables)
     rename: dict = field(default_factory=dict)  # cell key -> column name in the CSV
     all_metrics: bool = False  # every propagation metric, not only the headline ones
+    extension: bool = False  # this project's own table, in none of the papers
 
 
 _ANCHOR_ROWS = dict(
@@ -100,6 +101,19 @@ TABLES: dict[str, Table] = {
         "references as dashed lines.",
         "propagation",
         row_keys=("method", "arch", "generator", "anchors", "anchor_mask", "target_mask"),
+    ),
+    "mae_family": Table(
+        "MAE-family objectives for correspondence (this project's extension)",
+        "MAE-family objectives for correspondence: this project's extension, in none of the papers. MAE (He et "
+        "al.), LUT (learning with unmasked tokens), Pseudo MAE (multifold pseudo labelling, disentangled EMA "
+        "teachers), CropMAE and CDG-MAE a1 / a3 trained here at equal backbone, epochs, schedule and data "
+        "(MAE, LUT and Pseudo MAE read CropMAE's data, the image root the bag of views is generated from), judged by label "
+        "propagation: DAVIS J&F, VIP mIoU, JHMDB PCK@0.1, mean and sample std over seeds; trainable and EMA-"
+        "teacher parameters (M) and training GFLOPs per sample (fvcore convention, teachers' forward passes "
+        "counted). Includes a random-init encoder reference row.",
+        "propagation",
+        row_keys=CELL_KEYS,
+        extension=True,
     ),
 }
 

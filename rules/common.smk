@@ -38,6 +38,8 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err))
 validate(config, "../schemas/config.schema.yaml")
+# pipeline/lease.py: may a GPU job that finds no CUDA device run on the CPU (the demo), or must it fail
+os.environ["CDGMAE_ALLOW_CPU"] = "1" if config["allow_cpu"] else "0"
 
 # every configured dataset root has its official layout: a wrong root fails now, not in the job
 for _kind, _root in config["data"]["roots"].items():
@@ -256,6 +258,7 @@ def provenance_label(artefact):
 def get_final_targets():
     """Everything `snakemake` builds by default: every paper table, the figures, the summary."""
     return [f"results/{t}.csv" for t in PAPER_TABLES] + [
+        "results/mae_family.csv",  # this project's extension table
         "results/figure4.png",
         "results/figures/loss_curves.png",
         "results/figures/bag_of_views.png",

@@ -6,18 +6,25 @@
 import re
 import shlex
 
-# the dataset a cell reads besides its bag of views: the baselines' images / videos, and for
-# target=knn the ImageNet list whose global indices the neighbours file holds
-pretrain_dataset = lambda wc: {"cropmae": "imagenet", "siammae": "videos"}.get(
-    wc.method, "imagenet" if wc.target == "knn" else None
-)
+from pipeline.cells import VIEW_METHODS  # the methods that read a bag of views
+
+# the dataset a cell reads besides its bag of views: the baselines' and the MAE family's images /
+# videos, and for target=knn the ImageNet list whose global indices the neighbours file holds
+DATASET_OF_METHOD = {
+    "cropmae": "imagenet",
+    "siammae": "videos",
+    "mae": "imagenet",
+    "lut": "imagenet",
+    "pseudo-mae": "imagenet",
+}
+pretrain_dataset = lambda wc: DATASET_OF_METHOD.get(wc.method, "imagenet" if wc.target == "knn" else None)
 
 
 rule pretrain:
     input:
         # what the cell reads: its bag of views (cdgmae), the neighbours (target knn), or the
         # image / video dataset (cropmae / siammae); [] where it does not apply
-        bag=lambda wc: f"results/views/{wc.generator}/bag.h5" if wc.method == "cdgmae" else [],
+        bag=lambda wc: f"results/views/{wc.generator}/bag.h5" if wc.method in VIEW_METHODS else [],
         knn=lambda wc: "results/consistency/knn.npz" if wc.target == "knn" else [],
         data=lambda wc: get_dataset_input(pretrain_dataset(wc)) if pretrain_dataset(wc) else [],
     output:
@@ -47,7 +54,7 @@ rule pretrain:
         cell=lambda wc: json.dumps(cell_from_wildcards(wc), sort_keys=True),
         # flags naming the cell's data (wildcards-only, so tracked like any param)
         sources=lambda wc: (
-            (f"--bag results/views/{wc.generator}/bag.h5" if wc.method == "cdgmae" else "")
+            (f"--bag results/views/{wc.generator}/bag.h5" if wc.method in VIEW_METHODS else "")
             + (" --knn results/consistency/knn.npz" if wc.target == "knn" else "")
             + (
                 f" --{pretrain_dataset(wc)}-root {shlex.quote(get_root(pretrain_dataset(wc)))}"
@@ -57,7 +64,7 @@ rule pretrain:
             # the views stage's bad-image policy for the images / frames the baselines read themselves
             + (
                 f" --max-reject-fraction {config['views']['max_reject_fraction']}"
-                if wc.method in ("cropmae", "siammae")
+                if wc.method in DATASET_OF_METHOD
                 else ""
             )
         ),
@@ -96,6 +103,27 @@ rule count_gflops:
     shell:
         "python -m pipeline.pretrain flops --output {output} --arch {params.arch} --img-size {params.img_size} "
         "--target-mask {params.target_mask} --cells {params.cells:q} --threads {threads} > {log} 2>&1"
+
+
+rule count_method_gflops:
+    """Training GFLOPs per sample (teachers counted) and parameters of the MAE-family table's cells."""
+    output:
+        "results/mae_family_gflops.csv",
+    log:
+        "results/logs/count_method_gflops.log",
+    benchmark:
+        "results/benchmarks/count_method_gflops.tsv"
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    params:
+        # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
+        code=stage_code("pretrain", "method-flops"),
+        cells=json.dumps(get_cells("mae_family"), sort_keys=True),
+        settings=settings("pretrain", drop=("seeds", "cell_defaults")),
+    shell:
+        "python -m pipeline.pretrain method-flops --cells {params.cells:q} --settings {params.settings:q} "
+        "--output {output} --threads {threads} > {log} 2>&1"
 
 
 # Encoders that are not trained here, evaluated by the same propagate rule as trained ones: a

@@ -22,6 +22,7 @@ def test_paper_preset_validates(repo_root):
     assert cfg["pretrain"]["cell_defaults"]["arch"] == "vit_small_patch16"
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize(
     "override, key",
     [

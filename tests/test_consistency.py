@@ -452,6 +452,7 @@ def test_cli_names_a_corrupt_image(tmp_path):
     assert not (tmp_path / "knn.npz").exists()
 
 
+@pytest.mark.fault
 def test_neighbour_search_skips_and_lists_unreadable_images(tmp_path):
     """The k-NN step follows the one bad-image policy: a corrupt JPEG and a zero-byte file are
     skipped and listed, never anyone's neighbour, their rows -1 (before: the first one crashed it)."""

@@ -176,6 +176,7 @@ def test_missing_root(tmp_path):
         list_videos(tmp_path / "nowhere")
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize(
     "kind, wrong",
     # (a videos root one level too deep is a folder of frames: the empty case's message)

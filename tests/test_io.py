@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from pipeline import io
 
 
+@pytest.mark.fault
 def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
     """SIGKILL inside atomic_path leaves the temporary (once 76 MB); the next write of the same path
     removes it, but never one of a live writer."""

@@ -455,3 +455,20 @@ def test_paper_preset_says_which_reference_each_s_ldm_size_follows(repo_root):
     for cited in ("config/ldm/cin-ldm-vq-f8-repcond.yaml", "configs/latent-diffusion/brca/only_ssl.yaml"):
         assert cited in text
     assert "VQ-f4" in text and "one attention head and no EMA" in text
+
+
+def test_the_autoencoder_encodes_in_float32_inside_the_training_autocast():
+    """train_step calls to_model_space inside its bf16 autocast: the VAE's convolutions still run in
+    float32 (what its comment says), and the latents come back float32."""
+    from test_generators import _tiny_vae
+
+    from pipeline.sldm.model import to_model_space
+
+    torch.manual_seed(0)
+    vae = _tiny_vae().eval()
+    seen = []
+    vae.encoder.conv_in.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = to_model_space(vae, x, torch.Generator().manual_seed(0))
+    assert seen == [torch.float32] and z.dtype == torch.float32

@@ -36,7 +36,10 @@ SETTINGS = {
     "unet": TINY["unet"],  # test_sldm's tiny UNet
     # a random-init ViT whose embeddings of the six images are far apart (cosines 0.0-0.8)
     "encoder": {"input_size": SIZE, "kwargs": {"patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2}},
-    "scheduler": {"num_train_timesteps": 100},
+    # 100 timesteps with DDPM's betas scaled by 1000 / 100 (linear 1e-3 -> 0.2): the forward process
+    # reaches noise (alphabar_99 = 2e-5) as sampling, which starts from pure noise, assumes; DDPM's
+    # own 1e-4 -> 0.02 over 100 steps stops at alphabar_99 = 0.36, a third of the image left
+    "scheduler": {"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 0.001, "beta_end": 0.2},
 }
 
 
@@ -67,7 +70,19 @@ def folder(sources, tmp_path_factory):
     argv = ["train", "--imagenet-root", str(root), "--settings", json.dumps(SETTINGS), "--seed", "0"]
     argv += ["--output", str(out / "model"), "--state-dir", str(out / "state"), "--log-csv", str(out / "log.csv")]
     cli.run("sldm", [*argv, "--threads", "1", "--device", "cpu"])
+    trained = json.loads((out / "model" / "sldm.json").read_text())["scheduler"]["training"]
+    assert {k: trained[k] for k in SETTINGS["scheduler"]} == SETTINGS["scheduler"]
     return out / "model"
+
+
+def test_the_forward_process_reaches_noise():
+    """alphabar_T < 0.01: x_T is (almost) pure noise, where DDIM sampling starts."""
+    from pipeline.sldm.model import build_scheduler
+    from pipeline.sldm.train import resolve_sldm_settings
+
+    s = resolve_sldm_settings(SETTINGS)
+    abar = build_scheduler(s["scheduler"], pixel_space=True, prediction_type=s["prediction_type"]).alphas_cumprod
+    assert len(abar) == 100 and float(abar[-1]) < 0.01, float(abar[-1])
 
 
 def _views(folder, sources, guidance_scale):

@@ -46,7 +46,8 @@ def source_values(views: torch.Tensor) -> list[int]:
 
 
 def test_registry_names():
-    assert set(STRATEGIES) == {"cdgmae", "cropmae", "siammae"}
+    # the MAE family (pipeline.pretrain.mae_family_data) registers itself whenever strategies is imported
+    assert set(STRATEGIES) == {"cdgmae", "cropmae", "siammae", "mae", "lut", "pseudo-mae"}
     with pytest.raises(KeyError, match="unknown method"):
         build_dataset({"method": "dino"}, {}, seed=0)
 

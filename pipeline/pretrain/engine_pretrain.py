@@ -22,6 +22,7 @@ import torch.distributed as dist
 from matplotlib.figure import Figure
 
 from pipeline.io import atomic_path, write_csv_atomic
+from pipeline.resume import WeightHealth
 from pipeline.seeding import derive_seed
 
 HISTORY_KEYS = ("step", "epoch", "loss", "lr", "samples_per_s")
@@ -36,9 +37,11 @@ class DivergedLossError(NonFiniteLossError):
 
 
 def check_loss(loss: float, lowest: float | None, factor: float, step: int, epoch: int, keeping: str) -> None:
-    """The divergence rule: stop on a non-finite loss, or on one above ``factor`` x the lowest loss
-    of the run so far (``pretrain.divergence_factor``); before the update, so the state saved at
-    the last epoch end, whose every loss passed this rule, is the one a retry resumes from."""
+    """The divergence rule of the loss: stop on a non-finite loss, or on one above ``factor`` x the
+    lowest loss of the run so far (``pretrain.divergence_factor``); before the update. The weights
+    have a rule too, checked after each update (``pipeline.resume.WeightHealth``: finite, no weight
+    above 100 x the initial largest, no update above half the weights' norm), so the state saved at
+    the last epoch end, whose every step passed both rules, is the one a retry resumes from."""
     where = f"at step {step} (epoch {epoch}); stopped without updating, keeping {keeping}"
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"non-finite training loss ({loss}) {where}")
@@ -119,6 +122,7 @@ class Loop:
     peak_lr: float
     world_size: int = 1
     rank: int = 0
+    health: WeightHealth | None = None  # the weights' rule, checked after every update
 
 
 def apply_lr(loop: Loop, step: int) -> float:
@@ -157,8 +161,9 @@ def forward_backward(loop: Loop, batches) -> float:
 def train_one_step(
     loop: Loop, batches, step: int, epoch: int, keeping: str, lowest: float | None = None
 ) -> tuple[float, float]:
-    """One optimizer step: (loss, lr). An unhealthy loss (``check_loss``) stops before the update;
-    ``keeping`` names the checkpoint a retry resumes from."""
+    """One optimizer step: (loss, lr). An unhealthy loss (``check_loss``) stops before the update,
+    unhealthy weights (``loop.health``) after it, before any state holds them; ``keeping`` names the
+    checkpoint a retry resumes from."""
     lr = apply_lr(loop, step)
     torch.manual_seed(derive_seed(loop.seed, "step", loop.rank, step) % (1 << 62))  # masks + dropout
     loss_value = forward_backward(loop, batches)
@@ -166,6 +171,10 @@ def train_one_step(
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
     loop.optimizer.zero_grad(set_to_none=True)
+    if hasattr(loop.model, "update_teachers"):  # EMA teachers (lut, pseudo-mae: models_mae_family), no grad
+        loop.model.update_teachers(step + 1, loop.steps_per_epoch, loop.cell["epochs"])
+    if loop.health is not None:
+        loop.health.check(step, keeping)
     return loss_value, lr
 
 

@@ -38,10 +38,6 @@ from pipeline.io import write_csv_atomic
 from pipeline.pretrain.models_mae import CrossViewMAE
 from pipeline.runtime import setup_logging
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)  # fvcore.nn's import-time torch.jit.script
-    from fvcore.nn import FlopCountAnalysis
-
 LOG = logging.getLogger("cdgmae.flops")
 
 TABLE8_CELLS = "1:0,2:0,2:0.25,2:0.5,3:0.25,3:0.5,4:0.25,4:0.5"
@@ -83,6 +79,12 @@ def _no_macs(inputs, outputs) -> int:
 
 def gmacs_fvcore(model: nn.Module, views: torch.Tensor, target_mask: float, anchor_mask: float) -> float:
     """fvcore FlopCountAnalysis total (GMACs) of one forward pass on ``views`` (1, 1+N, 3, H, W)."""
+    # imported here: callers of parse_cells / the flopcounter method (bench.gpu_suite on an image
+    # without fvcore) never need it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # fvcore.nn's import-time torch.jit.script
+        from fvcore.nn import FlopCountAnalysis  # noqa: PLC0415
+
     analysis = FlopCountAnalysis(_LossOnly(model, target_mask, anchor_mask), views)
     # zero-cost handles (a ``None`` handle does not override fvcore's built-in matmul counter)
     analysis.set_op_handle(**{op: _no_macs for op in ATTENTION_PRODUCT_OPS})

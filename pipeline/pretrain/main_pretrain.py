@@ -37,9 +37,9 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from pipeline.cells import CELL_KEYS, complete_cell
+from pipeline.cells import CELL_KEYS, VIEW_METHODS, complete_cell
 from pipeline.config import load_settings, result_neutral_keys, section_defaults
-from pipeline.devices import distributed_context, resolve_device, set_threads
+from pipeline.devices import describe_device, distributed_context, resolve_device, set_threads
 from pipeline.pretrain.checkpoints import mae_layout
 from pipeline.pretrain.engine_pretrain import (
     HISTORY_KEYS,
@@ -51,11 +51,12 @@ from pipeline.pretrain.engine_pretrain import (
     train_one_epoch,
     write_log_csv,
 )
-from pipeline.pretrain.models_mae import CrossViewMAE, resolve_arch
+from pipeline.pretrain.models_mae import resolve_arch
+from pipeline.pretrain.models_mae_family import build_pretrain_model, export_state_dict
 from pipeline.pretrain.strategies import STRATEGIES, TARGET_RULES, build_dataset
 from pipeline.provenance import code_digests
 from pipeline.records import write_record
-from pipeline.resume import load_resume_state, save_resume_state, save_torch_file
+from pipeline.resume import UnhealthyWeightsError, WeightHealth, load_resume_state, save_resume_state, save_torch_file
 from pipeline.runtime import progress, setup_logging
 from pipeline.seeding import derive_seed
 
@@ -76,9 +77,9 @@ def resolve_cell(cell: dict, settings: dict) -> dict:
     full = complete_cell(cell, settings["cell_defaults"], what="--cell")
     if full["method"] not in STRATEGIES:
         raise KeyError(f"--cell: unknown method {full['method']!r}; registered: {sorted(STRATEGIES)}")
-    if full["method"] == "cdgmae" and full["target"] not in TARGET_RULES:
+    if full["method"] in VIEW_METHODS and full["target"] not in TARGET_RULES:
         raise ValueError(f"--cell: target {full['target']!r} not in {TARGET_RULES}")
-    if full["method"] != "cdgmae" and full["anchors"] != 1:
+    if full["method"] not in VIEW_METHODS and full["anchors"] != 1:
         raise ValueError(f"--cell: method {full['method']} has exactly one anchor, got {full['anchors']}")
     for key in ("anchor_mask", "target_mask"):
         if not 0.0 <= full[key] < 1.0:
@@ -165,7 +166,8 @@ def resolve_precision(precision: str, device) -> torch.dtype | None:
 def build_model(cell: dict, settings: dict, seed: int, device, peak_lr: float, amp_dtype):
     """(model, optimizer, scaler), the model initialized from the seed alone (same on every rank)."""
     torch.manual_seed(derive_seed(seed, "init") % (1 << 62))
-    model = CrossViewMAE(cell["arch"], settings["img_size"], norm_pix_loss=settings["norm_pix_loss"]).to(device)
+    # CrossViewMAE, or the MAE family's model for mae / lut / pseudo-mae (pipeline.pretrain.models_mae_family)
+    model = build_pretrain_model(cell, settings).to(device)
     optimizer = build_optimizer(model, peak_lr, settings["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return model, optimizer, scaler
@@ -262,8 +264,12 @@ def payload(loop: Loop, epoch: int, step: int, fp: str, history: dict | None = N
 # training
 
 
-def run_epochs(loop: Loop, loader, history: dict, start_epoch: int, step: int, *, resumed: bool, state_path, fp) -> int:
-    """Epochs ``start_epoch..epochs-1`` (MAE's main loop), saving the state every ``checkpoint_every``."""
+def run_epochs(
+    loop: Loop, loader, history: dict, start_epoch: int, step: int, *, resumed: bool, state_path, fp, rejects=None
+) -> int:
+    """Epochs ``start_epoch..epochs-1`` (MAE's main loop), saving the state every ``checkpoint_every``;
+    ``rejects`` (the dataset's ``ImageRejects``): its listing is written after every epoch that
+    skipped an image, whichever process (loader worker) skipped it."""
     epochs = loop.cell["epochs"]
     total = loop.steps_per_epoch * epochs
     bar = progress(total=total, initial=step, unit="step", desc=f"pretrain seed {loop.seed}", disable=loop.rank != 0)
@@ -277,6 +283,8 @@ def run_epochs(loop: Loop, loader, history: dict, start_epoch: int, step: int, *
         )
         step = train_one_epoch(loop, loader, epoch, step, history, bar, keeping)
         done = epoch + 1
+        if loop.rank == 0 and rejects is not None and rejects.listing and (n := rejects.write_listing()):
+            LOG.warning("%d unreadable images skipped so far; listed in %s", n, rejects.listing)
         if loop.rank == 0 and (done % loop.settings["checkpoint_every"] == 0 or done == epochs):
             save_resume_state(payload(loop, done, step, fp, history), state_path)
             saved_epoch = done
@@ -307,6 +315,7 @@ def train(
     Returns the history (per-step ``step, epoch, loss, lr, samples_per_s``).
     """
     device = torch.device(resolve_device(device))
+    LOG.info("rank %d device: %s", rank, describe_device(device))
     s, state_path = settings, Path(state_dir) / "last.pth"
     accum, steps_per_epoch = batch_plan(s, len(dataset), world_size)
     peak_lr = s["base_lr"] * s["batch_size"] / 256
@@ -315,10 +324,15 @@ def train(
     fp = resume_fingerprint(cell, s, seed, data)
     check_masks(cell, s)
     model, optimizer, scaler = build_model(cell, s, seed, device, peak_lr, amp_dtype)
+    health = WeightHealth(model.parameters())  # bounds from the seeded initial weights
     state = load_state(state_path, fp)
+    rejects = getattr(dataset, "rejects", None)  # the bad-image policy of an image root (cropmae, siammae)
+    if rejects is not None and state is None and rank == 0:
+        rejects.reset()  # starting over: the job's reject journal too (before any loader worker)
     history, start_epoch, step = restore(
         state, model, optimizer, scaler, world_size=world_size, steps_per_epoch=steps_per_epoch, path=state_path
     )
+    health.snapshot()
     loop = Loop(
         model=model,
         ddp_model=wrap_ddp(model, device, world_size),
@@ -334,15 +348,26 @@ def train(
         peak_lr=peak_lr,
         world_size=world_size,
         rank=rank,
+        health=health,
     )
     loader = build_loader(
         dataset, s, device, steps_per_epoch=steps_per_epoch, seed=seed, world_size=world_size, rank=rank
     )
-    step = run_epochs(loop, loader, history, start_epoch, step, resumed=state is not None, state_path=state_path, fp=fp)
+    step = run_epochs(
+        loop,
+        loader,
+        history,
+        start_epoch,
+        step,
+        resumed=state is not None,
+        state_path=state_path,
+        fp=fp,
+        rejects=rejects,
+    )
     if rank == 0:
         final = payload(loop, cell["epochs"], step, fp)
         # the released checkpoint in MAE's key layout (reference loaders read it); last.pth keeps ours
-        final["model"] = mae_layout(final["model"])
+        final["model"] = mae_layout(export_state_dict(loop.model))  # EMA teachers stay in last.pth only
         save_torch_file(final, output)
         write_outputs(history, cell, seed, log_csv, curve_png)
         training = {k: v for k, v in s.items() if k not in result_neutral_keys("pretrain")}
@@ -430,6 +455,6 @@ def main(argv=None) -> None:
         outputs["inputs"] = [args.bag, args.knn, args.imagenet_root, args.videos_root]
         try:
             train(cell, settings, dataset, seed=args.seed, world_size=world, rank=rank, device=device, **outputs)
-        except NonFiniteLossError as err:
+        except (NonFiniteLossError, UnhealthyWeightsError) as err:
             LOG.error("%s", err)
             raise SystemExit(f"pretrain: {err}") from err

@@ -243,8 +243,10 @@ class GlobalToLocalDataset(EpochDataset):
         self.images, self.img_size = list(images), int(img_size)
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.ratio, self.flip = tuple(ratio), bool(flip)
-        # per process: with loader workers each one enforces the fraction on the images it read
-        self.rejects = ImageRejects(len(self.images), max_reject_fraction, "CropMAE images", rejects_listing)
+        # shared: loader workers journal their rejects beside the listing, the fraction is the job's
+        self.rejects = ImageRejects(
+            len(self.images), max_reject_fraction, "CropMAE images", rejects_listing, shared=True
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -317,7 +319,7 @@ class VideoPairDataset(EpochDataset):
         self.videos, self.img_size = list(videos), int(img_size)
         self.frame_gap, self.scale, self.ratio, self.flip = tuple(frame_gap), tuple(scale), tuple(ratio), bool(flip)
         n_frames = sum(len(v.frames) for v in self.videos)
-        self.rejects = ImageRejects(n_frames, max_reject_fraction, "SiamMAE frames", rejects_listing)
+        self.rejects = ImageRejects(n_frames, max_reject_fraction, "SiamMAE frames", rejects_listing, shared=True)
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -468,3 +470,8 @@ def build_dataset(cell: dict, settings: dict, *, seed: int, **sources) -> EpochD
     if method not in STRATEGIES:
         raise KeyError(f"unknown method {method!r}; registered: {sorted(STRATEGIES)}")
     return STRATEGIES[method](cell, settings, seed=seed, **sources)
+
+
+# the single-image MAE-family methods (mae, lut, pseudo-mae) register themselves here too, so the
+# registry is complete whichever module is imported first
+from pipeline.pretrain import mae_family_data as _mae_family_data  # noqa: E402, F401

@@ -56,6 +56,8 @@ def summary_markdown(
     for name, df in tables.items():
         lines.append(f"## {name}")
         lines.append("")
+        if name in TABLES and TABLES[name].extension:  # not a paper table: say so before its numbers
+            lines += [f"*{TABLES[name].caption}*", ""]
         ref = paper.get(name, {})
         kind = TABLES[name].kind if name in TABLES else None
         if kind == "consistency":  # tables 1, 9
@@ -87,18 +89,27 @@ def _consistency_lines(df: pd.DataFrame, ref: dict) -> list[str]:
     return lines
 
 
+# the MAE-family table's training-cost columns: (column, header, digits)
+COST_COLUMNS = (("params_m", "params (M)", 2), ("teacher_params_m", "EMA teachers (M)", 2), ("gflops", "GFLOPs", 3))
+
+
 def _method_lines(df: pd.DataFrame) -> list[str]:
-    """Table 5 / Figure 4: one row per method (cited rows say so in ``source``)."""
+    """Table 5 / Figure 4 / the MAE-family table: one row per method (cited rows say so in
+    ``source``); mean ± std over seeds where the table has stds, training cost where it has it."""
+    costs = [c for c in COST_COLUMNS if c[0] in df.columns]
     lines = [
-        "| method | recipe | arch | epochs | J&F_m | VIP mIoU | PCK@0.1 | source |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | recipe | arch | epochs | J&F_m | VIP mIoU | PCK@0.1 | "
+        + "".join(f"{h} | " for _, h, _ in costs)
+        + "source |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(costs) + "---|",
     ]
     for r in df.to_dict("records"):
         epochs = r.get("epochs")
         epochs = "–" if epochs is None or (isinstance(epochs, float) and math.isnan(epochs)) else int(epochs)
+        vals = [_fmt(r.get(m)) + (f" ± {_fmt(r.get(m + '_std'))}" if costs else "") for m in HEADLINE]
+        extra = "".join(f"{_fmt(r.get(c), d)} | " for c, _, d in costs)
         lines.append(
-            f"| {r['method']} | {r.get('recipe', '–')} | {r['arch']} | {epochs} | {_fmt(r.get('davis_jf_m'))} | "
-            f"{_fmt(r.get('vip_miou'))} | {_fmt(r.get('jhmdb_pck01'))} | {r.get('source', '')} |"
+            f"| {r['method']} | {r.get('recipe', '–')} | {r['arch']} | {epochs} | {' | '.join(vals)} | {extra}{r.get('source', '')} |"
         )
     return lines
 
@@ -183,9 +194,10 @@ def _paper_headline(name, p):
 
 
 def _table_order(p):
-    """Tables by number, then the figures."""
-    m = re.search(r"(\d+)", Path(p).stem)
-    return (Path(p).stem.startswith("figure"), int(m.group(1)) if m else 0)
+    """Tables by number, then the figures, then this project's extension tables."""
+    stem = Path(p).stem
+    m = re.search(r"(\d+)", stem)
+    return (stem in TABLES and TABLES[stem].extension, stem.startswith("figure"), int(m.group(1)) if m else 0)
 
 
 def main(argv=None) -> None:

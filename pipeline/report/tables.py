@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.cells import RANDOM_INIT, parse_model_path
+from pipeline.cells import CELL_KEYS, RANDOM_INIT, cell_path, complete_cell, parse_model_path
 from pipeline.cli import command_parser
 from pipeline.config import load_settings
 from pipeline.io import write_csv_atomic
@@ -56,7 +56,11 @@ METRICS = {
 HEADLINE = ["davis_jf_m", "vip_miou", "jhmdb_pck01"]
 STD_DDOF = 1  # sample standard deviation over seeds; NaN with a single seed
 REFERENCE_ROW = "random-init encoder (reference)"  # label of the random-init encoder rows
-METHOD_TABLES = ("table5", "figure4")  # one row per method, labelled by ``method_label``
+METHOD_TABLES = ("table5", "figure4", "mae_family")  # one row per method, labelled by ``method_label``
+# the single-view MAE family (pipeline.pretrain.models_mae_family) by method key
+FAMILY_LABELS = {"mae": "MAE", "lut": "LUT", "pseudo-mae": "Pseudo MAE"}
+# training cost columns of results/mae_family_gflops.csv (``pretrain method-flops``), by cell
+COST_COLUMNS = ["params_m", "teacher_params_m", "gflops"]
 CONFIG_TABLES = [name for name, t in TABLES.items() if t.kind == "config"]  # table6, table7
 
 
@@ -119,8 +123,12 @@ def method_label(row: dict) -> str:
         return "CropMAE"
     if method == "siammae":
         return "SiamMAE"
+    if method in FAMILY_LABELS:
+        return FAMILY_LABELS[method]
     n, ra = int(row["anchors"]), float(row["anchor_mask"])
     name = {(1, 0.0): "a1", (3, 0.25): "a3"}.get((n, ra), f"N{n}-ra{ra:g}")
+    if method == "cdgmae-lut":  # with LUT's loss on the anchors' unmasked tokens
+        name += " + LUT"
     if row.get("generator") in BASELINE_GENERATORS:
         return f"cross-view MAE-{name} on {row['generator']} pseudo-views (baseline)"
     if row.get("generator") in SUBSTITUTE_GENERATORS:
@@ -160,6 +168,8 @@ def build_table(
         table = table.merge(
             g, how="left", left_on=["anchors", "anchor_mask"], right_on=["anchors", "anchor_mask_g"]
         ).drop(columns=["anchor_mask_g"])
+    if name == "mae_family" and gflops:
+        table = _with_cell_costs(table, gflops)
     if name in METHOD_TABLES:
         table = _method_rows(name, table, metrics, run_label, cited)
     for col in ("anchors", "epochs", "n_seeds"):
@@ -215,6 +225,9 @@ def _method_rows(name: str, table: pd.DataFrame, metrics, run_label: str, cited:
         for m in metrics:
             out[m] = r[f"{m}_mean"]
             out[f"{m}_std"] = r[f"{m}_std"]
+        for col in COST_COLUMNS:  # the MAE-family table's training cost, where given
+            if col in r:
+                out[col] = r[col]
         out["source"] = f"measured ({run_label})"
         rows.append(out)
     if name == "table5" and cited:
@@ -230,6 +243,22 @@ def _method_rows(name: str, table: pd.DataFrame, metrics, run_label: str, cited:
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _with_cell_costs(table: pd.DataFrame, costs: str) -> pd.DataFrame:
+    """Each trained row's parameters and GFLOPs per sample from ``pretrain method-flops``'s CSV,
+    matched by the cell's path (``pipeline.cells.cell_path``); the reference rows get none."""
+    by_cell = pd.read_csv(costs, keep_default_na=False).set_index("cell")
+    paths = [
+        None if r.get("row") == REFERENCE_ROW else cell_path(complete_cell({k: r[k] for k in CELL_KEYS}, {}))
+        for r in table.to_dict("records")
+    ]
+    missing = sorted({p for p in paths if p is not None and p not in by_cell.index})
+    if missing:
+        raise ValueError(f"{costs}: no GFLOPs / parameter row for cells {missing}")
+    for col in COST_COLUMNS:
+        table[col] = [float(by_cell.at[p, col]) if p is not None else math.nan for p in paths]
+    return table
 
 
 def _epochs(value) -> str:

@@ -162,7 +162,7 @@ def plot_curve(history: dict, path, title: str) -> None:
     ax.plot(history["step"], history["loss"], lw=1, color="tab:blue")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("ε-prediction MSE", color="tab:blue")
+    ax.set_ylabel("MSE to the ε or v target (sldm.prediction_type)", color="tab:blue")
     ax2 = ax.twinx()
     ax2.plot(history["step"], history["lr"], lw=1, color="tab:orange")
     ax2.set_ylabel("learning rate", color="tab:orange")

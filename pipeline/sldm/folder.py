@@ -3,19 +3,24 @@
 One local folder with a JSON manifest (``sldm.json``), the format documented in
 ``docs/sldm-format.md``: the UNet, the VAE (or none: pixel space), the training noise schedule, the
 conditioning encoder (a timm ViT) and its Linear projector, and the classifier-free-guidance
-convention used in training. Errors name the missing file or the mismatched key.
+convention used in training. Errors name the missing file or the mismatched key. The folder's
+last file is its digest manifest (``digests.sha256``, ``pipeline.io.write_folder_digests``): every
+load checks each file against it, so a flipped byte is an ``IntegrityError`` naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.io import verify_folder_digests, write_folder_digests
 from pipeline.sldm.encoders import head_dims
+from pipeline.sldm.sampling import PREDICTION_TYPES
 
 SLDM_MANIFEST = "sldm.json"
 MANIFEST_KEYS = ("encoder", "projector", "unet", "vae", "scheduler", "conditioning")
@@ -28,6 +33,7 @@ NULL_CONDITIONS = ("projected_zero", "zero_token", "none")
 AUTOENCODERS = ("AutoencoderKL", "VQModel")
 HEAD_WEIGHTS = "encoder_head.safetensors"
 PROJECTOR_WEIGHTS = "projector.safetensors"
+LOG = logging.getLogger("cdgmae.sldm")
 
 
 class SLDMFolderError(ValueError):
@@ -68,6 +74,8 @@ def save_sldm(
     a ``projection_head`` MLP after the CLS embedding (``encoder_head.safetensors``);
     ``resize_antialias``: how the encoder's input is resized; ``sampling_keys``: scheduler config keys
     the sampler must keep (recorded, checked on load); ``imported``: provenance of an imported model.
+    Last, ``digests.sha256``: the SHA-256 of every file (a writer that adds a file afterwards, as
+    the RCG import's key map, records it again with ``pipeline.io.write_folder_digests``).
     """
     if null_condition not in NULL_CONDITIONS:
         raise ValueError(f"null_condition must be one of {NULL_CONDITIONS}, got {null_condition!r}")
@@ -112,6 +120,7 @@ def save_sldm(
         **({"imported": imported} if imported is not None else {}),
     }
     (folder / SLDM_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_folder_digests(folder)
     return folder
 
 
@@ -139,7 +148,19 @@ def read_manifest(path: Path) -> dict:
 def validate_folder(path: Path) -> dict:
     """The manifest of an S-LDM folder whose every named file exists, whose autoencoder is a known
     class and whose scheduler has the noise schedule the UNet was trained with (and the sampling
-    keys recorded); raises naming the missing file or mismatched key."""
+    keys recorded); raises naming the missing file or mismatched key. Then every file is checked
+    against the folder's ``digests.sha256`` (``pipeline.io.verify_folder_digests``): a changed, missing
+    or unlisted file is an ``IntegrityError`` naming it; a folder under ``results/`` without the
+    manifest is one too, an external folder without it is read with a logged note."""
+    path = Path(path)
+    man = _validate_layout(path)
+    verify_folder_digests(path, log=LOG)
+    return man
+
+
+def _validate_layout(path: Path) -> dict:
+    """``validate_folder``'s checks of the format (before the digests: a hand-edited folder is
+    named by what it breaks)."""
     man = read_manifest(path)
     enc, pr = man["encoder"], man["projector"]
     needed = [enc["weights"], f"{man['unet']}/config.json", f"{man['scheduler']['folder']}/scheduler_config.json"]
@@ -182,5 +203,8 @@ def _check_scheduler(path: Path, sched: dict) -> None:
                 raise SLDMFolderError(
                     f"{folder}: scheduler {key} = {shipped.get(key)!r}, but {what} {recorded!r} ({SLDM_MANIFEST})"
                 )
-    if sched["training"].get("prediction_type") != "epsilon":
-        raise SLDMFolderError(f"{path}: only epsilon-prediction UNets are sampled here ({SLDM_MANIFEST})")
+    if sched["training"].get("prediction_type") not in PREDICTION_TYPES:
+        raise SLDMFolderError(
+            f"{path}: scheduler.training.prediction_type {sched['training'].get('prediction_type')!r} "
+            f"is not sampled here (one of {PREDICTION_TYPES}; {SLDM_MANIFEST})"
+        )

@@ -2,7 +2,11 @@
 conditioning embedding (one cross-attention token), the DDPM training schedule, the EMA of both,
 the autoencoder (a local ``AutoencoderKL`` folder, or none: pixel space) and the loss.
 
-Loss: ε-prediction MSE at a uniformly drawn timestep. Classifier-free guidance is trained by zeroing
+Loss: MSE at a uniformly drawn timestep against the target of ``sldm.prediction_type``: the noise ε
+(``epsilon``) or the velocity v = √ᾱ ε − √(1−ᾱ) x0 (``v_prediction``, diffusers' ``get_velocity``).
+The noise schedule (``sldm.scheduler``) defaults by space: DDPM's pixel-space betas, or CompVis
+LDM's ``scaled_linear`` 0.0015 → 0.0195 with its DDIM offsets for latents (``resolve_schedule``).
+Classifier-free guidance is trained by zeroing
 the *raw* embedding with probability ``p_uncond`` before the projector, so the null token the UNet
 learns is ``projector(0)`` = the projector's bias (``null_condition: projected_zero``).
 """
@@ -15,15 +19,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from pipeline.seeding import derive_seed
+from pipeline.sldm.sampling import PREDICTION_TYPES  # what the UNet predicts (sldm.prediction_type)
 
 NULL_CONDITION = "projected_zero"  # how this training drops the condition (recorded in sldm.json)
 
 
 class Denoiser(torch.nn.Module):
-    """UNet + projector: ``forward(x_t, t, z)`` predicts the noise given the raw embeddings ``z``."""
+    """UNet + projector: ``forward(x_t, t, z)`` predicts ε or v (``sldm.prediction_type``) given the
+    raw embeddings ``z``."""
 
     def __init__(self, unet: UNet2DConditionModel, projector: torch.nn.Linear):
         super().__init__()
@@ -77,19 +83,62 @@ def build_unet(settings: dict, in_channels: int, sample_size: int) -> UNet2DCond
     )
 
 
-def build_scheduler(settings: dict, pixel_space: bool = False) -> DDPMScheduler:
-    """The DDPM training noise schedule of ``sldm.scheduler`` (ε-prediction). In pixel space the
-    sampler clips its x0 estimate to the image range [-1, 1], as DDPM does: an imperfect ε at high
-    noise otherwise blows x0 up far outside it and DDIM's few large steps never recover (measured on
-    the CPU demo's 400-step model: pure noise unclipped). Latents have no such range: no clipping."""
-    return DDPMScheduler(
-        num_train_timesteps=settings["num_train_timesteps"],
-        beta_start=settings["beta_start"],
-        beta_end=settings["beta_end"],
-        beta_schedule=settings["beta_schedule"],
-        prediction_type="epsilon",
+# the schedule keys whose null (schema default) is resolved by the space the UNet denoises:
+# pixel space = DDPM (Ho et al.) and diffusers' DDIM defaults; latent space = CompVis LDM, as RCG's
+# LDM-8 (config/ldm/cin-ldm-vq-f8-repcond.yaml linear_start/end, LDM's "linear" = linear in sqrt(beta))
+# and LIDM (configs/latent-diffusion/brca/only_ssl.yaml), sampled with CompVis's DDIM (timesteps
+# 1 + k T/steps: 981...1 at 50 steps; the last step's alpha_prev = alphas_cumprod[0])
+SCHEDULE_DEFAULTS = {
+    "pixel": {
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "steps_offset": 0,
+        "set_alpha_to_one": True,
+        "timestep_spacing": "leading",
+    },
+    "latent": {
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.0015,
+        "beta_end": 0.0195,
+        "steps_offset": 1,
+        "set_alpha_to_one": False,
+        "timestep_spacing": "leading",
+    },
+}
+# the DDIM keys the folder records for the sampler to keep (scheduler.sampling in sldm.json)
+SAMPLING_KEYS = ("clip_sample", "steps_offset", "set_alpha_to_one", "timestep_spacing")
+
+
+def resolve_schedule(settings: dict, pixel_space: bool) -> dict:
+    """``sldm.scheduler`` with every null key given its default for the space (``SCHEDULE_DEFAULTS``)."""
+    defaults = SCHEDULE_DEFAULTS["pixel" if pixel_space else "latent"]
+    return {**settings, **{k: v for k, v in defaults.items() if settings.get(k) is None}}
+
+
+def build_scheduler(settings: dict, pixel_space: bool = False, prediction_type: str = "epsilon") -> DDIMScheduler:
+    """The training noise schedule of ``sldm.scheduler`` (nulls resolved for the space,
+    ``resolve_schedule``) and the DDIM sampler's keys, in one ``DDIMScheduler`` (its ``add_noise``
+    and ``get_velocity`` are DDPM's): the config the folder ships is the one sampling loads.
+    ``prediction_type``: ``epsilon`` or ``v_prediction`` (the loss target, and how DDIM reads the
+    UNet). In pixel space the sampler clips its x0 estimate to the image range [-1, 1], as DDPM
+    does: an imperfect ε at high noise otherwise blows x0 up far outside it and DDIM's few large
+    steps never recover (measured on the CPU demo's 400-step model: pure noise unclipped). Latents
+    have no such range: no clipping."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"sldm.prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    s = resolve_schedule(settings, pixel_space)
+    return DDIMScheduler(
+        num_train_timesteps=s["num_train_timesteps"],
+        beta_start=s["beta_start"],
+        beta_end=s["beta_end"],
+        beta_schedule=s["beta_schedule"],
+        prediction_type=prediction_type,
         clip_sample=bool(pixel_space),
         clip_sample_range=1.0,
+        steps_offset=int(s["steps_offset"]),
+        set_alpha_to_one=bool(s["set_alpha_to_one"]),
+        timestep_spacing=s["timestep_spacing"],
     )
 
 
@@ -159,18 +208,31 @@ def to_model_space(vae, images: torch.Tensor, gen: torch.Generator) -> torch.Ten
     """(B, 3, S, S) in [-1, 1] -> what the UNet denoises: VAE latents (sampled, scaled) or the pixels."""
     if vae is None:
         return images
-    with torch.no_grad():  # float32 whatever the autocast: the noise is added at full precision
+    # float32 whatever the caller's autocast (train_step encodes inside its bf16 one): the
+    # posterior sample and the noise added to it at full precision
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         return (vae.encode(images).latent_dist.sample(generator=gen) * vae.config.scaling_factor).float()
 
 
-def diffusion_loss(model, scheduler: DDPMScheduler, x0: torch.Tensor, z: torch.Tensor, p_uncond: float, gen):
-    """ε-prediction MSE; the raw embedding is zeroed with probability ``p_uncond`` (CFG training).
-    Every draw (timesteps, drops, noise) comes from the CPU generator ``gen``."""
+def loss_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output: ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (``get_velocity``)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    raise ValueError(f"prediction_type {kind!r} is not trained here (one of {PREDICTION_TYPES})")
+
+
+def diffusion_loss(model, scheduler: DDIMScheduler, x0: torch.Tensor, z: torch.Tensor, p_uncond: float, gen):
+    """MSE of the UNet's output against ``loss_target`` (ε or v, the scheduler's
+    ``prediction_type``); the raw embedding is zeroed with probability ``p_uncond`` (CFG
+    training). Every draw (timesteps, drops, noise) comes from the CPU generator ``gen``."""
     B = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=gen)
     keep = (torch.rand(B, generator=gen) >= p_uncond).to(z.dtype)
     noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
     t, keep, noise = t.to(x0.device), keep.to(x0.device), noise.to(x0.device, x0.dtype)
     x_t = scheduler.add_noise(x0, noise, t)
-    eps = model(x_t, t, z * keep[:, None])
-    return F.mse_loss(eps.float(), noise.float())
+    out = model(x_t, t, z * keep[:, None])
+    return F.mse_loss(out.float(), loss_target(scheduler, x0, noise, t).float())

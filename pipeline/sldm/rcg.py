@@ -33,7 +33,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
 
 from pipeline.cli import command_parser
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.io import file_sha256, write_text_atomic
+from pipeline.io import file_sha256, write_folder_digests, write_text_atomic
 from pipeline.records import write_record
 from pipeline.resume import UnsafeCheckpointError, safe_torch_load
 from pipeline.sldm.encoders import projection_head, timm_vit
@@ -404,6 +404,7 @@ def write_folder(out, unet, vae, sched, vit, kwargs: dict, head, imported: dict,
         imported=imported,
     )
     write_text_atomic(tmp / "import_keymap.json", json.dumps(keymap.targets, indent=1, sort_keys=True))
+    write_folder_digests(tmp)  # the key map joins the folder's digest manifest, written last
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -5,7 +5,10 @@ Conditioning: ``projector(embedding)`` is the one cross-attention token (``proje
 ``Identity`` when the folder has none: RCG); the null token is ``projector(0)`` (``projected_zero``,
 the raw embedding zeroed before the projector, as trained here) or an all-zero token
 (``zero_token``); ``none`` (a model never trained without its condition) has no null token and is
-sampled unguided only. Guidance: ``eps = eps_u + w (eps_c - eps_u)``. Every view has its own CPU
+sampled unguided only. Guidance: ``out = out_u + w (out_c - out_u)`` on the UNet's output, ε or v:
+the scheduler's ``prediction_type`` (recorded in the folder) tells DDIM which it is, and guidance is
+linear in either. The UNet runs in the sampling ``dtype`` (bf16 / fp16 on GPU), the DDIM update in
+float32: the latents never round through half precision between steps. Every view has its own CPU
 generator seeded from its seed, so a view depends on (image, seed) only.
 """
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # UNet outputs this sampler reads (DDIM's step does)
 
 
 def cpu_generators(seeds: np.ndarray) -> list[torch.Generator]:
@@ -35,21 +40,27 @@ def cfg_conditions(projector, z: torch.Tensor, M: int, null_condition: str, dtyp
 
 
 def denoise(unet, scheduler, latents, cond, null, gens: list, *, steps: int, eta: float, guidance_scale: float, device):
-    """DDIM from ``latents`` with classifier-free guidance ``eps_u + w (eps_c - eps_u)``."""
+    """DDIM from ``latents`` (float32) with classifier-free guidance ``out_u + w (out_c - out_u)``
+    on the UNet's output (ε or v, the scheduler's ``prediction_type``); the UNet runs in its own
+    dtype, every DDIM update in float32."""
+    kind = scheduler.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type {kind!r}: this sampler reads {PREDICTION_TYPES}")
     w = float(guidance_scale)
     scheduler.set_timesteps(int(steps), device=device)
     use_cfg = w != 1.0
     if use_cfg and null is None:
         raise ValueError(f"guidance_scale {w} needs a CFG null token; this model has none (use 1.0)")
+    latents = latents.float()
     for t in scheduler.timesteps:
         inp = torch.cat([latents, latents]) if use_cfg else latents
         inp = scheduler.scale_model_input(inp, t)
         ctx = torch.cat([null, cond]) if use_cfg else cond
-        eps = unet(inp, t, encoder_hidden_states=ctx).sample
+        out = unet(inp.to(unet.dtype), t, encoder_hidden_states=ctx).sample.float()
         if use_cfg:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + w * (eps_c - eps_u)
-        latents = scheduler.step(eps, t, latents, eta=float(eta), generator=gens).prev_sample
+            out_u, out_c = out.chunk(2)
+            out = out_u + w * (out_c - out_u)
+        latents = scheduler.step(out, t, latents, eta=float(eta), generator=gens).prev_sample
     return latents
 
 
@@ -85,7 +96,9 @@ def sample(
     gens = cpu_generators(seeds)
     c = unet.config
     shape = (seeds.size, c.in_channels, c.sample_size, c.sample_size)
-    latents = randn_tensor(shape, generator=gens, device=torch.device(device), dtype=dtype) * scheduler.init_noise_sigma
+    # float32 latents whatever the UNet's dtype (denoise casts the UNet's input only)
+    latents = randn_tensor(shape, generator=gens, device=torch.device(device), dtype=torch.float32)
+    latents = latents * scheduler.init_noise_sigma
     latents = denoise(
         unet, scheduler, latents, cond, null, gens, steps=steps, eta=eta, guidance_scale=guidance_scale, device=device
     )

@@ -37,25 +37,36 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.cli import command_parser
 from pipeline.config import load_settings, result_neutral_keys, section_defaults
 from pipeline.data.readers import list_imagenet
-from pipeline.devices import distributed_context, resolve_device, set_threads
+from pipeline.devices import describe_device, distributed_context, resolve_device, set_threads
 from pipeline.imaging import ImageRejects, TooManyRejectsError, load_square
 from pipeline.io import file_sha256, folder_sha256
 from pipeline.provenance import code_digests
 from pipeline.records import write_record
-from pipeline.resume import load_resume_state, save_resume_state
+from pipeline.resume import UnhealthyWeightsError, WeightHealth, load_resume_state, save_resume_state
 from pipeline.runtime import progress, setup_logging
 from pipeline.seeding import derive_seed
 from pipeline.sldm import engine
 from pipeline.sldm.encoders import build_conditioning_encoder
 from pipeline.sldm.folder import save_sldm
-from pipeline.sldm.model import NULL_CONDITION, build_denoiser, build_ema, build_scheduler, load_autoencoder
+from pipeline.sldm.model import (
+    NULL_CONDITION,
+    SAMPLING_KEYS,
+    build_denoiser,
+    build_ema,
+    build_scheduler,
+    load_autoencoder,
+    resolve_schedule,
+)
 
 LOG = logging.getLogger("cdgmae.sldm")
 
 
 def resolve_sldm_settings(settings: dict | None) -> dict:
-    """The ``sldm`` section with every schema default filled (``--settings`` may be partial)."""
-    return section_defaults("sldm", overrides=settings or {})
+    """The ``sldm`` section with every schema default filled (``--settings`` may be partial), the
+    noise schedule's nulls resolved for the space it denoises (``pipeline.sldm.model.resolve_schedule``)."""
+    resolved = section_defaults("sldm", overrides=settings or {})
+    resolved["scheduler"] = resolve_schedule(resolved["scheduler"], pixel_space=resolved["autoencoder"] == "none")
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +192,7 @@ def build_loop(settings: dict, seed: int, device: torch.device) -> engine.Loop:
         model=model,
         ema=build_ema(model, settings["ema_decay"]),
         optimizer=torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=settings["weight_decay"]),
-        scheduler=build_scheduler(settings["scheduler"], pixel_space=vae is None),
+        scheduler=build_scheduler(settings["scheduler"], vae is None, settings["prediction_type"]),
         vae=vae,
         encoder=encoder,
         settings=settings,
@@ -214,7 +225,8 @@ def write_folder(loop: engine.Loop, output, n_images: int, step: int) -> Path:
         p_uncond=s["p_uncond"],
         encoder_source=enc.source,
         training=training,
-        sampling_keys=("clip_sample",),  # pixel space clips x0, latents do not: the sampler keeps it
+        # pixel space clips x0, latents do not; DDIM's timestep offsets: the sampler keeps them
+        sampling_keys=SAMPLING_KEYS,
     )
     if output.exists():
         shutil.rmtree(output)
@@ -275,9 +287,11 @@ def train(
     ``<state_dir>/rejects.csv`` up to ``max_reject_fraction``. Returns the history (step, loss, lr,
     images/s)."""
     s, device = settings, torch.device(resolve_device(device))
+    LOG.info("rank %d device: %s", rank, describe_device(device))
     state_dir = Path(paths["state_dir"])
     loop = build_loop(s, seed, device)  # reads the encoder and autoencoder: errors name them first
     loop.world_size, loop.rank = world_size, rank
+    health = WeightHealth(loop.model.parameters())  # a kept state's rule, bounds from the seeded init
     fingerprint = resume_fingerprint(s, seed, data_signature(records))
     files = [r.path for r in records]
     batches = StepBatches(
@@ -293,13 +307,19 @@ def train(
     real = np.stack([batches.image(j) for j in range(min(s["samples"]["images"], len(files)))])
     state = load_state(state_dir / "last.pth", fingerprint)
     history, step = engine.restore(loop, state) if state is not None else (engine.new_history(), 0)
+    health.snapshot()
+    saved = {"step": step if state is not None else None}
     if state is not None and state.get("world_size", 1) != world_size:
         LOG.warning("resuming a %s-process run with %d processes", state.get("world_size"), world_size)
     loop.ddp_model = wrap_ddp(loop.model, device, world_size)
 
     def on_step(done: int) -> None:
+        # the weights' rule before any state can hold them (pipeline.resume.WeightHealth)
+        kept = "no state yet" if saved["step"] is None else f"{state_dir / 'last.pth'} (step {saved['step']})"
+        health.check(done - 1, kept)
         if rank == 0 and done % s["checkpoint_every"] == 0 and done < s["steps"]:
             save_state(loop, done, history, fingerprint, state_dir / "last.pth")
+            saved["step"] = done
         if rank == 0 and s["sample_every"] and done % s["sample_every"] == 0 and done < s["steps"]:
             write_samples(loop, real, paths.get("samples_png"), state_dir, done)
 
@@ -368,7 +388,7 @@ def main(argv=None) -> None:
                 max_reject_fraction=args.max_reject_fraction,
                 **paths,
             )
-        except engine.NonFiniteLossError as err:
+        except (engine.NonFiniteLossError, UnhealthyWeightsError) as err:
             raise SystemExit(f"sldm: {err}") from err
         if rank == 0:
             write_folder_record(args, settings, device)

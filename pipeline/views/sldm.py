@@ -44,7 +44,8 @@ class SLDMGenerator(ViewGenerator):
     def __init__(self, settings, image_size=96, device=None):
         super().__init__(settings, image_size, device)
         self.device = resolve_device(device)
-        self.dtype = torch_dtype(self.settings.get("dtype", "float16"), self.device)
+        # bf16 by default: the precision training's autocast ran the UNet in (float32 on the CPU)
+        self.dtype = torch_dtype(self.settings.get("dtype", "bfloat16"), self.device)
         path = model_dir(self.settings, self.name)
         self.manifest = man = validate_folder(path)
         self.model_sha256 = folder_sha256(path)  # which weights made the views (Tables 9 / 10 rows)
@@ -123,6 +124,8 @@ class SLDMGenerator(ViewGenerator):
             "guidance_scale": float(s.get("guidance_scale", 6.0)),
             "null_condition": self.null_condition,
             "dtype": str(self.dtype).removeprefix("torch."),
+            # what the UNet predicts (the folder's scheduler config): DDIM reads its output so
+            "prediction_type": self.scheduler.config.prediction_type,
         }
         return {**super().describe(), "manifest": self.manifest, "model_sha256": self.model_sha256, "sampler": sampler}
 
