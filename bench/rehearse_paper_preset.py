@@ -251,6 +251,7 @@ def stage_sldm_train(args, cfg: dict, work: Path) -> None:
         return wrapper
 
     records = train_mod.training_records(p["imagenet"], None)
+    shutil.rmtree(work / "sldm", ignore_errors=True)  # a kept state would be resumed, not trained
     t0 = time.perf_counter()
     with patched(train_mod, "build_loop", capture), patched(engine, "train_step", counted):
         history = train_mod.train(
@@ -336,6 +337,7 @@ def stage_bag(args, cfg: dict, work: Path) -> None:
     gen = {**v["generators"]["sldm"], "model_path": str(p["sldm"]), "steps": args.bag_steps}
     settings = {**{k: v[k] for k in shard_keys}, "shards": 1, "max_images": 2, "generators": {"sldm": gen}}
     shard = p["bag"].parent / "shard-0.h5"
+    shutil.rmtree(p["bag"].parent, ignore_errors=True)  # complete parts would be kept, not generated
     t0 = time.perf_counter()
     argv = ["--root", str(p["imagenet"]), "--generator", "sldm", "--shard", "0", "--out", str(shard)]
     argv += ["--state-dir", str(p["bag"].parent / "parts"), "--settings", json.dumps(settings), "--seed", "0"]
@@ -385,6 +387,7 @@ def stage_pretrain(args, cfg: dict, work: Path, stage: str) -> None:
 
         return wrapper
 
+    shutil.rmtree(work / f"{stage}-state", ignore_errors=True)  # a kept state would be resumed
     t0 = time.perf_counter()
     with patched(mp, "build_model", capture), count_flops() as c:
         history = mp.train(cell, settings, dataset, seed=0, output=work / f"{stage}.pth",
@@ -424,6 +427,7 @@ def stage_propagation(args, cfg: dict, work: Path, stage: str) -> None:
     settings = json.loads(json.dumps(cfg["propagation"]))
     settings["davis"]["vallist"] = None
     out = work / stage
+    shutil.rmtree(out, ignore_errors=True)  # complete predictions would be kept, not propagated
     t0 = time.perf_counter()
     with count_flops() as c:
         row = run_propagation(ckpt, "davis", p["davis"], out, settings=settings, device="cpu")
@@ -471,6 +475,11 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {cpu}, {mem:.0f} GiB RAM, torch {torch.__version__}, {platform.python_version()}"
 
 
+def hours(h: float | None) -> str:
+    """GPU-hours: whole hours from 10 up, two significant digits below."""
+    return "" if h is None else format(h, ",.0f") if h >= 10 else format(h, ".2g")
+
+
 def fmt_row(r: dict) -> str:
     if r.get("failed"):
         return f"| {r['stage']} | **failed**: {r['failed']} | | | | | | | |"
@@ -480,7 +489,7 @@ def fmt_row(r: dict) -> str:
     return (
         f"| {r['stage']} | {r['what']} | {params} | {r['wall_s']:.1f} | {num(r.get('step_s'), '.1f')} | "
         f"{r['peak_rss_gib']:.2f} | {num(r.get('gflops_per_sample'), ',.1f')} | {r.get('workload', '')} | "
-        f"{num(a100, ',.0f')} / {num(h100, ',.0f')} |"
+        f"{hours(a100)} / {hours(h100)} |"
     )
 
 
@@ -544,6 +553,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(fmt_row(r))
+    (work / "rows.json").write_text(json.dumps(rows, indent=1))
     for r in rows:
         if r.get("scheduler"):
             print(f"\n# S-LDM folder scheduler: {json.dumps(r['scheduler'])}")
