@@ -27,6 +27,10 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint that holds pickled code (or objects other than plain data) was refused."""
 
 
+class CorruptCheckpointError(RuntimeError):
+    """A file that is not a readable torch checkpoint (the message names it)."""
+
+
 def safe_torch_load(path: str | os.PathLike, allowed: tuple = ()) -> Any:
     """``torch.load(weights_only=True)`` of ``path``, with ``allowed`` globals (e.g. MAE's
     ``argparse.Namespace``) by name. A file that pickles anything else (a function, a class to
@@ -36,11 +40,15 @@ def safe_torch_load(path: str | os.PathLike, allowed: tuple = ()) -> Any:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"global ([\w.]+)", str(err))
-        what = f" (it references {found.group(1)})" if found else ""
+        text = str(err)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found is None:  # not a refusal: a corrupt or foreign file (never pass on torch's retry advice)
+            reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+            detail = reason.group(1).strip() if reason else text.splitlines()[0]
+            raise CorruptCheckpointError(f"{path}: not a readable torch checkpoint ({detail})") from None
         raise UnsafeCheckpointError(
-            f"{path}: refused: the file holds pickled code or objects other than tensors and plain data{what}; "
-            "checkpoints are only ever loaded as data, never executed"
+            f"{path}: refused: the file holds pickled code or objects other than tensors and plain data "
+            f"(it references {found.group(1)}); checkpoints are only ever loaded as data, never executed"
         ) from None
 
 
