@@ -14,7 +14,6 @@ from snakemake.utils import Paramspace, validate
 # The stage modules run as `python -m pipeline.<stage>`; make the package importable at parse time
 # and in every job even when it is not pip-installed (e.g. inside a --sdm conda environment).
 sys.path.insert(0, workflow.basedir)
-shell.prefix(f'export PYTHONPATH="{workflow.basedir}:$PYTHONPATH"; ')
 
 # cheap at parse time: yaml, jsonschema, ast and plain data (no torch)
 from pipeline.cells import CELL_KEYS, CellError, canonical_cell, model_path, random_init_model  # noqa: E402
@@ -38,8 +37,13 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err))
 validate(config, "../schemas/config.schema.yaml")
-# pipeline/lease.py: may a GPU job that finds no CUDA device run on the CPU (the demo), or must it fail
-os.environ["CDGMAE_ALLOW_CPU"] = "1" if config["allow_cpu"] else "0"
+# every job: the package importable even when not pip-installed (e.g. in a --sdm conda environment),
+# and whether a GPU job that finds no CUDA device may run on the CPU (the demo) or must fail
+# (pipeline/lease.py)
+shell.prefix(
+    f'export PYTHONPATH="{workflow.basedir}:$PYTHONPATH"; '
+    f"export CDGMAE_ALLOW_CPU={1 if config['allow_cpu'] else 0}; "
+)
 
 # every configured dataset root has its official layout: a wrong root fails now, not in the job
 for _kind, _root in config["data"]["roots"].items():

@@ -344,6 +344,38 @@ def test_datasets_are_registered_and_deterministic(method, views, tmp_path):
         assert not torch.equal(x[0], x[1])  # two augmentations of the image
 
 
+@pytest.mark.fault
+def test_single_image_methods_follow_the_bad_image_policy(tmp_path):
+    """CropMAE's reader's policy: an unreadable image is skipped for a seeded substitute and listed;
+    above ``max_reject_fraction`` it is an error naming the listing."""
+    from pipeline.data.readers import list_imagenet
+    from pipeline.imaging import TooManyRejectsError
+    from pipeline.pretrain.mae_family_data import SingleImageDataset
+    from tests.test_pretrain import write_bad_images
+
+    root = write_imagenet(tmp_path / "imagenet", n=8)
+    bad = write_bad_images(root / "train" / "n00000000")
+    records, listing = list_imagenet(root), tmp_path / "rejects.csv"
+    make = lambda fraction: SingleImageDataset(  # noqa: E731
+        records,
+        method="lut",
+        img_size=32,
+        seed=0,
+        settings=settings(),
+        max_reject_fraction=fraction,
+        rejects_listing=listing,
+    )
+    data = make(0.25)
+    samples = [data[(0, i)] for i in range(len(data))]
+    assert all(x.shape == (2, 3, 32, 32) and torch.isfinite(x).all() for x in samples)
+    assert sorted(r[2] for r in data.rejects.rows.values()) == sorted(map(str, bad))
+    assert all(torch.equal(a, make(0.25)[(0, i)]) for i, a in enumerate(samples))  # seeded substitutes
+    strict = make(0.1)
+    with pytest.raises(TooManyRejectsError, match="lut images: 2 of 10"):
+        for i in range(len(strict)):
+            strict[(0, i)]
+
+
 # ---------------------------------------------------------------------------------------------
 # training: resume is exact with the teachers, the checkpoint loads
 

@@ -47,7 +47,7 @@ def source_values(views: torch.Tensor) -> list[int]:
 
 def test_registry_names():
     # the MAE family (pipeline.pretrain.mae_family_data) registers itself whenever strategies is imported
-    assert set(STRATEGIES) == {"cdgmae", "cropmae", "siammae", "mae", "lut", "pseudo-mae"}
+    assert set(STRATEGIES) == {"cdgmae", "cropmae", "siammae", "mae", "lut", "pseudo-mae", "cdgmae-lut"}
     with pytest.raises(KeyError, match="unknown method"):
         build_dataset({"method": "dino"}, {}, seed=0)
 

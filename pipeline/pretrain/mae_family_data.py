@@ -143,7 +143,10 @@ class SingleImageDataset(EpochDataset):
         if method not in VIEWS:
             raise KeyError(f"unknown MAE-family method {method!r}; known: {sorted(VIEWS)}")
         self.images, self.method, self.img_size, self.settings = list(images), method, int(img_size), settings
-        self.rejects = ImageRejects(len(self.images), max_reject_fraction, f"{method} images", rejects_listing)
+        # shared, as CropMAE's reader: loader workers journal their rejects, the fraction is the job's
+        self.rejects = ImageRejects(
+            len(self.images), max_reject_fraction, f"{method} images", rejects_listing, shared=True
+        )
 
     def __len__(self) -> int:
         return len(self.images)
