@@ -31,6 +31,8 @@ DIGEST_SUFFIX = ".sha256"
 # the folder (relative to the working directory, as every rule writes it) holding what the workflow
 # made: a file there must carry its recorded digest; a file elsewhere is a user's external input
 RESULTS_DIR = "results"
+# the marker Snakemake writes into a finished directory() output (not part of the folder's content)
+SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"
 
 
 class IntegrityError(RuntimeError):
@@ -147,7 +149,11 @@ def write_folder_digests(folder: str | os.PathLike) -> Path:
     format, relative paths, sorted; ``cd folder && sha256sum -c digests.sha256`` checks it too).
     Written atomically and last: a folder killed before it has no manifest."""
     root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != FOLDER_DIGESTS)
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.relative_to(root).as_posix() not in (FOLDER_DIGESTS, SNAKEMAKE_TIMESTAMP)
+    )
     text = "".join(f"{file_sha256(f)}  {f.relative_to(root).as_posix()}\n" for f in files)
     write_text_atomic(root / FOLDER_DIGESTS, text)
     return root / FOLDER_DIGESTS
@@ -204,7 +210,8 @@ def verify_folder_digests(folder: str | os.PathLike, external: bool | None = Non
                 f"{path}: content digest {actual[:16]}… does not match the recorded {expected[:16]}… "
                 f"({root / FOLDER_DIGESTS}); the file is corrupt or was changed after the folder was written"
             )
-    listed = {*digests, FOLDER_DIGESTS}
+    # Snakemake marks a finished directory() output with its own timestamp file: not content
+    listed = {*digests, FOLDER_DIGESTS, SNAKEMAKE_TIMESTAMP}
     extra = sorted(
         rel for p in root.rglob("*") if p.is_file() and (rel := p.relative_to(root).as_posix()) not in listed
     )

@@ -92,3 +92,19 @@ def test_a_really_full_filesystem_names_the_artefact(tmp_path):
             assert err.value.errno == errno.ENOSPC and not target.exists()
     finally:
         subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def test_snakemakes_timestamp_in_a_finished_folder_is_not_content(tmp_path):
+    """Snakemake writes .snakemake_timestamp into a directory() output after the job: the folder
+    still verifies (the trained S-LDM folder is such an output)."""
+    folder = tmp_path / "results" / "sldm" / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "weights.bin").write_bytes(b"weights")
+    io.write_folder_digests(folder)
+    (folder / io.SNAKEMAKE_TIMESTAMP).touch()
+    assert io.verify_folder_digests(folder, external=False)
+    (folder / "stray.txt").write_text("added later")
+    import pytest
+
+    with pytest.raises(io.IntegrityError, match="stray.txt: not listed"):
+        io.verify_folder_digests(folder, external=False)
