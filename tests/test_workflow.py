@@ -340,7 +340,10 @@ def test_paper_preset_lists_the_whole_grid(repo_root, tmp_path):
 
 
 def test_slurm_profile_requests_gpus_only_for_gpu_rules(tiny_run, tmp_path):
-    """A fake sbatch captures the submission lines of the first wave of jobs."""
+    """A fake sbatch captures the submission lines of the first wave of jobs. In a copy of the tiny
+    run: the forced, killed run leaves jobs marked incomplete, which must not reach the other tests
+    sharing the fixture."""
+    tiny_run = Path(shutil.copytree(tiny_run, tmp_path / "wf", symlinks=True))
     bindir = tmp_path / "bin"
     bindir.mkdir()
     captured = tmp_path / "sbatch.log"
