@@ -1,9 +1,9 @@
 """Benchmark the consistency stage's batched pieces against straightforward per-item baselines.
 
-1. Pair metrics: ``pipeline.consistency.scores.pair_metrics`` (all pairs as batched matrix products,
+1. Pair metrics: ``pipeline.consistency.pair_metrics.pair_metrics`` (all pairs as batched matrix products,
    chunked) vs a per-pair Python loop of cosine / nested-max calls (what a first implementation
    writes). Pairs of ViT-B/16-sized token sets (L = 196, C = 768) by default.
-2. k-NN: ``pipeline.consistency.knn.nearest_neighbours`` (chunked query blocks against the normalized
+2. k-NN: ``pipeline.consistency.neighbours.nearest_neighbours`` (chunked query blocks against the normalized
    bank, top-k) vs the naive full N x N similarity matrix + argsort.
 3. Encoders: images/s of sift-grid, hog-grid and a random-init timm ViT (load path = real weights).
 
@@ -78,8 +78,8 @@ def baseline_knn(emb, k):
 def _job(name, args, queue):
     import torch
 
-    from pipeline.consistency.knn import nearest_neighbours
-    from pipeline.consistency.scores import pair_metrics
+    from pipeline.consistency.neighbours import nearest_neighbours
+    from pipeline.consistency.pair_metrics import pair_metrics
 
     torch.set_num_threads(args.threads)
     if name.startswith("metrics"):
@@ -99,7 +99,7 @@ def _job(name, args, queue):
         ref = baseline_knn(emb, 5)
         items = args.images
     else:  # encoder throughput
-        from pipeline.consistency.encoders import build_feature_encoder
+        from pipeline.consistency.feature_encoders import build_feature_encoder
 
         kind = name.split(":", 1)[1]
         settings = {"name": kind, "image_size": args.image_size, "patch_size": 16}

@@ -39,8 +39,8 @@ import pipeline.views.bag as bag_module
 from pipeline.data.synthetic import _imagenet_still
 from pipeline.devices import set_threads
 from pipeline.io import record_digest
-from pipeline.pretrain.main_pretrain import resolve_pretrain_settings
 from pipeline.pretrain.strategies import build_dataset
+from pipeline.pretrain.train import resolve_pretrain_settings
 from pipeline.views.bag import BagDataset
 from pipeline.views.hdf5 import decode_jpeg, encode_jpeg, write_rows
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_consistency import _peak_since, _start_peak
 from pipeline.devices import resolve_device
 from pipeline.propagation import algorithm as A
-from pipeline.propagation import runner
+from pipeline.propagation import run as propagation_run
 
 # the baseline is the tests' oracle: the reference's straightforward algorithm is no part of the package
 from tests.propagation_reference import propagate_reference
@@ -78,7 +78,7 @@ def _sequence_inputs(root: Path, hw):
 
     ds = DavisDataset(root)
     for seq in ds.sequences:
-        frames = [runner.load_frame(read_rgb(p), hw)[0] for p in ds.frames(seq)]
+        frames = [propagation_run.load_frame(read_rgb(p), hw)[0] for p in ds.frames(seq)]
         gt = ds.read_annotation(ds.annotations(seq)[0])
         ids = cv2.resize(gt, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
         yield seq, frames, ids
@@ -90,13 +90,13 @@ def _measure_sequence(encoder, frames, labels0, grid, args, device):
 
     kw = dict(topk=args.topk, temperature=0.7, radius=args.radius, queue=args.queue)
     with torch.inference_mode():
-        feats, t_feat, _ = _measure(lambda: runner.encode_frames(encoder, frames, 5, device), device)
+        feats, t_feat, _ = _measure(lambda: propagation_run.encode_frames(encoder, frames, 5, device), device)
         ours, t_prop, peak = _measure(
             lambda: A.propagate(feats, labels0, grid, query_chunk=args.query_chunk, **kw), device
         )
         # baseline: the padded copies of frame 0 are encoded as well, features moved to the host
         padded = [frames[0]] * args.queue + frames
-        pfeats, b_feat, _ = _measure(lambda: runner.encode_frames(encoder, padded, 5, device).cpu(), device)
+        pfeats, b_feat, _ = _measure(lambda: propagation_run.encode_frames(encoder, padded, 5, device).cpu(), device)
         base, b_prop, b_peak = _measure(lambda: propagate_reference(pfeats[args.queue :], labels0, grid, **kw), device)
     return (ours, t_feat, t_prop, peak), (base, b_feat, b_prop, b_peak)
 

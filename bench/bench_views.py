@@ -33,8 +33,8 @@ from pipeline.config import section_defaults  # noqa: E402
 from pipeline.data.readers import list_imagenet  # noqa: E402
 from pipeline.imaging import load_square  # noqa: E402
 from pipeline.views.bag import BagDataset  # noqa: E402
+from pipeline.views.generate import ShardWriter, to_uint8, view_seed  # noqa: E402
 from pipeline.views.generators import build_generator  # noqa: E402
-from pipeline.views.shards import ShardWriter, to_uint8, view_seed  # noqa: E402
 
 
 def make_sources(root: Path, n: int, size: int = 160) -> Path:

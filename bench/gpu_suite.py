@@ -11,11 +11,11 @@ peak-memory counters; a crash, a hang or a time-out of one does not stop the oth
 
 - ``pretrain``: ``bench.bench_pretrain`` — CrossViewMAE training steps (ViT-S/16, 224 px, bf16,
   a1 and a3) against the reference-style step in the same process: samples/s, peak memory;
-- ``loader``: the pretraining DataLoader (``main_pretrain.build_loader`` over
+- ``loader``: the pretraining DataLoader (``pretrain.train.build_loader`` over
   ``strategies.build_dataset`` of a 256-px bag: HDF5 read + JPEG decode + augmentation) with the
   paper preset's workers (8) and micro-batch (256), a1 and a3: samples/s;
 - ``ddp``: one-GPU ``torchrun``: NCCL process group, the model DDP-wrapped, the pretraining step of
-  ``engine_pretrain.train_one_step`` at the paper's micro-batch (256), a1 and a3: samples/s, peak
+  ``engine.train_one_step`` at the paper's micro-batch (256), a1 and a3: samples/s, peak
   memory allocated and reserved (gloo on the CPU);
 - ``views``: view generation through ``pipeline.views.generators.build_generator`` with the tests'
   tiny random-weight ``sd-variation`` pipeline and ``sldm`` folder: the dtype they really ran in;
@@ -27,7 +27,7 @@ peak-memory counters; a crash, a hang or a time-out of one does not stop the oth
   stage's generator and sampled at the preset's views settings (16 images x 4 views, 50 DDIM steps,
   CFG 6, the preset's dtype);
 - ``propagation``: label propagation at /8 (ViT-S/8, random init) on one 480x880 DAVIS-sized
-  synthetic sequence (``runner.encode_frames`` + ``algorithm.propagate``): frames/s, peak memory.
+  synthetic sequence (``propagation_run.encode_frames`` + ``algorithm.propagate``): frames/s, peak memory.
 
 From those rows: GPU-hours of the S-LDM (preset steps x per-GPU step time x GPUs), of the bag
 (images x views x DDIM steps) and of a pretraining cell (epochs x images / min(step, loader) rate).
@@ -388,12 +388,12 @@ def environment_rows() -> list[tuple[str, str]]:
 
 SECTION_MODULES = {
     "pretrain": ["bench.bench_pretrain"],
-    "loader": ["bench.bench_loader", "pipeline.pretrain.main_pretrain", "pipeline.pretrain.strategies"],
-    "ddp": ["torch.distributed.run", "pipeline.pretrain.main_pretrain", "pipeline.pretrain.engine_pretrain"],
+    "loader": ["bench.bench_loader", "pipeline.pretrain.train", "pipeline.pretrain.strategies"],
+    "ddp": ["torch.distributed.run", "pipeline.pretrain.train", "pipeline.pretrain.engine"],
     "views": ["test_generators", "pipeline.views.generators"],
     "sldm-train": ["diffusers", "pipeline.sldm.train", "pipeline.sldm.engine", "pipeline.sldm.model"],
     "sldm-sample": ["pipeline.sldm.train", "pipeline.views.generators"],
-    "propagation": ["bench.bench_propagation", "pipeline.data.synthetic", "pipeline.propagation.runner"],
+    "propagation": ["bench.bench_propagation", "pipeline.data.synthetic", "pipeline.propagation.run"],
 }
 
 
@@ -434,7 +434,7 @@ def section_pretrain(z: Sizes) -> None:
 
 
 def _paper_pretrain_settings(z: Sizes) -> dict:
-    from pipeline.pretrain.main_pretrain import resolve_pretrain_settings
+    from pipeline.pretrain.train import resolve_pretrain_settings
 
     keep = {k: v for k, v in paper()["pretrain"].items() if k not in ("cell_defaults", "seeds", "gpus")}
     cuda = z.device == "cuda"
@@ -449,8 +449,8 @@ def section_loader(z: Sizes) -> None:
     """The pretraining DataLoader alone: batches of the real training path (bag read, JPEG decode
     of the used images, crops, flip, normalization, collation, pinned copies on CUDA)."""
     from bench.bench_loader import write_bench_bag
-    from pipeline.pretrain.main_pretrain import build_loader
     from pipeline.pretrain.strategies import build_dataset
+    from pipeline.pretrain.train import build_loader
 
     device = torch.device(z.device)
     settings = _paper_pretrain_settings(z)
@@ -492,8 +492,8 @@ def section_ddp(z: Sizes) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from pipeline.pretrain import engine_pretrain
-    from pipeline.pretrain.main_pretrain import build_model, resolve_cell, resolve_precision
+    from pipeline.pretrain import engine
+    from pipeline.pretrain.train import build_model, resolve_cell, resolve_precision
 
     die_with_parent()  # torchrun's worker: gone if torchrun is killed
     cuda = z.device == "cuda"
@@ -501,7 +501,7 @@ def section_ddp(z: Sizes) -> None:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # as main_pretrain.wrap_ddp
+        torch.backends.cudnn.benchmark = True  # as pretrain.train.wrap_ddp
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         settings = _paper_pretrain_settings(z)
@@ -513,7 +513,7 @@ def section_ddp(z: Sizes) -> None:
             )
             model, optimizer, scaler = build_model(cell, settings, 0, device, 1e-4, amp)
             ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-            loop = engine_pretrain.Loop(
+            loop = engine.Loop(
                 model=model,
                 ddp_model=ddp,
                 optimizer=optimizer,
@@ -533,7 +533,7 @@ def section_ddp(z: Sizes) -> None:
             batches = iter(lambda views=views: views, None)
             step = iter(range(1 << 30))
             seconds, alloc, reserved = timed(
-                lambda loop=loop, batches=batches, step=step: engine_pretrain.train_one_step(
+                lambda loop=loop, batches=batches, step=step: engine.train_one_step(
                     loop, batches, next(step), 0, "none"
                 ),
                 z.steps,
@@ -699,7 +699,7 @@ def section_propagation(z: Sizes) -> None:
     from pipeline.data.synthetic import make_davis
     from pipeline.pretrain.models_mae import build_encoder
     from pipeline.propagation import algorithm as A
-    from pipeline.propagation import runner
+    from pipeline.propagation import run as propagation_run
 
     device = torch.device(z.device)
     torch.manual_seed(0)
@@ -715,7 +715,7 @@ def section_propagation(z: Sizes) -> None:
             labels0 = torch.from_numpy(A.segmentation_labels(ids, label_set, grid)).reshape(-1, len(label_set))
 
             def run(frames=frames, labels0=labels0, grid=grid):
-                feats = runner.encode_frames(encoder, frames, 5, device)
+                feats = propagation_run.encode_frames(encoder, frames, 5, device)
                 return A.propagate(feats, labels0, grid, topk=7, temperature=0.7, radius=20, queue=20)
 
             with torch.inference_mode():

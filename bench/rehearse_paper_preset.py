@@ -18,9 +18,9 @@ only the data paths, the step counts and the batch changed:
   samples one view of one image: ``--sampling-steps`` (default 50) guided DDIM steps, CFG 6;
 - ``bag``: ``python -m pipeline.views generate`` + ``merge`` (vds) on two images, M = 4 views,
   ``--bag-steps`` DDIM steps (the sampler's cost is the row above; this one rehearses the writer);
-- ``pretrain-*``: ``pipeline.pretrain.main_pretrain.train`` for each Table 5 cell of the preset
+- ``pretrain-*``: ``pipeline.pretrain.train.train`` for each Table 5 cell of the preset
   (CropMAE, SiamMAE, CDG-MAE a1, a3): ViT-S/16 at 224 px, ``--steps`` steps at ``--batch``;
-- ``propagation-16`` / ``-8``: ``pipeline.propagation.runner.run_propagation`` of a random-init
+- ``propagation-16`` / ``-8``: ``pipeline.propagation.run.run_propagation`` of a random-init
   ViT-S/16 and ViT-S/8 on the DAVIS sequence at 480 x 880 (the preset's protocol), scored.
 
 Printed per stage: parameters, wall time, peak RSS, FLOPs per sample (``FlopCounterMode``: 2 per
@@ -185,7 +185,7 @@ def stage_data(args, cfg: dict, work: Path) -> None:
     import torch
 
     from pipeline.data.synthetic import make_davis, make_imagenet, make_videos
-    from pipeline.sldm.encoders import timm_vit
+    from pipeline.sldm.conditioning import timm_vit
 
     z, p, t0 = SIZES[args.tiny], paths(work), time.perf_counter()
     make_imagenet(p["imagenet"], {"classes": 2, "images_per_class": 2, "size": z["still"]}, 0)
@@ -360,7 +360,7 @@ def stage_pretrain(args, cfg: dict, work: Path, stage: str) -> None:
     import torch
 
     from pipeline.pretrain import flops as flops_mod
-    from pipeline.pretrain import main_pretrain as mp
+    from pipeline.pretrain import train as mp
     from pipeline.pretrain.strategies import build_dataset
 
     p = paths(work)
@@ -418,7 +418,7 @@ def stage_pretrain(args, cfg: dict, work: Path, stage: str) -> None:
 def stage_propagation(args, cfg: dict, work: Path, stage: str) -> None:
     from pipeline.pretrain.checkpoints import init_random_encoder
     from pipeline.pretrain.models_mae import build_encoder
-    from pipeline.propagation.runner import run_propagation
+    from pipeline.propagation.run import run_propagation
 
     z, p = SIZES[args.tiny], paths(work)
     arch = z["prop_archs"][stage]

@@ -27,18 +27,21 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "import-rcg": ("pipeline.sldm.rcg:main", "convert RCG's LDM-8 + MoCo v3 checkpoints into an sldm folder"),
     },
     "views": {
-        "generate": ("pipeline.views.shards:main", "generate one shard of the bag of views"),
+        "generate": ("pipeline.views.generate:main", "generate one shard of the bag of views"),
         "merge": ("pipeline.views.merge:main", "validate the shards and merge them into bag.h5"),
         "figure": ("pipeline.views.figure:main", "plot real images beside their generated views"),
         "generators": ("pipeline.views.generators:main", "list the registered view generators"),
     },
     "consistency": {
-        "neighbours": ("pipeline.consistency.knn:main", "k nearest neighbours of every pretraining image (knn.npz)"),
-        "table1": ("pipeline.consistency.tables:table1_main", "Table 1: consistency per pair kind"),
-        "table9": ("pipeline.consistency.tables:table9_main", "Table 9: consistency per generator"),
+        "neighbours": (
+            "pipeline.consistency.neighbours:main",
+            "k nearest neighbours of every pretraining image (knn.npz)",
+        ),
+        "table1": ("pipeline.consistency.consistency_tables:table1_main", "Table 1: consistency per pair kind"),
+        "table9": ("pipeline.consistency.consistency_tables:table9_main", "Table 9: consistency per generator"),
     },
     "pretrain": {
-        "train": ("pipeline.pretrain.main_pretrain:main", "train one cell with one seed (resumable)"),
+        "train": ("pipeline.pretrain.train:main", "train one cell with one seed (resumable)"),
         "flops": ("pipeline.pretrain.flops:main", "Table 8 GFLOPs per training sample"),
         "method-flops": (
             "pipeline.pretrain.method_flops:main",
@@ -58,12 +61,12 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         ),
     },
     "propagation": {
-        "run": ("pipeline.propagation.runner:main", "propagate labels with one encoder on one dataset, and score"),
+        "run": ("pipeline.propagation.run:main", "propagate labels with one encoder on one dataset, and score"),
         "score": ("pipeline.propagation.score:main", "score a results folder: davis, vip or jhmdb"),
     },
     "report": {
-        "table": ("pipeline.report.tables:table_main", "a propagation table (2, 3, 4, 5, 8, 10, figure 4)"),
-        "config-table": ("pipeline.report.tables:config_table_main", "Table 6 / 7 from the validated config"),
+        "table": ("pipeline.report.table:table_main", "a propagation table (2, 3, 4, 5, 8, 10, figure 4)"),
+        "config-table": ("pipeline.report.table:config_table_main", "Table 6 / 7 from the validated config"),
         "figure4": ("pipeline.report.figures:figure4_main", "Figure 4 from results/figure4.csv"),
         "loss-curves": ("pipeline.report.figures:loss_curves_main", "training-loss curves"),
         "summary": ("pipeline.report.summary:main", "results/summary.md: our numbers beside the paper's"),
@@ -100,7 +103,7 @@ def dispatch(stage: str, commands: dict[str, tuple[str, str]], argv: list[str] |
 
 
 def entry_point(target: str) -> tuple[str, str]:
-    """``"pipeline.views.shards:main"`` -> (module, function); the function defaults to ``main``."""
+    """``"pipeline.views.generate:main"`` -> (module, function); the function defaults to ``main``."""
     module, _, function = target.partition(":")
     return module, function or "main"
 

@@ -46,7 +46,7 @@ CORE_MODULES = {
     f"{PACKAGE}.labels": (RESULT, "the names of views, generators and datasets written into tables"),
     f"{PACKAGE}.palette": (RESULT, "DAVIS's colour map in annotation and prediction PNGs"),
     f"{PACKAGE}.seeding": (RESULT, "every derived seed and the global RNG seeding"),
-    f"{PACKAGE}.tables": (RESULT, "the tables' rows, cells and captions"),
+    f"{PACKAGE}.table_registry": (RESULT, "the tables' rows, cells and captions"),
     f"{PACKAGE}.vit_checkpoints": (RESULT, "which checkpoint keys become which encoder weights"),
     f"{PACKAGE}.__main__": (INFRASTRUCTURE, "python -m pipeline: the list of stages and commands"),
     f"{PACKAGE}.cells": (INFRASTRUCTURE, "cell keys and paths: a change is a new path or param Snakemake sees"),
@@ -74,7 +74,7 @@ class UnclassifiedModuleError(LookupError):
 
 
 def module_file(module: str) -> Path | None:
-    """``pipeline.views.shards`` -> its file (module or package ``__init__``), None if not ours."""
+    """``pipeline.views.generate`` -> its file (module or package ``__init__``), None if not ours."""
     parts = module.split(".")
     if parts[0] != PACKAGE:
         return None

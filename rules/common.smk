@@ -29,7 +29,7 @@ from pipeline.provenance import (  # noqa: E402
     registrations,
 )
 from pipeline.records import describe_record, read_record, record_path  # noqa: E402  (no torch)
-from pipeline.tables import PAPER_TABLES, PROPAGATION_TABLES, TABLES, table_cells, table_seeds  # noqa: E402
+from pipeline.table_registry import PAPER_TABLES, PROPAGATION_TABLES, TABLES, table_cells, table_seeds  # noqa: E402
 
 try:
     # fills schema defaults and names the offending key (e.g. "pretrain.cell_defaults.target_mask")
@@ -229,7 +229,7 @@ def config_table_settings(table):
 
 def report_table(path):
     """A results/{table}.csv output (or a fixed results/tableN.csv) shown in the HTML report,
-    labelled and captioned from the table registry (pipeline.tables); the caption text travels as
+    labelled and captioned from the table registry (pipeline.table_registry); the caption text travels as
     the rule's ``caption`` param. Its ``provenance`` label, read from the table's record
     (pipeline.records) when the report is made, names the code, environments and inputs behind it."""
     fixed = os.path.basename(path).split(".")[0]  # "{table}", or the table of a fixed path

@@ -1,5 +1,5 @@
 # Stage 5: the paper's tables, figures and summary (pipeline/report/), driven by the table
-# registry pipeline.tables. Each table lists only the evaluations it needs, so building one table
+# registry pipeline.table_registry. Each table lists only the evaluations it needs, so building one table
 # runs exactly its cells; report jobs depend on the report code alone, so editing it re-runs only them.
 
 

@@ -184,7 +184,7 @@ def test_a_blob_that_does_not_decode_is_named_by_file_row_and_image(tmp_path):
 
 def test_a_generator_writing_undecodable_blobs_never_makes_a_part(tmp_path, monkeypatch):
     """Blobs are decoded back before a part is written: a bad bag is never assembled."""
-    import pipeline.views.shards as shards
+    import pipeline.views.generate as shards
     from pipeline.config import section_defaults
     from pipeline.data.readers import list_imagenet
     from tests.test_views import SEED, _make_imagenet

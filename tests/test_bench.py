@@ -86,7 +86,7 @@ def test_the_paper_shaped_models_run_at_the_gpu_sizes_on_the_meta_device():
     from diffusers import AutoencoderKL
 
     from pipeline.pretrain.models_mae import CrossViewMAE, build_encoder
-    from pipeline.sldm.encoders import timm_vit
+    from pipeline.sldm.conditioning import timm_vit
     from pipeline.sldm.model import build_unet
 
     z = gpu_suite.gpu_sizes()

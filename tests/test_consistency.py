@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from pipeline.cli import run
-from pipeline.consistency.encoders import (
+from pipeline.consistency.feature_encoders import (
     ENCODERS,
     HogGridEncoder,
     SiftGridEncoder,
     TimmViTEncoder,
     build_feature_encoder,
 )
-from pipeline.consistency.knn import find_neighbours, nearest_neighbours
 from pipeline.consistency.knn_file import read_knn
+from pipeline.consistency.neighbours import find_neighbours, nearest_neighbours
+from pipeline.consistency.pair_metrics import METRICS, centre_descriptors, pair_metrics
 from pipeline.consistency.pairs import (
     PairKind,
     knn_kind,
@@ -27,7 +28,6 @@ from pipeline.consistency.pairs import (
     sample_video_pairs,
     score_table,
 )
-from pipeline.consistency.scores import METRICS, centre_descriptors, pair_metrics
 from pipeline.io import write_npz_atomic
 
 TIMM_MODEL = "vit_tiny_patch16_224"  # 5.7 M params; at 64 px it runs 16 patch tokens in ms

@@ -7,7 +7,7 @@ import ast
 
 import pytest
 
-from pipeline import cells, cli, provenance, tables
+from pipeline import cells, cli, provenance, table_registry
 from pipeline.config import load_config, result_neutral_keys
 from pipeline.registry import Registry
 
@@ -65,19 +65,19 @@ def test_model_path_round_trips_through_parse_model_path(config):
 
 
 def test_table_registry_lists_every_paper_table_once():
-    assert tables.PAPER_TABLES == [f"table{i}" for i in range(1, 11)]
-    assert set(tables.PROPAGATION_TABLES) == {
+    assert table_registry.PAPER_TABLES == [f"table{i}" for i in range(1, 11)]
+    assert set(table_registry.PROPAGATION_TABLES) == {
         *("table2", "table3", "table4", "table5", "table8", "table10", "figure4"),
         "mae_family",  # this project's extension, not a paper table
     }
-    assert [name for name, t in tables.TABLES.items() if t.extension] == ["mae_family"]
-    for name, t in tables.TABLES.items():
+    assert [name for name, t in table_registry.TABLES.items() if t.extension] == ["mae_family"]
+    for name, t in table_registry.TABLES.items():
         assert t.label and t.caption and t.kind in ("propagation", "consistency", "config"), name
         assert set(t.row_keys) <= set(cells.CELL_KEYS)
 
 
 def test_table_cells_and_seeds(config):
-    t4 = tables.table_cells(config, "table4")
+    t4 = table_registry.table_cells(config, "table4")
     assert [(c["anchors"], c["anchor_mask"]) for c in t4] == [
         (1, 0.0),
         (2, 0.0),
@@ -86,11 +86,11 @@ def test_table_cells_and_seeds(config):
         (3, 0.25),
         (3, 0.5),
     ]
-    t8 = tables.table_cells(config, "table8")
+    t8 = table_registry.table_cells(config, "table8")
     assert t8[: len(t4)] == t4 and len(t8) == len(t4) + len(config["tables"]["table8"]["extra_cells"])
-    assert tables.table_seeds(config, "table8", t8[-1]) == config["tables"]["table8"]["extra_seeds"]
-    assert tables.table_seeds(config, "table8", t4[0]) == config["pretrain"]["seeds"]
-    fig4 = tables.table_cells(config, "figure4")
+    assert table_registry.table_seeds(config, "table8", t8[-1]) == config["tables"]["table8"]["extra_seeds"]
+    assert table_registry.table_seeds(config, "table8", t4[0]) == config["pretrain"]["seeds"]
+    fig4 = table_registry.table_cells(config, "figure4")
     assert {c["arch"] for c in fig4} == set(config["tables"]["figure4"]["archs"])
 
 
@@ -159,18 +159,18 @@ def _rel(files):
 
 def test_code_files_follow_imports_to_every_result_carrying_module():
     train = _rel(provenance.code_files(cli.command_module("pretrain", "train")))
-    assert {"pretrain/main_pretrain.py", "pretrain/models_mae.py", "pretrain/strategies.py"} <= train
+    assert {"pretrain/train.py", "pretrain/models_mae.py", "pretrain/strategies.py"} <= train
     assert not any(f.startswith(("report/", "propagation/")) for f in train)  # never a later stage
     # result-carrying core modules are tracked wherever they are imported from; infrastructure never
     assert {"crop_sampler.py", "constants.py", "imaging.py", "seeding.py"} <= train
     assert not train & {"io.py", "config.py", "runtime.py", "devices.py", "lease.py", "resume.py", "cli.py"}
     figure = _rel(provenance.code_files(cli.command_module("views", "figure")))
-    assert "views/figure.py" in figure and "views/shards.py" not in figure
+    assert "views/figure.py" in figure and "views/generate.py" not in figure
     run = _rel(provenance.code_files(cli.command_module("propagation", "run")))
     assert {"pretrain/models_mae.py", "constants.py", "palette.py"} <= run  # the encoder it loads, normalisation
     assert "crop_sampler.py" not in run
     report = _rel(provenance.code_files(cli.command_module("report", "table")))
-    assert "report/paper_numbers.yaml" in report and "tables.py" in report
+    assert "report/paper_numbers.yaml" in report and "table_registry.py" in report
     with pytest.raises(ModuleNotFoundError):
         provenance.code_files("pipeline.views.no_such_module")
 
@@ -195,11 +195,11 @@ def test_each_generator_tracks_only_its_own_module():
     files = {g: _rel(provenance.plugin_code_files(generate, "views", g)) for g in ("warp", "crop", "sldm")}
     assert "crop_sampler.py" in files["crop"] and "crop_sampler.py" not in files["warp"]
     assert "views/warp.py" not in files["crop"] and "views/crop.py" not in files["warp"]
-    assert {"views/shards.py", "views/generators.py", "imaging.py"} <= files["warp"] & files["crop"]
-    assert {"constants.py", "sldm/encoders.py"} <= files["sldm"] and "constants.py" not in files["warp"]
+    assert {"views/generate.py", "views/generators.py", "imaging.py"} <= files["warp"] & files["crop"]
+    assert {"constants.py", "sldm/conditioning.py"} <= files["sldm"] and "constants.py" not in files["warp"]
     # merging shards runs no generator
     merge = _rel(provenance.code_files(cli.command_module("views", "merge")))
-    assert not merge & {"views/generators.py", "views/shards.py", "crop_sampler.py", "seeding.py"}
+    assert not merge & {"views/generators.py", "views/generate.py", "crop_sampler.py", "seeding.py"}
     with pytest.raises(KeyError, match="no @register"):
         provenance.plugin_code_files(generate, "views", "nope")
 

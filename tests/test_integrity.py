@@ -15,8 +15,8 @@ from PIL import Image
 
 from pipeline.io import IntegrityError, digest_path, recorded_digest
 from pipeline.pretrain.checkpoints import init_random_encoder, load_encoder
-from pipeline.pretrain.main_pretrain import main as pretrain_main
-from pipeline.pretrain.main_pretrain import train
+from pipeline.pretrain.train import main as pretrain_main
+from pipeline.pretrain.train import train
 from pipeline.resume import load_resume_state, previous_state_path, save_resume_state
 from pipeline.vit_checkpoints import load_cdgmae_vit, read_state_dict
 from tests.support import HANG_GUARD_S
@@ -45,7 +45,7 @@ def encoder_checkpoint(tmp_path):
 
 
 def test_a_flipped_checkpoint_is_an_error_naming_it_in_every_loader(encoder_checkpoint, tmp_path):
-    from pipeline.propagation import runner
+    from pipeline.propagation import run as propagation_run
 
     assert recorded_digest(encoder_checkpoint) == sha(encoder_checkpoint)  # recorded when written
     load_encoder(encoder_checkpoint)  # intact: loads
@@ -55,7 +55,7 @@ def test_a_flipped_checkpoint_is_an_error_naming_it_in_every_loader(encoder_chec
             load(encoder_checkpoint)
     out = tmp_path / "propagation"
     with pytest.raises(IntegrityError, match=f"{encoder_checkpoint}: content digest"):
-        runner.run_propagation(encoder_checkpoint, "davis", tmp_path / "davis", out, {"figures": 0})
+        propagation_run.run_propagation(encoder_checkpoint, "davis", tmp_path / "davis", out, {"figures": 0})
     assert not (out / "predictions").exists()  # nothing claimed or removed before the check
 
 
@@ -79,9 +79,9 @@ def _our_checkpoint_without_digest(tmp_path, monkeypatch) -> Path:
 
 
 def _propagate(checkpoint: Path, out: Path):
-    from pipeline.propagation import runner
+    from pipeline.propagation import run as propagation_run
 
-    return runner.run_propagation(checkpoint, "davis", out / "davis", out / "propagation", {"figures": 0})
+    return propagation_run.run_propagation(checkpoint, "davis", out / "davis", out / "propagation", {"figures": 0})
 
 
 @pytest.mark.parametrize(
@@ -344,12 +344,12 @@ def test_pretraining_never_keeps_a_diverged_state_as_last_good(tmp_path, monkeyp
     """Before: the loss rule alone kept the state saved after a huge-lr step (finite, weights in the
     thousands), and resuming it NaN'd at once. Now the step's weights and update are checked before
     any state holds them; resuming the kept state trains on."""
-    from pipeline.pretrain import engine_pretrain
+    from pipeline.pretrain import engine
     from pipeline.resume import UnhealthyWeightsError
 
     cell, settings = setup(epochs=3, checkpoint_every=1)  # 2 steps an epoch
     state_dir, last = tmp_path / "state", tmp_path / "state" / "last.pth"
-    _huge_lr_at(engine_pretrain, bad_step, monkeypatch)
+    _huge_lr_at(engine, bad_step, monkeypatch)
     with pytest.raises(UnhealthyWeightsError, match=f"after the update of step {bad_step}: .*stopped before saving"):
         train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=state_dir)
     monkeypatch.undo()
@@ -451,7 +451,7 @@ def test_the_reject_fraction_is_the_jobs_not_one_workers(tmp_path, method):
     was above it."""
     from pipeline.data.readers import list_imagenet, list_videos
     from pipeline.imaging import TooManyRejectsError
-    from pipeline.pretrain.engine_pretrain import EpochSampler
+    from pipeline.pretrain.engine import EpochSampler
     from pipeline.pretrain.strategies import build_dataset
     from pipeline.seeding import derive_seed
     from tests.test_pretrain import write_imagenet

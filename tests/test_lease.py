@@ -207,7 +207,7 @@ def test_pretraining_and_sldm_jobs_log_their_device_first(monkeypatch, caplog):
     """Both training entry points log the device before building anything."""
     import logging
 
-    from pipeline.pretrain import main_pretrain
+    from pipeline.pretrain import train as pretrain_train
     from pipeline.sldm import train as sldm_train
 
     class Stop(Exception):
@@ -216,11 +216,11 @@ def test_pretraining_and_sldm_jobs_log_their_device_first(monkeypatch, caplog):
     def stop(*args, **kwargs):
         raise Stop
 
-    monkeypatch.setattr(main_pretrain, "batch_plan", stop)
+    monkeypatch.setattr(pretrain_train, "batch_plan", stop)
     monkeypatch.setattr(sldm_train, "build_loop", stop)
     caplog.set_level(logging.INFO)
     with pytest.raises(Stop):
-        main_pretrain.train({}, {}, [], seed=0, output="o", state_dir="s", device="cpu")
+        pretrain_train.train({}, {}, [], seed=0, output="o", state_dir="s", device="cpu")
     with pytest.raises(Stop):
         sldm_train.train({}, [], seed=0, device="cpu", output="o", state_dir="s")
     lines = [r.getMessage() for r in caplog.records if "device: cpu (" in r.getMessage()]

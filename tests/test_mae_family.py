@@ -17,7 +17,6 @@ import torch.nn as nn
 
 from pipeline.cells import CELL_KEYS, cell_path, model_path
 from pipeline.pretrain import objectives as obj
-from pipeline.pretrain.main_pretrain import build_optimizer, resolve_cell, resolve_pretrain_settings, train
 from pipeline.pretrain.models_mae import build_encoder
 from pipeline.pretrain.models_mae_family import (
     build_pretrain_model,
@@ -25,6 +24,7 @@ from pipeline.pretrain.models_mae_family import (
     parameter_summary,
 )
 from pipeline.pretrain.strategies import STRATEGIES, build_dataset
+from pipeline.pretrain.train import build_optimizer, resolve_cell, resolve_pretrain_settings, train
 
 ARCH = "vit_mini_patch8"  # D 128, depth 4, decoder 128 x 2
 SMALL_HEADS = {"lut": {"head_mlp_dim": 64}, "pseudo_mae": {"out_dim": 32, "head_hidden": 48, "head_bottleneck": 16}}
@@ -440,9 +440,9 @@ def test_teachers_are_counted():
 
 
 def test_mae_family_table_rows_costs_and_reference(tmp_path):
-    from pipeline import tables
+    from pipeline import table_registry
     from pipeline.report import summary
-    from pipeline.report.tables import REFERENCE_ROW, build_table
+    from pipeline.report.table import REFERENCE_ROW, build_table
     from tests.test_report import write_eval
 
     cells = [cell("mae"), cell("lut"), cell("pseudo-mae")]
@@ -473,7 +473,7 @@ def test_mae_family_table_rows_costs_and_reference(tmp_path):
     assert math.isnan(table["gflops"].iloc[3])  # the random-init reference
     md = summary.summary_markdown({"mae_family": table}, "test", "Data: synthetic.")
     assert "this project's extension" in md and "| GFLOPs |" in md and "31.0 ± 1.4" in md
-    assert tables.TABLES["mae_family"].extension and "mae_family" not in tables.PAPER_TABLES
+    assert table_registry.TABLES["mae_family"].extension and "mae_family" not in table_registry.PAPER_TABLES
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from pipeline.io import record_digest
-from pipeline.pretrain.engine_pretrain import EpochSampler, NonFiniteLossError, lr_at
-from pipeline.pretrain.main_pretrain import build_optimizer, resolve_cell, resolve_pretrain_settings, train
+from pipeline.pretrain.engine import EpochSampler, NonFiniteLossError, lr_at
 from pipeline.pretrain.strategies import BagViewsDataset
+from pipeline.pretrain.train import build_optimizer, resolve_cell, resolve_pretrain_settings, train
 from tests.support import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,10 +226,10 @@ def test_exploding_finite_loss_stops_and_keeps_the_last_healthy_state(tmp_path, 
     """A loss that explodes but stays finite (2 -> 1.5e6 at base_lr 100) stops by the documented
     rule (> divergence_factor x the lowest loss so far), before the update, and the kept state is the
     last epoch end whose every loss passed the rule."""
-    from pipeline.pretrain import engine_pretrain
+    from pipeline.pretrain import engine
 
     cell, settings = setup(epochs=3)
-    real = engine_pretrain.forward_backward
+    real = engine.forward_backward
     calls = {"n": 0}
 
     def exploding(loop, batches):
@@ -237,20 +237,18 @@ def test_exploding_finite_loss_stops_and_keeps_the_last_healthy_state(tmp_path, 
         calls["n"] += 1
         return loss * 1e6 if calls["n"] == 5 else loss  # step 4 = epoch 2's first step
 
-    monkeypatch.setattr(engine_pretrain, "forward_backward", exploding)
+    monkeypatch.setattr(engine, "forward_backward", exploding)
     state = tmp_path / "state" / "last.pth"
-    with pytest.raises(
-        engine_pretrain.DivergedLossError, match=r"divergence_factor 10 x the lowest.*at step 4 \(epoch 2\)"
-    ):
+    with pytest.raises(engine.DivergedLossError, match=r"divergence_factor 10 x the lowest.*at step 4 \(epoch 2\)"):
         train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
     kept = torch.load(state, weights_only=True)
     assert kept["epoch"] == 2 and max(kept["history"]["loss"]) < 10 * min(kept["history"]["loss"])
     assert not (tmp_path / "ck.pth").exists()
     # the rule is a setting: a looser factor lets the same spike through
-    monkeypatch.setattr(engine_pretrain, "forward_backward", real)
+    monkeypatch.setattr(engine, "forward_backward", real)
     cell2, loose = setup(epochs=3, divergence_factor=1e9)
     calls["n"] = 0
-    monkeypatch.setattr(engine_pretrain, "forward_backward", exploding)
+    monkeypatch.setattr(engine, "forward_backward", exploding)
     train(cell2, loose, dataset(), seed=0, output=tmp_path / "ck2.pth", state_dir=tmp_path / "state2")
 
 

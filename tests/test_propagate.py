@@ -11,7 +11,7 @@ import torch
 from pipeline.cli import run
 from pipeline.pretrain.checkpoints import import_external_encoder, init_random_encoder
 from pipeline.propagation import algorithm as A
-from pipeline.propagation import runner
+from pipeline.propagation import run as propagation_run
 from tests.propagation_reference import propagate_reference
 
 # ---------------------------------------------------------------------------------------------
@@ -249,10 +249,10 @@ def test_davis_end_to_end_writes_every_output(tiny_encoder, tmp_path):
     assert (out / "figures" / "seq-000.png").is_file() and not (out / "figures" / "seq-001.png").exists()
     # rerun with the same key resumes (nothing recomputed), a different protocol starts afresh
     before = (out / "predictions" / "seq-000" / "00002.png").stat().st_mtime_ns
-    runner.run_propagation(tiny_encoder, "davis", root, out, settings)
+    propagation_run.run_propagation(tiny_encoder, "davis", root, out, settings)
     assert (out / "predictions" / "seq-000" / "00002.png").stat().st_mtime_ns == before
     (out / "predictions" / "stale").mkdir()
-    runner.run_propagation(tiny_encoder, "davis", root, out, {**settings, "queue": 2})
+    propagation_run.run_propagation(tiny_encoder, "davis", root, out, {**settings, "queue": 2})
     assert not (out / "predictions" / "stale").exists()
 
 
@@ -265,7 +265,7 @@ def test_jhmdb_end_to_end_writes_pos_img_in_original_pixels(tiny_encoder, tmp_pa
     root = tmp_path / "jhmdb"
     synthetic.make_jhmdb(root, dict(classes=1, videos_per_class=1, frames=4, height=48, width=64), 0)
     out = tmp_path / "eval"
-    row = runner.run_propagation(tiny_encoder, "jhmdb", root, out, {"jhmdb": {"size": [40, 40]}, "figures": 0})
+    row = propagation_run.run_propagation(tiny_encoder, "jhmdb", root, out, {"jhmdb": {"size": [40, 40]}, "figures": 0})
     ds = JhmdbDataset(root)
     video = ds.videos[0]
     pred, gt = read_pos_img(out / "predictions" / video / "joint_positions.mat"), ds.read_joints(video)
@@ -288,7 +288,7 @@ def test_vip_end_to_end_writes_class_ids_at_the_gt_size(tiny_encoder, tmp_path):
     synthetic.make_vip(root, dict(videos=1, frames=3, height=72, width=128), 0)
     out = tmp_path / "eval"
     # long side 128 -> 72 x 128 becomes 64 x 128 (short side floored to a multiple of 64)
-    row = runner.run_propagation(tiny_encoder, "vip", root, out, {"vip": {"size": [128]}, "figures": 1})
+    row = propagation_run.run_propagation(tiny_encoder, "vip", root, out, {"vip": {"size": [128]}, "figures": 1})
     ds = VipDataset(root)
     video = ds.videos[0]
     for gt_path in ds.annotations(video):

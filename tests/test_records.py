@@ -23,7 +23,7 @@ from pipeline.provenance import code_digest
 from pipeline.records import build_record, code_state, read_record, record_path, write_record
 from pipeline.report import summary
 from pipeline.report.provenance_diff import diff_folders
-from pipeline.tables import PAPER_TABLES
+from pipeline.table_registry import PAPER_TABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,7 @@ def test_record_holds_digests_software_hardware_and_settings(tmp_path, monkeypat
         assert key in rec, key
     assert rec["artefact"] == "table.csv" and rec["kind"] == "table" and rec["command"] == "report table"
     assert rec["sha256"] == _sha(b"a,b\n1,2\n")
-    assert rec["code_digest"] == code_digest("pipeline.report.tables")
+    assert rec["code_digest"] == code_digest("pipeline.report.table")
     assert rec["inputs"] == {
         "ckpt.pth": "f" * 64,
         "knn.npz": _sha(b"neighbours"),

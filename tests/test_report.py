@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.cells import parse_model_path
 from pipeline.cli import run
-from pipeline.report import summary, tables
+from pipeline.report import summary
+from pipeline.report import table as report_table
 
 CELL = "method~cdgmae/arch~vit_mini_patch8/generator~{g}/target~either/anchors~{n}/anchor_mask~{ra}/target_mask~0.9/epochs~4/seed~{s}"
 VALUES = {"davis": ("J&F-Mean", "J-Mean", "F-Mean"), "vip": ("mIoU",), "jhmdb": ("PCK@0.1", "PCK@0.2")}
@@ -43,7 +44,7 @@ def test_parse_model_path_restores_types():
 
 
 def test_table4_mean_std_and_reference_row(table4_evals):
-    table, per_seed = tables.build_table("table4", table4_evals, "test")
+    table, per_seed = report_table.build_table("table4", table4_evals, "test")
     row = table[(table["n_anchors"] == 2) & (table["anchor_mask_ratio"] == 0.25)].iloc[0]
     assert row["n_seeds"] == 2
     assert row["davis_jf_m_mean"] == pytest.approx(42.0)
@@ -52,7 +53,7 @@ def test_table4_mean_std_and_reference_row(table4_evals):
     assert row["jhmdb_pck01_std"] == pytest.approx(0.0)
     a1 = table[(table["n_anchors"] == 1)].iloc[0]
     assert a1["jhmdb_pck01_mean"] == pytest.approx(26.0)
-    ref = table[table["row"] == tables.REFERENCE_ROW]
+    ref = table[table["row"] == report_table.REFERENCE_ROW]
     assert len(ref) == 1 and ref.iloc[0]["davis_jf_m_mean"] == pytest.approx(20.0)
     assert math.isnan(ref.iloc[0]["davis_jf_m_std"])  # one seed: no std
     # weights-free views are labelled as a baseline on every trained row
@@ -63,7 +64,7 @@ def test_table4_mean_std_and_reference_row(table4_evals):
 def test_table8_joins_gflops(table4_evals, tmp_path):
     g = tmp_path / "gflops.csv"
     pd.DataFrame({"anchors": [1, 2], "anchor_mask": [0.0, 0.25], "gflops": [6.036, 8.263]}).to_csv(g, index=False)
-    table, _ = tables.build_table("table8", table4_evals, "test", gflops=str(g))
+    table, _ = report_table.build_table("table8", table4_evals, "test", gflops=str(g))
     row = table[(table["n_anchors"] == 2)].iloc[0]
     assert row["gflops"] == pytest.approx(8.263)
 
@@ -79,7 +80,7 @@ def test_table5_names_and_cited_rows(tmp_path):
         9.0,
         19.0,
     )
-    table, _ = tables.build_table("table5", files, "test")
+    table, _ = report_table.build_table("table5", files, "test")
     methods = list(table["method"])
     assert "CropMAE" in methods and "CDG-MAE-a3" in methods
     # warp views never masquerade as CDG-MAE
@@ -103,11 +104,11 @@ def test_malformed_eval_is_named(tmp_path):
     p.parent.mkdir(parents=True)
     pd.DataFrame([{"J-Mean": 1.0}]).to_csv(p, index=False)
     with pytest.raises(ValueError, match="J&F-Mean"):
-        tables.read_eval(p)
+        report_table.read_eval(p)
 
 
 def test_summary_states_scale_and_paper_values(table4_evals, tmp_path):
-    table, _ = tables.build_table("table4", table4_evals, "synthetic-demo")
+    table, _ = report_table.build_table("table4", table4_evals, "synthetic-demo")
     md = summary.summary_markdown({"table4": table}, "synthetic-demo", "Data: synthetic.")
     assert "synthetic-demo" in md and "Data: synthetic." in md
     assert "61.2 / 37.6 / 46.5" in md  # the paper's (1, 0) row beside ours
@@ -142,10 +143,10 @@ def test_substitute_generators_are_labelled_as_such():
     assert "substitute for the paper's S-LDM" in views_label("sd-variation")
     assert views_label("sldm") == "sldm diffusion views"
     row = {"method": "cdgmae", "anchors": 1, "anchor_mask": 0.0, "generator": "sd-variation"}
-    assert tables.method_label(row) == (
+    assert report_table.method_label(row) == (
         "CDG-MAE-a1 on sd-variation views (CLIP-conditioned SD image variations, a substitute for the paper's S-LDM)"
     )
-    assert tables.method_label({**row, "generator": "sldm"}) == "CDG-MAE-a1"
+    assert report_table.method_label({**row, "generator": "sldm"}) == "CDG-MAE-a1"
 
 
 def test_summary_puts_our_s_ldm_beside_the_papers_generator_rows():
@@ -180,7 +181,7 @@ def test_summary_puts_our_s_ldm_beside_the_papers_generator_rows():
                 "generator": g,
                 "views": label,
                 "row": "trained",
-                **{f"{m}_{s}": 1.0 for m in tables.HEADLINE for s in ("mean", "std")},
+                **{f"{m}_{s}": 1.0 for m in report_table.HEADLINE for s in ("mean", "std")},
             }
             for g, label in (("sldm", "S-LDM trained here (encoder: random-init)"), ("warp", "warp pseudo-views"))
         ]
@@ -224,7 +225,7 @@ def test_table10_rows_say_which_s_ldm_sampler_and_encoder_made_them(tmp_path):
     args = ["table", "--name", "table10", "--evals", *files, "--output", str(out)]
     run("report", [*args, "--bag", f"sldm={sldm_bag}", "--bag", f"warp={warp_bag}"])
     t = pd.read_csv(out)
-    assert list(t.generator) == ["sldm", "warp", tables.REFERENCE_ROW]
+    assert list(t.generator) == ["sldm", "warp", report_table.REFERENCE_ROW]
     sldm, warp = t.iloc[0], t.iloc[1]
     assert sldm.views == "S-LDM trained here (encoder: random-init)"
     assert (sldm.sampler, sldm.sampler_steps, sldm.sampler_eta, sldm.guidance_scale) == ("DDIMScheduler", 1, 0.5, 3.0)
@@ -233,7 +234,7 @@ def test_table10_rows_say_which_s_ldm_sampler_and_encoder_made_them(tmp_path):
     assert ",DDIMScheduler,1,0.5,3.0,random-init," in out.read_text()  # as recorded, not 1.0000
     # every generator's row needs its bag
     with pytest.raises(ValueError, match=r"no bag of views given for \['warp'\]"):
-        tables.build_table("table10", files, "demo", bags={"sldm": str(sldm_bag)})
+        report_table.build_table("table10", files, "demo", bags={"sldm": str(sldm_bag)})
     # the summary shows the labelled row beside the paper's Gen-SIS S-LDM values
     md = summary.summary_markdown({"table10": t}, "demo", "Data: synthetic.")
     line = next(x for x in md.splitlines() if x.startswith("| S-LDM trained here (encoder: random-init) |"))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from pipeline import cli
 from pipeline.imaging import TooManyRejectsError
-from pipeline.sldm.encoders import build_conditioning_encoder
+from pipeline.sldm.conditioning import build_conditioning_encoder
 from pipeline.sldm.train import resolve_sldm_settings
 from tests.support import HANG_GUARD_S
 

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from pipeline import cli
-from pipeline.consistency.encoders import build_feature_encoder
-from pipeline.consistency.scores import centre_descriptors, pair_metrics
+from pipeline.consistency.feature_encoders import build_feature_encoder
+from pipeline.consistency.pair_metrics import centre_descriptors, pair_metrics
+from pipeline.views.generate import to_uint8
 from pipeline.views.generators import build_generator
-from pipeline.views.shards import to_uint8
 from tests.test_sldm import TINY
 
 SIZE = 16

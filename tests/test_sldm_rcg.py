@@ -26,7 +26,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from pipeline.cli import run
 from pipeline.labels import views_label
 from pipeline.report.summary import PAPER_GENERATOR_ROWS, summary_markdown
-from pipeline.report.tables import PAPER_NUMBERS
+from pipeline.report.table import PAPER_NUMBERS
 from pipeline.sldm.folder import SLDMFolderError
 from pipeline.sldm.rcg import RCGImportError, convert_rcg
 from pipeline.views.generators import build_generator

@@ -9,9 +9,9 @@ from test_views import SEED, StopAfterParts, _cfg, _make_imagenet
 
 from pipeline.data.readers import list_imagenet
 from pipeline.io import IntegrityError, file_sha256
+from pipeline.views.generate import ShardWriter, shard_fingerprint
 from pipeline.views.hdf5 import verify_view_file
 from pipeline.views.merge import merge_shards
-from pipeline.views.shards import ShardWriter, shard_fingerprint
 from pipeline.views.timelimit import ShardStopped, StopControl
 
 

@@ -20,10 +20,10 @@ from pipeline.data.readers import list_imagenet
 from pipeline.io import IntegrityError, file_sha256, record_digest
 from pipeline.views.bag import BagDataset
 from pipeline.views.figure import plot_bag
+from pipeline.views.generate import ShardWriter, shard_fingerprint, view_seed
 from pipeline.views.generators import GENERATORS, ViewGenerator
 from pipeline.views.hdf5 import ViewsError
 from pipeline.views.merge import merge_shards
-from pipeline.views.shards import ShardWriter, shard_fingerprint, view_seed
 from pipeline.views.store import shard_range
 from pipeline.views.timelimit import ShardStopped
 from tests.support import HANG_GUARD_S

@@ -205,7 +205,7 @@ PROPAGATION_TRAINED = {"propagate": 6, "assemble_table": 1}
         # the report stage alone
         ("report/tables", None, None, {"assemble_table": 1}),
         # propagation of the 2 trained models + the random-init reference on 3 datasets, then the report
-        ("propagation/runner", None, None, PROPAGATION_ALL),
+        ("propagation/run", None, None, PROPAGATION_ALL),
         # the model: pretraining and everything after it, never the views or the data
         ("pretrain/models_mae", None, None, {"pretrain": 2, "init_random_encoder": 1, **PROPAGATION_ALL}),
         # the crop sampler (a core module): every pretraining sample goes through it; the tiny run's
@@ -286,7 +286,7 @@ def test_html_report(tiny_run):
     snakemake(tiny_run, "--cores", "1", *TINY, "--report", "results/report.html", "results/table4.csv")
     html = (tiny_run / "results" / "report.html").read_text(errors="replace")
     assert "table4" in html
-    # captions come from the table registry (pipeline.tables) through the rule's params
+    # captions come from the table registry (pipeline.table_registry) through the rule's params
     assert "Number of anchors N and anchor masking ratio r_a" in html
 
 

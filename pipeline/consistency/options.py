@@ -11,7 +11,7 @@ import logging
 
 from pipeline.cli import command_parser
 from pipeline.config import load_settings, result_neutral_keys, section_defaults
-from pipeline.consistency.encoders import FeatureEncoder, build_feature_encoder
+from pipeline.consistency.feature_encoders import FeatureEncoder, build_feature_encoder
 from pipeline.consistency.sources import ImageListSource
 from pipeline.data.readers import list_imagenet
 from pipeline.devices import set_threads

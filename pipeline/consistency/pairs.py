@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.consistency.scores import METRICS, centre_descriptors, pair_metrics
+from pipeline.consistency.pair_metrics import METRICS, centre_descriptors, pair_metrics
 from pipeline.consistency.sources import BagSource, ImageListSource, VideoFrameSource, extract_features
 from pipeline.labels import GENERATOR_COLUMNS, generator_columns, generator_row_label
 from pipeline.seeding import derive_seed

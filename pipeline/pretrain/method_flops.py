@@ -1,5 +1,5 @@
 """Training GFLOPs per sample and parameter counts of any cell, whatever its method — the
-``results/mae_family_gflops.csv`` columns of the MAE-family table (``pipeline.tables``: ``mae_family``).
+``results/mae_family_gflops.csv`` columns of the MAE-family table (``pipeline.table_registry``: ``mae_family``).
 
 The counters are ``pipeline.pretrain.flops``'s (fvcore by default, Table 8's convention: GMACs of
 one training forward up to the loss, Linear / conv / norm layers counted, attention products and

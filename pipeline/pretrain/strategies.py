@@ -19,7 +19,7 @@ Registry (``STRATEGIES``, method name -> dataset builder; ``build_dataset`` disp
 Determinism: every random choice of a sample comes from ``numpy.random.default_rng([seed, epoch,
 index])``, so a sample depends only on (seed, epoch, index) — not on worker count, batch position
 or whether the run was resumed. Datasets take ``(epoch, index)`` keys (see ``EpochSampler`` in
-``pipeline.pretrain.engine_pretrain``) so persistent workers need no epoch broadcast. The crop and
+``pipeline.pretrain.engine``) so persistent workers need no epoch broadcast. The crop and
 flip geometry is ``pipeline.pretrain.augment``.
 """
 

@@ -3,7 +3,7 @@
 The protocol is CropMAE's evaluation (itself videowalk's, ``downstreams/propagation``); the numbers only match the published ones when every
 detail matches, so the quirks are reproduced and named here:
 
-* frames (``pipeline.propagation.runner.load_frame``): OpenCV read, RGB, /255, OpenCV bilinear
+* frames (``pipeline.propagation.run.load_frame``): OpenCV read, RGB, /255, OpenCV bilinear
   resize (no antialias), ImageNet normalization; a two-value size is a fixed (H, W), a one-value
   size is the long side with the short side floored to a multiple of 64 (VIP);
 * features: the encoder's final-norm patch tokens (``ViTEncoder.dense_features``), L2-normalized over

@@ -8,10 +8,8 @@ and write every frame's prediction in the standard result layout of its scorer, 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -30,27 +28,12 @@ from pipeline.propagation.algorithm import (
     segmentation_readout,
 )
 from pipeline.propagation.figures import blend, class_colors
+from pipeline.propagation.settings import PropagationSettings, Video
 from pipeline.registry import Registry
 from pipeline.runtime import LOG
 
-if TYPE_CHECKING:
-    from pipeline.propagation.runner import Protocol
-
 # dataset -> driver(root, out_dir, protocol, names) -> list[Video]
 WRITERS = Registry("propagation dataset")
-
-
-@dataclass
-class Video:
-    """One video to propagate: name, frames, and the dataset-specific label/readout plumbing."""
-
-    name: str
-    frames: list[Path]
-    first_labels: Callable  # (rgb0, input_hw, grid) -> (gh, gw, L)
-    on_frame: Callable  # (t, (gh, gw, L) soft map) -> None; writes the prediction of frame t
-    finish: Callable  # () -> None; writes per-video files once every frame is done
-    overlay: Callable  # (t, resized image) -> (image, keypoints or None) for the figure
-    state: dict  # per-video scratch shared by the callbacks; "keep" = frames kept for figures
 
 
 def write_png(path: Path, ids: np.ndarray, palette: np.ndarray | None = None) -> None:
@@ -63,7 +46,7 @@ def write_png(path: Path, ids: np.ndarray, palette: np.ndarray | None = None) ->
         im.save(tmp, format="PNG")
 
 
-def _first_segmentation(gt: np.ndarray, hw, grid, state: dict, protocol: Protocol) -> np.ndarray:
+def _first_segmentation(gt: np.ndarray, hw, grid, state: dict, protocol: PropagationSettings) -> np.ndarray:
     """Frame-0 GT ids -> grid labels of its label set; keeps ids and label set in ``state``."""
     ids = cv2.resize(gt, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
     state["label_set"] = np.unique(ids).tolist()
@@ -72,7 +55,7 @@ def _first_segmentation(gt: np.ndarray, hw, grid, state: dict, protocol: Protoco
 
 
 @WRITERS.register("davis")
-def davis_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Video]:
+def davis_videos(root, out_dir: Path, protocol: PropagationSettings, names=None) -> list[Video]:
     """DAVIS-2017: indexed palette PNGs ``<seq>/<frame stem>.png``.
 
     Sizes: with ``gt_mode="resized"`` the scorer compares against GT nearest-resized to the input
@@ -112,7 +95,7 @@ def davis_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vi
 
 
 @WRITERS.register("vip")
-def vip_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Video]:
+def vip_videos(root, out_dir: Path, protocol: PropagationSettings, names=None) -> list[Video]:
     """VIP: grey class-id PNGs ``videos<N>/<frame stem>.png`` at the GT size (PIL nearest)."""
     ds = VipDataset(root, videos=names)
     colors = class_colors(20)
@@ -146,7 +129,7 @@ def vip_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Vide
 
 
 @WRITERS.register("jhmdb")
-def jhmdb_videos(root, out_dir: Path, protocol: Protocol, names=None) -> list[Video]:
+def jhmdb_videos(root, out_dir: Path, protocol: PropagationSettings, names=None) -> list[Video]:
     """JHMDB: ``<class>/<video>/joint_positions.mat`` with ``pos_img`` (2, 15, T), 1-based pixels of
     the original frames; a joint that cannot be placed (all-zero map) is NaN."""
     ds = JhmdbDataset(root, split_list=names)
@@ -208,7 +191,7 @@ def _jhmdb_overlay_points(coords: np.ndarray, grid: tuple[int, int], image_hw: t
 
 
 def score_predictions(
-    dataset: str, root: Path, pred_dir: Path, scores_dir: Path, protocol: Protocol, names: Sequence[str]
+    dataset: str, root: Path, pred_dir: Path, scores_dir: Path, protocol: PropagationSettings, names: Sequence[str]
 ) -> dict[str, float]:
     """Score ``pred_dir`` with ``pipeline.propagation.score`` into a fresh ``scores_dir``; headline metrics in %.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -13,9 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 
 from pipeline.io import atomic_path  # noqa: E402
-
-if TYPE_CHECKING:
-    from pipeline.propagation.drivers import Video
+from pipeline.propagation.settings import Video  # noqa: E402
 
 # JHMDB skeleton: parent joint of each joint (reference ``vis_pose``)
 JHMDB_PARENT = (1, 1, 0, 0, 1, 1, 1, 3, 4, 5, 6, 7, 8, 9, 10)

@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 from pipeline.cells import parse_model_path  # noqa: E402
 from pipeline.cli import command_parser
 from pipeline.io import atomic_path  # noqa: E402
-from pipeline.report.tables import HEADLINE, REFERENCE_ROW  # noqa: E402
+from pipeline.report.table import HEADLINE, REFERENCE_ROW  # noqa: E402
 from pipeline.runtime import setup_logging  # noqa: E402
 
 FIGURE4_TITLES = ["DAVIS J&F_m", "VIP mIoU", "JHMDB PCK@0.1"]  # one panel per HEADLINE metric

@@ -17,9 +17,9 @@ import yaml
 from pipeline.cli import command_parser
 from pipeline.io import write_text_atomic
 from pipeline.records import describe_code, describe_environment, read_record, record_path
-from pipeline.report.tables import HEADLINE, METHOD_TABLES, PAPER_NUMBERS, REFERENCE_ROW, STD_DDOF
+from pipeline.report.table import HEADLINE, METHOD_TABLES, PAPER_NUMBERS, REFERENCE_ROW, STD_DDOF
 from pipeline.runtime import setup_logging
-from pipeline.tables import TABLES
+from pipeline.table_registry import TABLES
 
 # row keys of the ablation tables (their renamed columns), in the order they are shown
 ABLATION_KEYS = ("target_view", "target_mask_ratio", "n_anchors", "anchor_mask_ratio", "views")

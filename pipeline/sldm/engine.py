@@ -26,7 +26,7 @@ from PIL import Image
 from pipeline.imaging import resize_square
 from pipeline.io import atomic_path, write_csv_atomic
 from pipeline.seeding import derive_seed
-from pipeline.sldm.encoders import ConditioningEncoder
+from pipeline.sldm.conditioning import ConditioningEncoder
 from pipeline.sldm.model import NULL_CONDITION, diffusion_loss, lr_at, to_model_space
 from pipeline.sldm.sampling import sample
 

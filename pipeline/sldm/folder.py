@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.io import verify_folder_digests, write_folder_digests
-from pipeline.sldm.encoders import head_dims
+from pipeline.sldm.conditioning import head_dims
 from pipeline.sldm.sampling import PREDICTION_TYPES
 
 SLDM_MANIFEST = "sldm.json"

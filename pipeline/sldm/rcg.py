@@ -36,7 +36,7 @@ from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.io import file_sha256, write_folder_digests, write_text_atomic
 from pipeline.records import write_record
 from pipeline.resume import UnsafeCheckpointError, safe_torch_load
-from pipeline.sldm.encoders import projection_head, timm_vit
+from pipeline.sldm.conditioning import projection_head, timm_vit
 from pipeline.sldm.folder import save_sldm
 from pipeline.sldm.ldm_keys import build_unet, build_vq, unet_key, vq_key
 

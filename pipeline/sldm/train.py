@@ -6,7 +6,7 @@
 
 Images: the ``train`` split of the ImageNet-layout root (``list_imagenet``, sorted by image id; the
 first ``max_images``), read by ``load_square`` at ``image_size``. Model, loss and CFG convention:
-``pipeline.sldm.model``; conditioning encoder: ``pipeline.sldm.encoders``; loop: ``engine``.
+``pipeline.sldm.model``; conditioning encoder: ``pipeline.sldm.conditioning``; loop: ``engine``.
 AdamW, linear warm-up + cosine, EMA weights saved, bf16 autocast on CUDA only (fp32 elsewhere).
 
 Resume: ``<state-dir>/last.pth`` (model, EMA, optimizer, RNG, step, history, fingerprint) is written
@@ -46,7 +46,7 @@ from pipeline.resume import UnhealthyWeightsError, WeightHealth, load_resume_sta
 from pipeline.runtime import progress, setup_logging
 from pipeline.seeding import derive_seed
 from pipeline.sldm import engine
-from pipeline.sldm.encoders import build_conditioning_encoder
+from pipeline.sldm.conditioning import build_conditioning_encoder
 from pipeline.sldm.folder import save_sldm
 from pipeline.sldm.model import (
     NULL_CONDITION,

@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline.crop_sampler import random_resized_crop_box
 from pipeline.imaging import resize_square
-from pipeline.views.base import ViewGenerator, register
+from pipeline.views.registry import ViewGenerator, register
 
 
 @register("crop")

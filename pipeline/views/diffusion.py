@@ -2,7 +2,7 @@
 
 Weights come from a local folder only (``views.generators.<name>.model_path``); nothing is
 downloaded. Views are returned as float so that fp16 NaNs survive for the caller to regenerate.
-The S-LDM (``sldm``) lives in ``pipeline.views.sldm``.
+The S-LDM (``sldm``) lives in ``pipeline.views.sldm_generator``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline.devices import resolve_device
 from pipeline.imaging import resize_square
 from pipeline.sldm.sampling import cpu_generators
-from pipeline.views.base import ViewGenerator, register
+from pipeline.views.registry import ViewGenerator, register
 
 LOG = logging.getLogger("cdgmae.generators")
 

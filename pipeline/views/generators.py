@@ -12,9 +12,9 @@ float so that the caller can detect non-finite (fp16 NaN) views and regenerate t
 Registry (``GENERATORS``, complete once this module is imported):
 - ``sd-variation`` (``pipeline.views.diffusion``): diffusers ``StableDiffusionImageVariationPipeline``
   from a local folder (CLIP image embedding as one cross-attention token, zero-token CFG).
-- ``sldm`` (``pipeline.views.sldm``): a self-supervised LDM (Gen-SIS / RCG style) conditioned on the
+- ``sldm`` (``pipeline.views.sldm_generator``): a self-supervised LDM (Gen-SIS / RCG style) conditioned on the
   CLS embedding of a timm ViT, from one local folder written by ``save_sldm``.
-- ``rcg`` (``pipeline.views.sldm``): the same loader on RCG's LDM-8 imported as an ``sldm`` folder
+- ``rcg`` (``pipeline.views.sldm_generator``): the same loader on RCG's LDM-8 imported as an ``sldm`` folder
   (``python -m pipeline.sldm import-rcg``), its MoCo v3 representation as the one token, unguided.
 - ``warp`` (BASELINE, ``pipeline.views.warp``): weights-free pseudo-views (random perspective + elastic warp + crop).
 - ``crop`` (BASELINE, ``pipeline.views.crop``): CropMAE-style random resized crops of the real image.
@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 
 # each generator module registers its names; importing them completes the registry
-from pipeline.views import crop, diffusion, sldm, warp  # noqa: F401
-from pipeline.views.base import GENERATORS, ViewGenerator
+from pipeline.views import crop, diffusion, sldm_generator, warp  # noqa: F401
+from pipeline.views.registry import GENERATORS, ViewGenerator
 
 
 def build_generator(

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from pipeline.imaging import resize_square
-from pipeline.views.base import ViewGenerator, register
+from pipeline.views.registry import ViewGenerator, register
 
 
 @register("warp")

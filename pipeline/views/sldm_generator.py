@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 
 from pipeline.devices import resolve_device
 from pipeline.io import folder_sha256
-from pipeline.sldm.encoders import embed_images, projection_head, timm_vit
+from pipeline.sldm.conditioning import embed_images, projection_head, timm_vit
 from pipeline.sldm.folder import SLDMFolderError, autoencoder_class, validate_folder
 from pipeline.sldm.sampling import sample
-from pipeline.views.base import ViewGenerator, register
 from pipeline.views.diffusion import model_dir, to_output, torch_dtype
+from pipeline.views.registry import ViewGenerator, register
 
 AUTOENCODER_CLASSES = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 

@@ -1,11 +1,11 @@
-"""The pretraining loop (MAE's ``engine_pretrain``): one optimizer step, one epoch, the lr schedule,
+"""The pretraining loop (MAE's ``engine_pretrain.py``): one optimizer step, one epoch, the lr schedule,
 the data order, the loss history and its outputs (the DDP process group: ``pipeline.devices``).
 
 Every step is a function of (seed, rank, step) and every sample of (seed, epoch, index): the lr is
 set from the step index before the optimizer step (so step 0 runs at lr 0, not the peak), and the
 torch RNG (masks, decoder dropout) is re-seeded before each step, so a resumed run continues the
 very loss curve of an uninterrupted one. The setup (model, optimizer, loader, resume) is
-``pipeline.pretrain.main_pretrain``.
+``pipeline.pretrain.train``.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class EpochSampler:
 
 @dataclass
 class Loop:
-    """What every step of one job uses; built by ``main_pretrain.train``."""
+    """What every step of one job uses; built by ``pipeline.pretrain.train.train``."""
 
     model: torch.nn.Module  # the CrossViewMAE itself (its state dict is what is saved)
     ddp_model: torch.nn.Module  # the same model, DDP-wrapped under torchrun

@@ -12,7 +12,7 @@ micro_batch -> batch, shuffled sampling (the reference's single-GPU loader never
 bf16/fp16 autocast on GPU (GradScaler for fp16), fp32 on CPU, DDP under ``torchrun``.
 
 This module is the setup (settings, cell, model, optimizer, loader, resume, checkpoints); the loop
-is ``pipeline.pretrain.engine_pretrain``.
+is ``pipeline.pretrain.engine``.
 
 Resume: the state (model, optimizer, scaler, history) is written atomically to
 ``<state-dir>/last.pth`` every ``checkpoint_every`` epochs and at the end, with its content digest
@@ -41,7 +41,7 @@ from pipeline.cells import CELL_KEYS, VIEW_METHODS, complete_cell
 from pipeline.config import load_settings, result_neutral_keys, section_defaults
 from pipeline.devices import describe_device, distributed_context, resolve_device, set_threads
 from pipeline.pretrain.checkpoints import mae_layout
-from pipeline.pretrain.engine_pretrain import (
+from pipeline.pretrain.engine import (
     HISTORY_KEYS,
     EpochSampler,
     Loop,
@@ -101,7 +101,7 @@ def resume_fingerprint(cell: dict, settings: dict, seed: int, data_signature=Non
     training = {k: v for k, v in settings.items() if k not in neutral}
     # the code too: the files the rule lists as inputs (a state made by other code may not even
     # load into the current model), keyed by their path inside the package
-    code = code_digests("pipeline.pretrain.main_pretrain")
+    code = code_digests("pipeline.pretrain.train")
     return json.dumps(
         {"cell": cell, "settings": training, "seed": int(seed), "data": data_signature, "code": code},
         sort_keys=True,

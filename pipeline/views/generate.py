@@ -91,7 +91,7 @@ def generator_code_digest(generator: str) -> str:
     """The digest of the code that generates ``generator``'s views (what rule generate_views records).
 
     A generator registered from outside the package (a plugin, a test) adds its class's source file."""
-    entry = "pipeline.views.shards"
+    entry = "pipeline.views.generate"
     if generator in registrations("views"):
         return combined_digest(file_digests(plugin_code_files(entry, "views", generator)))
     digests = file_digests(code_files(entry, exclude=registrations("views").values()))

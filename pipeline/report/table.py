@@ -3,7 +3,7 @@
 Every number comes from a ``results/eval/<model>/<dataset>/metrics.csv`` written by the
 propagation stage; the cell that produced it is read back from the ``<model>`` path (every
 hyper-parameter that defines a cell is in it, ``pipeline.cells``). Which cell keys identify a row
-of each table, and how its columns are named, is the table registry ``pipeline.tables.TABLES``.
+of each table, and how its columns are named, is the table registry ``pipeline.table_registry.TABLES``.
 The paper's published numbers (``paper_numbers.yaml``) are only used for Table 5 rows this
 workflow does not train (``source = cited``) and printed beside ours in the summary. Table 10
 also reads each generator's ``bag.h5`` attributes (``--bag``): what made its views.
@@ -40,7 +40,7 @@ from pipeline.labels import (
 )
 from pipeline.records import write_record
 from pipeline.runtime import setup_logging
-from pipeline.tables import PROPAGATION_TABLES, TABLES
+from pipeline.table_registry import PROPAGATION_TABLES, TABLES
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 

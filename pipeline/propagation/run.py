@@ -32,8 +32,9 @@ from pipeline.devices import resolve_device, set_threads
 from pipeline.io import write_csv_atomic, write_text_atomic
 from pipeline.pretrain.checkpoints import load_encoder, verify_checkpoint
 from pipeline.propagation.algorithm import grid_size, input_size, propagate
-from pipeline.propagation.drivers import WRITERS, Video, score_predictions
+from pipeline.propagation.drivers import WRITERS, score_predictions
 from pipeline.propagation.figures import figure_frames, save_figure
+from pipeline.propagation.settings import PropagationSettings, Video
 from pipeline.provenance import code_digest
 from pipeline.records import write_record
 from pipeline.runtime import LOG, progress, setup_logging
@@ -87,45 +88,6 @@ def encode_frames(encoder, frames: Iterable[np.ndarray], batch_size: int, device
 
 
 @dataclass
-class Protocol:
-    """The propagation settings of one dataset (config ``propagation`` + its dataset section)."""
-
-    dataset: str
-    size: list[int]
-    topk: int
-    temperature: float = 0.7
-    radius: float = 20
-    queue: int = 20
-    feature_batch: int = 5
-    query_chunk: int = 4096
-    label_downsample: str = "bilinear"
-    gt_mode: str | None = None  # DAVIS only
-    sigma: float = 0.5  # JHMDB only
-    readout_topk: int = 5  # JHMDB only
-
-    @classmethod
-    def from_settings(cls, dataset: str, settings: dict) -> Protocol:
-        if dataset not in labels.EVAL_DATASETS:
-            raise ValueError(f"dataset must be one of {labels.EVAL_DATASETS}, got {dataset!r}")
-        section = section_defaults("propagation", overrides=settings)
-        ds = section[dataset]
-        return cls(
-            dataset=dataset,
-            size=list(ds["size"]),
-            topk=ds["topk"],
-            temperature=section["temperature"],
-            radius=section["radius"],
-            queue=section["queue"],
-            feature_batch=section["feature_batch"],
-            query_chunk=section["query_chunk"],
-            label_downsample=section["label_downsample"],
-            gt_mode=ds.get("gt_mode"),
-            sigma=ds.get("sigma", 0.5),
-            readout_topk=ds.get("readout_topk", 5),
-        )
-
-
-@dataclass
 class VideoResult:
     """What a dataset writer needs from one propagated video."""
 
@@ -139,7 +101,7 @@ def propagate_video(
     encoder,
     frame_paths: Sequence[Path],
     read_frame: Callable,
-    protocol: Protocol,
+    protocol: PropagationSettings,
     first_labels: Callable,
     on_frame: Callable,
     device,
@@ -203,7 +165,7 @@ def model_name_from_checkpoint(checkpoint: str | Path) -> str:
 
 def code_sha256() -> str:
     """One digest of the code this stage's predictions depend on (``pipeline.provenance``)."""
-    return code_digest("pipeline.propagation.runner")
+    return code_digest("pipeline.propagation.run")
 
 
 def _claim_predictions(pred_dir: Path, run_key: str) -> None:
@@ -216,7 +178,7 @@ def _claim_predictions(pred_dir: Path, run_key: str) -> None:
 
 
 def _propagate_videos(
-    encoder, videos: list[Video], protocol: Protocol, output_dir: Path, *, n_figures: int, model: str, device
+    encoder, videos: list[Video], protocol: PropagationSettings, output_dir: Path, *, n_figures: int, model: str, device
 ) -> None:
     """Propagate every video not yet marked done under ``predictions/.done``; figures of the first
     ``n_figures``, titled with ``model``."""
@@ -244,7 +206,9 @@ def _propagate_videos(
         )
 
 
-def _metrics_row(dataset: str, model: str, metrics: dict, protocol: Protocol, patch_size: int, videos, checkpoint):
+def _metrics_row(
+    dataset: str, model: str, metrics: dict, protocol: PropagationSettings, patch_size: int, videos, checkpoint
+):
     """The ``metrics.csv`` row: headline metrics, then the protocol and the run's size."""
     return {
         "dataset": dataset,
@@ -281,7 +245,7 @@ def run_propagation(
     stale predictions are removed first, so the scorer never sees another run's files.
     """
     settings = settings or {}
-    protocol = Protocol.from_settings(dataset, settings)
+    protocol = PropagationSettings.from_settings(dataset, settings)
     section = section_defaults("propagation", overrides=settings)
     vallist = section[dataset].get("vallist")
     names = [e.name for e in read_vallist(dataset, vallist)] if vallist else None
