@@ -70,7 +70,17 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
         if errors:
             lines = [f"  {_key_path(e)}: {e.message}" for e in errors[:10]]
             raise ConfigError("invalid config:\n" + "\n".join(lines))
+        _default_cell_generator(config, schema)
     return config
+
+
+def _default_cell_generator(config: dict, schema: dict) -> None:
+    """``pretrain.cell_defaults.generator`` defaults to ``views.generator``: one key chooses the
+    generator unless a user names another for the cells."""
+    cell_defaults = config.get("pretrain", {}).get("cell_defaults")
+    if cell_defaults is not None and "generator" not in cell_defaults:
+        views = schema["properties"]["views"]["properties"]
+        cell_defaults["generator"] = config.get("views", {}).get("generator", views["generator"]["default"])
 
 
 def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
@@ -116,6 +126,60 @@ def result_neutral_keys(*section: str, schema: dict | None = None) -> list[str]:
     for key in section:
         node = node["properties"][key]
     return [k for k, sub in node.get("properties", {}).items() if isinstance(sub, dict) and sub.get("x-result-neutral")]
+
+
+def _section_schema(section: tuple[str, ...], schema: dict | None) -> dict:
+    node = schema or load_schema()
+    for key in section:
+        node = node["properties"][key]
+    return node.get("properties", {})
+
+
+def settings_keys(*section: str, command: str | None = None, schema: dict | None = None) -> list[str]:
+    """The keys of a config section that are settings of ``command``'s jobs, i.e. what they compute.
+
+    Left out, by the schema's marks: ``x-result-neutral`` (how a job runs), ``x-selects`` (what
+    runs: seeds, cells, lists), ``x-slice`` (a nested section passed as a slice of its own) and
+    ``x-only-for`` keys of other commands. The rules' ``settings`` params and the resume
+    fingerprints both derive from this, so no key list is written by hand."""
+    keys = []
+    for key, sub in _section_schema(section, schema).items():
+        if not isinstance(sub, dict) or any(sub.get(m) for m in ("x-result-neutral", "x-selects", "x-slice")):
+            continue
+        if "x-only-for" in sub and command not in sub["x-only-for"]:
+            continue
+        keys.append(key)
+    return keys
+
+
+def job_settings(values: dict, *section: str, command: str | None = None) -> dict:
+    """``values`` (a config section) narrowed to ``settings_keys(*section, command=command)``."""
+    wanted = set(settings_keys(*section, command=command))
+    return {k: v for k, v in values.items() if k in wanted}
+
+
+def runtime_resource(section: str, key: str) -> str:
+    """The Snakemake resource a result-neutral key travels as: ``gpu`` for ``gpus`` (the one GPU
+    resource every rule and profile limits), else ``<section>_<key>`` (resources are global names)."""
+    return "gpu" if key == "gpus" else f"{section}_{key}"
+
+
+def runtime_flags(section: str) -> list[tuple[str, str]]:
+    """(``--flag``, key) of every result-neutral key of a section but ``gpus`` (the lease's): the
+    command-line form a command accepts and the rule passes from its resources."""
+    return [("--" + k.replace("_", "-"), k) for k in result_neutral_keys(section) if k != "gpus"]
+
+
+def add_runtime_flags(parser, section: str) -> None:
+    """Add ``runtime_flags(section)`` to an argparse parser, each overriding its config key."""
+    for flag, key in runtime_flags(section):
+        parser.add_argument(flag, dest=key, type=int, default=None, help=f"override {section}.{key} (result-neutral)")
+
+
+def apply_runtime_flags(args, section: str, settings: dict) -> dict:
+    """``settings`` with the runtime flags given on the command line put in."""
+    given = {key: getattr(args, key) for _, key in runtime_flags(section) if getattr(args, key, None) is not None}
+    return {**settings, **given}
 
 
 def load_settings(value: str | None) -> dict:

@@ -19,7 +19,14 @@ sys.path.insert(0, workflow.basedir)
 from pipeline.cells import CELL_KEYS, CellError, canonical_cell, model_path, random_init_model  # noqa: E402
 from pipeline.cli import command_module  # noqa: E402
 from pipeline.labels import EVAL_DATASETS as ALL_EVAL_DATASETS  # noqa: E402
-from pipeline.config import ConfigError, result_neutral_keys, validate_config  # noqa: E402
+from pipeline.config import (  # noqa: E402
+    ConfigError,
+    job_settings,
+    result_neutral_keys,
+    runtime_flags,
+    runtime_resource,
+    validate_config,
+)
 from pipeline.data.layouts import DatasetError, check_layout  # noqa: E402  (standard library only)
 from pipeline.provenance import (  # noqa: E402
     code_digest,
@@ -147,18 +154,59 @@ def get_generator_code(generator):
     return combined_digest(file_digests(files))
 
 
-def settings(*keys, drop=()):
-    """A narrow config slice as canonical JSON for ``params:`` (a change re-runs only its users).
+def settings(*keys, command=None):
+    """A narrow config slice as canonical JSON for ``params:`` (a change re-runs only its users):
+    the keys the schema makes settings of ``command``'s jobs (``pipeline.config.settings_keys``).
 
-    Keys the schema marks ``x-result-neutral`` (GPUs, workers, checkpoint cadence) are left out:
-    they travel as resources, so editing them re-runs nothing."""
+    Result-neutral keys (GPUs, workers, checkpoint cadence) are left out: they travel as resources
+    (``runtime_resources``), so editing them re-runs nothing; so are the lists of what runs
+    (``x-selects``), the nested sections passed as slices of their own (``x-slice``) and the keys
+    of other commands (``x-only-for``)."""
     node = config
     for k in keys:
         node = node[k]
     if isinstance(node, dict):
-        drop = set(drop) | set(result_neutral_keys(*keys))
-        node = {k: v for k, v in node.items() if k not in drop}
+        node = job_settings(node, *keys, command=command)
     return json.dumps(node, sort_keys=True)
+
+
+def runtime_resources(section):
+    """The section's result-neutral keys as a rule's ``resources:`` (``gpu``, ``<section>_<key>``)."""
+    return {runtime_resource(section, k): config[section][k] for k in result_neutral_keys(section)}
+
+
+def runtime_args(section):
+    """The command-line flags passing those resources to the command (``--num-workers {resources.
+    pretrain_num_workers}`` ...): each command accepts its section's (``pipeline.config.add_runtime_flags``)."""
+    return " ".join(f"{flag} {{resources.{runtime_resource(section, k)}}}" for flag, k in runtime_flags(section))
+
+
+def launch(stage, command):
+    """The command line of a GPU job: the lease of ``resources.gpu`` GPUs, then one process, or one
+    DDP process per leased GPU under torchrun when there are several."""
+    return (
+        "if [ {resources.gpu} -gt 1 ]; then "
+        "launch='torchrun --standalone --nproc_per_node {resources.gpu} -m'; "
+        "else launch='python -m'; fi; "
+        f"python -m pipeline.lease --gpus {{resources.gpu}} -- $launch pipeline.{stage} {command} "
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# paths written by one rule and read by others
+
+
+def bag_path(generator):
+    """The merged bag of views of one generator (rule merge_views)."""
+    return f"results/views/{generator}/bag.h5"
+
+
+KNN_PATH = "results/consistency/knn.npz"
+
+
+def metrics_path(model, dataset):
+    """The label-propagation metrics of one encoder on one dataset (rule propagate)."""
+    return f"results/eval/{model}/{dataset}/metrics.csv"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +252,7 @@ def table_archs(table):
 
 
 def eval_metrics(models, datasets=None):
-    return [f"results/eval/{m}/{d}/metrics.csv" for m in models for d in (datasets or EVAL_DATASETS)]
+    return [metrics_path(m, d) for m in models for d in (datasets or EVAL_DATASETS)]
 
 
 def get_table_evals(table):

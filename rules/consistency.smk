@@ -14,8 +14,6 @@ CONSISTENCY_CHECKPOINT = (
     if CONSISTENCY["encoder"]["name"] in ("timm", "cdgmae") and CONSISTENCY["encoder"]["checkpoint"]
     else []
 )
-# the list of generators is Table 9's input list, not a scoring setting
-CONSISTENCY_NOT_SETTINGS = ("generators",)
 
 
 rule find_neighbours:
@@ -23,7 +21,7 @@ rule find_neighbours:
         data=get_dataset_input("imagenet"),
         checkpoint=CONSISTENCY_CHECKPOINT,
     output:
-        knn="results/consistency/knn.npz",
+        knn=KNN_PATH,
         # its provenance record (pipeline.records), written by the command
         record="results/consistency/knn.provenance.json",
     log:
@@ -34,14 +32,13 @@ rule find_neighbours:
         "../envs/pipeline.yaml"
     threads: 2
     resources:
-        gpu=CONSISTENCY["gpus"],
-        consistency_workers=CONSISTENCY["num_workers"],
+        **runtime_resources("consistency"),
     params:
         # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
         code=stage_code("consistency", "neighbours"),
         root=lambda wildcards: get_root("imagenet"),
         # only the encoder defines the neighbours: changing n_pairs or the gaps keeps knn.npz
-        settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS + ("n_pairs", "knn_k", "frame_gap")),
+        settings=settings("consistency", command="neighbours"),
         k=config["pretrain"]["knn_k"],
         # resumable feature parts, outside the declared outputs (survive a failed job)
         state_dir="results/consistency_state/knn",
@@ -51,14 +48,13 @@ rule find_neighbours:
         "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency neighbours "
         "--imagenet-root {params.root:q} --settings {params.settings:q} --k {params.k} "
         "--state-dir {params.state_dir:q} --output {output.knn:q} --threads {threads} "
-        "--max-reject-fraction {params.max_reject_fraction} "
-        "--num-workers {resources.consistency_workers} > {log} 2>&1"
+        "--max-reject-fraction {params.max_reject_fraction} " + runtime_args("consistency") + " > {log} 2>&1"
 
 
 rule score_consistency:
     input:
-        bag=f"results/views/{config['views']['generator']}/bag.h5",
-        knn="results/consistency/knn.npz",
+        bag=bag_path(config["views"]["generator"]),
+        knn=KNN_PATH,
         imagenet=get_dataset_input("imagenet"),
         videos=get_dataset_input("videos"),
         checkpoint=CONSISTENCY_CHECKPOINT,
@@ -75,13 +71,12 @@ rule score_consistency:
         "../envs/pipeline.yaml"
     threads: 2
     resources:
-        gpu=CONSISTENCY["gpus"],
-        consistency_workers=CONSISTENCY["num_workers"],
+        **runtime_resources("consistency"),
     params:
         # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
         code=stage_code("consistency", "table1"),
         caption=TABLES["table1"].caption,
-        settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS),
+        settings=settings("consistency", command="table1"),
         generator=config["views"]["generator"],
         seed=config["seed"],
         run_label=config["run_label"],
@@ -93,12 +88,13 @@ rule score_consistency:
         "--imagenet-root {params.imagenet_root:q} --videos-root {params.videos_root:q} "
         "--settings {params.settings:q} --seed {params.seed} --run-label {params.run_label:q} "
         "--output {output.table:q} --pairs-output {output.pairs:q} --threads {threads} "
-        "--num-workers {resources.consistency_workers} > {log} 2>&1"
+        + runtime_args("consistency")
+        + " > {log} 2>&1"
 
 
 rule score_generators:
     input:
-        bags=expand("results/views/{generator}/bag.h5", generator=CONSISTENCY["generators"]),
+        bags=[bag_path(g) for g in CONSISTENCY["generators"]],
         videos=get_dataset_input("videos"),
         checkpoint=CONSISTENCY_CHECKPOINT,
     output:
@@ -113,15 +109,14 @@ rule score_generators:
         "../envs/pipeline.yaml"
     threads: 2
     resources:
-        gpu=CONSISTENCY["gpus"],
-        consistency_workers=CONSISTENCY["num_workers"],
+        **runtime_resources("consistency"),
     params:
         # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
         code=stage_code("consistency", "table9"),
         caption=TABLES["table9"].caption,
-        settings=settings("consistency", drop=CONSISTENCY_NOT_SETTINGS),
+        settings=settings("consistency", command="table9"),
         # one "--bag GENERATOR=PATH" per Table 9 row, in config order
-        bags=" ".join(f"--bag {shlex.quote(f'{g}=results/views/{g}/bag.h5')}" for g in CONSISTENCY["generators"]),
+        bags=" ".join(f"--bag {shlex.quote(f'{g}={bag_path(g)}')}" for g in CONSISTENCY["generators"]),
         seed=config["seed"],
         run_label=config["run_label"],
         videos_root=lambda wildcards: get_root("videos"),
@@ -130,4 +125,5 @@ rule score_generators:
         "{params.bags} --videos-root {params.videos_root:q} "
         "--settings {params.settings:q} --seed {params.seed} --run-label {params.run_label:q} "
         "--output {output.table:q} --pairs-output {output.pairs:q} --threads {threads} "
-        "--num-workers {resources.consistency_workers} > {log} 2>&1"
+        + runtime_args("consistency")
+        + " > {log} 2>&1"

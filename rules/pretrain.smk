@@ -24,8 +24,8 @@ rule pretrain:
     input:
         # what the cell reads: its bag of views (cdgmae), the neighbours (target knn), or the
         # image / video dataset (cropmae / siammae); [] where it does not apply
-        bag=lambda wc: f"results/views/{wc.generator}/bag.h5" if wc.method in VIEW_METHODS else [],
-        knn=lambda wc: "results/consistency/knn.npz" if wc.target == "knn" else [],
+        bag=lambda wc: bag_path(wc.generator) if wc.method in VIEW_METHODS else [],
+        knn=lambda wc: KNN_PATH if wc.target == "knn" else [],
         data=lambda wc: get_dataset_input(pretrain_dataset(wc)) if pretrain_dataset(wc) else [],
     output:
         checkpoint=f"results/pretrain/{CELL_PATTERN}/seed~{{seed}}/checkpoint.pth",
@@ -44,9 +44,7 @@ rule pretrain:
     threads: 1
     resources:
         # infrastructure knobs are resources, not params: editing them re-runs nothing
-        gpu=config["pretrain"]["gpus"],
-        num_workers=config["pretrain"]["num_workers"],
-        checkpoint_every=config["pretrain"]["checkpoint_every"],
+        **runtime_resources("pretrain"),
     params:
         # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
         code=stage_code("pretrain", "train"),
@@ -54,8 +52,8 @@ rule pretrain:
         cell=lambda wc: json.dumps(cell_from_wildcards(wc), sort_keys=True),
         # flags naming the cell's data (wildcards-only, so tracked like any param)
         sources=lambda wc: (
-            (f"--bag results/views/{wc.generator}/bag.h5" if wc.method in VIEW_METHODS else "")
-            + (" --knn results/consistency/knn.npz" if wc.target == "knn" else "")
+            (f"--bag {bag_path(wc.generator)}" if wc.method in VIEW_METHODS else "")
+            + (f" --knn {KNN_PATH}" if wc.target == "knn" else "")
             + (
                 f" --{pretrain_dataset(wc)}-root {shlex.quote(get_root(pretrain_dataset(wc)))}"
                 if pretrain_dataset(wc)
@@ -69,18 +67,13 @@ rule pretrain:
             )
         ),
         # training hyper-parameters only: editing the seed list or a table's cells reruns nothing
-        settings=settings("pretrain", drop=("seeds", "cell_defaults")),
+        settings=settings("pretrain", command="train"),
         state_dir=f"results/pretrain_state/{CELL_PATTERN}/seed~{{seed}}",
     shell:
-        # more than one GPU: one DDP process per leased GPU under torchrun
-        "if [ {resources.gpu} -gt 1 ]; then "
-        "launch='torchrun --standalone --nproc_per_node {resources.gpu} -m'; "
-        "else launch='python -m'; fi; "
-        "python -m pipeline.lease --gpus {resources.gpu} -- $launch pipeline.pretrain train "
-        "--cell {params.cell:q} --seed {wildcards.seed} --settings {params.settings:q} {params.sources} "
+        launch("pretrain", "train")
+        + "--cell {params.cell:q} --seed {wildcards.seed} --settings {params.settings:q} {params.sources} "
         "--output {output.checkpoint} --state-dir {params.state_dir:q} --log-csv {output.log_csv} "
-        "--curve-png {output.curve} --threads {threads} --num-workers {resources.num_workers} "
-        "--checkpoint-every {resources.checkpoint_every} > {log} 2>&1"
+        "--curve-png {output.curve} --threads {threads} " + runtime_args("pretrain") + " > {log} 2>&1"
 
 
 rule count_gflops:
@@ -120,7 +113,7 @@ rule count_method_gflops:
         # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
         code=stage_code("pretrain", "method-flops"),
         cells=json.dumps(get_cells("mae_family"), sort_keys=True),
-        settings=settings("pretrain", drop=("seeds", "cell_defaults")),
+        settings=settings("pretrain", command="method-flops"),
     shell:
         "python -m pipeline.pretrain method-flops --cells {params.cells:q} --settings {params.settings:q} "
         "--output {output} --threads {threads} > {log} 2>&1"

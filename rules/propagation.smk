@@ -11,7 +11,7 @@ rule propagate:
         checkpoint="results/pretrain/{model}/checkpoint.pth",
         data=lambda wildcards: get_dataset_input(wildcards.dataset),
     output:
-        metrics="results/eval/{model}/{dataset}/metrics.csv",
+        metrics=metrics_path("{model}", "{dataset}"),
         # its provenance record (pipeline.records), written by the command
         record="results/eval/{model}/{dataset}/metrics.provenance.json",
     log:
@@ -22,18 +22,15 @@ rule propagate:
         "../envs/pipeline.yaml"
     threads: 1  # see rules/pretrain.smk: parallel single-threaded jobs; --set-threads to raise
     resources:
-        gpu=config["propagation"]["gpus"],
+        **runtime_resources("propagation"),
     params:
         # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
         code=stage_code("propagation", "run"),
         root=lambda wildcards: get_root(wildcards.dataset),
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
         # shared protocol keys only (temperature, radius, queue, ...), not the dataset sections,
-        # the GPU count or the lists of what to evaluate
-        settings=settings(
-            "propagation",
-            drop=(*ALL_EVAL_DATASETS, "evaluate", "random_init_seed", "external"),
-        ),
+        # the GPU count or the lists of what to evaluate (the schema's marks)
+        settings=settings("propagation", command="run"),
         # the dataset's own section (top-k, size, ...): editing VIP's reruns only VIP
         dataset_settings=lambda wildcards: settings("propagation", wildcards.dataset),
     shell:

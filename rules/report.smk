@@ -22,9 +22,7 @@ rule assemble_table:
         # table 10: each generator's bag, whose attributes say what made its views (label, sampler,
         # encoder source, model digest); read, never decoded
         bags=lambda wildcards: (
-            [f"results/views/{g}/bag.h5" for g in config["tables"]["table10"]["generators"]]
-            if wildcards.table == "table10"
-            else []
+            [bag_path(g) for g in config["tables"]["table10"]["generators"]] if wildcards.table == "table10" else []
         ),
     output:
         table=report_table("results/{table}.csv"),

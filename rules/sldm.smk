@@ -36,29 +36,22 @@ rule train_sldm:
     # (pipeline.devices.set_threads). On Slurm the profile gives it --cpus-per-gpu.
     threads: get_all_cores()
     resources:
-        gpu=config["sldm"]["gpus"],
-        checkpoint_every=config["sldm"]["checkpoint_every"],
-        sample_every=config["sldm"]["sample_every"],
-        num_workers=config["sldm"]["num_workers"],
+        **runtime_resources("sldm"),
     params:
         # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
         code=stage_code("sldm", "train"),
         root=lambda wildcards: get_root("imagenet"),
-        settings=settings("sldm"),
+        settings=settings("sldm", command="train"),
         seed=config["seed"],
         state_dir="results/sldm_state",
         # the bad-image policy of every reader of the image root (views, k-NN, CropMAE)
         max_reject_fraction=config["views"]["max_reject_fraction"],
     shell:
-        "if [ {resources.gpu} -gt 1 ]; then "
-        "launch='torchrun --standalone --nproc_per_node {resources.gpu} -m'; "
-        "else launch='python -m'; fi; "
-        "python -m pipeline.lease --gpus {resources.gpu} -- $launch pipeline.sldm train "
-        "--imagenet-root {params.root:q} --settings {params.settings:q} --seed {params.seed} "
+        launch("sldm", "train")
+        + "--imagenet-root {params.root:q} --settings {params.settings:q} --seed {params.seed} "
         "--output {output.model:q} --state-dir {params.state_dir:q} --log-csv {output.log_csv:q} "
         "--curve-png {output.curve:q} --samples-png {output.samples:q} --threads {threads} "
-        "--checkpoint-every {resources.checkpoint_every} --sample-every {resources.sample_every} "
-        "--num-workers {resources.num_workers} --max-reject-fraction {params.max_reject_fraction} > {log} 2>&1"
+        "--max-reject-fraction {params.max_reject_fraction} " + runtime_args("sldm") + " > {log} 2>&1"
 
 
 rule import_rcg:

@@ -25,19 +25,6 @@ localrules:
     plot_bag_of_views,
 
 
-# what determines a shard's bytes: no batch size (output-invariant), no gpus/figure keys, and only
-# this generator's settings
-VIEWS_SHARD_KEYS = [
-    "n_views",
-    "shards",
-    "part_size",
-    "image_size",
-    "jpeg_quality",
-    "max_reject_fraction",
-    "max_images",
-]
-
-
 rule generate_views:
     input:
         data=get_dataset_input("imagenet"),
@@ -56,9 +43,8 @@ rule generate_views:
         "../envs/pipeline.yaml"
     threads: 2
     resources:
-        gpu=config["views"]["gpus"],
-        # infrastructure knob, not a param: the views do not depend on the batch size
-        views_batch_size=config["views"]["batch_size"],
+        # infrastructure knobs, not params: the views do not depend on the batch size
+        **runtime_resources("views"),
         # minutes, 0: no limit; a profile's set-resources replaces it with the site's job limit
         # (a resource, not a param: running under another limit re-runs nothing)
         runtime=0,
@@ -68,7 +54,9 @@ rule generate_views:
         root=lambda wildcards: get_root("imagenet"),
         settings=lambda wildcards: json.dumps(
             {
-                **{k: config["views"][k] for k in VIEWS_SHARD_KEYS},
+                # what determines a shard's bytes: no batch size (output-invariant), no gpus or
+                # figure keys, and only this generator's settings
+                **job_settings(config["views"], "views", command="generate"),
                 "generators": {wildcards.generator: get_generator_settings(wildcards.generator)},
             },
             sort_keys=True,
@@ -80,8 +68,7 @@ rule generate_views:
         "python -m pipeline.views generate --root {params.root:q} --generator {wildcards.generator} "
         "--shard {wildcards.shard} --out {output.shard} --rejects {output.rejects} "
         "--state-dir {params.state_dir} --settings {params.settings:q} --seed {params.seed} "
-        "--batch-size {resources.views_batch_size} --time-limit {resources.runtime} --threads {threads} "
-        "> {log} 2>&1"
+        "--time-limit {resources.runtime} --threads {threads} " + runtime_args("views") + " > {log} 2>&1"
 
 
 rule merge_views:
@@ -93,7 +80,7 @@ rule merge_views:
         ),
         data=get_dataset_input("imagenet"),
     output:
-        bag="results/views/{generator}/bag.h5",
+        bag=bag_path("{generator}"),
         # its provenance record (pipeline.records), written by the command
         record="results/views/{generator}/bag.provenance.json",
     log:
@@ -109,10 +96,7 @@ rule merge_views:
         # the digest of the code this job runs (pipeline.provenance): an edit that changes it re-runs the job
         code=stage_code("views", "merge"),
         root=lambda wildcards: get_root("imagenet"),
-        settings=settings(
-            "views",
-            drop=("generator", "generators", "figure_images"),
-        ),
+        settings=settings("views", command="merge"),
     shell:
         "python -m pipeline.views merge --shards {input.shards} --out {output.bag} "
         "--root {params.root:q} --settings {params.settings:q} --threads {threads} > {log} 2>&1"
@@ -120,7 +104,7 @@ rule merge_views:
 
 rule plot_bag_of_views:
     input:
-        bag=f"results/views/{config['views']['generator']}/bag.h5",
+        bag=bag_path(config["views"]["generator"]),
     output:
         figure=report(
             "results/figures/bag_of_views.png",

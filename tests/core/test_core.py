@@ -237,3 +237,15 @@ def test_no_stage_imports_a_later_stage():
                 parts = imported.split(".")
                 if len(parts) > 1 and parts[1] in order:
                     assert order[parts[1]] <= order[stage], f"{module} imports {imported}"
+
+
+def test_readme_table_to_module_map_is_literal(repo_root):
+    """README's "command → module" pairs are the modules the command table runs (no hidden hop)."""
+    import re
+
+    text = (repo_root / "README.md").read_text()
+    section = text.split("## Paper tables → rules → modules", 1)[1].split("\n## ", 1)[0]
+    pairs = re.findall(r"`(\w+) ([\w-]+)` → `(pipeline/[\w/]+\.py)`", section)
+    assert len(pairs) >= 8, pairs
+    for stage, command, path in pairs:
+        assert cli.command_module(stage, command).replace(".", "/") + ".py" == path, (stage, command, path)
