@@ -10,7 +10,7 @@ import argparse
 import logging
 
 from pipeline.cli import command_parser
-from pipeline.config import load_settings, result_neutral_keys, section_defaults
+from pipeline.config import add_runtime_flags, apply_runtime_flags, load_settings, result_neutral_keys, section_defaults
 from pipeline.consistency.feature_encoders import FeatureEncoder, build_feature_encoder
 from pipeline.consistency.sources import ImageListSource
 from pipeline.data.readers import list_imagenet
@@ -29,7 +29,7 @@ def scoring_parser(command: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads")
     p.add_argument("--batch-size", type=int, default=None, help="override encoder.batch_size")
-    p.add_argument("--num-workers", type=int, default=None, help="override num_workers")
+    add_runtime_flags(p, "consistency")
     return p
 
 
@@ -42,11 +42,11 @@ def start(args) -> None:
 def resolve_section(args) -> dict:
     """The consistency section from ``--settings`` (partial) + schema defaults + CLI overrides of
     the output-invariant knobs (Snakemake passes those as resources, so they trigger no rerun)."""
-    cfg = section_defaults("consistency", overrides=load_settings(args.settings))
+    cfg = apply_runtime_flags(
+        args, "consistency", section_defaults("consistency", overrides=load_settings(args.settings))
+    )
     if args.batch_size is not None:
         cfg["encoder"]["batch_size"] = args.batch_size
-    if args.num_workers is not None:
-        cfg["num_workers"] = args.num_workers
     return cfg
 
 

@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from pipeline.config import add_runtime_flags, apply_runtime_flags
 from pipeline.data.readers import list_imagenet
 from pipeline.imaging import load_square
 from pipeline.io import IntegrityError, atomic_path, folder_sha256, write_csv_atomic
@@ -457,7 +458,7 @@ class ShardWriter:
 
 def generate_shard(args: argparse.Namespace) -> Path:
     """One shard from the parsed ``generate`` arguments."""
-    cfg = resolve_views_settings(args.settings)
+    cfg = apply_runtime_flags(args, "views", resolve_views_settings(args.settings))
     out = Path(args.out)
     state = Path(args.state_dir) if args.state_dir else out.parent / "parts"
     rejects = Path(args.rejects) if args.rejects else out.with_suffix(".rejects.csv")
@@ -470,7 +471,6 @@ def generate_shard(args: argparse.Namespace) -> Path:
         out,
         rejects,
         state,
-        batch_size=args.batch_size,
         device=args.device,
         stop_after=args.stop_after if args.stop_after is not None else stop_after_for_limit(args.time_limit),
     ).run()
@@ -488,11 +488,7 @@ def main(argv=None) -> None:
     ap.add_argument("--state-dir", help="parts of all shards (default: <out dir>/parts)")
     ap.add_argument("--settings", help="views section (JSON or file); missing keys from the schema")
     ap.add_argument("--seed", type=int, default=0, help="base seed of the workflow")
-    ap.add_argument(
-        "--batch-size",
-        type=int,
-        help="images per generator call (default: views.batch_size); does not change the output",
-    )
+    add_runtime_flags(ap, "views")  # --batch-size: images per generator call, output-invariant
     ap.add_argument("--device", help="torch device (default: cuda if available)")
     ap.add_argument(
         "--stop-after",
