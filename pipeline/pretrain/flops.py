@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
+from collections.abc import Callable
 
 import pandas as pd
 import torch
@@ -119,6 +120,45 @@ def gmacs_flopcounter(model: nn.Module, views: torch.Tensor, target_mask: float,
 METHODS = {"fvcore": gmacs_fvcore, "flopcounter": gmacs_flopcounter}
 
 
+def check_counter(counter: str) -> None:
+    if counter not in METHODS:
+        raise KeyError(f"unknown method {counter!r}; known: {', '.join(METHODS)}")
+
+
+def gmacs_per_sample(
+    model: nn.Module,
+    n_views: int,
+    img_size: int,
+    target_mask: float,
+    anchor_mask: float,
+    counter: str = "fvcore",
+    batch: int = 1,
+) -> float:
+    """GMACs per sample of one training forward of ``model`` (in train mode) on a random batch of
+    ``batch`` samples of ``n_views`` views, counted by ``METHODS[counter]``."""
+    check_counter(counter)
+    views = torch.randn(batch, n_views, 3, img_size, img_size)
+    return METHODS[counter](model, views, target_mask, anchor_mask) / batch
+
+
+def run_counting_cli(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    count_rows: Callable[[argparse.Namespace], list[dict]],
+    columns: list[str],
+) -> None:
+    """The counting commands' shared CLI: ``--threads`` and ``--log-file`` beside ``parser``'s own
+    options (one of them ``--output``), then the rows ``count_rows(args)`` to the CSV ``--output``."""
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--log-file", default=None)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_file)
+    set_threads(args.threads)
+    rows = count_rows(args)
+    write_csv_atomic(pd.DataFrame(rows, columns=columns), args.output)
+    LOG.info("wrote %d cells to %s", len(rows), args.output)
+
+
 def table8_gflops(
     arch: str = "vit_small_patch16",
     img_size: int = 224,
@@ -128,15 +168,13 @@ def table8_gflops(
     seed: int = 0,
 ) -> list[dict]:
     """Rows {anchors, anchor_mask, gflops} for one training sample of every cell (forward only)."""
-    if method not in METHODS:
-        raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    check_counter(method)
     cells = cells if cells is not None else parse_cells(TABLE8_CELLS)
     torch.manual_seed(seed)  # weights and masks do not change the count; fixed for determinism
     model = CrossViewMAE(arch, img_size).train()  # train mode: the real training forward
     rows = []
     for n_anchors, anchor_mask in cells:
-        views = torch.randn(1, 1 + n_anchors, 3, img_size, img_size)
-        gmacs = METHODS[method](model, views, target_mask, anchor_mask)
+        gmacs = gmacs_per_sample(model, 1 + n_anchors, img_size, target_mask, anchor_mask, method)
         LOG.info("N=%d r_a=%.3f r_t=%.3f: %.4f GMACs (%s)", n_anchors, anchor_mask, target_mask, gmacs, method)
         rows.append({"anchors": n_anchors, "anchor_mask": anchor_mask, "gflops": round(gmacs, 6)})
     return rows
@@ -152,11 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-mask", type=float, default=0.9, help="r_t as a fraction")
     parser.add_argument("--cells", default=TABLE8_CELLS, help="comma-separated ANCHORS:ANCHOR_MASK (fractions)")
     parser.add_argument("--method", choices=sorted(METHODS), default="fvcore")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--log-file", default=None)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_file)
-    set_threads(args.threads)
-    rows = table8_gflops(args.arch, args.img_size, args.target_mask, parse_cells(args.cells), args.method)
-    write_csv_atomic(pd.DataFrame(rows, columns=["anchors", "anchor_mask", "gflops"]), args.output)
-    LOG.info("wrote %d cells to %s", len(rows), args.output)
+    run_counting_cli(
+        parser,
+        argv,
+        lambda args: table8_gflops(args.arch, args.img_size, args.target_mask, parse_cells(args.cells), args.method),
+        ["anchors", "anchor_mask", "gflops"],
+    )

@@ -35,17 +35,8 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.crop_sampler import random_resized_crop_box
-from pipeline.data.readers import list_imagenet, read_rgb
-from pipeline.imaging import ImageRejects, TooManyRejectsError
-from pipeline.pretrain.augment import normalize, resized_crop, to_chw
-from pipeline.pretrain.strategies import (
-    MAX_SUBSTITUTE_DRAWS,
-    STRATEGIES,
-    EpochDataset,
-    _records,
-    _spread,
-    build_cdgmae,
-)
+from pipeline.pretrain.augment import normalize, resized_crop
+from pipeline.pretrain.strategies import STRATEGIES, ImageListDataset, build_cdgmae, image_list_builder
 
 # ---------------------------------------------------------------------------------------------
 # photometric augmentations on (3, S, S) uint8 tensors, every draw from ``rng``
@@ -125,7 +116,7 @@ def dino_view(image: torch.Tensor, rng: np.random.Generator, size: int, scale, r
 # dataset
 
 
-class SingleImageDataset(EpochDataset):
+class SingleImageDataset(ImageListDataset):
     """One image of an ImageNet-layout list per sample, augmented by ``method``'s recipe."""
 
     def __init__(
@@ -139,30 +130,16 @@ class SingleImageDataset(EpochDataset):
         max_reject_fraction: float | None = None,
         rejects_listing: str | os.PathLike | None = None,
     ):
-        super().__init__(seed)
         if method not in VIEWS:
             raise KeyError(f"unknown MAE-family method {method!r}; known: {sorted(VIEWS)}")
-        self.images, self.method, self.img_size, self.settings = list(images), method, int(img_size), settings
-        # shared, as CropMAE's reader: loader workers journal their rejects, the fraction is the job's
-        self.rejects = ImageRejects(
-            len(self.images), max_reject_fraction, f"{method} images", rejects_listing, shared=True
+        super().__init__(
+            images,
+            seed=seed,
+            what=f"{method} images",
+            max_reject_fraction=max_reject_fraction,
+            rejects_listing=rejects_listing,
         )
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def source_files(self) -> list:
-        return [r.path for r in _spread(self.images)]
-
-    def image(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        """Image ``index`` (3, H, W) uint8; an unreadable one is replaced by another drawn from ``rng``."""
-        for _ in range(MAX_SUBSTITUTE_DRAWS):
-            record = self.images[index]
-            image = self.rejects.load(index, getattr(record, "image_id", record.path), record.path, read_rgb)
-            if image is not None:
-                return to_chw(image, str(record.path))
-            index = int(rng.integers(len(self.images)))
-        raise TooManyRejectsError(f"{self.method} images: {MAX_SUBSTITUTE_DRAWS} draws in a row hit unreadable images")
+        self.method, self.img_size, self.settings = method, int(img_size), settings
 
     def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         image = self.image(index, rng)
@@ -191,28 +168,9 @@ def pseudo_mae_views(image, rng, size, s) -> list[torch.Tensor]:
 VIEWS = {"mae": mae_views, "lut": lut_views, "pseudo-mae": pseudo_mae_views}
 
 
-def build_single_image(
-    cell: dict,
-    settings: dict,
-    *,
-    seed: int,
-    imagenet_root=None,
-    images=None,
-    max_reject_fraction: float | None = None,
-    rejects_listing=None,
-    **_,
-) -> SingleImageDataset:
-    method = cell["method"]
-    images = _records(images, imagenet_root, list_imagenet, "--imagenet-root", method)
-    return SingleImageDataset(
-        images,
-        method=method,
-        img_size=settings["img_size"],
-        seed=seed,
-        settings=settings,
-        max_reject_fraction=max_reject_fraction,
-        rejects_listing=rejects_listing,
-    )
+@image_list_builder
+def build_single_image(images: list, cell: dict, settings: dict, **reader) -> SingleImageDataset:
+    return SingleImageDataset(images, method=cell["method"], img_size=settings["img_size"], settings=settings, **reader)
 
 
 for _method in VIEWS:

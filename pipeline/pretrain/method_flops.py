@@ -21,18 +21,14 @@ import argparse
 import json
 import logging
 
-import pandas as pd
 import torch
 
 from pipeline.cells import CELL_KEYS, cell_path
 from pipeline.config import load_settings, section_defaults
-from pipeline.devices import set_threads
-from pipeline.io import write_csv_atomic
-from pipeline.pretrain.flops import METHODS
+from pipeline.pretrain.flops import METHODS, gmacs_per_sample, run_counting_cli
 from pipeline.pretrain.models_mae import resolve_arch
 from pipeline.pretrain.models_mae_family import MAE_FAMILY, build_pretrain_model, parameter_summary
 from pipeline.pretrain.objectives import default_folds
-from pipeline.runtime import setup_logging
 
 LOG = logging.getLogger("cdgmae.method_flops")
 
@@ -48,9 +44,9 @@ def cell_costs(cell: dict, settings: dict, counter: str = "fvcore", seed: int = 
     """GFLOPs (GMACs) per training sample and parameter counts (M) of one cell's model."""
     torch.manual_seed(seed)  # weights and masks do not change the count; fixed for determinism
     model = build_pretrain_model(cell, settings).train()
-    size = settings["img_size"]
-    views = torch.randn(BATCH, n_views(cell, model), 3, size, size)
-    gmacs = METHODS[counter](model, views, cell["target_mask"], cell["anchor_mask"]) / BATCH
+    gmacs = gmacs_per_sample(
+        model, n_views(cell, model), settings["img_size"], cell["target_mask"], cell["anchor_mask"], counter, BATCH
+    )
     counts = parameter_summary(model)
     return {
         **{k: cell[k] for k in CELL_KEYS},
@@ -136,11 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", default=None, help="pretrain config section (JSON string or file)")
     parser.add_argument("--output", required=True, help=f"CSV with columns {','.join(COLUMNS)}")
     parser.add_argument("--counter", choices=sorted(METHODS), default="fvcore")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--log-file", default=None)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_file)
-    set_threads(args.threads)
+    run_counting_cli(parser, argv, count_cells, COLUMNS)
+
+
+def count_cells(args) -> list[dict]:
+    """``cell_costs`` of every cell of ``--cells`` under the ``--settings`` pretrain section."""
     settings = section_defaults("pretrain", overrides=load_settings(args.settings))
     rows = []
     for cell in json.loads(args.cells):
@@ -152,5 +148,4 @@ def main(argv: list[str] | None = None) -> None:
             rows[-1]["params_m"],
             rows[-1]["teacher_params_m"],
         )
-    write_csv_atomic(pd.DataFrame(rows, columns=COLUMNS), args.output)
-    LOG.info("wrote %d cells to %s", len(rows), args.output)
+    return rows

@@ -46,7 +46,6 @@ from pipeline.pretrain.models_mae import (
     build_encoder,
     interpolate_pos_embed,
     resolve_arch,
-    sincos_pos_embed_2d,
 )
 from pipeline.pretrain.objectives import (
     cosine_schedule,
@@ -66,23 +65,6 @@ from pipeline.pretrain.objectives import (
 
 # the methods of this module; the others (cdgmae, cropmae, siammae) train ``CrossViewMAE``
 MAE_FAMILY = ("mae", "lut", "pseudo-mae")
-
-
-def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, L, p*p*3) in (p, q, c) order (MAE's)."""
-    B, C, H, W = imgs.shape
-    x = imgs.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def pixel_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:
-    """MAE's loss: per-patch MSE to the (per-patch normalised) pixels, mean over the removed patches."""
-    target = patchify(imgs, p)
-    if norm_pix:
-        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1.0e-6) ** 0.5
-    loss = ((pred.float() - target) ** 2).mean(dim=-1)
-    return (loss * mask).sum() / mask.sum()
 
 
 class WithTeachers(nn.Module):
@@ -136,14 +118,12 @@ class MaskedAutoencoder(WithTeachers):
         self.decoder_pred = nn.Linear(dec, pred_dim or self.patch_size**2 * 3)
         self.initialize_weights()
 
-    def initialize_weights(self) -> None:
-        """MAE's: the encoder's own init, sin-cos decoder positions, N(0, 0.02) mask token, xavier
-        Linear layers (heads included) with zero biases, LayerNorm 1 / 0."""
-        self.encoder.initialize_weights()
-        g = self.encoder.grid_size
-        self.decoder_pos_embed.data.copy_(sincos_pos_embed_2d(self.arch["decoder_embed_dim"], g, g)[None])
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_init_linear_and_norm)
+    # MAE's init (the encoder's own, sin-cos decoder positions, N(0, 0.02) mask token, xavier Linear
+    # layers, heads included, with zero biases, LayerNorm 1 / 0), patchify and normalised-pixel loss
+    # on the removed patches: CrossViewMAE's, on the same attribute names
+    initialize_weights = CrossViewMAE.initialize_weights
+    patchify = CrossViewMAE.patchify
+    forward_loss = CrossViewMAE.forward_loss
 
     # -- pieces -----------------------------------------------------------------------------
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid=None) -> torch.Tensor:
@@ -174,7 +154,7 @@ class MaskedAutoencoder(WithTeachers):
         imgs = views[:, 0]
         latent, mask, ids_restore = self.encoder.forward_masked(imgs, target_mask)
         pred = self.forward_decoder(latent, ids_restore, self.encoder.patch_grid(imgs))[:, 1:]
-        loss = pixel_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss)
+        loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
 
 
@@ -188,11 +168,12 @@ def byol_mlp(dim: int, hidden: int, out: int) -> nn.Sequential:
     )
 
 
-class LUT(MaskedAutoencoder):
-    """Learning with Unmasked Tokens (§3): MAE + the broader contextualization loss to a momentum network."""
+class LUTHeads(WithTeachers):
+    """LUT's heads over a masked autoencoder (the next class in the MRO: ``MaskedAutoencoder`` for
+    ``lut``, ``CrossViewMAE`` for ``cdgmae-lut``): the online projector and predictor (``byol_mlp``,
+    hidden ``head_mlp_dim``) and the momentum network (encoder + projector) under ``teacher.``,
+    weighted by ``weight`` in the loss."""
 
-    method = "lut"
-    n_views = 2
     teacher_prefixes = ("teacher.",)
 
     def __init__(
@@ -221,6 +202,17 @@ class LUT(MaskedAutoencoder):
         ema_update(self.teacher["encoder"], self.encoder, m)
         ema_update(self.teacher["projector"], self.projector, m)
 
+    def online_prediction(self, latent: torch.Tensor) -> torch.Tensor:
+        """Encoder output (n, 1 + k, D) -> predictor(projector(mean of the visible tokens)) (n, D)."""
+        return self.predictor(self.projector(latent[:, 1:].mean(dim=1)))
+
+
+class LUT(LUTHeads, MaskedAutoencoder):
+    """Learning with Unmasked Tokens (§3): MAE + the broader contextualization loss to a momentum network."""
+
+    method = "lut"
+    n_views = 2
+
     def forward(self, views: torch.Tensor, target_mask: float, anchor_mask: float = 0.0):
         self.check_views(views, target_mask)
         v1, v2 = views[:, 0], views[:, 1]
@@ -237,10 +229,9 @@ class LUT(MaskedAutoencoder):
         latent1, latent2 = latent[:B], latent[B:]
         pred = self.forward_decoder(latent1, ids_restore, enc.patch_grid(v1))[:, 1:]
         mask = mask_from_keep(ids1, L)
-        mae = pixel_loss(v1, pred, mask, self.patch_size, self.norm_pix_loss)
+        mae = self.forward_loss(v1, pred, mask)
         # online heads view by view (BatchNorm statistics per view, as LUT's code)
-        q1 = self.predictor(self.projector(latent1[:, 1:].mean(dim=1)))
-        q2 = self.predictor(self.projector(latent2[:, 1:].mean(dim=1)))
+        q1, q2 = self.online_prediction(latent1), self.online_prediction(latent2)
         with torch.no_grad():
             full = self.teacher["encoder"](torch.cat([v1, v2]))[:, 1:].mean(dim=1)  # whole images
             t1, t2 = self.teacher["projector"](full[:B]), self.teacher["projector"](full[B:])
@@ -377,7 +368,7 @@ class PseudoMAE(MaskedAutoencoder):
         return lm * loss_m + lc * loss_c + lp * loss_p, out[:, 1:], mask
 
 
-class CrossViewLUT(WithTeachers, CrossViewMAE):
+class CrossViewLUT(LUTHeads, CrossViewMAE):
     """``cdgmae-lut``: CDG-MAE (``CrossViewMAE``, unchanged: same init, masks and loss) plus LUT's
     broader contextualization loss on the anchors' unmasked tokens. Each anchor's visible tokens,
     pooled, go through the projector and predictor and are matched (2 - 2 cos) to the momentum
@@ -386,28 +377,6 @@ class CrossViewLUT(WithTeachers, CrossViewMAE):
     L = L_CDG-MAE + weight x L_bc; settings ``pretrain.lut``."""
 
     method = "cdgmae-lut"
-    teacher_prefixes = ("teacher.",)
-
-    def __init__(
-        self,
-        arch="vit_small_patch16",
-        img_size: int = 224,
-        norm_pix_loss: bool = True,
-        *,
-        weight: float = 1.0,
-        momentum: float = 0.996,
-        head_mlp_dim: int = 4096,
-    ):
-        super().__init__(arch, img_size, norm_pix_loss)
-        D = self.arch["embed_dim"]
-        self.weight, self.momentum = float(weight), float(momentum)
-        self.projector = byol_mlp(D, head_mlp_dim, D)
-        self.predictor = byol_mlp(D, head_mlp_dim, D)
-        for head in (self.projector, self.predictor):
-            head.apply(_init_linear_and_norm)
-        self.teacher = frozen_copy(nn.ModuleDict({"encoder": self.encoder, "projector": self.projector}))
-
-    update_teachers = LUT.update_teachers  # the same momentum network, the same schedule
 
     def forward(self, views: torch.Tensor, target_mask: float, anchor_mask: float = 0.0):
         if views.ndim != 5 or views.shape[1] < 2 or views.shape[2] != 3:
@@ -420,7 +389,7 @@ class CrossViewLUT(WithTeachers, CrossViewMAE):
         memory = latent.reshape(B, N * latent.shape[1], latent.shape[2])
         pred = self.forward_decoder(target_latent, ids_restore, memory, self.encoder.patch_grid(target))
         mae = self.forward_loss(target, pred, mask)
-        q = self.predictor(self.projector(latent[:, 1:].mean(dim=1)))  # (B*N, D)
+        q = self.online_prediction(latent)  # (B*N, D)
         with torch.no_grad():
             t = self.teacher["projector"](self.teacher["encoder"](target)[:, 1:].mean(dim=1))  # (B, D)
         bc = lut_loss(q, t.repeat_interleave(N, dim=0))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import h5py
 import numpy as np
@@ -82,6 +83,19 @@ def choose_bag_indices(rng: np.random.Generator, n_views: int, anchors: int, tar
 # datasets
 
 MAX_SUBSTITUTE_DRAWS = 64  # replacement draws for an unreadable image before giving up
+T = TypeVar("T")
+
+
+def load_or_redraw(load: Callable[[int], T | None], index: int, rng: np.random.Generator, n_items: int, what: str) -> T:
+    """``load(index)``; while it comes back ``None`` (unreadable: ``ImageRejects`` has listed it), ``load``
+    of another index drawn from the sample's own ``rng``, so samples stay a function of (seed, epoch,
+    index) and of the set of bad files. ``MAX_SUBSTITUTE_DRAWS`` misses in a row are an error."""
+    for _ in range(MAX_SUBSTITUTE_DRAWS):
+        loaded = load(index)
+        if loaded is not None:
+            return loaded
+        index = int(rng.integers(n_items))
+    raise TooManyRejectsError(f"{what}: {MAX_SUBSTITUTE_DRAWS} draws in a row hit unreadable files")
 
 
 class EpochDataset(Dataset):
@@ -223,7 +237,43 @@ class BagViewsDataset(EpochDataset):
         return normalize(torch.stack(crops))  # (1 + N, 3, S, S)
 
 
-class GlobalToLocalDataset(EpochDataset):
+class ImageListDataset(EpochDataset):
+    """One image of a list (``ImageRecord``s with ``.path``) per sample, read under the bad-image
+    policy: an image that does not decode is listed (``ImageRejects``, ``what`` names the images in
+    its messages) and replaced by another drawn from the sample's own ``rng`` (``load_or_redraw``)."""
+
+    def __init__(
+        self,
+        images: Sequence,
+        *,
+        seed: int,
+        what: str,
+        max_reject_fraction: float | None = None,
+        rejects_listing: str | os.PathLike | None = None,
+    ):
+        super().__init__(seed)
+        self.images = list(images)
+        # shared: loader workers journal their rejects beside the listing, the fraction is the job's
+        self.rejects = ImageRejects(len(self.images), max_reject_fraction, what, rejects_listing, shared=True)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def source_files(self) -> list:
+        return [r.path for r in _spread(self.images)]
+
+    def _read(self, index: int) -> torch.Tensor | None:
+        record = self.images[index]
+        image_id = getattr(record, "image_id", record.path)  # records need only ``.path``
+        image = self.rejects.load(index, image_id, record.path, read_rgb)
+        return None if image is None else to_chw(image, str(record.path))
+
+    def image(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        """Image ``index`` (3, H, W) uint8, or the readable substitute ``rng`` draws for it."""
+        return load_or_redraw(self._read, index, rng, len(self.images), self.rejects.what)
+
+
+class GlobalToLocalDataset(ImageListDataset):
     """CropMAE GlobalToLocal samples from single images (``ImageRecord``s with ``.path``)."""
 
     def __init__(
@@ -239,20 +289,16 @@ class GlobalToLocalDataset(EpochDataset):
         max_reject_fraction: float | None = None,
         rejects_listing: str | os.PathLike | None = None,
     ):
-        super().__init__(seed)
-        self.images, self.img_size = list(images), int(img_size)
+        super().__init__(
+            images,
+            seed=seed,
+            what="CropMAE images",
+            max_reject_fraction=max_reject_fraction,
+            rejects_listing=rejects_listing,
+        )
+        self.img_size = int(img_size)
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.ratio, self.flip = tuple(ratio), bool(flip)
-        # shared: loader workers journal their rejects beside the listing, the fraction is the job's
-        self.rejects = ImageRejects(
-            len(self.images), max_reject_fraction, "CropMAE images", rejects_listing, shared=True
-        )
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def source_files(self) -> list:
-        return [r.path for r in _spread(self.images)]
 
     def crops(self, image: torch.Tensor, rng: np.random.Generator):
         """(global box on the image, local box on the resized global crop) and the two crops."""
@@ -267,19 +313,6 @@ class GlobalToLocalDataset(EpochDataset):
         if self.flip and rng.random() < 0.5:
             local_crop = local_crop.flip(-1)
         return gbox, lbox, global_crop, local_crop
-
-    def image(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        """Image ``index`` (3, H, W); one that does not decode is skipped (``ImageRejects``) for
-        another drawn from the sample's own ``rng``, so samples stay a function of (seed, epoch,
-        index) and of the set of bad files."""
-        for _ in range(MAX_SUBSTITUTE_DRAWS):
-            record = self.images[index]
-            image_id = getattr(record, "image_id", record.path)  # records need only ``.path``
-            image = self.rejects.load(index, image_id, record.path, read_rgb)
-            if image is not None:
-                return to_chw(image, str(record.path))
-            index = int(rng.integers(len(self.images)))
-        raise TooManyRejectsError(f"CropMAE images: {MAX_SUBSTITUTE_DRAWS} draws in a row hit unreadable images")
 
     def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         image = self.image(index, rng)
@@ -330,14 +363,16 @@ class VideoPairDataset(EpochDataset):
     def frame_pair(self, index: int, rng: np.random.Generator) -> list[torch.Tensor]:
         """[past, future] frames of video ``index``; a pair with an unreadable frame (``ImageRejects``)
         is redrawn from the sample's own ``rng`` (another pair of another video)."""
-        for _ in range(MAX_SUBSTITUTE_DRAWS):
+
+        def read_pair(index: int) -> list[torch.Tensor] | None:
             video = self.videos[index]
             pair = [video.frames[f] for f in sample_frame_pair(rng, len(video.frames), self.frame_gap)]
             frames = [self.rejects.load(str(f), f"{video.name}/{f.stem}", f, read_rgb) for f in pair]
-            if all(frame is not None for frame in frames):
-                return [to_chw(frame, str(f)) for frame, f in zip(frames, pair)]
-            index = int(rng.integers(len(self.videos)))
-        raise TooManyRejectsError(f"SiamMAE frames: {MAX_SUBSTITUTE_DRAWS} draws in a row hit unreadable frames")
+            if any(frame is None for frame in frames):
+                return None
+            return [to_chw(frame, str(f)) for frame, f in zip(frames, pair)]
+
+        return load_or_redraw(read_pair, index, rng, len(self.videos), self.rejects.what)
 
     def sample(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         past, future = match_size(self.frame_pair(index, rng))
@@ -406,30 +441,41 @@ def build_cdgmae(
     )
 
 
+def image_list_builder(make: Callable[..., ImageListDataset]) -> Callable[..., ImageListDataset]:
+    """The registry builder ``(cell, settings, *, seed, **sources)`` of a dataset over the images of
+    the ImageNet-layout root: ``make(images, cell, settings, seed=, max_reject_fraction=,
+    rejects_listing=)`` with the records passed in (``images``) or listed from ``--imagenet-root``."""
+
+    def build(
+        cell: dict,
+        settings: dict,
+        *,
+        seed: int,
+        imagenet_root=None,
+        images=None,
+        max_reject_fraction: float | None = None,
+        rejects_listing=None,
+        **_,
+    ) -> ImageListDataset:
+        images = _records(images, imagenet_root, list_imagenet, "--imagenet-root", cell["method"])
+        reader = {"seed": seed, "max_reject_fraction": max_reject_fraction, "rejects_listing": rejects_listing}
+        return make(images, cell, settings, **reader)
+
+    return build
+
+
 @STRATEGIES.register("cropmae")
-def build_cropmae(
-    cell: dict,
-    settings: dict,
-    *,
-    seed: int,
-    imagenet_root=None,
-    images=None,
-    max_reject_fraction: float | None = None,
-    rejects_listing=None,
-    **_,
-):
-    images = _records(images, imagenet_root, list_imagenet, "--imagenet-root", "cropmae")
+@image_list_builder
+def build_cropmae(images: list, cell: dict, settings: dict, **reader) -> GlobalToLocalDataset:
     cfg = settings["cropmae"]
     return GlobalToLocalDataset(
         images,
         img_size=settings["img_size"],
-        seed=seed,
         global_scale=cfg["global_scale"],
         local_scale=cfg["local_scale"],
         ratio=settings["crop"]["ratio"],
         flip=settings["crop"]["flip"],
-        max_reject_fraction=max_reject_fraction,
-        rejects_listing=rejects_listing,
+        **reader,
     )
 
 
