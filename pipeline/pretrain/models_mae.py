@@ -415,6 +415,19 @@ class CrossViewMAE(nn.Module):
         latent, _, _ = self.encoder.forward_masked(anchors.flatten(0, 1), mask_ratio)  # (B*N, 1+k, D)
         return latent.reshape(B, N * latent.shape[1], latent.shape[2])
 
+    def decoder_tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid=None) -> torch.Tensor:
+        """The decoder's input: latent (B, 1+k, D) (cls first) embedded, mask tokens appended, the
+        shuffle undone, the decoder's position embedding added -> (B, 1+L, C)."""
+        x = self.decoder_embed(latent)  # (B, 1+k, C)
+        B, L = ids_restore.shape
+        C = x.shape[-1]
+        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, C), cls excluded
+        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, C))  # unshuffle
+        x = torch.cat([x[:, :1], x_], dim=1)  # (B, 1+L, C)
+        gh, gw = grid if grid is not None else (self.encoder.grid_size,) * 2
+        return x + interpolate_pos_embed(self.decoder_pos_embed, gh, gw)
+
     def forward_decoder(
         self,
         target_latent: torch.Tensor,
@@ -426,16 +439,8 @@ class CrossViewMAE(nn.Module):
 
         ``grid`` = the target's patch grid (h, w) when it is not the pretraining one.
         """
-        x = self.decoder_embed(target_latent)  # (B, 1+k, C)
+        x = self.decoder_tokens(target_latent, ids_restore, grid)  # (B, 1+L, C)
         memory = self.decoder_embed(memory)  # (B, M, C); no decoder pos-embed on the memory
-        B, L = ids_restore.shape
-        C = x.shape[-1]
-        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
-        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, C), cls excluded
-        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, C))  # unshuffle
-        x = torch.cat([x[:, :1], x_], dim=1)  # (B, 1+L, C)
-        gh, gw = grid if grid is not None else (self.encoder.grid_size,) * 2
-        x = x + interpolate_pos_embed(self.decoder_pos_embed, gh, gw)
         for blk in self.decoder_blocks:
             x = blk(x, memory)
         x = self.decoder_pred(self.decoder_norm(x))  # (B, 1+L, p*p*3)

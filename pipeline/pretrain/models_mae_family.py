@@ -44,7 +44,6 @@ from pipeline.pretrain.models_mae import (
     CrossViewMAE,
     _init_linear_and_norm,
     build_encoder,
-    interpolate_pos_embed,
     resolve_arch,
 )
 from pipeline.pretrain.objectives import (
@@ -124,19 +123,12 @@ class MaskedAutoencoder(WithTeachers):
     initialize_weights = CrossViewMAE.initialize_weights
     patchify = CrossViewMAE.patchify
     forward_loss = CrossViewMAE.forward_loss
+    decoder_tokens = CrossViewMAE.decoder_tokens
 
     # -- pieces -----------------------------------------------------------------------------
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid=None) -> torch.Tensor:
         """latent (B, 1 + k, D) (cls first), ids_restore (B, L) -> (B, 1 + L, pred_dim), cls row kept."""
-        x = self.decoder_embed(latent)
-        B, L = ids_restore.shape
-        C = x.shape[-1]
-        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
-        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, C))
-        x = torch.cat([x[:, :1], x_], dim=1)
-        gh, gw = grid if grid is not None else (self.encoder.grid_size,) * 2
-        x = x + interpolate_pos_embed(self.decoder_pos_embed, gh, gw)
+        x = self.decoder_tokens(latent, ids_restore, grid)
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))
