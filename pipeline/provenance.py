@@ -47,6 +47,7 @@ CORE_MODULES = {
     f"{PACKAGE}.palette": (RESULT, "DAVIS's colour map in annotation and prediction PNGs"),
     f"{PACKAGE}.seeding": (RESULT, "every derived seed and the global RNG seeding"),
     f"{PACKAGE}.table_registry": (RESULT, "the tables' rows, cells and captions"),
+    f"{PACKAGE}.training": (RESULT, "the lr schedule, loss rule and resumable state of both trainers"),
     f"{PACKAGE}.vit_checkpoints": (RESULT, "which checkpoint keys become which encoder weights"),
     f"{PACKAGE}.__main__": (INFRASTRUCTURE, "python -m pipeline: the list of stages and commands"),
     f"{PACKAGE}.cells": (INFRASTRUCTURE, "cell keys and paths: a change is a new path or param Snakemake sees"),

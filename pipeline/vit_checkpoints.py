@@ -1,9 +1,13 @@
-"""Reading ViT encoder checkpoints into timm models: a timm / MAE / DINO checkpoint
-(``load_timm_checkpoint``) or one of our CDG-MAE checkpoints (``load_cdgmae_vit``).
+"""The one reader of checkpoint files: verified and loaded as data (``read_checkpoint``), our
+payload's encoder state dict, arch and img_size (``encoder_state_dict``, ``read_cdgmae_checkpoint``,
+``strict_encoder_state``), and ViT encoders built from them: a timm / MAE / DINO checkpoint
+(``load_timm_checkpoint``) or one of our CDG-MAE checkpoints in a timm ViT (``load_cdgmae_vit``).
 
 A core module: the consistency scores and the S-LDM's conditioning encoder both read these, and
 neither stage may import the pretraining stage (our checkpoint's encoder is read into a timm
-``VisionTransformer`` of the same layout instead). Errors name the config ``key`` and the file.
+``VisionTransformer`` of the same layout instead); the pretraining stage's own encoder loader
+(``pipeline.pretrain.checkpoints.load_encoder``) reads through this module too. Errors name the
+config ``key`` (where a path came from one) and the file.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
@@ -20,39 +26,54 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from pipeline.io import verify_artefact
-from pipeline.resume import UnsafeCheckpointError, safe_torch_load
+from pipeline.resume import CorruptCheckpointError, UnsafeCheckpointError, safe_torch_load
 
 LOG = logging.getLogger("cdgmae.vit_checkpoints")
 
 _DECODER_PREFIXES = ("decoder", "mask_token")  # MAE pretraining checkpoints carry the decoder too
+# what reference training checkpoints pickle besides tensors (MAE / CropMAE / DINO save ``args``, an
+# ``argparse.Namespace``): allowed by name, never a blanket ``weights_only=False``
+REFERENCE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
 
 
-def _torch_load(path: str | Path | None, key: str = "consistency.encoder.checkpoint") -> dict:
-    """The dict stored in a local checkpoint file (``weights_only``); errors name ``key`` and the file."""
+def verify_checkpoint(path: str | os.PathLike, external: bool | None = None, log: logging.Logger = LOG) -> str | None:
+    """Check a checkpoint before it is read (``pipeline.io.verify_artefact``): one this workflow
+    made (by default: under ``results/``) must match its recorded digest, and one without a record
+    is an ``IntegrityError``; an external one (e.g. CropMAE's released weights) is checked against
+    its digest if recorded, else by its zip records' CRCs, and the log says so."""
+    digest = verify_artefact(path, external)
+    if digest is None:
+        log.info("%s: external checkpoint without a recorded digest: zip CRCs checked, read as given", path)
+    return digest
+
+
+def read_checkpoint(path: str | os.PathLike | None, key: str | None = None, external: bool | None = None) -> dict:
+    """The dict stored in a checkpoint file, verified first (``verify_checkpoint``) and loaded as
+    data only (``weights_only``); every error names the file and ``key``, the config key the path
+    came from (if any)."""
+    where = f"{key}: " if key else ""
     if path is None:
-        raise ValueError(f"{key} is null: this encoder needs a local checkpoint file")
+        raise ValueError(f"{key or 'the checkpoint'} is null: this encoder needs a local checkpoint file")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{key}: checkpoint not found: {path}")
-    # ours (under results/) must match their recorded digest; a user's external checkpoint without
-    # one is checked by its zip records' CRCs (IntegrityError naming the file either way)
-    if verify_artefact(path) is None:
-        LOG.info("%s: external checkpoint without a recorded digest: zip CRCs checked, read as given", path)
+        raise FileNotFoundError(f"{where}checkpoint not found: {path}")
+    verify_checkpoint(path, external)
     try:
-        # MAE / DINO training checkpoints pickle an argparse.Namespace: allowed by name only
-        ckpt = safe_torch_load(path, (argparse.Namespace,))
+        ckpt = safe_torch_load(path, REFERENCE_CHECKPOINT_GLOBALS)
     except UnsafeCheckpointError as err:
-        raise UnsafeCheckpointError(f"{key}: {err}") from None
-    except Exception as err:  # corrupt / not a torch file
-        raise ValueError(f"{key}: cannot read checkpoint {path}: {err}") from err
+        raise UnsafeCheckpointError(f"{where}{err}") from None
+    except CorruptCheckpointError as err:  # its message names the file
+        raise CorruptCheckpointError(f"{where}{err}") from None
+    except Exception as err:  # not a torch file in any other way
+        raise CorruptCheckpointError(f"{where}cannot read checkpoint {path}: {err}") from err
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{key}: {path} holds a {type(ckpt).__name__}, not a state dict")
+        raise ValueError(f"{where}{path} holds a {type(ckpt).__name__}, not a state dict")
     return ckpt
 
 
 def read_state_dict(path: str | Path, key: str = "consistency.encoder.checkpoint") -> dict:
     """State dict of an MAE-style ``{"model": ...}`` / ``{"state_dict": ...}`` or plain checkpoint."""
-    ckpt = _torch_load(path, key)
+    ckpt = read_checkpoint(path, key)
     for k in ("model", "state_dict"):
         if isinstance(ckpt.get(k), dict):
             ckpt = ckpt[k]
@@ -75,13 +96,60 @@ def load_timm_checkpoint(model, path: str | Path, key: str = "consistency.encode
 
 
 # our pretraining stage's encoder keys (MAE layout), under ``encoder.`` in its checkpoints
-_CDGMAE_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-_CDGMAE_ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads")
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads")
 
 
-def _strip_wrapper(state: dict, prefix: str) -> dict:
+def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     if state and all(k.startswith(prefix) for k in state):
         return {k[len(prefix) :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def encoder_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Encoder entries of a full-model state dict: ours (``encoder.*``), MAE/CropMAE (top level).
+
+    Wrapper prefixes of DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) are removed first.
+    """
+    for wrapper in ("module.", "_orig_mod.", "module."):
+        state = _strip_prefix(state, wrapper)
+    if any(k.startswith("encoder.") for k in state):
+        return {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+    return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def payload_state_dict(ckpt: dict, path) -> dict[str, torch.Tensor]:
+    """The encoder state dict of a checkpoint: our payload's / MAE's ``ckpt["model"]``, or the file's
+    own dict of tensors (an encoder-only state dict)."""
+    state = ckpt["model"] if "model" in ckpt else ckpt
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: no state dict found (expected ckpt['model'] or a dict of tensors)")
+    return encoder_state_dict(state)
+
+
+def grid_img_size(state: Mapping[str, torch.Tensor], patch_size: int, path) -> int:
+    """The img_size of an encoder's square grid of patches, from its position embedding."""
+    if "pos_embed" not in state:
+        raise KeyError(f"{path}: encoder key 'pos_embed' missing; cannot infer img_size")
+    return math.isqrt(state["pos_embed"].shape[1] - 1) * int(patch_size)
+
+
+def strict_encoder_state(model: nn.Module, state: Mapping[str, torch.Tensor], path, pos_grid=None) -> dict:
+    """The entries of ``state`` for every key of ``model`` (``pos_embed`` resampled to the patch
+    grid ``pos_grid`` if given: timm's ``resample_abs_pos_embed``); a missing key or a shape that
+    does not fit raises, naming the file (unlike the reference loader, which keeps missing weights
+    random)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise KeyError(f"{path}: {len(missing)} of {len(expected)} encoder keys missing: {shown}")
+    state = {k: state[k] for k in expected}
+    if pos_grid is not None:
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(pos_grid))
+    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path}: encoder shape mismatch: {'; '.join(bad[:8])}")
     return state
 
 
@@ -92,28 +160,18 @@ def read_cdgmae_checkpoint(path: str | Path, key: str = "consistency.encoder.che
     "img_size": int}``; the encoder keys are ``encoder.``-prefixed in a full model and top-level in
     an encoder-only payload, and DDP / ``torch.compile`` wrapper prefixes are removed first.
     """
-    ckpt = _torch_load(path, key)
-    state = ckpt["model"] if "model" in ckpt else ckpt
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: no state dict found (expected ckpt['model'] or a dict of tensors)")
-    for wrapper in ("module.", "_orig_mod.", "module."):
-        state = _strip_wrapper(state, wrapper)
-    if any(k.startswith("encoder.") for k in state):
-        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    else:
-        state = {k: v for k, v in state.items() if k.startswith(_CDGMAE_PREFIXES)}
+    ckpt = read_checkpoint(path, key)
+    state = payload_state_dict(ckpt, path)
     arch = ckpt.get("arch")
-    if not isinstance(arch, dict) or any(k not in arch for k in _CDGMAE_ARCH_KEYS):
+    if not isinstance(arch, dict) or any(k not in arch for k in ARCH_KEYS):
         raise ValueError(
-            f"{path}: 'arch' must be a dict with keys {list(_CDGMAE_ARCH_KEYS)} (our checkpoints store "
+            f"{path}: 'arch' must be a dict with keys {list(ARCH_KEYS)} (our checkpoints store "
             f"the resolved arch), got {arch!r}"
         )
     img_size = ckpt.get("img_size")
     if img_size is None:  # a square grid of patches, as our encoder is built
-        if "pos_embed" not in state:
-            raise KeyError(f"{path}: encoder key 'pos_embed' missing; cannot infer img_size")
-        img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * int(arch["patch_size"])
-    return state, {k: int(arch[k]) for k in _CDGMAE_ARCH_KEYS}, int(img_size)
+        img_size = grid_img_size(state, arch["patch_size"], path)
+    return state, {k: int(arch[k]) for k in ARCH_KEYS}, int(img_size)
 
 
 def cdgmae_vit(arch: dict, img_size: int) -> VisionTransformer:
@@ -121,7 +179,7 @@ def cdgmae_vit(arch: dict, img_size: int) -> VisionTransformer:
     (mlp_ratio 4, qkv bias, LayerNorm eps 1e-6), cls token + pos_embed[:, :1], final LayerNorm."""
     return VisionTransformer(
         img_size=img_size,
-        **{k: arch[k] for k in _CDGMAE_ARCH_KEYS},
+        **{k: arch[k] for k in ARCH_KEYS},
         mlp_ratio=4.0,
         qkv_bias=True,
         num_classes=0,
@@ -145,21 +203,12 @@ def load_cdgmae_vit(
         size_key = key.rsplit(".", 1)[0] + ".image_size"
         raise ValueError(f"{size_key} {image_size} is not a multiple of patch_size {arch['patch_size']}")
     model = cdgmae_vit(arch, image_size)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    if missing:
-        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-        raise KeyError(f"{path}: {len(missing)} of {len(expected)} encoder keys missing: {shown}")
-    state = {k: state[k] for k in expected}
-    if image_size != img_size:
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(model.patch_embed.grid_size))
-    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{path}: encoder shape mismatch: {'; '.join(bad[:8])}")
+    grid = model.patch_embed.grid_size if image_size != img_size else None
+    state = strict_encoder_state(model, state, path, pos_grid=grid)
     model.load_state_dict(state, strict=True)
     LOG.info(
         "loaded %d encoder tensors from %s (arch %s, img_size %d -> %d)",
-        len(expected),
+        len(state),
         path,
         arch,
         img_size,

@@ -4,7 +4,8 @@ that are not pretraining outputs (random init, external MAE/CropMAE checkpoints)
 Payload (docs/architecture.md): ``{"model", "optimizer", "scaler", "epoch", "step", "arch",
 "img_size", "config"}``, loadable with ``torch.load(weights_only=True)``. Written with a recorded
 content digest (``<name>.sha256``, ``pipeline.resume.save_torch_file``) that every loader verifies
-(``verify_checkpoint``); another tool's checkpoint, which has none, is read unverified.
+(``verify_checkpoint``); another tool's checkpoint, which has none, is read unverified. Files are
+read by the one reader of checkpoints, ``pipeline.vit_checkpoints``.
 """
 
 from __future__ import annotations
@@ -12,14 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from pipeline.io import verify_artefact
 from pipeline.pretrain.models_mae import (
     ARCHS,
     CrossViewMAE,
@@ -30,46 +29,16 @@ from pipeline.pretrain.models_mae import (
     resolve_arch,
 )
 from pipeline.records import write_record
-from pipeline.resume import UnsafeCheckpointError, safe_torch_load, save_torch_file
+from pipeline.resume import save_torch_file
 from pipeline.runtime import setup_logging
 from pipeline.seeding import seed_everything
+from pipeline.vit_checkpoints import grid_img_size, payload_state_dict, read_checkpoint, strict_encoder_state
+from pipeline.vit_checkpoints import verify_checkpoint as verify_checkpoint  # re-exported: propagation's check
 
 LOG = logging.getLogger("cdgmae.checkpoints")
 
-ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-
-
-def verify_checkpoint(path: str | os.PathLike, external: bool | None = None, log: logging.Logger = LOG) -> str | None:
-    """Check a checkpoint before it is read (``pipeline.io.verify_artefact``): one this workflow
-    made (by default: under ``results/``) must match its recorded digest, and one without a record
-    is an ``IntegrityError``; an external one (e.g. CropMAE's released weights) is checked against
-    its digest if recorded, else by its zip records' CRCs, and the log says so."""
-    digest = verify_artefact(path, external)
-    if digest is None:
-        log.info("%s: external checkpoint without a recorded digest: zip CRCs checked, read as given", path)
-    return digest
-
-
 # ---------------------------------------------------------------------------------------------
 # loading
-
-
-def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return dict(state)
-
-
-def encoder_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Encoder entries of a full-model state dict: ours (``encoder.*``), MAE/CropMAE (top level).
-
-    Wrapper prefixes of DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) are removed first.
-    """
-    for wrapper in ("module.", "_orig_mod.", "module."):
-        state = _strip_prefix(state, wrapper)
-    if any(k.startswith("encoder.") for k in state):
-        return {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
 
 
 def infer_arch(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -89,42 +58,11 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return resolve_arch(hits[0])
 
 
-# what reference training checkpoints pickle besides tensors (MAE / CropMAE save ``args``, an
-# ``argparse.Namespace``): allowed by name, never a blanket ``weights_only=False``
-REFERENCE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
-
-
-def _read_checkpoint(path: str, external: bool | None = None) -> tuple[Mapping, dict[str, torch.Tensor]]:
-    """(the whole checkpoint, its encoder state dict); every failure names the file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"encoder checkpoint not found: {path}")
-    verify_checkpoint(path, external)
-    try:
-        ckpt = safe_torch_load(path, REFERENCE_CHECKPOINT_GLOBALS)
-    except UnsafeCheckpointError:
-        raise
-    except Exception as err:  # corrupt or not a torch file
-        raise RuntimeError(f"cannot load {path} with weights_only=True: {err}") from err
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    state = ckpt["model"] if "model" in ckpt else ckpt
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: no state dict found (expected ckpt['model'] or a dict of tensors)")
-    return ckpt, encoder_state_dict(state)
-
-
 def _load_strict(encoder: ViTEncoder, state: Mapping[str, torch.Tensor], path: str) -> int:
     """Copy every encoder key of ``state`` into ``encoder``; missing keys or shapes raise."""
-    expected = encoder.state_dict()
-    missing = [k for k in expected if k not in state]
-    if missing:
-        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-        raise KeyError(f"{path}: {len(missing)} of {len(expected)} encoder keys missing: {shown}")
-    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{path}: encoder shape mismatch: {'; '.join(bad[:8])}")
-    encoder.load_state_dict({k: state[k] for k in expected}, strict=True)
-    return len(expected)
+    checked = strict_encoder_state(encoder, state, path)
+    encoder.load_state_dict(checked, strict=True)
+    return len(checked)
 
 
 def load_encoder(
@@ -142,7 +80,8 @@ def load_encoder(
     missing weights random); decoder keys are ignored. Loads with ``weights_only=True``.
     """
     path = os.fspath(checkpoint_path)
-    ckpt, state = _read_checkpoint(path, external)
+    ckpt = read_checkpoint(path, external=external)
+    state = payload_state_dict(ckpt, path)
     if arch is None:
         arch = ckpt.get("arch") if "model" in ckpt else None
         arch = resolve_arch(arch) if arch is not None else infer_arch(state)
@@ -151,9 +90,7 @@ def load_encoder(
     if img_size is None:
         img_size = ckpt.get("img_size") if "model" in ckpt else None
         if img_size is None:
-            if "pos_embed" not in state:
-                raise KeyError(f"{path}: encoder key 'pos_embed' missing; cannot infer img_size")
-            img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * arch["patch_size"]
+            img_size = grid_img_size(state, arch["patch_size"], path)
     encoder = build_encoder(arch, int(img_size))
     n = _load_strict(encoder, state, path)
     LOG.info("loaded %d encoder tensors from %s (arch %s, img_size %d)", n, path, arch_name(arch) or arch, img_size)

@@ -26,7 +26,6 @@ resumed run continues the very loss curve of an uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -34,29 +33,19 @@ from pathlib import Path
 
 import torch
 from timm.optim import param_groups_weight_decay
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from pipeline import training
 from pipeline.cells import CELL_KEYS, VIEW_METHODS, complete_cell
-from pipeline.config import load_settings, result_neutral_keys, section_defaults
-from pipeline.devices import describe_device, distributed_context, resolve_device, set_threads
+from pipeline.config import section_defaults
+from pipeline.devices import describe_device, resolve_device, set_threads
 from pipeline.pretrain.checkpoints import mae_layout
-from pipeline.pretrain.engine import (
-    HISTORY_KEYS,
-    EpochSampler,
-    Loop,
-    NonFiniteLossError,
-    new_history,
-    plot_curve,
-    train_one_epoch,
-    write_log_csv,
-)
+from pipeline.pretrain.engine import HISTORY_KEYS, EpochSampler, Loop, train_one_epoch
 from pipeline.pretrain.models_mae import resolve_arch
 from pipeline.pretrain.models_mae_family import build_pretrain_model, export_state_dict
 from pipeline.pretrain.strategies import STRATEGIES, TARGET_RULES, build_dataset
-from pipeline.provenance import code_digests
 from pipeline.records import write_record
-from pipeline.resume import UnhealthyWeightsError, WeightHealth, load_resume_state, save_resume_state, save_torch_file
+from pipeline.resume import WeightHealth, save_resume_state, save_torch_file
 from pipeline.runtime import progress, setup_logging
 from pipeline.seeding import derive_seed
 
@@ -89,24 +78,15 @@ def resolve_cell(cell: dict, settings: dict) -> dict:
     return full
 
 
-def resume_fingerprint(cell: dict, settings: dict, seed: int, data_signature=None) -> str:
-    """What a resumable state must agree on to be continued: the cell, the training settings
-    (infrastructure knobs excluded), the seed and the identity of the data (a job re-run because
-    its bag of views was regenerated or its code edited starts over; a retry after a crash resumes)."""
-    # result-neutral keys change how a job runs, not what it computes; ``seeds`` and
-    # ``cell_defaults`` describe the whole grid of jobs, and this job's own share of them (its seed,
-    # its completed cell) is fingerprinted below, so adding a seed or changing another cell's
-    # default does not restart it
-    neutral = {*result_neutral_keys("pretrain"), "seeds", "cell_defaults"}
-    training = {k: v for k, v in settings.items() if k not in neutral}
-    # the code too: the files the rule lists as inputs (a state made by other code may not even
-    # load into the current model), keyed by their path inside the package
-    code = code_digests("pipeline.pretrain.train")
-    return json.dumps(
-        {"cell": cell, "settings": training, "seed": int(seed), "data": data_signature, "code": code},
-        sort_keys=True,
-        default=str,
-    )
+def job_fingerprint(cell: dict, settings: dict, seed: int, data_signature=None) -> str:
+    """``pipeline.training.resume_fingerprint`` of one pretraining job: its cell, the training
+    settings, the seed and the identity of the data (a job re-run because its bag of views was
+    regenerated or its code edited starts over; a retry after a crash resumes)."""
+    # ``seeds`` and ``cell_defaults`` describe the whole grid of jobs (x-selects: no job's setting),
+    # and this job's own share of them (its seed, its completed cell) is fingerprinted, so adding a
+    # seed or changing another cell's defaults does not restart it
+    result = training.result_settings("pretrain", settings)
+    return training.resume_fingerprint("pipeline.pretrain.train", result, seed, cell=cell, data=data_signature)
 
 
 def batch_plan(settings: dict, dataset_len: int, world_size: int) -> tuple[int, int]:
@@ -173,16 +153,6 @@ def build_model(cell: dict, settings: dict, seed: int, device, peak_lr: float, a
     return model, optimizer, scaler
 
 
-def wrap_ddp(model, device, world_size: int):
-    """The model to run steps with: DDP-wrapped under torchrun (after any resume: DDP broadcasts
-    rank 0's weights when it wraps)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if world_size == 1:
-        return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def build_loader(dataset, settings: dict, device, *, steps_per_epoch: int, seed: int, world_size: int, rank: int):
     """Micro-batches of ``dataset`` in the ``EpochSampler`` order of ``seed``; an epoch is a whole
     number of batches (drop_last, as the reference loader)."""
@@ -204,43 +174,34 @@ def build_loader(dataset, settings: dict, device, *, steps_per_epoch: int, seed:
 # resumable state and checkpoints
 
 
-def load_state(path: Path, expected_fingerprint: str):
-    """The resumable state at ``path`` if it belongs to this job, else None (with a log line)."""
-    state = load_resume_state(path, expected_fingerprint, LOG)
-    if state is not None:
-        LOG.info("resuming from %s: epoch %d, step %d", state["resumed_from"], state["epoch"], state["step"])
-    return state
-
-
-def restore(state, model, optimizer, scaler, *, world_size: int, steps_per_epoch: int, path) -> tuple[dict, int, int]:
-    """(history, epoch, step) to continue from: the state's, or empty / 0 / 0 without one."""
+def resume_at_epoch(state, loop: Loop, path) -> tuple[dict, int, int]:
+    """(history, epoch, step) to continue from: the state's (loaded into the loop's model, optimizer
+    and scaler: an epoch end), or empty / 0 / 0 without one."""
     if state is None:
-        return new_history(), 0, 0
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    epoch, step = int(state["epoch"]), int(state["step"])
-    history = {k: list(state["history"][k]) for k in HISTORY_KEYS}
-    if state["config"].get("world_size") != world_size:
-        LOG.warning("resuming a %s-process run with %d processes", state["config"].get("world_size"), world_size)
-    if step != epoch * steps_per_epoch:
+        return training.new_history(HISTORY_KEYS), 0, 0
+    parts = {"model": loop.model, "optimizer": loop.optimizer, "scaler": loop.scaler}
+    saved_world = state["config"].get("world_size")
+    history, step = training.restore(
+        state, parts, HISTORY_KEYS, world_size=loop.world_size, saved_world_size=saved_world, log=LOG
+    )
+    epoch = int(state["epoch"])
+    if step != epoch * loop.steps_per_epoch:
         raise RuntimeError(
-            f"{path}: step {step} does not match epoch {epoch} x {steps_per_epoch} steps; remove the state to start over"
+            f"{path}: step {step} does not match epoch {epoch} x {loop.steps_per_epoch} steps; "
+            "remove the state to start over"
         )
     return history, epoch, step
 
 
-def payload(loop: Loop, epoch: int, step: int, fp: str, history: dict | None = None) -> dict:
+def checkpoint_payload(loop: Loop, epoch: int, step: int, fp: str, history: dict | None = None) -> dict:
     """Checkpoint payload (docs/architecture.md); the resumable state also carries ``history``."""
-    out = {
-        "model": loop.model.state_dict(),
-        "optimizer": loop.optimizer.state_dict(),
-        "scaler": loop.scaler.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "arch": resolve_arch(loop.cell["arch"]),
-        "img_size": loop.settings["img_size"],
-        "config": {
+    return training.payload(
+        {"model": loop.model, "optimizer": loop.optimizer, "scaler": loop.scaler},
+        epoch=epoch,
+        step=step,
+        arch=resolve_arch(loop.cell["arch"]),
+        img_size=loop.settings["img_size"],
+        config={
             "cell": loop.cell,
             "pretrain": loop.settings,
             "seed": loop.seed,
@@ -249,15 +210,13 @@ def payload(loop: Loop, epoch: int, step: int, fp: str, history: dict | None = N
             "peak_lr": loop.peak_lr,
         },
         # no RNG state is needed to resume: every draw is a function of (seed, epoch, step, index)
-        "rng": {
+        rng={
             "seed": loop.seed,
             "scheme": "torch reseeded per step from (seed, rank, step); data from (seed, epoch, index)",
         },
-        "fingerprint": fp,
-    }
-    if history is not None:
-        out["history"] = history
-    return out
+        fingerprint=fp,
+        history=history,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,17 +235,13 @@ def run_epochs(
     saved_epoch = start_epoch if resumed else None
     loop.ddp_model.train()
     for epoch in range(start_epoch, epochs):
-        keeping = (
-            f"the last good checkpoint {state_path} (epoch {saved_epoch})"
-            if saved_epoch is not None
-            else "no checkpoint yet"
-        )
+        keeping = training.kept_state(state_path, None if saved_epoch is None else f"epoch {saved_epoch}")
         step = train_one_epoch(loop, loader, epoch, step, history, bar, keeping)
         done = epoch + 1
         if loop.rank == 0 and rejects is not None and rejects.listing and (n := rejects.write_listing()):
             LOG.warning("%d unreadable images skipped so far; listed in %s", n, rejects.listing)
         if loop.rank == 0 and (done % loop.settings["checkpoint_every"] == 0 or done == epochs):
-            save_resume_state(payload(loop, done, step, fp, history), state_path)
+            save_resume_state(checkpoint_payload(loop, done, step, fp, history), state_path)
             saved_epoch = done
             LOG.info("epoch %d/%d: loss %.4f, state saved to %s", done, epochs, history["loss"][-1], state_path)
     bar.close()
@@ -321,21 +276,16 @@ def train(
     peak_lr = s["base_lr"] * s["batch_size"] / 256
     amp_dtype = resolve_precision(s["precision"], device)
     data = dataset.signature(Path(state_dir) / "data_digests.json") if hasattr(dataset, "signature") else None
-    fp = resume_fingerprint(cell, s, seed, data)
+    fp = job_fingerprint(cell, s, seed, data)
     check_masks(cell, s)
     model, optimizer, scaler = build_model(cell, s, seed, device, peak_lr, amp_dtype)
     health = WeightHealth(model.parameters())  # bounds from the seeded initial weights
-    state = load_state(state_path, fp)
+    state = training.load_state(state_path, fp, LOG)
     rejects = getattr(dataset, "rejects", None)  # the bad-image policy of an image root (cropmae, siammae)
     if rejects is not None and state is None and rank == 0:
         rejects.reset()  # starting over: the job's reject journal too (before any loader worker)
-    history, start_epoch, step = restore(
-        state, model, optimizer, scaler, world_size=world_size, steps_per_epoch=steps_per_epoch, path=state_path
-    )
-    health.snapshot()
     loop = Loop(
         model=model,
-        ddp_model=wrap_ddp(model, device, world_size),
         optimizer=optimizer,
         scaler=scaler,
         autocast=torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext(),
@@ -350,6 +300,9 @@ def train(
         rank=rank,
         health=health,
     )
+    history, start_epoch, step = resume_at_epoch(state, loop, state_path)
+    health.snapshot()
+    loop.ddp_model = training.wrap_ddp(model, device, world_size, cudnn_benchmark=True)  # after the resume
     loader = build_loader(
         dataset, s, device, steps_per_epoch=steps_per_epoch, seed=seed, world_size=world_size, rank=rank
     )
@@ -365,18 +318,18 @@ def train(
         rejects=rejects,
     )
     if rank == 0:
-        final = payload(loop, cell["epochs"], step, fp)
+        final = checkpoint_payload(loop, cell["epochs"], step, fp)
         # the released checkpoint in MAE's key layout (reference loaders read it); last.pth keeps ours
         final["model"] = mae_layout(export_state_dict(loop.model))  # EMA teachers stay in last.pth only
         save_torch_file(final, output)
         write_outputs(history, cell, seed, log_csv, curve_png)
-        training = {k: v for k, v in s.items() if k not in result_neutral_keys("pretrain")}
+        result = training.result_settings("pretrain", s)
         write_record(
             output,
             kind="checkpoint",
             command=("pretrain", "train"),
             inputs=inputs,
-            settings={"cell": cell, "seed": seed, "pretrain": training},
+            settings={"cell": cell, "seed": seed, "pretrain": result},
             device=device,
             precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
         )
@@ -386,10 +339,10 @@ def train(
 
 def write_outputs(history: dict, cell: dict, seed: int, log_csv=None, curve_png=None) -> None:
     if log_csv:
-        write_log_csv(history, log_csv)
+        training.write_log_csv(history, log_csv)
     if curve_png:
         title = " ".join(f"{k}={cell[k]}" for k in CELL_KEYS) + f" seed={seed}"
-        plot_curve(history, curve_png, title)
+        training.plot_curve(history, curve_png, title, loss_label="training loss (masked patches)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +350,7 @@ def write_outputs(history: dict, cell: dict, seed: int, log_csv=None, curve_png=
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m pipeline.pretrain train", description=__doc__.split("\n")[0])
+    ap = training.training_parser("pretrain", __doc__, output_help="final checkpoint .pth")
     ap.add_argument(
         "--cell",
         required=True,
@@ -405,29 +358,10 @@ def parse_args(argv=None):
         "anchors, anchor_mask, target_mask, epochs); missing keys "
         "from pretrain.cell_defaults",
     )
-    ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--settings", default=None, help="pretrain config section (JSON string or file)")
     ap.add_argument("--bag", help="bag of views HDF5 (method cdgmae)")
     ap.add_argument("--knn", help="neighbours file results/consistency/knn.npz (target knn)")
     ap.add_argument("--imagenet-root", help="ImageNet folder root (method cropmae)")
     ap.add_argument("--videos-root", help="frame-folder videos root (method siammae)")
-    ap.add_argument("--output", required=True, help="final checkpoint .pth")
-    ap.add_argument("--state-dir", required=True, help="resumable state directory (outside the outputs)")
-    ap.add_argument("--log-csv", help="per-step training log CSV")
-    ap.add_argument("--curve-png", help="loss-curve PNG")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    # infrastructure knobs: they change neither the data order nor the result, so the rule passes
-    # them outside --settings (editing them must not re-run finished cells)
-    ap.add_argument("--num-workers", type=int, default=None, help="override pretrain.num_workers")
-    ap.add_argument("--checkpoint-every", type=int, default=None, help="override pretrain.checkpoint_every")
-    ap.add_argument(
-        "--max-reject-fraction",
-        type=float,
-        default=None,
-        help="unreadable images of --imagenet-root / frames of --videos-root allowed before failing "
-        "(views.max_reject_fraction); they are skipped, logged and listed in <state-dir>/rejects.csv",
-    )
     return ap.parse_args(argv)
 
 
@@ -435,11 +369,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging()
     set_threads(args.threads)
-    overrides = load_settings(args.settings)
-    for key in ("num_workers", "checkpoint_every"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    settings = resolve_pretrain_settings(overrides)
+    settings = resolve_pretrain_settings(training.settings_overrides(args, "pretrain"))
     try:
         cell = resolve_cell(json.loads(args.cell), settings)
     except json.JSONDecodeError as err:
@@ -448,13 +378,7 @@ def main(argv=None) -> None:
     sources = dict(bag=args.bag, knn=args.knn, imagenet_root=args.imagenet_root, videos_root=args.videos_root)
     sources.update(max_reject_fraction=args.max_reject_fraction, rejects_listing=Path(args.state_dir) / "rejects.csv")
     dataset = build_dataset(cell, settings, seed=derive_seed(args.seed, "data"), **sources)
-    with distributed_context() as (world, rank, device):
-        if args.device and world == 1:
-            device = torch.device(args.device)
-        outputs = dict(output=args.output, state_dir=args.state_dir, log_csv=args.log_csv, curve_png=args.curve_png)
-        outputs["inputs"] = [args.bag, args.knn, args.imagenet_root, args.videos_root]
-        try:
-            train(cell, settings, dataset, seed=args.seed, world_size=world, rank=rank, device=device, **outputs)
-        except (NonFiniteLossError, UnhealthyWeightsError) as err:
-            LOG.error("%s", err)
-            raise SystemExit(f"pretrain: {err}") from err
+    outputs = dict(output=args.output, state_dir=args.state_dir, log_csv=args.log_csv, curve_png=args.curve_png)
+    outputs["inputs"] = [args.bag, args.knn, args.imagenet_root, args.videos_root]
+    with training.training_processes("pretrain", args.device, LOG) as (world, rank, device):
+        train(cell, settings, dataset, seed=args.seed, world_size=world, rank=rank, device=device, **outputs)

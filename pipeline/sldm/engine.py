@@ -1,5 +1,6 @@
-"""The S-LDM training loop: one optimizer step, the resumable state, the loss history and its
-outputs (``train_log.csv``, the loss curve, the sample grid).
+"""The S-LDM training loop: one optimizer step, the resumable state, the sample grid (the lr
+schedule, the loss rule, the history and its outputs ``train_log.csv`` and the loss curve:
+``pipeline.training``).
 
 Every step is a function of (seed, step): the lr is set from the step index before the update, and
 every random draw of the step (flip, timesteps, condition drops, noise, VAE latent sample) comes
@@ -10,50 +11,49 @@ gradients; every rank keeps the same EMA) and rank 0 writes. The setup (settings
 
 from __future__ import annotations
 
-import contextlib
-import math
-import time
+import logging
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
-import torch.distributed as dist
 from diffusers import DDIMScheduler
-from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline.imaging import resize_square
-from pipeline.io import atomic_path, write_csv_atomic
+from pipeline.io import atomic_path
 from pipeline.seeding import derive_seed
 from pipeline.sldm.conditioning import ConditioningEncoder
-from pipeline.sldm.model import NULL_CONDITION, diffusion_loss, lr_at, to_model_space
+from pipeline.sldm.model import NULL_CONDITION, diffusion_loss, to_model_space
 from pipeline.sldm.sampling import sample
+from pipeline.training import (
+    StepTimer,
+    TrainingLoop,
+    check_loss,
+    lr_at,
+    mean_over_ranks,
+    payload,
+    record_step,
+    restore,
+    set_lr,
+)
 
 HISTORY_KEYS = ("step", "loss", "lr", "images_per_s")
+LOG = logging.getLogger("cdgmae.sldm")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf; the message names the step and the kept state."""
+@dataclass(kw_only=True)
+class Loop(TrainingLoop):
+    """What every step of one training run uses (``model``: the Denoiser, UNet + projector;
+    ``autocast``: bf16 on CUDA, a null context otherwise); built by ``pipeline.sldm.train.train``."""
 
-
-@dataclass
-class Loop:
-    """What every step of one training run uses; built by ``pipeline.sldm.train.train``."""
-
-    model: torch.nn.Module  # Denoiser: UNet + projector
     ema: torch.nn.Module  # its EMA with RCG's warm-up (pipeline.sldm.model.Ema; the saved weights)
-    optimizer: torch.optim.Optimizer
     scheduler: object  # the DDPM training schedule
     vae: torch.nn.Module | None  # None: pixel space
     encoder: ConditioningEncoder
-    settings: dict
-    seed: int
-    device: torch.device
-    autocast: contextlib.AbstractContextManager  # bf16 on CUDA, a null context otherwise
-    ddp_model: torch.nn.Module | None = None  # the model DDP-wrapped under torchrun
-    world_size: int = 1
-    rank: int = 0
+
+    def state_parts(self) -> dict:
+        """What the resumable state holds the state dicts of."""
+        return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer}
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -63,9 +63,8 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 def train_step(loop: Loop, images: torch.Tensor, step: int) -> tuple[float, float]:
     """One optimizer step on ``images`` (B, S, S, 3) uint8: (loss, lr)."""
     s = loop.settings
-    lr = lr_at(step, s["steps"], s["warmup_steps"], s["lr"], s["min_lr"])
-    for group in loop.optimizer.param_groups:
-        group["lr"] = lr
+    lr = lr_at(step, warmup=s["warmup_steps"], total=s["steps"], peak_lr=s["lr"], min_lr=s["min_lr"])  # in steps
+    set_lr(loop.optimizer, lr)
     gen = step_generator(loop.seed, step, loop.rank)
     torch.manual_seed(derive_seed(loop.seed, "sldm-global", step, loop.rank) % (1 << 62))  # any op on the global RNG
     if s["flip"]:
@@ -75,10 +74,9 @@ def train_step(loop: Loop, images: torch.Tensor, step: int) -> tuple[float, floa
     x = images.permute(0, 3, 1, 2).to(loop.device).float() / 127.5 - 1.0
     with loop.autocast:
         x0 = to_model_space(loop.vae, x, gen)
-        loss = diffusion_loss(loop.ddp_model or loop.model, loop.scheduler, x0, z, s["p_uncond"], gen)
-    value = mean_over_ranks(loop, loss)
-    if not math.isfinite(value):
-        raise NonFiniteLossError(f"non-finite training loss ({value}) at step {step}; stopped without updating")
+        loss = diffusion_loss(loop.step_model, loop.scheduler, x0, z, s["p_uncond"], gen)
+    value = mean_over_ranks(loss.detach().float().clone(), 1, loop.world_size)
+    check_loss(value, step)
     loss.backward()
     if s["max_grad_norm"] > 0:
         torch.nn.utils.clip_grad_norm_(loop.model.parameters(), s["max_grad_norm"])
@@ -88,88 +86,50 @@ def train_step(loop: Loop, images: torch.Tensor, step: int) -> tuple[float, floa
     return value, lr
 
 
-def mean_over_ranks(loop: Loop, loss: torch.Tensor) -> float:
-    """The loss averaged over the ranks (every rank then sees a NaN anywhere)."""
-    if loop.world_size == 1:
-        return loss.item()
-    total = loss.detach().float().clone()
-    dist.all_reduce(total)
-    return total.item() / loop.world_size
-
-
 def run_steps(loop: Loop, batches, history: dict, step: int, bar, on_step) -> int:
     """Steps ``step..steps-1`` over ``batches`` (one batch per step, in step order); ``on_step(done)``
     runs after each (state, sample grid). Returns the final step count."""
     loop.model.train()
     for images in batches:
-        t0 = time.perf_counter()
+        timer = StepTimer()
         loss, lr = train_step(loop, images, step)
-        rate = images.shape[0] * loop.world_size / max(time.perf_counter() - t0, 1e-9)
-        for key, value in zip(HISTORY_KEYS, (step, loss, lr, rate)):
-            history[key].append(value)
+        rate = timer.rate(images.shape[0] * loop.world_size)
+        record_step(history, bar, step=step, loss=loss, lr=lr, images_per_s=rate)
         step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", images_s=f"{rate:.1f}")
         on_step(step)
     return step
 
 
-def payload(loop: Loop, step: int, history: dict, fingerprint: str) -> dict:
-    """The resumable state: weights, EMA, optimizer, step, history, RNG and the fingerprint."""
-    return {
-        "model": loop.model.state_dict(),
-        "ema": loop.ema.state_dict(),
-        "optimizer": loop.optimizer.state_dict(),
-        "step": step,
-        "world_size": loop.world_size,
-        "history": history,
+def state_payload(loop: Loop, step: int, history: dict, fingerprint: str) -> dict:
+    """The resumable state: weights, EMA, optimizer, step, RNG, the fingerprint and the history."""
+    return payload(
+        loop.state_parts(),
+        step=step,
+        world_size=loop.world_size,
         # every draw of step k comes from a generator seeded from (seed, k); the global state is
         # kept for completeness
-        "rng": {
+        rng={
             "seed": loop.seed,
             "scheme": "per-step CPU generator from (seed, step, rank)",
             "torch": torch.get_rng_state(),
         },
-        "fingerprint": fingerprint,
-    }
+        fingerprint=fingerprint,
+        history=history,
+    )
 
 
-def restore(loop: Loop, state: dict) -> tuple[dict, int]:
-    """(history, step) of a resumable state, loaded into the loop's model, EMA and optimizer."""
-    loop.model.load_state_dict(state["model"])
-    loop.ema.load_state_dict(state["ema"])
-    loop.optimizer.load_state_dict(state["optimizer"])
+def resume(loop: Loop, state: dict) -> tuple[dict, int]:
+    """(history, step) of a resumable state, loaded into the loop's model, EMA, optimizer and RNG."""
+    saved_world = state.get("world_size", 1)
+    history, step = restore(
+        state, loop.state_parts(), HISTORY_KEYS, world_size=loop.world_size, saved_world_size=saved_world, log=LOG
+    )
     torch.set_rng_state(state["rng"]["torch"])
-    return {k: list(state["history"][k]) for k in HISTORY_KEYS}, int(state["step"])
+    return history, step
 
 
 # ---------------------------------------------------------------------------------------------
 # outputs
-
-
-def new_history() -> dict:
-    return {k: [] for k in HISTORY_KEYS}
-
-
-def write_log_csv(history: dict, path) -> None:
-    write_csv_atomic(pd.DataFrame({k: history[k] for k in HISTORY_KEYS}), path)
-
-
-def plot_curve(history: dict, path, title: str) -> None:
-    """Loss (left axis, log scale) and lr (right axis) against the step; a bare Agg ``Figure``."""
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.subplots()
-    ax.plot(history["step"], history["loss"], lw=1, color="tab:blue")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("MSE to the ε or v target (sldm.prediction_type)", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(history["step"], history["lr"], lw=1, color="tab:orange")
-    ax2.set_ylabel("learning rate", color="tab:orange")
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
 
 
 def sample_views(loop: Loop, real: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The S-LDM folder: ``save_sldm`` writes it, ``validate_folder`` checks it on every load.
+"""The S-LDM folder: ``save_sldm`` writes it, ``validate_folder`` checks it on every load,
+``load_sldm`` reads its components (the views stage's ``sldm`` / ``rcg`` generators sample them).
 
 One local folder with a JSON manifest (``sldm.json``), the format documented in
 ``docs/sldm-format.md``: the UNet, the VAE (or none: pixel space), the training noise schedule, the
@@ -12,14 +13,16 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import DDIMScheduler
-from safetensors.torch import save_file
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VQModel
+from safetensors.torch import load_file, save_file
 
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.io import verify_folder_digests, write_folder_digests
-from pipeline.sldm.conditioning import head_dims
+from pipeline.sldm.conditioning import head_dims, projection_head, timm_vit
 from pipeline.sldm.sampling import PREDICTION_TYPES
 
 SLDM_MANIFEST = "sldm.json"
@@ -30,7 +33,7 @@ SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule
 # condition (RCG's LDM), so it is sampled unguided only
 NULL_CONDITIONS = ("projected_zero", "zero_token", "none")
 # the autoencoders a folder's vae/ may hold (diffusers class names, from its config.json)
-AUTOENCODERS = ("AutoencoderKL", "VQModel")
+AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 HEAD_WEIGHTS = "encoder_head.safetensors"
 PROJECTOR_WEIGHTS = "projector.safetensors"
 LOG = logging.getLogger("cdgmae.sldm")
@@ -173,7 +176,9 @@ def _validate_layout(path: Path) -> dict:
     if man["vae"]:
         kind = json.loads((path / man["vae"] / "config.json").read_text()).get("_class_name")
         if kind not in AUTOENCODERS:
-            raise SLDMFolderError(f"{path / man['vae'] / 'config.json'}: _class_name {kind!r} not in {AUTOENCODERS}")
+            raise SLDMFolderError(
+                f"{path / man['vae'] / 'config.json'}: _class_name {kind!r} not in {tuple(AUTOENCODERS)}"
+            )
     _check_scheduler(path, man["scheduler"])
     if man["vae"] and DDIMScheduler.load_config(path / man["scheduler"]["folder"]).get("clip_sample", True):
         # DDIM's default is True: a latent model's x0 estimate must never be clipped to [-1, 1]
@@ -185,11 +190,6 @@ def _validate_layout(path: Path) -> dict:
     if man["conditioning"].get("null_condition") not in NULL_CONDITIONS:
         raise SLDMFolderError(f"{path / SLDM_MANIFEST}: conditioning.null_condition not in {NULL_CONDITIONS}")
     return man
-
-
-def autoencoder_class(path: Path, man: dict) -> str | None:
-    """The diffusers class name of the folder's autoencoder (None: pixel space); validated first."""
-    return json.loads((path / man["vae"] / "config.json").read_text())["_class_name"] if man["vae"] else None
 
 
 def _check_scheduler(path: Path, sched: dict) -> None:
@@ -207,4 +207,87 @@ def _check_scheduler(path: Path, sched: dict) -> None:
         raise SLDMFolderError(
             f"{path}: scheduler.training.prediction_type {sched['training'].get('prediction_type')!r} "
             f"is not sampled here (one of {PREDICTION_TYPES}; {SLDM_MANIFEST})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class SLDMComponents:
+    """The parts of a validated S-LDM folder, on the CPU in float32."""
+
+    manifest: dict
+    encoder: torch.nn.Module  # the timm ViT (then its projection head, if any)
+    embed_dim: int  # the width of its embedding
+    input_size: int  # the encoder's input side
+    embedding_norm: str
+    resize_antialias: bool
+    mean: torch.Tensor  # (1, 3, 1, 1) input normalization
+    std: torch.Tensor
+    projector: torch.nn.Module  # Linear embedding -> token, an Identity where the folder has none
+    unet: UNet2DConditionModel
+    vae: torch.nn.Module | None  # None: pixel space
+    scheduler: DDIMScheduler  # the training noise schedule (and recorded sampling keys)
+
+
+def load_sldm(path) -> SLDMComponents:
+    """The components of the S-LDM folder ``path``, validated (``validate_folder``) and checked to
+    fit together (embedding -> projector -> UNet context, UNet channels -> autoencoder latents)."""
+    path = Path(path)
+    man = validate_folder(path)
+    enc, pr = man["encoder"], man["projector"]
+    vit = timm_vit(enc["timm_name"], enc.get("kwargs", {}))
+    vit.load_state_dict(load_file(path / enc["weights"]), strict=True)
+    embed_dim, encoder = int(vit.num_features), vit
+    if enc.get("head"):
+        head = projection_head(enc["head"]["dims"])
+        head.load_state_dict(load_file(path / enc["head"]["weights"]), strict=True)
+        embed_dim, encoder = int(enc["head"]["dims"][-1]), torch.nn.Sequential(vit, head)
+    projector = torch.nn.Identity()
+    if pr is not None:
+        projector = torch.nn.Linear(int(pr["in_features"]), int(pr["out_features"]))
+        projector.load_state_dict(load_file(path / pr["weights"]), strict=True)
+    unet = UNet2DConditionModel.from_pretrained(path / man["unet"], local_files_only=True)
+    vae = None
+    if man["vae"]:
+        kind = json.loads((path / man["vae"] / "config.json").read_text())["_class_name"]
+        vae = AUTOENCODERS[kind].from_pretrained(path / man["vae"], local_files_only=True)
+    parts = SLDMComponents(
+        manifest=man,
+        encoder=encoder,
+        embed_dim=embed_dim,
+        input_size=int(enc["input_size"]),
+        embedding_norm=enc.get("embedding_norm", "none"),
+        resize_antialias=bool(enc.get("resize_antialias", True)),
+        mean=torch.tensor(enc["mean"]).view(1, 3, 1, 1),
+        std=torch.tensor(enc["std"]).view(1, 3, 1, 1),
+        projector=projector,
+        unet=unet,
+        vae=vae,
+        scheduler=DDIMScheduler.from_pretrained(path / man["scheduler"]["folder"], local_files_only=True),
+    )
+    _check_shapes(path, parts)
+    return parts
+
+
+def _check_shapes(path: Path, parts: SLDMComponents) -> None:
+    """The components fit together: embedding -> projector (or none) -> UNet context, UNet
+    channels -> the autoencoder's latents."""
+    width, token = parts.embed_dim, parts.embed_dim
+    if isinstance(parts.projector, torch.nn.Linear):
+        if parts.projector.in_features != width:
+            raise SLDMFolderError(f"{path}: projector in_features {parts.projector.in_features} != embedding {width}")
+        token = parts.projector.out_features
+    unet = parts.unet.config
+    if unet.cross_attention_dim != token:
+        raise SLDMFolderError(
+            f"{path}: conditioning token width {token} != UNet cross_attention_dim {unet.cross_attention_dim}"
+        )
+    channels = parts.vae.config.latent_channels if parts.vae is not None else 3
+    if unet.in_channels != channels:
+        raise SLDMFolderError(
+            f"{path}: UNet in_channels {unet.in_channels} != {channels} "
+            f"({'VAE latent channels' if parts.vae is not None else 'RGB, pixel space'})"
         )

@@ -14,7 +14,6 @@ learns is ``projector(0)`` = the projector's bias (``null_condition: projected_z
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import torch
@@ -194,14 +193,6 @@ class Ema(torch.nn.Module):
 def build_ema(model: Denoiser, decay: float) -> Ema:
     """EMA of every parameter with RCG's warm-up (``Ema``; the saved weights)."""
     return Ema(model, decay)
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> float:
-    """Linear warm-up from 0 over ``warmup`` steps, then half-cycle cosine to ``min_lr`` at ``total``."""
-    if step < warmup:
-        return peak * step / warmup
-    span = max(total - warmup, 1)
-    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min((step - warmup) / span, 1.0)))
 
 
 def to_model_space(vae, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -31,18 +30,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.cli import command_parser
-from pipeline.config import load_settings, result_neutral_keys, section_defaults
+from pipeline import training
+from pipeline.config import section_defaults
 from pipeline.data.readers import list_imagenet
-from pipeline.devices import describe_device, distributed_context, resolve_device, set_threads
+from pipeline.devices import describe_device, resolve_device, set_threads
 from pipeline.imaging import ImageRejects, TooManyRejectsError, load_square
 from pipeline.io import file_sha256, folder_sha256
-from pipeline.provenance import code_digests
 from pipeline.records import write_record
-from pipeline.resume import UnhealthyWeightsError, WeightHealth, load_resume_state, save_resume_state
+from pipeline.resume import WeightHealth, save_resume_state
 from pipeline.runtime import progress, setup_logging
 from pipeline.seeding import derive_seed
 from pipeline.sldm import engine
@@ -59,6 +56,8 @@ from pipeline.sldm.model import (
 )
 
 LOG = logging.getLogger("cdgmae.sldm")
+LOSS_LABEL = "MSE to the ε or v target (sldm.prediction_type)"
+NEUTRAL_OUTPUTS = ("samples",)  # the sample grid: a picture of the run, not part of its result
 
 
 def resolve_sldm_settings(settings: dict | None) -> dict:
@@ -146,28 +145,16 @@ def data_signature(records) -> str:
     return h.hexdigest()
 
 
-def resume_fingerprint(settings: dict, seed: int, data: str) -> str:
-    """What a resumable state must agree on: the settings (result-neutral keys and the sample grid
-    excluded), the seed, the training images, the autoencoder / encoder weights, and the code."""
-    neutral = {*result_neutral_keys("sldm"), "samples"}
-    training = {k: v for k, v in settings.items() if k not in neutral}
+def job_fingerprint(settings: dict, seed: int, data: str) -> str:
+    """``pipeline.training.resume_fingerprint`` of one S-LDM run: the settings (result-neutral keys
+    and the sample grid excluded), the seed, the training images, the autoencoder / encoder weights."""
     inputs = {"images": data}
     if settings["autoencoder"] != "none":
         inputs["autoencoder"] = folder_sha256(settings["autoencoder"])
     if settings["encoder"]["checkpoint"] and settings["encoder"]["source"] != "random-init":
         inputs["encoder"] = file_sha256(settings["encoder"]["checkpoint"])
-    code = code_digests("pipeline.sldm.train")
-    return json.dumps(
-        {"settings": training, "seed": int(seed), "inputs": inputs, "code": code}, sort_keys=True, default=str
-    )
-
-
-def load_state(path: Path, fingerprint: str) -> dict | None:
-    """The resumable state at ``path`` if it belongs to this run, else None (with a log line)."""
-    state = load_resume_state(path, fingerprint, LOG)
-    if state is not None:
-        LOG.info("resuming from %s at step %d", state["resumed_from"], state["step"])
-    return state
+    result = training.result_settings("sldm", settings, NEUTRAL_OUTPUTS)
+    return training.resume_fingerprint("pipeline.sldm.train", result, seed, inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +195,7 @@ def write_folder(loop: engine.Loop, output, n_images: int, step: int) -> Path:
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ema, enc, s = loop.ema.module, loop.encoder, loop.settings
-    training = {"seed": loop.seed, "steps": step, "images": n_images, "settings": s}
+    run = {"seed": loop.seed, "steps": step, "images": n_images, "settings": s}
     save_sldm(
         tmp,
         ema.unet,
@@ -224,7 +211,7 @@ def write_folder(loop: engine.Loop, output, n_images: int, step: int) -> Path:
         null_condition=NULL_CONDITION,
         p_uncond=s["p_uncond"],
         encoder_source=enc.source,
-        training=training,
+        training=run,
         # pixel space clips x0, latents do not; DDIM's timestep offsets: the sampler keeps them
         sampling_keys=SAMPLING_KEYS,
     )
@@ -235,7 +222,7 @@ def write_folder(loop: engine.Loop, output, n_images: int, step: int) -> Path:
 
 
 def save_state(loop: engine.Loop, step: int, history: dict, fingerprint: str, path: Path) -> None:
-    save_resume_state(engine.payload(loop, step, history, fingerprint), path)
+    save_resume_state(engine.state_payload(loop, step, history, fingerprint), path)
 
 
 def write_samples(loop: engine.Loop, real: np.ndarray, samples_png, state_dir: Path, step: int) -> None:
@@ -250,13 +237,6 @@ def write_samples(loop: engine.Loop, real: np.ndarray, samples_png, state_dir: P
 # training
 
 
-def wrap_ddp(model, device: torch.device, world_size: int):
-    """The model DDP-wrapped under torchrun (after any resume; DDP broadcasts rank 0's weights)."""
-    if world_size == 1:
-        return None
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def finish(loop: engine.Loop, history: dict, step: int, *, fingerprint, records, real, paths: dict) -> None:
     """Rank 0's outputs at the end: the state, the sample grid, the folder, the log and the curve."""
     state_dir = Path(paths["state_dir"])
@@ -264,9 +244,10 @@ def finish(loop: engine.Loop, history: dict, step: int, *, fingerprint, records,
     write_samples(loop, real, paths.get("samples_png"), state_dir, step)
     write_folder(loop, paths["output"], len(records), step)
     if paths.get("log_csv"):
-        engine.write_log_csv(history, paths["log_csv"])
+        training.write_log_csv(history, paths["log_csv"])
     if paths.get("curve_png"):
-        engine.plot_curve(history, paths["curve_png"], f"S-LDM, {len(records)} images, seed {loop.seed}")
+        title = f"S-LDM, {len(records)} images, seed {loop.seed}"
+        training.plot_curve(history, paths["curve_png"], title, loss_label=LOSS_LABEL, log_loss=True)
     LOG.info("wrote %s (%d steps, EMA weights)", paths["output"], step)
 
 
@@ -292,7 +273,7 @@ def train(
     loop = build_loop(s, seed, device)  # reads the encoder and autoencoder: errors name them first
     loop.world_size, loop.rank = world_size, rank
     health = WeightHealth(loop.model.parameters())  # a kept state's rule, bounds from the seeded init
-    fingerprint = resume_fingerprint(s, seed, data_signature(records))
+    fingerprint = job_fingerprint(s, seed, data_signature(records))
     files = [r.path for r in records]
     batches = StepBatches(
         files,
@@ -305,17 +286,15 @@ def train(
         rejects_listing=state_dir / "rejects.csv",
     )
     real = np.stack([batches.image(j) for j in range(min(s["samples"]["images"], len(files)))])
-    state = load_state(state_dir / "last.pth", fingerprint)
-    history, step = engine.restore(loop, state) if state is not None else (engine.new_history(), 0)
+    state = training.load_state(state_dir / "last.pth", fingerprint, LOG)
+    history, step = engine.resume(loop, state) if state is not None else (training.new_history(engine.HISTORY_KEYS), 0)
     health.snapshot()
     saved = {"step": step if state is not None else None}
-    if state is not None and state.get("world_size", 1) != world_size:
-        LOG.warning("resuming a %s-process run with %d processes", state.get("world_size"), world_size)
-    loop.ddp_model = wrap_ddp(loop.model, device, world_size)
+    loop.ddp_model = training.wrap_ddp(loop.model, device, world_size)  # after the resume
 
     def on_step(done: int) -> None:
         # the weights' rule before any state can hold them (pipeline.resume.WeightHealth)
-        kept = "no state yet" if saved["step"] is None else f"{state_dir / 'last.pth'} (step {saved['step']})"
+        kept = training.kept_state(state_dir / "last.pth", None if saved["step"] is None else f"step {saved['step']}")
         health.check(done - 1, kept)
         if rank == 0 and done % s["checkpoint_every"] == 0 and done < s["steps"]:
             save_state(loop, done, history, fingerprint, state_dir / "last.pth")
@@ -337,59 +316,33 @@ def train(
 
 
 def parse_args(argv=None):
-    ap = command_parser("sldm", "train", __doc__)
+    ap = training.training_parser("sldm", __doc__, output_help="the sldm folder to write (docs/sldm-format.md)")
     ap.add_argument("--imagenet-root", required=True, help="ImageNet-layout root (its train split is used)")
-    ap.add_argument("--settings", default=None, help="sldm config section (JSON string or file; partial)")
-    ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--output", required=True, help="the sldm folder to write (docs/sldm-format.md)")
-    ap.add_argument("--state-dir", required=True, help="resumable state directory (outside the output)")
-    ap.add_argument("--log-csv", help="per-step training log CSV (train_log.csv)")
-    ap.add_argument("--curve-png", help="loss-curve PNG")
     ap.add_argument("--samples-png", help="sample grid PNG: real images beside their generated views")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    ap.add_argument(
-        "--max-reject-fraction",
-        type=float,
-        default=None,
-        help="unreadable images allowed (default: the schema's views.max_reject_fraction)",
-    )
-    # the result-neutral knobs (the workflow passes them as resources, not in --settings)
-    for key in RUNTIME_FLAGS:
-        ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"overrides sldm.{key}")
     return ap.parse_args(argv)
-
-
-RUNTIME_FLAGS = ("checkpoint_every", "sample_every", "num_workers")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging()
     set_threads(args.threads)
-    overrides = load_settings(args.settings)
-    overrides.update({k: getattr(args, k) for k in RUNTIME_FLAGS if getattr(args, k) is not None})
-    settings = resolve_sldm_settings(overrides)
+    settings = resolve_sldm_settings(training.settings_overrides(args, "sldm"))
     records = training_records(args.imagenet_root, settings["max_images"])
     LOG.info("training the S-LDM on %d images from %s, seed %d", len(records), args.imagenet_root, args.seed)
     paths = dict(output=args.output, state_dir=args.state_dir, log_csv=args.log_csv, curve_png=args.curve_png)
     paths["samples_png"] = args.samples_png
-    with distributed_context() as (world, rank, device):
-        if args.device and world == 1:
-            device = args.device
-        try:
-            train(
-                settings,
-                records,
-                seed=args.seed,
-                device=device,
-                world_size=world,
-                rank=rank,
-                max_reject_fraction=args.max_reject_fraction,
-                **paths,
-            )
-        except (engine.NonFiniteLossError, UnhealthyWeightsError) as err:
-            raise SystemExit(f"sldm: {err}") from err
+    with training.training_processes("sldm", args.device, LOG) as (world, rank, device):
+        reject = args.max_reject_fraction
+        train(
+            settings,
+            records,
+            seed=args.seed,
+            device=device,
+            world_size=world,
+            rank=rank,
+            max_reject_fraction=reject,
+            **paths,
+        )
         if rank == 0:
             write_folder_record(args, settings, device)
 
@@ -399,7 +352,6 @@ def write_folder_record(args, settings: dict, device) -> None:
     (``pipeline.records``): the images, encoder and autoencoder it read, settings, device, precision."""
     device = torch.device(resolve_device(device))
     encoder = settings["encoder"]
-    neutral = {*result_neutral_keys("sldm"), "samples"}
     write_record(
         args.output,
         kind="sldm",
@@ -409,7 +361,7 @@ def write_folder_record(args, settings: dict, device) -> None:
             encoder["checkpoint"] if encoder["checkpoint"] and encoder["source"] != "random-init" else None,
             settings["autoencoder"] if settings["autoencoder"] != "none" else None,
         ],
-        settings={"sldm": {k: v for k, v in settings.items() if k not in neutral}, "seed": args.seed},
+        settings={"sldm": training.result_settings("sldm", settings, NEUTRAL_OUTPUTS), "seed": args.seed},
         device=device,
         precision="bf16" if device.type == "cuda" and settings["precision"] != "fp32" else "fp32",
     )

@@ -4,28 +4,23 @@ Gen-SIS / RCG style: ``UNet2DConditionModel`` + ``AutoencoderKL`` / ``VQModel`` 
 DDIM sampling, conditioned on the CLS embedding of a timm ViT (optionally through a projection
 MLP), projected by a Linear (or not) to one cross-attention token, with our own
 classifier-free-guidance loop (``pipeline.sldm.sampling``). It loads the folder the ``sldm`` stage
-writes, or ``import-rcg`` converts (``pipeline.sldm.folder``, ``docs/sldm-format.md``), validated on
-load; ``rcg`` is the same generator under its own name.
+writes, or ``import-rcg`` converts, through that format's reader (``pipeline.sldm.folder.load_sldm``,
+``docs/sldm-format.md``: validated on load); this module only samples. ``rcg`` is the same generator
+under its own name.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VQModel
-from safetensors.torch import load_file
 
 from pipeline.devices import resolve_device
 from pipeline.io import folder_sha256
-from pipeline.sldm.conditioning import embed_images, projection_head, timm_vit
-from pipeline.sldm.folder import SLDMFolderError, autoencoder_class, validate_folder
+from pipeline.sldm.conditioning import embed_images
+from pipeline.sldm.folder import SLDMFolderError, load_sldm
 from pipeline.sldm.sampling import sample
 from pipeline.views.diffusion import model_dir, to_output, torch_dtype
 from pipeline.views.registry import ViewGenerator, register
-
-AUTOENCODER_CLASSES = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 
 
 @register("sldm")
@@ -47,7 +42,8 @@ class SLDMGenerator(ViewGenerator):
         # bf16 by default: the precision training's autocast ran the UNet in (float32 on the CPU)
         self.dtype = torch_dtype(self.settings.get("dtype", "bfloat16"), self.device)
         path = model_dir(self.settings, self.name)
-        self.manifest = man = validate_folder(path)
+        parts = load_sldm(path)
+        self.manifest = man = parts.manifest
         self.model_sha256 = folder_sha256(path)  # which weights made the views (Tables 9 / 10 rows)
         # the CFG null token training used, unless the settings override it
         self.null_condition = self.settings.get("null_condition") or man["conditioning"]["null_condition"]
@@ -56,64 +52,14 @@ class SLDMGenerator(ViewGenerator):
                 f"{path}: trained without dropping its condition (null_condition none), so it has no "
                 f"CFG null: set views.generators.{self.name}.guidance_scale to 1.0"
             )
-        self._load_encoder(path, man["encoder"], man["projector"])
-        self.unet = UNet2DConditionModel.from_pretrained(path / man["unet"], local_files_only=True)
-        vae_class = autoencoder_class(path, man)
-        self.vae = (
-            AUTOENCODER_CLASSES[vae_class].from_pretrained(path / man["vae"], local_files_only=True)
-            if vae_class
-            else None
-        )
-        self.scheduler = DDIMScheduler.from_pretrained(path / man["scheduler"]["folder"], local_files_only=True)
-        self._check_shapes(path)
+        self.encoder, self.projector, self.unet, self.vae = parts.encoder, parts.projector, parts.unet, parts.vae
+        self.scheduler, self.mean, self.std = parts.scheduler, parts.mean, parts.std
+        self.enc_size, self.enc_norm, self.antialias = parts.input_size, parts.embedding_norm, parts.resize_antialias
         self.encoder.to(self.device).eval()
         self.projector.to(self.device).eval()
         self.unet.to(self.device, self.dtype).eval()
         if self.vae is not None:
             self.vae.to(self.device, torch.float32).eval()
-
-    def _check_shapes(self, path: Path) -> None:
-        """The components fit together: embedding -> projector (or none) -> UNet context, UNet
-        channels -> the autoencoder's latents."""
-        width, token = self.embed_dim, self.embed_dim
-        if isinstance(self.projector, torch.nn.Linear):
-            if self.projector.in_features != width:
-                raise SLDMFolderError(
-                    f"{path}: projector in_features {self.projector.in_features} != embedding {width}"
-                )
-            token = self.projector.out_features
-        if self.unet.config.cross_attention_dim != token:
-            raise SLDMFolderError(
-                f"{path}: conditioning token width {token} != UNet "
-                f"cross_attention_dim {self.unet.config.cross_attention_dim}"
-            )
-        channels = self.vae.config.latent_channels if self.vae is not None else 3
-        if self.unet.config.in_channels != channels:
-            raise SLDMFolderError(
-                f"{path}: UNet in_channels {self.unet.config.in_channels} != {channels} "
-                f"({'VAE latent channels' if self.vae is not None else 'RGB, pixel space'})"
-            )
-
-    def _load_encoder(self, path: Path, enc: dict, pr: dict | None) -> None:
-        """The timm ViT (then its projection head, if any), its input size, resize and
-        normalization, and the Linear projector (an Identity where the folder has none), on CPU."""
-        vit = timm_vit(enc["timm_name"], enc.get("kwargs", {}))
-        vit.load_state_dict(load_file(path / enc["weights"]), strict=True)
-        self.embed_dim, self.encoder = int(vit.num_features), vit
-        if enc.get("head"):
-            head = projection_head(enc["head"]["dims"])
-            head.load_state_dict(load_file(path / enc["head"]["weights"]), strict=True)
-            self.embed_dim, self.encoder = int(enc["head"]["dims"][-1]), torch.nn.Sequential(vit, head)
-        self.enc_size = int(enc["input_size"])
-        self.enc_norm = enc.get("embedding_norm", "none")
-        self.antialias = bool(enc.get("resize_antialias", True))
-        self.mean = torch.tensor(enc["mean"]).view(1, 3, 1, 1)
-        self.std = torch.tensor(enc["std"]).view(1, 3, 1, 1)
-        if pr is None:
-            self.projector = torch.nn.Identity()
-            return
-        self.projector = torch.nn.Linear(int(pr["in_features"]), int(pr["out_features"]))
-        self.projector.load_state_dict(load_file(path / pr["weights"]), strict=True)
 
     def describe(self) -> dict:
         s = self.settings

@@ -1,15 +1,12 @@
 """Pretraining loop: lr schedule, weight-decay groups, sampler, exact resume, SIGKILL resume, NaN stop,
 checkpoint format. Tiny: vit_mini_patch8 at 32 px, a few optimizer steps."""
 
-import hashlib
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,33 +16,19 @@ import torch
 from pipeline.io import record_digest
 from pipeline.pretrain.engine import EpochSampler, NonFiniteLossError, lr_at
 from pipeline.pretrain.strategies import BagViewsDataset
-from pipeline.pretrain.train import build_optimizer, resolve_cell, resolve_pretrain_settings, train
-from tests.support import HANG_GUARD_S
-
-ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {
-    "img_size": 32,
-    "batch_size": 8,
-    "micro_batch": 4,
-    "base_lr": 1e-3,
-    "warmup_epochs": 1,
-    "num_workers": 0,
-    "samples_per_epoch": 16,
-}
-
-
-def tiny_bag(n=16, size=40, seed=0):
-    rng = np.random.default_rng(seed)
-    img = lambda: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noqa: E731
-    return [{"image_id": f"c/{i:03d}", "index": i, "real": img(), "views": [img() for _ in range(4)]} for i in range(n)]
-
-
-def setup(epochs=3, anchors=2, anchor_mask=0.25, **overrides):
-    settings = resolve_pretrain_settings({**SETTINGS, **overrides})
-    cell = resolve_cell(
-        {"arch": "vit_mini_patch8", "anchors": anchors, "anchor_mask": anchor_mask, "epochs": epochs}, settings
-    )
-    return cell, settings
+from pipeline.pretrain.train import build_optimizer, train
+from tests.support import (
+    HANG_GUARD_S,
+    PRETRAIN_SETTINGS,
+    ROOT,
+    bag_dataset,
+    pretrain_setup,
+    sha256_hex,
+    train_command,
+    write_bad_images,
+    write_bag,
+    write_imagenet,
+)
 
 
 class FaultyBag(BagViewsDataset):
@@ -64,26 +47,18 @@ class FaultyBag(BagViewsDataset):
         return x
 
 
-def dataset(cls=BagViewsDataset, **kwargs):
-    return cls(tiny_bag(), img_size=32, anchors=2, target="either", seed=3, **kwargs)
-
-
-def sha(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 
 
 def test_lr_schedule_hand_values():
-    kw = dict(epochs=4, warmup_epochs=1, peak_lr=1.0, min_lr=0.0)
+    kw = dict(total=4, warmup=1, peak_lr=1.0, min_lr=0.0)
     assert lr_at(0, 10, **kw) == 0.0  # applied before step 0: not the peak
     assert lr_at(5, 10, **kw) == pytest.approx(0.5)  # half-way through warm-up
     assert lr_at(10, 10, **kw) == pytest.approx(1.0)  # end of warm-up = peak
     assert lr_at(25, 10, **kw) == pytest.approx(0.5)  # cosine mid-point
     assert lr_at(20, 10, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi / 3)))
     assert lr_at(40, 10, **kw) == pytest.approx(0.0)
-    assert lr_at(25, 10, epochs=4, warmup_epochs=1, peak_lr=1.0, min_lr=0.2) == pytest.approx(0.6)
+    assert lr_at(25, 10, total=4, warmup=1, peak_lr=1.0, min_lr=0.2) == pytest.approx(0.6)
 
 
 def test_weight_decay_groups():
@@ -121,11 +96,11 @@ def test_epoch_sampler_order():
 
 
 def test_schedule_applied_before_step_and_logs(tmp_path):
-    cell, settings = setup(epochs=2)
+    cell, settings = pretrain_setup(epochs=2)
     hist = train(
         cell,
         settings,
-        dataset(),
+        bag_dataset(),
         seed=0,
         output=tmp_path / "ck.pth",
         state_dir=tmp_path / "state",
@@ -145,8 +120,8 @@ def test_schedule_applied_before_step_and_logs(tmp_path):
 def test_checkpoint_weights_only_and_load_encoder(tmp_path):
     from pipeline.pretrain.checkpoints import load_encoder
 
-    cell, settings = setup(epochs=1)
-    train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
+    cell, settings = pretrain_setup(epochs=1)
+    train(cell, settings, bag_dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
     ckpt = torch.load(tmp_path / "ck.pth", weights_only=True)
     assert {"model", "optimizer", "scaler", "epoch", "step", "arch", "img_size", "config"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 2 and ckpt["img_size"] == 32
@@ -169,8 +144,8 @@ def test_checkpoint_loads_in_the_reference_loaders(tmp_path):
 
     from pipeline.pretrain.models_mae import ARCHS, build_encoder
 
-    cell, settings = setup(epochs=1)
-    train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
+    cell, settings = pretrain_setup(epochs=1)
+    train(cell, settings, bag_dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
     released = torch.load(tmp_path / "ck.pth", weights_only=True)["model"]
     cropmae_vit = build_encoder(cell["arch"], settings["img_size"]).state_dict()  # CropMAE's key names
     matched = {k: v for k, v in released.items() if k in cropmae_vit}
@@ -192,15 +167,15 @@ def test_checkpoint_loads_in_the_reference_loaders(tmp_path):
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path):
-    cell, settings = setup(epochs=3)
-    full = train(cell, settings, dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "sa")
+    cell, settings = pretrain_setup(epochs=3)
+    full = train(cell, settings, bag_dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "sa")
 
-    faulty = dataset(FaultyBag, at_epoch=2, mode="crash")
+    faulty = bag_dataset(FaultyBag, at_epoch=2, mode="crash")
     with pytest.raises(RuntimeError, match="simulated crash"):  # dies during epoch 2
         train(cell, settings, faulty, seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
     assert not (tmp_path / "b.pth").exists()
     assert torch.load(tmp_path / "sb" / "last.pth", weights_only=True)["epoch"] == 2
-    resumed = train(cell, settings, dataset(), seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
+    resumed = train(cell, settings, bag_dataset(), seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
 
     assert resumed["step"] == full["step"] == list(range(6))
     assert resumed["loss"] == full["loss"]  # bit-identical, not just close
@@ -208,15 +183,15 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     a, b = (torch.load(tmp_path / p, weights_only=True)["model"] for p in ("a.pth", "b.pth"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a different seed gives a different curve (the comparison above can fail)
-    other = train(cell, settings, dataset(), seed=1, output=tmp_path / "c.pth", state_dir=tmp_path / "sc")
+    other = train(cell, settings, bag_dataset(), seed=1, output=tmp_path / "c.pth", state_dir=tmp_path / "sc")
     assert other["loss"] != full["loss"]
 
 
 def test_changed_settings_do_not_resume_a_stale_state(tmp_path):
-    cell, settings = setup(epochs=1)
-    train(cell, settings, dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "s")
-    cell2, settings2 = setup(epochs=1, base_lr=5e-4)
-    hist = train(cell2, settings2, dataset(), seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "s")
+    cell, settings = pretrain_setup(epochs=1)
+    train(cell, settings, bag_dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "s")
+    cell2, settings2 = pretrain_setup(epochs=1, base_lr=5e-4)
+    hist = train(cell2, settings2, bag_dataset(), seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "s")
     assert hist["step"] == [0, 1]  # trained from scratch, not "already done"
     assert torch.load(tmp_path / "s" / "last.pth", weights_only=True)["config"]["pretrain"]["base_lr"] == 5e-4
 
@@ -228,7 +203,7 @@ def test_exploding_finite_loss_stops_and_keeps_the_last_healthy_state(tmp_path, 
     last epoch end whose every loss passed the rule."""
     from pipeline.pretrain import engine
 
-    cell, settings = setup(epochs=3)
+    cell, settings = pretrain_setup(epochs=3)
     real = engine.forward_backward
     calls = {"n": 0}
 
@@ -240,58 +215,48 @@ def test_exploding_finite_loss_stops_and_keeps_the_last_healthy_state(tmp_path, 
     monkeypatch.setattr(engine, "forward_backward", exploding)
     state = tmp_path / "state" / "last.pth"
     with pytest.raises(engine.DivergedLossError, match=r"divergence_factor 10 x the lowest.*at step 4 \(epoch 2\)"):
-        train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
+        train(cell, settings, bag_dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
     kept = torch.load(state, weights_only=True)
     assert kept["epoch"] == 2 and max(kept["history"]["loss"]) < 10 * min(kept["history"]["loss"])
     assert not (tmp_path / "ck.pth").exists()
     # the rule is a setting: a looser factor lets the same spike through
     monkeypatch.setattr(engine, "forward_backward", real)
-    cell2, loose = setup(epochs=3, divergence_factor=1e9)
+    cell2, loose = pretrain_setup(epochs=3, divergence_factor=1e9)
     calls["n"] = 0
     monkeypatch.setattr(engine, "forward_backward", exploding)
-    train(cell2, loose, dataset(), seed=0, output=tmp_path / "ck2.pth", state_dir=tmp_path / "state2")
+    train(cell2, loose, bag_dataset(), seed=0, output=tmp_path / "ck2.pth", state_dir=tmp_path / "state2")
 
 
 @pytest.mark.fault
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
-    cell, settings = setup(epochs=3)
+    cell, settings = pretrain_setup(epochs=3)
     state = tmp_path / "state" / "last.pth"
-    faulty = dataset(FaultyBag, at_epoch=1, mode="nan")
+    faulty = bag_dataset(FaultyBag, at_epoch=1, mode="nan")
     with pytest.raises(NonFiniteLossError, match=r"at step 2 \(epoch 1\).*last good checkpoint .*epoch 1"):
         train(cell, settings, faulty, seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
     assert not (tmp_path / "ck.pth").exists()
     kept = torch.load(state, weights_only=True)
     assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values())
-    digest = sha(state)
+    digest = sha256_hex(state)
     # retrying keeps failing at the same step and never overwrites the good state
-    faulty = dataset(FaultyBag, at_epoch=1, mode="nan")
+    faulty = bag_dataset(FaultyBag, at_epoch=1, mode="nan")
     with pytest.raises(NonFiniteLossError, match="at step 2"):
         train(cell, settings, faulty, seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "state")
-    assert sha(state) == digest
+    assert sha256_hex(state) == digest
 
 
 def test_epoch_shorter_than_a_batch_is_a_clear_error(tmp_path):
-    cell, settings = setup(epochs=1, samples_per_epoch=4)
+    cell, settings = pretrain_setup(epochs=1, samples_per_epoch=4)
     with pytest.raises(ValueError, match="shorter than one batch"):
-        train(cell, settings, dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "s")
+        train(cell, settings, bag_dataset(), seed=0, output=tmp_path / "ck.pth", state_dir=tmp_path / "s")
 
 
 # ---------------------------------------------------------------------------------------------
 # a real subprocess, SIGKILLed mid-run, then re-run: same curve as an uninterrupted run
 
 
-def write_imagenet(root: Path, n=16):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        d = root / "train" / f"n{i % 2:08d}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
-
-
 def cli(tmp_path, name, imagenet, epochs):
-    settings = {**SETTINGS, "batch_size": 4, "micro_batch": 4, "samples_per_epoch": 8}
+    settings = {**PRETRAIN_SETTINGS, "batch_size": 4, "micro_batch": 4, "samples_per_epoch": 8}
     cell = {
         "method": "cropmae",
         "arch": "vit_mini_patch8",
@@ -305,16 +270,6 @@ def cli(tmp_path, name, imagenet, epochs):
     out = tmp_path / name
     cmd = train_command(cell, settings, out, "--imagenet-root", str(imagenet))
     return out, [*cmd, "--curve-png", str(out / "loss_curve.png"), "--device", "cpu"]
-
-
-def train_command(cell, settings, out, *sources, log_csv="train_log.csv"):
-    """``python -m pipeline.pretrain train`` for one cell and seed 0 into ``out``."""
-    return [
-        *(sys.executable, "-m", "pipeline.pretrain", "train"),
-        *("--cell", json.dumps(cell), "--seed", "0", "--settings", json.dumps(settings), *sources),
-        *("--output", str(out / "checkpoint.pth"), "--state-dir", str(out / "state")),
-        *("--log-csv", str(out / log_csv), "--threads", "1"),
-    ]
 
 
 def test_sigkill_then_rerun_resumes_the_same_curve(tmp_path):
@@ -358,31 +313,6 @@ def test_cli_help():
     assert out.returncode == 0 and "--state-dir" in out.stdout
 
 
-def write_bag(path: Path, ids, size=40, M=4, seed=1):
-    """A tiny merged bag in the views stage's HDF5 layout, through its own row writer."""
-    import h5py
-
-    from pipeline.views.hdf5 import encode_jpeg, write_rows
-
-    rng = np.random.default_rng(seed)
-    img = lambda: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)  # noqa: E731
-    n = len(ids)
-    with h5py.File(path, "w") as f:
-        write_rows(
-            f,
-            [encode_jpeg(img(), 95) for _ in ids],
-            [[encode_jpeg(img(), 95) for _ in range(M)] for _ in ids],
-            list(ids),
-            list(range(n)),
-            [[0] * M] * n,
-            M,
-        )
-        f.attrs.update(
-            complete=True, expected_rows=n, generator="warp", is_baseline=True, n_views=M, settings=json.dumps({})
-        )
-    record_digest(path)  # as the views stage records it (the bag is verified on open)
-
-
 def test_cli_cdgmae_knn_from_an_hdf5_bag(tmp_path):
     from pipeline.data.readers import list_imagenet
 
@@ -396,7 +326,7 @@ def test_cli_cdgmae_knn_from_an_hdf5_bag(tmp_path):
         image_id=np.array(ids),
         neighbours=np.array([[(i + 1) % n, (i + 2) % n] for i in range(n)], dtype=np.int64),
     )
-    settings = {**SETTINGS, "batch_size": 4, "micro_batch": 2, "samples_per_epoch": None}
+    settings = {**PRETRAIN_SETTINGS, "batch_size": 4, "micro_batch": 2, "samples_per_epoch": None}
     cell = {
         "method": "cdgmae",
         "arch": "vit_mini_patch8",
@@ -418,12 +348,12 @@ def test_cli_cdgmae_knn_from_an_hdf5_bag(tmp_path):
 
 
 def test_mask_keeping_no_patch_is_a_clear_error(tmp_path):
-    cell, settings = setup(epochs=1)  # 32 px / patch 8 = 16 patches; 0.985 keeps int(0.24) = 0
+    cell, settings = pretrain_setup(epochs=1)  # 32 px / patch 8 = 16 patches; 0.985 keeps int(0.24) = 0
     with pytest.raises(ValueError, match="target_mask=0.985 keeps no patch of the 16"):
         train(
             {**cell, "target_mask": 0.985},
             settings,
-            dataset(),
+            bag_dataset(),
             seed=0,
             output=tmp_path / "ck.pth",
             state_dir=tmp_path / "s",
@@ -435,7 +365,7 @@ def test_regenerated_bag_starts_over_but_a_plain_rerun_resumes(tmp_path, caplog)
 
     bag_path = tmp_path / "bag.h5"
     write_bag(bag_path, [f"c/{i:03d}" for i in range(16)], seed=1)
-    cell, settings = setup(epochs=1)
+    cell, settings = pretrain_setup(epochs=1)
 
     def run():
         dataset = BagViewsDataset(BagDataset(bag_path), img_size=32, anchors=2, target="either", seed=3)
@@ -464,7 +394,7 @@ def test_byte_identical_rebuilt_bag_resumes(tmp_path, caplog):
     bag_path = tmp_path / "a" / "bag.h5"
     bag_path.parent.mkdir()
     write_bag(bag_path, [f"c/{i:03d}" for i in range(16)], seed=1)
-    cell, settings = setup(epochs=1)
+    cell, settings = pretrain_setup(epochs=1)
 
     def run(path, state):
         dataset = BagViewsDataset(BagDataset(path), img_size=32, anchors=2, target="either", seed=3)
@@ -489,20 +419,11 @@ def test_byte_identical_rebuilt_bag_resumes(tmp_path, caplog):
 
 
 def test_loss_curve_does_not_depend_on_loader_workers(tmp_path):
-    cell, settings = setup(epochs=1)
-    base = train(cell, settings, dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "sa")
-    cell, settings = setup(epochs=1, num_workers=2)
-    workers = train(cell, settings, dataset(), seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
+    cell, settings = pretrain_setup(epochs=1)
+    base = train(cell, settings, bag_dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "sa")
+    cell, settings = pretrain_setup(epochs=1, num_workers=2)
+    workers = train(cell, settings, bag_dataset(), seed=0, output=tmp_path / "b.pth", state_dir=tmp_path / "sb")
     assert workers["loss"] == base["loss"]
-
-
-def write_bad_images(folder: Path) -> list[Path]:
-    """A corrupt JPEG (a JPEG header, then noise) and a zero-byte file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    corrupt, empty = folder / "corrupt.JPEG", folder / "empty.JPEG"
-    corrupt.write_bytes(b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(300))
-    empty.write_bytes(b"")
-    return [corrupt, empty]
 
 
 @pytest.mark.fault
