@@ -32,7 +32,9 @@ TABLES: dict[str, Table] = {
     "table1": Table(
         "1: view consistency",
         "Consistency of view pairs (paper Table 1): global (GS), local (LS) and nearest-patch (NPS) "
-        "similarity per pair kind, with the feature encoder used.",
+        "similarity per pair kind, with the feature encoder used, and the colour distance of the pairs "
+        "(mean_lab_distance: CIE76 Delta E between the two images' mean CIELAB colours, lower is closer; "
+        "not in the paper).",
         "consistency",
     ),
     "table2": Table(
@@ -84,7 +86,10 @@ TABLES: dict[str, Table] = {
     ),
     "table9": Table(
         "9: generator consistency",
-        "Choice of generator: consistency (paper Table 9). Weights-free generators (warp, crop) are baselines.",
+        "Choice of generator: consistency (paper Table 9). Weights-free generators (warp, crop) are baselines. "
+        "mean_lab_distance (not in the paper): CIE76 Delta E between the real image's and its view's mean "
+        "CIELAB colours, lower is closer; it shows colour the conditioning transfers, which a grayscale "
+        "encoder (the demo's SIFT grid) cannot see.",
         "consistency",
     ),
     "table10": Table(

@@ -8,14 +8,26 @@ For two views V1, V2 with global tokens g and patch tokens f_i (i = 1..L, row-ma
 
 Batched matrix operations on any device; descriptor encoders are mean-centred first
 (``centre_descriptors``).
+
+The feature metrics above see what the encoder sees (the demo's SIFT grid is grayscale). Colour is
+scored apart, from the images themselves, so a generator that transfers its source's colours but
+not yet its layout shows it:
+
+    mean_lab_distance = || mean_Lab(V1) - mean_Lab(V2) ||_2       CIE76 Delta E of the mean colours
+
+(0 = same mean colour; lower is more consistent, unlike GS / LS / NPS; about 2.3 is a just
+noticeable difference, black vs white is 100).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from skimage.color import rgb2lab
 
 METRICS = ("global_sim", "local_sim", "nearest_patch_sim")
+COLOUR_METRIC = "mean_lab_distance"
 
 
 def pair_metrics(global_a, global_b, patches_a, patches_b, chunk: int = 64):
@@ -47,3 +59,13 @@ def centre_descriptors(glob, patches):
     """
     mean = patches.reshape(-1, patches.shape[-1]).mean(0)  # (C,)
     return glob - mean, patches - mean
+
+
+def mean_lab_colours(images) -> np.ndarray:
+    """(B, H, W, 3) uint8 sRGB images -> (B, 3) float64: each image's mean CIELAB colour (D65),
+    the mean over its pixels' L*, a*, b*. ``np.linalg.norm`` of the difference of two rows is
+    ``mean_lab_distance``."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected (B, H, W, 3) uint8 RGB images, got {images.shape} {images.dtype}")
+    return rgb2lab(images).mean(axis=(1, 2))

@@ -8,6 +8,8 @@ pretraining images). Table 9 = ``generated`` for every generator in ``consistenc
 (same seed, so the same bag positions and views for every generator) plus the video reference.
 A generator's row is labelled, and carries the sampler, encoder source and model digest, from what
 its bag recorded (``pipeline.labels.generator_row_label`` / ``GENERATOR_COLUMNS``).
+Every pair is scored by the feature metrics (GS / LS / NPS) and by the colour distance
+``mean_lab_distance`` of its two images (``pipeline.consistency.pair_metrics``).
 Features are extracted once per distinct image of a pair kind; descriptor encoders are mean-centred
 over the images of that pair kind (so a generator's row is identical in Tables 1 and 9). Every draw
 is recorded in the per-pair CSV.
@@ -24,8 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.consistency.pair_metrics import METRICS, centre_descriptors, pair_metrics
-from pipeline.consistency.sources import BagSource, ImageListSource, VideoFrameSource, extract_features
+from pipeline.consistency.pair_metrics import COLOUR_METRIC, METRICS, centre_descriptors, pair_metrics
+from pipeline.consistency.sources import BagSource, ImageListSource, VideoFrameSource, extract_features_and_colours
 from pipeline.labels import GENERATOR_COLUMNS, generator_columns, generator_row_label
 from pipeline.seeding import derive_seed
 
@@ -42,6 +44,7 @@ NPS_DIRECTION = {
     "knn_images": "query image -> neighbour",
     "random_images": "first image -> second image",
 }
+SCORES = (*METRICS, COLOUR_METRIC)  # the per-pair scores, in the column order of ``score_kind``
 PAIR_COLUMNS = [
     "pair_kind",
     "views",
@@ -56,7 +59,7 @@ PAIR_COLUMNS = [
     "gap",
     "view",
     "neighbour_rank",
-    *METRICS,
+    *SCORES,
     "encoder",
     "seed",
 ]
@@ -64,8 +67,8 @@ TABLE_COLUMNS = [
     "pair_kind",
     "views",
     "generator",
-    *METRICS,
-    *(f"{m}_std" for m in METRICS),
+    *SCORES,
+    *(f"{m}_std" for m in SCORES),
     "n_pairs",
     "encoder",
     "is_baseline",
@@ -239,17 +242,21 @@ def random_kind(images: ImageListSource, n: int, seed: int) -> PairKind:
 
 
 def score_kind(encoder, pk: PairKind, batch_size: int, num_workers: int = 0):
-    """(P, 3) numpy metrics of one pair kind; features extracted once per distinct key."""
+    """(P, 4) numpy scores of one pair kind (columns ``SCORES``); features and colours extracted
+    once per distinct key."""
     unique = list(dict.fromkeys(pk.keys_a + pk.keys_b))
     where = {key: i for i, key in enumerate(unique)}
-    glob, patches = extract_features(encoder, pk.source, unique, batch_size, num_workers, desc=f"{pk.kind} features")
+    glob, patches, colours = extract_features_and_colours(
+        encoder, pk.source, unique, batch_size, num_workers, desc=f"{pk.kind} features"
+    )
     if encoder.centre:
         glob, patches = centre_descriptors(glob, patches)
     ia = [where[k] for k in pk.keys_a]
     ib = [where[k] for k in pk.keys_b]
     dev = encoder.device
     scores = pair_metrics(glob[ia].to(dev), glob[ib].to(dev), patches[ia].to(dev), patches[ib].to(dev))
-    scores = scores.cpu().numpy()
+    colour_distance = np.linalg.norm(colours[ia] - colours[ib], axis=1)  # mean_lab_distance
+    scores = np.column_stack([scores.cpu().numpy(), colour_distance])
     if not np.isfinite(scores).all():
         bad = int(np.flatnonzero(~np.isfinite(scores).all(1))[0])
         raise FloatingPointError(f"{pk.kind}: non-finite score for pair {pk.records[bad]}")
@@ -259,9 +266,9 @@ def score_kind(encoder, pk: PairKind, batch_size: int, num_workers: int = 0):
 def _table_row(pk: PairKind, scores: np.ndarray, encoder_name: str, seed: int, run_label: str) -> dict:
     """One table row: mean and std (ddof 1; NaN for a single pair) of each metric over the pairs."""
     row = {"pair_kind": pk.kind, "views": pk.views, "generator": pk.generator}
-    row.update({m: float(scores[:, c].mean()) for c, m in enumerate(METRICS)})
+    row.update({m: float(scores[:, c].mean()) for c, m in enumerate(SCORES)})
     row.update(
-        {f"{m}_std": float(scores[:, c].std(ddof=1)) if len(scores) > 1 else math.nan for c, m in enumerate(METRICS)}
+        {f"{m}_std": float(scores[:, c].std(ddof=1)) if len(scores) > 1 else math.nan for c, m in enumerate(SCORES)}
     )
     row.update(
         n_pairs=len(scores),
@@ -288,13 +295,13 @@ def score_table(encoder, kinds: Sequence[PairKind], batch_size: int, num_workers
                     "generator": pk.generator,
                     "pair": i,
                     **rec,
-                    **dict(zip(METRICS, map(float, s))),
+                    **dict(zip(SCORES, map(float, s))),
                     "encoder": encoder.name,
                     "seed": seed,
                 }
             )
         rows.append(_table_row(pk, scores, encoder.name, seed, run_label))
-        LOG.info("%-40s GS %.3f  LS %.3f  NPS %.3f  (%d pairs)", pk.views, *scores.mean(0), len(scores))
+        LOG.info("%-40s GS %.3f  LS %.3f  NPS %.3f  colour dE %.2f  (%d pairs)", pk.views, *scores.mean(0), len(scores))
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     pairs = pd.DataFrame(pair_rows, columns=PAIR_COLUMNS)
     for c in ("a_index", "b_index", "a_frame", "b_frame", "gap", "view", "neighbour_rank"):

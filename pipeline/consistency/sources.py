@@ -1,4 +1,5 @@
-"""Image sources of the consistency pairs (key -> HxWx3 uint8) and batched feature extraction.
+"""Image sources of the consistency pairs (key -> HxWx3 uint8) and batched feature (and colour)
+extraction.
 
 Every source has ``load(key, size)`` and ``describe(key)`` (the file, for error messages). Real
 images go through ``pipeline.imaging.load_square`` (short side to ``size`` + centre crop): the same
@@ -15,6 +16,7 @@ import h5py
 import numpy as np
 import torch
 
+from pipeline.consistency.pair_metrics import mean_lab_colours
 from pipeline.imaging import ImageRejects, load_square, resize_square, try_load
 from pipeline.runtime import progress
 from pipeline.views.bag import BagDataset
@@ -120,6 +122,49 @@ def _record_bad(source, keys: Sequence, reasons: Sequence[str], rejects: ImageRe
     return bad
 
 
+def iter_image_batches(
+    source,
+    keys: Sequence,
+    size: int,
+    batch_size: int,
+    num_workers: int = 0,
+    desc: str = "images",
+    rejects: ImageRejects | None = None,
+):
+    """Yield (start, (B, S, S, 3) uint8 tensor, positions of the batch's unreadable images) for
+    consecutive batches of ``keys``, decoded in ``num_workers`` workers. Unreadable images: with
+    ``rejects`` (the bad-image policy) they are listed and come as zeros; without, the first one is
+    an error naming the file."""
+    loader = torch.utils.data.DataLoader(
+        _KeyedImages(source, keys, size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
+    start = 0
+    for images, reasons in progress(loader, desc=desc, total=len(loader), unit="batch"):
+        yield start, images, _record_bad(source, keys[start : start + len(images)], reasons, rejects)
+        start += len(images)
+
+
+def _encode_batch(encoder, source, keys: Sequence, images, bad: list[int], keep_patches: bool):
+    """TokenFeatures on CPU of one batch; the rows of unreadable images (``bad``) are NaN."""
+    feats = encoder.encode(images)
+    finite = torch.isfinite(feats.patch_tokens).all(dim=(1, 2)) & torch.isfinite(feats.global_tokens).all(1)
+    finite[bad] = True  # replaced below
+    if not finite.all():
+        which = [source.describe(keys[int(i)]) for i in (~finite).nonzero().flatten()[:5].tolist()]
+        raise FloatingPointError(f"non-finite features for {which}")
+    feats.global_tokens = feats.global_tokens.cpu()
+    feats.patch_tokens = feats.patch_tokens.cpu() if keep_patches else None
+    if bad:  # a skipped image has no features: NaN marks its row
+        feats.global_tokens[bad] = float("nan")
+        if feats.patch_tokens is not None:
+            feats.patch_tokens[bad] = float("nan")
+    return feats
+
+
 def iter_feature_batches(
     encoder,
     source,
@@ -135,36 +180,21 @@ def iter_feature_batches(
 
     Unreadable images: with ``rejects`` (the bad-image policy) they are skipped and listed and
     their features are NaN rows; without, the first one is an error naming the file."""
-    loader = torch.utils.data.DataLoader(
-        _KeyedImages(source, keys, encoder.image_size),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        persistent_workers=False,
-    )
-    start = 0
-    for images, reasons in progress(loader, desc=desc, total=len(loader), unit="batch"):
-        bad = _record_bad(source, keys[start : start + len(images)], reasons, rejects)
-        feats = encoder.encode(images)
-        finite = torch.isfinite(feats.patch_tokens).all(dim=(1, 2)) & torch.isfinite(feats.global_tokens).all(1)
-        finite[bad] = True  # replaced below
-        if not finite.all():
-            which = [source.describe(keys[start + int(i)]) for i in (~finite).nonzero().flatten()[:5].tolist()]
-            raise FloatingPointError(f"non-finite features for {which}")
-        feats.global_tokens = feats.global_tokens.cpu()
-        feats.patch_tokens = feats.patch_tokens.cpu() if keep_patches else None
-        if bad:  # a skipped image has no features: NaN marks its row
-            feats.global_tokens[bad] = float("nan")
-            if feats.patch_tokens is not None:
-                feats.patch_tokens[bad] = float("nan")
-        yield start, feats
-        start += len(images)
+    batches = iter_image_batches(source, keys, encoder.image_size, batch_size, num_workers, desc, rejects)
+    for start, images, bad in batches:
+        yield start, _encode_batch(encoder, source, keys[start : start + len(images)], images, bad, keep_patches)
 
 
-def extract_features(encoder, source, keys: Sequence, batch_size: int, num_workers: int = 0, desc: str = "features"):
-    """Features of every key, once each: (global (N, C), patches (N, L, C)) on CPU, float32."""
-    glob, patches = [], []
-    for _, feats in iter_feature_batches(encoder, source, keys, batch_size, num_workers, desc):
+def extract_features_and_colours(
+    encoder, source, keys: Sequence, batch_size: int, num_workers: int = 0, desc: str = "features"
+):
+    """Features and mean CIELAB colours of every key, each image decoded once: (global (N, C),
+    patches (N, L, C)) on CPU, float32, and colours (N, 3) (``pair_metrics.mean_lab_colours`` of
+    the image the encoder saw). An unreadable image is an error naming the file."""
+    glob, patches, colours = [], [], []
+    for start, images, _ in iter_image_batches(source, keys, encoder.image_size, batch_size, num_workers, desc):
+        feats = _encode_batch(encoder, source, keys[start : start + len(images)], images, [], True)
         glob.append(feats.global_tokens)
         patches.append(feats.patch_tokens)
-    return torch.cat(glob), torch.cat(patches)
+        colours.append(mean_lab_colours(images.numpy()))
+    return torch.cat(glob), torch.cat(patches), np.concatenate(colours)

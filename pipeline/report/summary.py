@@ -15,6 +15,7 @@ import pandas as pd
 import yaml
 
 from pipeline.cli import command_parser
+from pipeline.consistency.pair_metrics import COLOUR_METRIC
 from pipeline.io import write_text_atomic
 from pipeline.records import describe_code, describe_environment, read_record, record_path
 from pipeline.report.table import HEADLINE, METHOD_TABLES, PAPER_NUMBERS, REFERENCE_ROW, STD_DDOF
@@ -76,15 +77,16 @@ def summary_markdown(
 
 
 def _consistency_lines(df: pd.DataFrame, ref: dict) -> list[str]:
-    """Tables 1 / 9: GS, LS, NPS per kind of views, the paper's beside them."""
-    lines = ["| views | GS | LS | NPS | paper GS / LS / NPS |", "|---|---|---|---|---|"]
+    """Tables 1 / 9: GS, LS, NPS per kind of views, the paper's beside them, then the pairs' colour
+    distance (``mean_lab_distance``: not in the paper; a table written before it existed shows –)."""
+    lines = ["| views | GS | LS | NPS | paper GS / LS / NPS | colour ΔE |", "|---|---|---|---|---|---|"]
     for r in df.to_dict("records"):
         g = r.get("generator")
         p = ref.get(r.get("views")) or ref.get(PAPER_GENERATOR_ROWS.get(g)) or ref.get(PAPER_TABLE1_ROWS.get(g))
         ptxt = " / ".join(f"{x:.3f}" for x in p) if p else "–"
         lines.append(
             f"| {r.get('views')} | {_fmt(r.get('global_sim'), 3)} | {_fmt(r.get('local_sim'), 3)} | "
-            f"{_fmt(r.get('nearest_patch_sim'), 3)} | {ptxt} |"
+            f"{_fmt(r.get('nearest_patch_sim'), 3)} | {ptxt} | {_fmt(r.get(COLOUR_METRIC), 2)} |"
         )
     return lines
 
