@@ -8,7 +8,7 @@
 3. Encoders: images/s of sift-grid, hog-grid and a random-init timm ViT (load path = real weights).
 
 Each variant runs in a fresh subprocess; its peak memory is the peak RSS during the timed call
-(counter reset through /proc/self/clear_refs) minus the RSS before it. The table prints the time,
+minus the RSS before it (``bench.common.measure``). The table prints the time,
 throughput, peak memory, speed-up vs the baseline and the largest absolute difference of the
 results (must be ~0).
 
@@ -19,26 +19,8 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import time
 
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _start_peak() -> float:
-    """Reset the peak-RSS counter (Linux: 5 > /proc/self/clear_refs) and return the current RSS."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    return _status_mb("VmRSS")
-
-
-def _peak_since(before: float) -> float:
-    return max(_status_mb("VmHWM") - before, 0.0)
+from bench.common import measure, print_table
 
 
 def _pairs(n, L, C, seed=0):
@@ -84,18 +66,14 @@ def _job(name, args, queue):
     torch.set_num_threads(args.threads)
     if name.startswith("metrics"):
         data = _pairs(args.pairs, args.tokens, args.dim)
-        before = _start_peak()
-        t = time.perf_counter()
-        res = pair_metrics(*data) if name == "metrics-batched" else baseline_metrics(*data)
-        dt, peak = time.perf_counter() - t, _peak_since(before)
+        with measure() as m:
+            res = pair_metrics(*data) if name == "metrics-batched" else baseline_metrics(*data)
         ref = pair_metrics(*data)
         items = args.pairs
     elif name.startswith("knn"):
         emb = torch.randn(args.images, args.dim, generator=torch.Generator().manual_seed(1))
-        before = _start_peak()
-        t = time.perf_counter()
-        res = nearest_neighbours(emb, 5)[0] if name == "knn-chunked" else baseline_knn(emb, 5)
-        dt, peak = time.perf_counter() - t, _peak_since(before)
+        with measure() as m:
+            res = nearest_neighbours(emb, 5)[0] if name == "knn-chunked" else baseline_knn(emb, 5)
         ref = baseline_knn(emb, 5)
         items = args.images
     else:  # encoder throughput
@@ -114,15 +92,13 @@ def _job(name, args, queue):
             settings.update(timm_model=args.timm_model, checkpoint=path)
         enc = build_feature_encoder(settings, "cpu")
         imgs = torch.randint(0, 256, (args.encode_images, args.image_size, args.image_size, 3), dtype=torch.uint8)
-        before = _start_peak()
-        t = time.perf_counter()
-        for s in range(0, len(imgs), 32):
-            enc.encode(imgs[s : s + 32])
-        dt, peak = time.perf_counter() - t, _peak_since(before)
+        with measure() as m:
+            for s in range(0, len(imgs), 32):
+                enc.encode(imgs[s : s + 32])
         res = ref = torch.zeros(1)
         items = args.encode_images
     diff = float((res.float() - ref.float()).abs().max())
-    queue.put((name, dt, items / dt, peak, diff))
+    queue.put((name, m.seconds, items / m.seconds, m.peak_mib, diff))
 
 
 def run(name, args):
@@ -170,9 +146,13 @@ def main(argv=None):
         f"k-NN bank {args.images}x{args.dim}, k=5; encoders at {args.image_size}px; "
         f"{args.threads} threads"
     )
-    print(f"{'variant':28s} {'time s':>8s} {'items/s':>10s} {'peak MB':>8s} {'max |diff|':>10s} {'speed-up':>8s}")
-    for name, dt, rate, peak, diff, speed in rows:
-        print(f"{name:28s} {dt:8.2f} {rate:10.1f} {peak:8.0f} {diff:10.2e} {speed:>8s}")
+    print_table(
+        ["variant", "time s", "items/s", "peak MB", "max \\|diff\\|", "speed-up"],
+        [
+            [name, f"{dt:.2f}", f"{rate:.1f}", f"{peak:.0f}", f"{diff:.2e}", speed]
+            for name, dt, rate, peak, diff, speed in rows
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 import pipeline.views.bag as bag_module
+from bench.common import interleaved_seconds, print_table, print_table_header, print_table_row
 from pipeline.data.synthetic import _imagenet_still
 from pipeline.devices import set_threads
 from pipeline.io import record_digest
@@ -90,14 +91,8 @@ def best_rate(fns: dict, n: int, repeats: int) -> dict:
     changes on a shared machine hit all alike."""
     for fn in fns.values():
         fn(0)  # warm-up: first allocations, HDF5 handle
-    best = dict.fromkeys(fns, 0.0)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.process_time()
-            for k in range(n):
-                fn(k)
-            best[name] = max(best[name], n / (time.process_time() - t))
-    return best
+    calls = {name: (lambda fn=fn: [fn(k) for k in range(n)]) for name, fn in fns.items()}
+    return {name: n / min(s) for name, s in interleaved_seconds(calls, repeats, clock=time.process_time).items()}
 
 
 def pin_to_one_core(core: int) -> None:
@@ -216,23 +211,30 @@ def main(argv=None) -> None:
         print(
             f"one process pinned to core {args.core}, 1 torch + 1 OpenCV thread; CPU time, best of {args.repeats} x {args.samples}"
         )
-        print(
-            f"\n| sample | reader | samples/s per core | ms / sample | speed-up | cores per GPU at {args.target_rate:.0f}/s |"
+        print()
+        print_table_header(
+            [
+                "sample",
+                "reader",
+                "samples/s per core",
+                "ms / sample",
+                "speed-up",
+                f"cores per GPU at {args.target_rate:.0f}/s",
+            ]
         )
-        print("|---|---|---|---|---|---|")
         for anchors, base, ours in throughput_table(path, args):
             for name, rate in (("decode all 5 (baseline)", base), (f"decode the {1 + anchors} used", ours)):
                 cores = math.ceil(args.target_rate / rate)
-                print(f"| a{anchors} | {name} | {rate:.0f} | {1e3 / rate:.2f} | {rate / base:.2f} | {cores} |")
-        print("\nWhere an a3 sample's time goes (ms):\n\n| part | ms |\n|---|---|")
-        for part, ms in time_parts(path, args).items():
-            print(f"| {part} | {ms:.2f} |")
+                print_table_row([f"a{anchors}", name, f"{rate:.0f}", f"{1e3 / rate:.2f}", f"{rate / base:.2f}", cores])
+        print("\nWhere an a3 sample's time goes (ms):\n")
+        print_table(["part", "ms"], [[part, f"{ms:.2f}"] for part, ms in time_parts(path, args).items()])
         print("\nJPEG decoders on the bag's real images, and a3 through BagDataset with each:\n")
-        print("| decoder | ms / image | identical to decode_jpeg | a3 samples/s per core | cores per GPU |")
-        print("|---|---|---|---|---|")
+        print_table_header(
+            ["decoder", "ms / image", "identical to decode_jpeg", "a3 samples/s per core", "cores per GPU"]
+        )
         for name, (ms, same, a3) in decoder_table(path, args).items():
             cores = math.ceil(args.target_rate / a3)
-            print(f"| {name} | {ms:.3f} | {'yes' if same else 'no'} | {a3:.0f} | {cores} |")
+            print_table_row([name, f"{ms:.3f}", "yes" if same else "no", f"{a3:.0f}", cores])
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ shifted, grown and speckled). Two scenes: smooth predictions (shifted, rescaled 
 ones (0.05 % of pixels set to random ids, the worst case for bounding-box cropping). The baseline
 is the official davis2017-evaluation recipe: one object
 at a time, full-frame boolean masks, `_seg2bmap` and two full-frame `cv2.dilate` per object-frame.
-The table prints ms per object-frame, the speed-up, peak traced memory, and the largest absolute
-difference between the two (must be 0).
+The table prints ms per object-frame, the speed-up, peak memory (``bench.common.measure``), and
+the largest absolute difference between the two (must be 0).
 
     OMP_NUM_THREADS=1 python -m bench.bench_metrics [--frames 40 --objects 3 --size 480 880]
 """
@@ -14,11 +14,10 @@ difference between the two (must be 0).
 from __future__ import annotations
 
 import argparse
-import time
-import tracemalloc
 
 import numpy as np
 
+from bench.common import measure, print_table
 from pipeline.propagation import metrics
 
 
@@ -75,13 +74,10 @@ def make_frames(n_frames, n_objects, h, w, speckle=0.0, seed=0):
 
 
 def run(fn, frames, n_objects):
-    tracemalloc.start()
-    t0 = time.perf_counter()
-    out = [fn(gt, pred, n_objects) for gt, pred in frames]
-    dt = time.perf_counter() - t0
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return out, dt, peak
+    """(scores, seconds, peak MiB) of ``fn`` over every frame."""
+    with measure() as m:
+        out = [fn(gt, pred, n_objects) for gt, pred in frames]
+    return out, m.seconds, m.peak_mib
 
 
 def main(argv=None):
@@ -100,10 +96,7 @@ def main(argv=None):
         f"DAVIS J+F, {args.frames} frames x {args.objects} objects at {args.size[0]}x{args.size[1]}, "
         f"best of {args.repeats}, cv2 threads {args.cv_threads}"
     )
-    print(
-        f"{'scene':<10}{'implementation':<30}{'ms/object-frame':>16}{'object-frames/s':>17}"
-        f"{'peak MiB':>10}{'speed-up':>10}{'max |diff|':>12}"
-    )
+    rows = []
     for scene, speckle in (("smooth", 0.0), ("speckled", 0.0005)):
         frames = make_frames(args.frames, args.objects, *args.size, speckle=speckle)
         run(metrics.davis_frame_scores, frames[:2], args.objects)  # warm-up (imports, kernel cache)
@@ -115,14 +108,31 @@ def main(argv=None):
             fast, t, m_fast = run(metrics.davis_frame_scores, frames, args.objects)
             t_fast = min(t_fast, t)
         diff = max(float(np.max(np.abs(np.r_[a[0] - b[0], a[1] - b[1]]))) for a, b in zip(base, fast))
-        print(
-            f"{scene:<10}{'toolkit recipe (baseline)':<30}{1e3 * t_base / n:>16.2f}{n / t_base:>17.1f}"
-            f"{m_base / 2**20:>10.1f}{1.0:>10.2f}{'':>12}"
+        rows.append(
+            [
+                scene,
+                "toolkit recipe (baseline)",
+                f"{1e3 * t_base / n:.2f}",
+                f"{n / t_base:.1f}",
+                f"{m_base:.1f}",
+                "1.00",
+                "",
+            ]
         )
-        print(
-            f"{scene:<10}{'metrics.davis_frame_scores':<30}{1e3 * t_fast / n:>16.2f}{n / t_fast:>17.1f}"
-            f"{m_fast / 2**20:>10.1f}{t_base / t_fast:>10.2f}{diff:>12.3g}"
+        rows.append(
+            [scene, "`metrics.davis_frame_scores`", f"{1e3 * t_fast / n:.2f}", f"{n / t_fast:.1f}", f"{m_fast:.1f}"]
+            + [f"{t_base / t_fast:.2f}", f"{diff:.3g}"]
         )
+    header = [
+        "scene",
+        "implementation",
+        "ms / object-frame",
+        "object-frames/s",
+        "peak MiB",
+        "speed-up",
+        "max \\|diff\\|",
+    ]
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,8 @@ Both run in this process on the same weights and random views: forward, backward
 
 Before timing, the two losses are compared in eval mode with identical masks (must agree to ~1e-5).
 The table prints training samples/s (batch / median step time; the two implementations' steps are
-interleaved so that load changes on a shared machine hit both alike), peak memory of one step (CUDA
-max allocated on GPU; on CPU the resident-set growth over the RSS after ``malloc_trim``, sampled
-every 2 ms) and the ratios ours / reference.
+interleaved so that load changes on a shared machine hit both alike), peak memory of one step (``bench.common.measure``:
+CUDA max allocated on GPU, on CPU the resident-set growth) and the ratios ours / reference.
 
     python -m bench.bench_pretrain [--arch vit_small_patch16 --img-size 224 --batch 64 --steps 10 \
         --cells "1:0,2:0.5,3:0.25" --threads 2]
@@ -22,16 +21,12 @@ every 2 ms) and the ratios ours / reference.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import os
 import statistics
-import threading
-import time
 
 import torch
 import torch.nn.functional as F
 
+from bench.common import interleaved_seconds, measure, print_table_header, print_table_row
 from pipeline.devices import set_threads
 from pipeline.pretrain.flops import parse_cells
 from pipeline.pretrain.models_mae import CrossViewMAE, random_masking
@@ -117,71 +112,11 @@ def ref_forward(model, views, target_mask, anchor_mask, target_noise, anchor_noi
 # ------------------------------------------------------------------ measurement
 
 
-def release_freed_memory():
-    """Hand memory freed by earlier runs back to the OS (glibc), so RSS growth measures this run."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakRSS:
-    """Peak resident-set growth (bytes) over a ``with`` block, sampled from /proc/self/statm."""
-
-    def __init__(self, interval=0.002):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self):
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * self._page
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - self.start)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.start = self._rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def peak_memory(step, device):
-    """Peak memory (bytes) of one step: CUDA max allocated, or CPU RSS growth after malloc_trim."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    """Peak memory (MiB) of one step (``bench.common.measure``)."""
+    with measure(device) as m:
         step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    gc.collect()
-    release_freed_memory()
-    with PeakRSS() as tracker:
-        step()
-    return tracker.peak
-
-
-def interleaved_step_times(steps_by_name, n, device):
-    """Median seconds per step of each implementation, steps alternated so that load changes on a
-    shared machine hit both alike."""
-    times = {name: [] for name in steps_by_name}
-    for _ in range(n):
-        for name, step in steps_by_name.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return m.peak_mib
 
 
 def check_equivalence(model, views, target_mask, anchor_mask):
@@ -236,7 +171,7 @@ def main(argv=None):
         f"(+{args.warmup} warm-up), {'bf16 autocast' if bf16 else 'fp32'}, {where}, torch {torch.__version__}"
     )
     header = ("N", "r_a", "impl", "samples/s", "peak MiB", "speed ratio", "memory ratio", "|dloss|")
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    print_table_header(list(header))
 
     for n_anchors, anchor_mask in parse_cells(args.cells):
         views = torch.randn(batch, 1 + n_anchors, 3, args.img_size, args.img_size, device=device)
@@ -265,15 +200,16 @@ def main(argv=None):
         for step in steps_by_name.values():
             for _ in range(args.warmup):
                 step()
-        memory = {name: peak_memory(step, device) / 2**20 for name, step in steps_by_name.items()}
-        seconds = interleaved_step_times(steps_by_name, steps, device)
+        memory = {name: peak_memory(step, device) for name, step in steps_by_name.items()}
+        seconds = {k: statistics.median(v) for k, v in interleaved_seconds(steps_by_name, steps, device=device).items()}
         r_sps, o_sps = batch / seconds["reference"], batch / seconds["ours"]
         r_mem, o_mem = memory["reference"], memory["ours"]
-        print(f"| {n_anchors} | {anchor_mask:g} | reference | {r_sps:.2f} | {r_mem:.0f} | 1.00 | 1.00 | |")
-        print(
-            f"| {n_anchors} | {anchor_mask:g} | ours | {o_sps:.2f} | {o_mem:.0f} | {o_sps / r_sps:.2f} | "
-            f"{o_mem / max(r_mem, 1e-9):.2f} | {dloss:.1e} |",
-            flush=True,
+        print_table_row(
+            [n_anchors, f"{anchor_mask:g}", "reference", f"{r_sps:.2f}", f"{r_mem:.0f}", "1.00", "1.00", ""]
+        )
+        print_table_row(
+            [n_anchors, f"{anchor_mask:g}", "ours", f"{o_sps:.2f}", f"{o_mem:.0f}", f"{o_sps / r_sps:.2f}"]
+            + [f"{o_mem / max(r_mem, 1e-9):.2f}", f"{dloss:.1e}"]
         )
 
 

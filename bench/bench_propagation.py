@@ -12,8 +12,8 @@ depend on them), both implementations run in the same process on the same frames
   2-frame chunk, 100-query-cell chunks, additive -1e10 mask, top-k over the slot axis).
 
 Printed per grid: feature and propagation seconds, frames/s (real frames over both), peak memory
-of the propagation call (CPU: peak RSS since a reset of the counter, minus the RSS before it; GPU:
-``torch.cuda.max_memory_allocated``), speed-up, and the largest difference of the soft
+of the propagation call (``bench.common.measure``: above the memory before it; CPU: peak RSS,
+GPU: torch's peak allocated), speed-up, and the largest difference of the soft
 predictions (must be ~1e-6).
 
     OMP_NUM_THREADS=2 python -m bench.bench_propagation [--size 240 448 --sequences 2 --frames 24]
@@ -22,17 +22,12 @@ predictions (must be ~1e-6).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.bench_consistency import _peak_since, _start_peak
+from bench.common import measure, print_table
 from pipeline.devices import resolve_device
 from pipeline.propagation import algorithm as A
 from pipeline.propagation import run as propagation_run
@@ -43,32 +38,11 @@ from tests.propagation_reference import propagate_reference
 ARCHS = {16: "vit_small_patch16", 8: "vit_small_patch8"}
 
 
-def _sync(device):
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _measure(fn, device):
-    """(result, seconds, peak MiB) of ``fn()``."""
-    import torch
-
-    _sync(device)
-    if str(device).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _start_peak()
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    if str(device).startswith("cuda"):
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = _peak_since(base)
-    return out, seconds, peak
+    """(result, seconds, peak MiB) of ``fn()`` (``bench.common.measure``)."""
+    with measure(device) as m:
+        out = fn()
+    return out, m.seconds, m.peak_mib
 
 
 def _sequence_inputs(root: Path, hw):
@@ -191,17 +165,23 @@ def main(argv=None) -> None:
         f"{args.sequences} x {args.frames} frames, queue {args.queue}, top-k {args.topk}, "
         f"radius {args.radius:g}"
     )
-    print(
-        "| grid | implementation | features s | propagation s | frames/s | propagation frames/s "
-        "| peak MiB (propagation) | speed-up | propagation speed-up | max abs diff |"
+    header = ["grid", "implementation", "features s", "propagation s", "frames/s", "propagation frames/s"]
+    header += ["peak MiB (propagation)", "speed-up", "propagation speed-up", "max abs diff"]
+    print_table(
+        header,
+        [
+            [
+                r["grid"],
+                r["impl"],
+                f"{r['feat_s']:.2f}",
+                f"{r['prop_s']:.2f}",
+                f"{r['fps']:.2f}",
+                f"{r['prop_fps']:.2f}",
+            ]
+            + [f"{r['peak']:.0f}", f"{r['speedup']:.2f}", f"{r['prop_speedup']:.2f}", f"{r['diff']:.1e}"]
+            for r in rows
+        ],
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['grid']} | {r['impl']} | {r['feat_s']:.2f} | {r['prop_s']:.2f} | {r['fps']:.2f} "
-            f"| {r['prop_fps']:.2f} | {r['peak']:.0f} | {r['speedup']:.2f} | {r['prop_speedup']:.2f} "
-            f"| {r['diff']:.1e} |"
-        )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ allocations are invisible to tracemalloc, so no peak figure is printed.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+
+from bench.common import interleaved_seconds, print_table_header, print_table_row
 
 
 def reference_cdgmae(images, img_size, generator):
@@ -66,16 +67,11 @@ def reference_cropmae(image, img_size):
     return torch.stack([post(local), post(glob)])
 
 
-def measure(fn, n, repeats=3):
+def samples_per_second(fn, n, repeats=3):
     """Best-of-``repeats`` samples/s over ``n`` calls (the machine is shared)."""
     fn(0)  # warm-up (imports, first allocations)
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for k in range(n):
-            fn(k)
-        best = max(best, n / (time.perf_counter() - t))
-    return best
+    (seconds,) = interleaved_seconds({"fn": lambda: [fn(k) for k in range(n)]}, repeats).values()
+    return n / min(seconds)
 
 
 def main(argv=None) -> None:
@@ -120,13 +116,12 @@ def main(argv=None) -> None:
         ("cropmae global+local", "strategies.GlobalToLocalDataset", ours_crop),
     ]
     print(f"{args.size}px stored images -> {args.img_size}px crops, 1 thread, {args.samples} samples each")
-    print("| strategy | implementation | samples/s | speed-up |")
-    print("|---|---|---|---|")
+    print_table_header(["strategy", "implementation", "samples/s", "speed-up"])
     base = None
     for k, (strategy, name, fn) in enumerate(rows):
-        rate = measure(fn, args.samples)
+        rate = samples_per_second(fn, args.samples)
         base = rate if k % 2 == 0 else base
-        print(f"| {strategy} | {name} | {rate:.0f} | {rate / base:.2f} |")
+        print_table_row([strategy, name, f"{rate:.0f}", f"{rate / base:.2f}"])
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ Two tables:
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from bench.common import measure, print_table, process_peak_mib
 from pipeline.config import section_defaults
 from pipeline.data import sprites, synthetic
 
@@ -58,34 +57,32 @@ def bench_generate(names, fraction):
         for name in names:
             cfg = section_defaults("data", "synthetic", name)
             cfg[COUNT_KEYS[name]] = max(1, round(cfg[COUNT_KEYS[name]] * fraction))
-            t0, c0 = time.perf_counter(), time.process_time()
-            manifest = synthetic.generate(name, Path(tmp) / name, cfg, seed=0)
-            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak so far
+            with measure() as m:
+                manifest = synthetic.generate(name, Path(tmp) / name, cfg, seed=0)
+            dt, cpu, peak = m.seconds, m.cpu_seconds, process_peak_mib()  # the process's peak so far
             counts = manifest["counts"]
             n = counts.get("images") or counts.get("frames")
             size = sum(p.stat().st_size for p in (Path(tmp) / name).rglob("*") if p.is_file())
-            rows.append((name, n, dt, cpu, n / dt, peak / 2**20, size / 2**20))
-    print(f"{'dataset':<10}{'frames':>8}{'wall s':>9}{'CPU s':>8}{'frames/s':>10}{'maxRSS MiB':>11}{'disk MiB':>10}")
-    for name, n, dt, cpu, rate, peak, size in rows:
-        print(f"{name:<10}{n:>8}{dt:>9.2f}{cpu:>8.2f}{rate:>10.1f}{peak:>11.1f}{size:>10.1f}")
+            rows.append([name, n, f"{dt:.2f}", f"{cpu:.2f}", f"{n / dt:.1f}", f"{peak:.1f}", f"{size / 2**20:.1f}"])
+    print_table(["dataset", "frames", "wall s", "CPU s", "frames/s", "max RSS MiB", "disk MiB"], rows)
 
 
 def bench_texture(sizes=((160, 160), (160, 288), (40, 40)), repeats=100):
-    print(f"\n{'texture':<10}{'ours us':>10}{'baseline us':>13}{'speed-up':>10}")
+    rows = []
     for h, w in sizes:
         times = {}
         for label, fn in (("ours", sprites.make_texture), ("baseline", baseline_texture)):
             rng = np.random.default_rng(0)
             fn(rng, h, w)  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                fn(rng, h, w)
-            times[label] = (time.perf_counter() - t0) / repeats * 1e6
-        print(
-            f"{f'{h}x{w}':<10}{times['ours']:>10.0f}{times['baseline']:>13.0f}"
-            f"{times['baseline'] / times['ours']:>10.2f}"
+            with measure() as m:
+                for _ in range(repeats):
+                    fn(rng, h, w)
+            times[label] = m.seconds / repeats * 1e6
+        rows.append(
+            [f"{h}x{w}", f"{times['ours']:.0f}", f"{times['baseline']:.0f}", f"{times['baseline'] / times['ours']:.2f}"]
         )
+    print()
+    print_table(["texture", "ours µs", "baseline µs", "speed-up"], rows)
 
 
 def main(argv=None):

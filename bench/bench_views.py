@@ -7,7 +7,7 @@
    in memory. The stage's overhead is the ratio minus one (target < 5%).
 2. Read throughput (bags/s) of ``BagDataset`` through a DataLoader with 0 and N workers.
 
-    OMP_NUM_THREADS=1 python bench/bench_views.py --generators warp sd-variation --images 256 --workers 2
+    OMP_NUM_THREADS=1 python -m bench.bench_views --generators warp sd-variation --images 256 --workers 2
 
 ``sd-variation`` uses the tiny random-weight pipeline of the tests (CPU-sized, 2 DDIM steps by
 default), so its numbers measure the stage's plumbing, not a real SD model's speed.
@@ -18,23 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from pipeline.config import section_defaults  # noqa: E402
-from pipeline.data.readers import list_imagenet  # noqa: E402
-from pipeline.imaging import load_square  # noqa: E402
-from pipeline.views.bag import BagDataset  # noqa: E402
-from pipeline.views.generate import ShardWriter, to_uint8, view_seed  # noqa: E402
-from pipeline.views.generators import build_generator  # noqa: E402
+from bench.common import interleaved_seconds, print_table, process_peak_mib
+from pipeline.config import section_defaults
+from pipeline.data.readers import list_imagenet
+from pipeline.imaging import load_square
+from pipeline.views.bag import BagDataset
+from pipeline.views.generate import ShardWriter, to_uint8, view_seed
+from pipeline.views.generators import build_generator
 
 
 def make_sources(root: Path, n: int, size: int = 160) -> Path:
@@ -78,12 +73,11 @@ def bench_generation(name, gen_settings, root, work, args):
     records = list_imagenet(root)
     gen = build_generator(name, cfg["generators"][name], image_size=args.image_size, device=args.device)
     baseline(records[: cfg["batch_size"]], gen, cfg, 0)  # warm-up (first-call allocations)
-    base_t, stage_t = [], []
-    for rep in range(args.repeats):  # interleaved, best of N: robust to a noisy shared machine
-        t0 = time.perf_counter()
-        baseline(records, gen, cfg, 0)
-        base_t.append(time.perf_counter() - t0)
-        run_dir = work / f"{name}-{rep}"
+    run_dirs = []
+
+    def stage():
+        run_dir = work / f"{name}-{len(run_dirs)}"
+        run_dirs.append(run_dir)
         writer = ShardWriter(
             records,
             name,
@@ -96,18 +90,19 @@ def bench_generation(name, gen_settings, root, work, args):
             device=args.device,
         )
         writer._gen = gen  # same loaded model: compare the code paths, not the weight loading
-        t0 = time.perf_counter()
         writer.run()
-        stage_t.append(time.perf_counter() - t0)
+
+    # interleaved, best of N: robust to a noisy shared machine
+    seconds = interleaved_seconds({"baseline": lambda: baseline(records, gen, cfg, 0), "stage": stage}, args.repeats)
     n = len(records)
-    b, s = min(base_t), min(stage_t)
+    b, s = min(seconds["baseline"]), min(seconds["stage"])
     return {
         "generator": name,
         "images": n,
         "baseline_img_s": n / b,
         "stage_img_s": n / s,
         "overhead_pct": 100 * (s / b - 1),
-    }, run_dir / "shard-0.h5"
+    }, run_dirs[-1] / "shard-0.h5"
 
 
 def bench_read(path, workers, repeats):
@@ -121,12 +116,8 @@ def bench_read(path, workers, repeats):
         )
         for _ in loader:  # warm-up: worker start, page cache
             pass
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            n = sum(len(batch) for batch in loader)
-            best = min(best, time.perf_counter() - t0)
-        rows.append({"workers": w, "bags_s": n / best})
+        (seconds,) = interleaved_seconds({"read": lambda loader=loader: sum(len(b) for b in loader)}, repeats).values()
+        rows.append({"workers": w, "bags_s": len(ds) / min(seconds)})
     return rows
 
 
@@ -153,7 +144,7 @@ def main(argv=None):
         for name in args.generators:
             settings = {}
             if name == "sd-variation":
-                from test_generators import build_tiny_sd_variation
+                from tests.support import build_tiny_sd_variation
 
                 settings = {
                     "model_path": str(build_tiny_sd_variation(work / "sdv")),
@@ -168,18 +159,19 @@ def main(argv=None):
             f"{args.batch_size}, part {args.part_size}, {args.threads} torch thread(s), "
             f"best of {args.repeats}"
         )
-        print(f"{'generator':<14}{'baseline img/s':>16}{'stage img/s':>14}{'overhead %':>12}")
-        for r in gen_rows:
-            print(
-                f"{r['generator']:<14}{r['baseline_img_s']:>16.1f}{r['stage_img_s']:>14.1f}{r['overhead_pct']:>12.1f}"
-            )
+        print_table(
+            ["generator", "baseline img/s", "stage img/s", "overhead %"],
+            [
+                [r["generator"], f"{r['baseline_img_s']:.1f}", f"{r['stage_img_s']:.1f}", f"{r['overhead_pct']:.1f}"]
+                for r in gen_rows
+            ],
+        )
         print("\nRead: BagDataset through a DataLoader (batch 16), bags/s")
-        print(f"{'generator':<14}{'workers':>8}{'bags/s':>10}")
-        for r in read_rows:
-            print(f"{r['generator']:<14}{r['workers']:>8}{r['bags_s']:>10.1f}")
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print_table(
+            ["generator", "workers", "bags/s"],
+            [[r["generator"], r["workers"], f"{r['bags_s']:.1f}"] for r in read_rows],
+        )
+        peak = process_peak_mib()
         print(f"\npeak RSS of the benchmark process: {peak:.0f} MiB")
         print(json.dumps({"generation": gen_rows, "read": read_rows, "peak_rss_mib": peak}))
     finally:

@@ -6,7 +6,7 @@ Synthetic parts in the views stage's layout (1 real image + 4 views per row, JPE
 ``--size`` px from ``pipeline.data.synthetic``, a pool of 64 distinct stills reused row after
 row, each part written with its digest), for a shard of ``--rows`` rows and one ``--scale`` times
 larger. For each size, each operation runs in a fresh subprocess; its peak memory is the peak
-RSS during the call above the RSS just before it (Linux ``clear_refs`` + ``VmHWM``):
+RSS during the call above the RSS just before it (``bench.common.measure``):
 
 - assembly, streamed: ``store.plan_rows`` + ``store.write_shard`` (what ``ShardWriter.assemble``
   runs); baseline: ``read_rows`` of every part, then ``write_rows`` (the code before streaming);
@@ -23,12 +23,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from bench.common import measure, print_table
 from pipeline.data.synthetic import _imagenet_still
 from pipeline.io import atomic_path
 from pipeline.views.hdf5 import encode_jpeg, read_rows, write_rejects, write_rows
@@ -38,14 +38,6 @@ from pipeline.views.store import plan_rows, write_shard
 N_VIEWS = 4
 POOL = 64  # distinct stills; rows reuse them (the file still holds every row's own copy)
 FP = "0123456789abcdef"
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def build_parts(folder: Path, rows: int, part_size: int, size: int) -> list[tuple[int, int]]:
@@ -110,7 +102,7 @@ def in_memory(sources: list[Path], out: Path) -> None:
         write_rows(f, **read_rows(sources), M=N_VIEWS)
 
 
-def measure(op: str, folder: Path, rows: int) -> dict:
+def measure_op(op: str, folder: Path, rows: int) -> dict:
     """Run ``op`` once in this process; return seconds and peak MiB above the RSS before it."""
     shards = [folder / "shard-0.h5", folder / "shard-1.h5"]
     actions = {
@@ -119,14 +111,10 @@ def measure(op: str, folder: Path, rows: int) -> dict:
         "merge copy/streamed": lambda: merge_shards(shards, folder / "out.h5", mode="copy"),
         "merge copy/in-memory": lambda: in_memory(shards, folder / "out.h5"),
     }
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM to the current RSS
-    before = _status_mb("VmRSS")
-    t = time.perf_counter()
-    actions[op]()
-    seconds = time.perf_counter() - t
+    with measure() as m:
+        actions[op]()
     (folder / "out.h5").unlink()
-    return {"seconds": seconds, "peak_mib": _status_mb("VmHWM") - before}
+    return {"seconds": m.seconds, "peak_mib": m.peak_mib}
 
 
 def run_size(rows: int, part_size: int, size: int) -> list[dict]:
@@ -156,18 +144,18 @@ def main(argv=None) -> None:
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure(args.measure, Path(args.dir), args.rows)))
+        print(json.dumps(measure_op(args.measure, Path(args.dir), args.rows)))
         return
     results = [r for n in (args.rows, args.rows * args.scale) for r in run_size(n, args.part_size, args.size)]
     base = {(r["op"].split("/")[0], r["rows"]): r["peak_mib"] for r in results if r["op"].endswith("in-memory")}
-    print("| operation | rows | JPEG MiB | s | MiB/s | peak MiB | peak vs in-memory |")
-    print("|---|---|---|---|---|---|---|")
+    rows = []
     for r in results:
         ratio = r["peak_mib"] / base[(r["op"].split("/")[0], r["rows"])]
-        print(
-            f"| {r['op']} | {r['rows']} | {r['mib']:.0f} | {r['seconds']:.2f} | {r['mib'] / r['seconds']:.0f} "
-            f"| {r['peak_mib']:.0f} | {ratio:.2f} |"
+        rows.append(
+            [r["op"], r["rows"], f"{r['mib']:.0f}", f"{r['seconds']:.2f}", f"{r['mib'] / r['seconds']:.0f}"]
+            + [f"{r['peak_mib']:.0f}", f"{ratio:.2f}"]
         )
+    print_table(["operation", "rows", "JPEG MiB", "s", "MiB/s", "peak MiB", "peak vs in-memory"], rows)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ SUITE_IMPORTS = {
     "yaml": "pyyaml",
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
-    "pytest": "pytest",  # tests/test_generators.py, whose tiny diffusion folders the views section builds
+    "pytest": "pytest",  # in the image list; the suite itself no longer imports it (tests.support needs no pytest)
 }
 # wheel tags the device's pip accepts (the device README's list)
 PLATFORMS = (

@@ -59,11 +59,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny random-weight diffusion folders
-
+from bench.common import ROOT, measure, print_table, print_table_header, print_table_row
 from bench.device_wheels import SUITE_IMPORTS  # the standard library only
+from tests.support import TINY_SLDM
 
 PAPER_PRESET = ROOT / "presets" / "paper.yaml"
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1K train: the preset's S-LDM data and bag
@@ -185,20 +183,10 @@ TINY = Sizes(
         "image_size": 16,
         "batch_size": 2,
         "steps": 10,
-        "unet": {
-            "block_out_channels": [16, 32],
-            "attention": [False, True],
-            "layers_per_block": 1,
-            "head_channels": 4,
-            "cross_attention_dim": 16,
-            "norm_num_groups": 8,
-        },
-        "encoder": {
-            "timm_name": "vit_base_patch16_224.dino",
-            "input_size": 16,
-            "kwargs": {"patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2},
-        },
-        "scheduler": {"num_train_timesteps": 100},
+        # the S-LDM tests' tiny UNet, encoder and schedule, with a DINO encoder's name
+        "unet": TINY_SLDM["unet"],
+        "encoder": {**TINY_SLDM["encoder"], "timm_name": "vit_base_patch16_224.dino"},
+        "scheduler": TINY_SLDM["scheduler"],
     },
     sldm_gpus=1,
     sldm_steps=1,
@@ -279,49 +267,27 @@ def check_sizes(z: Sizes) -> list[str]:
 # ------------------------------------------------------------------ measuring and reporting
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _rss_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def timed(fn, n: int, device: torch.device, warmup: int = 1) -> tuple[float, float, float]:
     """(seconds per call over ``n`` calls after ``warmup`` calls, peak MiB allocated, peak MiB
-    reserved during them). CUDA: ``max_memory_allocated`` / ``max_memory_reserved`` (weights
-    included: what must fit on the GPU; reserved is what the caching allocator holds). CPU: the
-    peak RSS growth, for both."""
+    reserved during them; ``bench.common.measure``). CUDA: weights included (what must fit on the
+    GPU; reserved is what the caching allocator holds). CPU: the peak RSS growth, for both."""
     for _ in range(warmup):
         fn()
+    with measure(device, total=True) as m:
+        for _ in range(n):
+            fn()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (Linux)
-        before = _rss_mib("VmRSS")
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync(device)
-    seconds = (time.perf_counter() - t0) / n
-    if device.type == "cuda":
-        return seconds, torch.cuda.max_memory_allocated() / 2**20, torch.cuda.max_memory_reserved() / 2**20
-    peak = max(_rss_mib("VmHWM") - before, 0.0)
-    return seconds, peak, peak
+        return m.seconds / n, m.peak_mib, m.reserved_mib
+    return m.seconds / n, m.peak_mib, m.peak_mib
 
 
 def print_rows(rows: list[tuple], device: torch.device) -> None:
     """| what | rate | s per call | peak MiB allocated | peak MiB reserved | (CPU: RSS growth)."""
     mem = ("peak MiB allocated", "peak MiB reserved") if device.type == "cuda" else ("peak RSS MiB", "-")
-    print(f"| what | rate | s per call | {mem[0]} | {mem[1]} |\n|---|---|---|---|---|")
+    print_table_header(["what", "rate", "s per call", *mem])
     for what, rate, seconds, alloc, reserved in rows:
         res = f"{reserved:.0f}" if device.type == "cuda" else "-"
-        print(f"| {what} | {rate} | {seconds:.4f} | {alloc:.0f} | {res} |", flush=True)
+        print_table_row([what, rate, f"{seconds:.4f}", f"{alloc:.0f}", res])
 
 
 def record(key: str, value: float, note: str = "") -> None:
@@ -390,7 +356,7 @@ SECTION_MODULES = {
     "pretrain": ["bench.bench_pretrain"],
     "loader": ["bench.bench_loader", "pipeline.pretrain.train", "pipeline.pretrain.strategies"],
     "ddp": ["torch.distributed.run", "pipeline.pretrain.train", "pipeline.pretrain.engine"],
-    "views": ["test_generators", "pipeline.views.generators"],
+    "views": ["tests.support", "pipeline.views.generators"],
     "sldm-train": ["diffusers", "pipeline.sldm.train", "pipeline.sldm.engine", "pipeline.sldm.model"],
     "sldm-sample": ["pipeline.sldm.train", "pipeline.views.generators"],
     "propagation": ["bench.bench_propagation", "pipeline.data.synthetic", "pipeline.propagation.run"],
@@ -468,11 +434,10 @@ def section_loader(z: Sizes) -> None:
             batches = iter(loader)
             for _ in range(warm):
                 next(batches)
-            t0 = time.perf_counter()
-            for _ in range(z.loader_batches):
-                next(batches).to(device, non_blocking=True)
-            sync(device)
-            seconds = (time.perf_counter() - t0) / z.loader_batches
+            with measure(device) as m:
+                for _ in range(z.loader_batches):
+                    next(batches).to(device, non_blocking=True)
+            seconds = m.seconds / z.loader_batches
             rate = z.micro_batch / seconds
             del batches, loader
             record(f"loader.a{anchors}.samples_s", rate, f"{z.loader_workers} workers")
@@ -481,9 +446,13 @@ def section_loader(z: Sizes) -> None:
         f"# loader: build_loader(build_dataset(cdgmae, target either)) over a {z.loader_rows}-row bag of "
         f"{z.loader_size}-px JPEGs -> {z.img_size} px, {device}, {len(os.sched_getaffinity(0))} CPUs"
     )
-    print("| what | samples/s | s per batch | samples/s per worker |\n|---|---|---|---|")
-    for what, rate, seconds in rows:
-        print(f"| {what} | {rate:.0f} | {seconds:.4f} | {rate / max(z.loader_workers, 1):.0f} |", flush=True)
+    print_table(
+        ["what", "samples/s", "s per batch", "samples/s per worker"],
+        [
+            [what, f"{rate:.0f}", f"{seconds:.4f}", f"{rate / max(z.loader_workers, 1):.0f}"]
+            for what, rate, seconds in rows
+        ],
+    )
 
 
 def section_ddp(z: Sizes) -> None:
@@ -562,9 +531,8 @@ def _module_dtype(module) -> str:
 def section_views(z: Sizes) -> None:
     """Tiny random-weight sd-variation and sldm folders, generated through the stage's generators;
     the dtype each UNet's weights really are in, beside the dtype asked for."""
-    from test_generators import build_tiny_sd_variation, build_tiny_sldm
-
     from pipeline.views.generators import build_generator
+    from tests.support import build_tiny_sd_variation, build_tiny_sldm
 
     device = torch.device(z.device)
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@
 #                           `uv python install 3.12` needs github.com, which this workplace cannot reach
 #   CDGMAE_REHEARSAL_VENV   the environment (default ~/.cache/cdgmae/device-image-py312)
 #   GPU_SUITE_OUT           the suite's log and figures (default results/device-rehearsal)
-# Exit 3: no Python 3.12 here (tests/test_bench.py then skips, saying so).
+# Exit 3: no Python 3.12 here (tests/bench/test_gpu_suite.py then skips, saying so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -4,7 +4,7 @@ each, on a handful of synthetic images, before any GPU-day is spent on it.
     python -m bench.rehearse_paper_preset [--steps 1] [--sampling-steps 50] [--bag-steps 2]
         [--batch 2] [--threads 2] [--utilisation 0.4] [--stages ...] [--work DIR] [--tiny]
 
-Stages (each in its own process, so that its peak RSS, ``resource.getrusage``, is its own), all on
+Stages (each in its own process, so that its peak RSS, ``bench.common.process_peak_mib``, is its own), all on
 the preset as resolved (``config.yaml`` then ``presets/paper.yaml``, schema defaults filled), with
 only the data paths, the step counts and the batch changed:
 
@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,8 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT, process_peak_mib
 
 A100_TFLOPS = 312.0  # dense bf16
 H100_TFLOPS = 989.0  # SXM, dense bf16
@@ -95,7 +93,7 @@ def preset(tiny: bool) -> dict:
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return process_peak_mib() / 1024
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ a 2-block ViT of width 48 (12 heads, as MoCo's ViT-B), a 16-d representation.
 The key names and shapes are written out here from the module definitions (RCG's openaimodel
 UNetModel / SpatialTransformer, its taming-style Encoder / Decoder, timm's VisionTransformer, MoCo's
 build_mlp, LitEma, the DDPM buffers); that they are exactly what RCG's own classes hold was checked
-once by loading them with ``strict=True`` (see tests/test_sldm_rcg.py). Run as a script to write
+once by loading them with ``strict=True`` (see tests/sldm/test_rcg.py). Run as a script to write
 the fixture to a folder: ``python tests/rcg_fixture.py DIR``.
 """
 

@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench import gpu_suite
-from tests.support import HANG_GUARD_S
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import HANG_GUARD_S, ROOT
 
 
 def test_gpu_suite_runs_every_section_on_the_cpu_with_tiny_sizes(tmp_path):

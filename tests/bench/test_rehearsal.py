@@ -3,11 +3,10 @@ here its ``--tiny`` run end to end, every stage in one process, so that the scri
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 
 @pytest.mark.slow

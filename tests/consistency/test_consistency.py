@@ -29,6 +29,7 @@ from pipeline.consistency.pairs import (
     score_table,
 )
 from pipeline.io import write_npz_atomic
+from tests.support import make_sldm_bag, write_bad_images
 
 TIMM_MODEL = "vit_tiny_patch16_224"  # 5.7 M params; at 64 px it runs 16 patch tokens in ms
 
@@ -461,7 +462,6 @@ def test_neighbour_search_skips_and_lists_unreadable_images(tmp_path):
 
     from pipeline.consistency.options import list_images
     from pipeline.imaging import TooManyRejectsError
-    from tests.test_pretrain import write_bad_images
 
     folder = tmp_path / "imagenet" / "train" / "n0"
     folder.mkdir(parents=True)
@@ -490,34 +490,6 @@ def test_neighbour_search_skips_and_lists_unreadable_images(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Table 9 rows of an S-LDM: labelled as ours (or RCG's), with the sampler, encoder and model they used
-
-
-def make_bag(imagenet_root, out_dir, generator, generators=None, image_size=32, n_views=2):
-    """A merged bag of ``generator``'s views of an ImageNet-layout folder, through the views CLI."""
-    import json
-
-    s = {"shards": 1, "part_size": 8, "image_size": image_size, "n_views": n_views, "generators": generators or {}}
-    shard = out_dir / generator / "shard-0.h5"
-    args = ["--root", str(imagenet_root), "--generator", generator, "--shard", "0", "--out", str(shard)]
-    run("views", ["generate", *args, "--settings", json.dumps(s)])
-    bag = out_dir / generator / "bag.h5"
-    run("views", ["merge", "--shards", str(shard), "--out", str(bag), "--settings", json.dumps(s)])
-    return bag
-
-
-def make_sldm_bag(imagenet_root, out_dir, encoder_source="random-init", **save_kwargs):
-    """(bag, folder): a random-weight pixel-space S-LDM folder 'trained here' (sldm.json records
-    ``training`` and the encoder's source), and the bag of its views (1 DDIM step, CFG 3)."""
-    from tests.test_generators import build_tiny_sldm
-
-    folder = build_tiny_sldm(
-        out_dir / "sldm-model",
-        pixel_space=True,
-        encoder_source=encoder_source,
-        **{"training": {"seed": 0, "steps": 1}, **save_kwargs},
-    )
-    gens = {"sldm": {"model_path": str(folder), "steps": 1, "eta": 0.5, "guidance_scale": 3.0, "dtype": "float32"}}
-    return make_bag(imagenet_root, out_dir / "views", "sldm", gens), folder
 
 
 def test_table9_rows_say_which_s_ldm_sampler_and_encoder_made_them(tiny_data, tmp_path):

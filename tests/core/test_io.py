@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from pipeline import io
+from tests.support import ROOT
 
 
 @pytest.mark.fault
@@ -21,7 +22,7 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
         "    tmp.write_bytes(b'x' * 1000)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], env=env)
     assert proc.returncode == -9
     leftovers = list(tmp_path.glob(".out.bin.*.tmp"))

@@ -8,9 +8,8 @@ import sys
 import pytest
 
 from pipeline.lease import LeaseError, acquire, lease
-from tests.support import HANG_GUARD_S
+from tests.support import HANG_GUARD_S, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # prints its devices, then sleeps N seconds or, given a path, waits until it exists (a hang guard
 # of tests.support.HANG_GUARD_S)
 SHOW = (
@@ -26,7 +25,7 @@ SHOW = (
 def _env(n_gpus=None, **extra):
     drop = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "CDGMAE_ALLOW_CPU", "CDGMAE_REQUIRE_CUDA")
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     if n_gpus is not None:
         env["CDGMAE_NUM_GPUS"] = str(n_gpus)
     env.update(extra)

@@ -24,8 +24,7 @@ from pipeline.records import build_record, code_state, read_record, record_path,
 from pipeline.report import summary
 from pipeline.report.provenance_diff import diff_folders
 from pipeline.table_registry import PAPER_TABLES
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT, copy_workflow
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -308,14 +307,7 @@ def parsed_workflow(tmp_path_factory):
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, StorageSettings
 
-    work = tmp_path_factory.mktemp("wf")
-    for item in ("Snakefile", "rules", "pipeline", "schemas", "config.yaml", "envs", "profiles", "report", "presets"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, work / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, work / item)
-    shutil.copytree(ROOT / "tests" / "configs", work / "tests" / "configs")
+    work = copy_workflow(tmp_path_factory.mktemp("wf"))
     with SnakemakeApi(OutputSettings()) as api:
         workflow = api.workflow(
             resource_settings=ResourceSettings(cores=1),

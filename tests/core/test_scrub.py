@@ -1,7 +1,7 @@
 """``python -m pipeline.scrub``: every recorded digest under results/ verified, corrupt and
 untrusted artefacts reported, and with ``--remove`` deleted with exactly what was made from them
 (issue 19). A small fake results tree with real digests and records; the rebuild after a scrub of a
-real tiny run is ``tests/test_workflow.py::test_scrub_then_rebuild_gives_the_same_results``."""
+real tiny run is ``tests/workflow/test_recovery.py::test_scrub_then_rebuild_gives_the_same_results``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from pipeline import cli
 from pipeline.io import FOLDER_DIGESTS, digest_path, record_digest, write_folder_digests
 from pipeline.records import record_path, write_record
-from tests.test_integrity import flip
+from tests.support import flip
 
 pytestmark = pytest.mark.fault  # every case here is a fault-injection case (pytest -m fault)
 

@@ -1,7 +1,5 @@
 """Table 8 GFLOPs: hand-counted MACs on a tiny model, the two counters agree, the paper's 8 cells."""
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 import torch
@@ -10,9 +8,9 @@ import yaml
 from pipeline.cli import run
 from pipeline.pretrain.flops import gmacs_flopcounter, gmacs_fvcore, parse_cells, table8_gflops
 from pipeline.pretrain.models_mae import CrossViewMAE
-from tests.test_models_mae import TINY  # the tiny arch of the model tests
+from tests.support import ROOT, TINY_MAE_ARCH
 
-PAPER_NUMBERS = Path(__file__).resolve().parent.parent / "pipeline" / "report" / "paper_numbers.yaml"
+PAPER_NUMBERS = ROOT / "pipeline" / "report" / "paper_numbers.yaml"
 
 
 def hand_macs(a, img_size, target_mask, anchors, anchor_mask):
@@ -48,15 +46,15 @@ def hand_macs(a, img_size, target_mask, anchors, anchor_mask):
 @pytest.mark.parametrize("anchors,anchor_mask", [(1, 0.0), (2, 0.25), (3, 0.5)])
 def test_counters_match_hand_count_on_tiny_model(anchors, anchor_mask):
     torch.manual_seed(0)
-    model = CrossViewMAE(TINY, 32).train()
+    model = CrossViewMAE(TINY_MAE_ARCH, 32).train()
     views = torch.randn(1, 1 + anchors, 3, 32, 32)
-    expected = hand_macs(TINY, 32, 0.75, anchors, anchor_mask)
+    expected = hand_macs(TINY_MAE_ARCH, 32, 0.75, anchors, anchor_mask)
     assert round(gmacs_fvcore(model, views, 0.75, anchor_mask) * 1e9) == expected
     assert round(gmacs_flopcounter(model, views, 0.75, anchor_mask) * 1e9) == expected
 
 
 def test_flopcounter_refuses_eval_mode():
-    model = CrossViewMAE(TINY, 32).eval()
+    model = CrossViewMAE(TINY_MAE_ARCH, 32).eval()
     with pytest.raises(ValueError, match="train mode"):
         gmacs_flopcounter(model, torch.randn(1, 2, 3, 32, 32), 0.75, 0.0)
 
@@ -102,15 +100,14 @@ def test_count_does_not_depend_on_the_attention_kernel():
 
     code = (
         "from pipeline.pretrain.flops import table8_gflops\n"
-        "from tests.test_models_mae import TINY\n"
-        "print([r['gflops'] for r in table8_gflops(arch=TINY, img_size=32, cells=[(1, 0.0), (2, 0.5)])])"
+        "from tests.support import TINY_MAE_ARCH\n"
+        "print([r['gflops'] for r in table8_gflops(arch=TINY_MAE_ARCH, img_size=32, cells=[(1, 0.0), (2, 0.5)])])"
     )
-    root = Path(__file__).resolve().parent.parent
     counts = {}
     for fused in ("0", "1"):
-        env = {**os.environ, "TIMM_FUSED_ATTN": fused, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "TIMM_FUSED_ATTN": fused, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         res = subprocess.run(
-            [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
+            [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
         )
         counts[fused] = res.stdout.strip().splitlines()[-1]
     assert counts["0"] == counts["1"], counts

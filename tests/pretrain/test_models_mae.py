@@ -23,23 +23,12 @@ from pipeline.pretrain.models_mae import (
     sincos_pos_embed_2d,
 )
 from pipeline.resume import UnsafeCheckpointError
-
-# tiny arch for fast tests: 32 px / 8 -> 4x4 = 16 patches
-TINY = dict(
-    patch_size=8,
-    embed_dim=32,
-    depth=2,
-    num_heads=2,
-    decoder_embed_dim=16,
-    decoder_depth=2,
-    decoder_num_heads=2,
-    decoder_ff=64,
-)
+from tests.support import TINY_MAE_ARCH
 
 
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
-    return CrossViewMAE(TINY, img_size=32, **kw)
+    return CrossViewMAE(TINY_MAE_ARCH, img_size=32, **kw)
 
 
 def tiny_views(b=2, n=2, seed=1, size=32):
@@ -290,7 +279,7 @@ def test_vit_small_patch16_parameter_counts():
 
 
 def test_encoder_state_dict_keys_are_mae_compatible():
-    keys = list(build_encoder(TINY, 32).state_dict())
+    keys = list(build_encoder(TINY_MAE_ARCH, 32).state_dict())
     block0 = [k for k in keys if k.startswith("blocks.0.")]
     assert keys[:4] == ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
     assert block0 == [
@@ -340,7 +329,7 @@ def test_arch_registry_and_validation():
     with pytest.raises(KeyError, match="unknown arch 'vit_huge'"):
         resolve_arch("vit_huge")
     with pytest.raises(KeyError, match="unknown keys \\['mlp'\\]"):
-        resolve_arch({**TINY, "mlp": 4})
+        resolve_arch({**TINY_MAE_ARCH, "mlp": 4})
 
 
 # ---------------------------------------------------------------- dense features
@@ -348,7 +337,7 @@ def test_arch_registry_and_validation():
 
 @pytest.mark.parametrize("patch,grid", [(16, (30, 55)), (8, (60, 110))])
 def test_dense_features_non_square_grid(patch, grid):
-    arch = {**TINY, "patch_size": patch, "depth": 1}
+    arch = {**TINY_MAE_ARCH, "patch_size": patch, "depth": 1}
     torch.manual_seed(0)
     enc = build_encoder(arch, 224).eval()
     with torch.no_grad():
@@ -359,7 +348,7 @@ def test_dense_features_non_square_grid(patch, grid):
 
 def test_dense_features_at_training_size_are_the_patch_tokens():
     torch.manual_seed(0)
-    enc = build_encoder(TINY, 32).eval()
+    enc = build_encoder(TINY_MAE_ARCH, 32).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         feats = enc.dense_features(x)
@@ -374,7 +363,7 @@ def test_pos_embed_interpolation_keeps_cls_and_smooth_grid():
     out = interpolate_pos_embed(table, 28, 14)
     assert out.shape == (1, 1 + 28 * 14, 32) and torch.equal(out[:, 0], table[:, 0])
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
-        build_encoder(TINY, 32).dense_features(torch.randn(1, 3, 36, 32))
+        build_encoder(TINY_MAE_ARCH, 32).dense_features(torch.randn(1, 3, 36, 32))
 
 
 # ---------------------------------------------------------------- loading
@@ -405,7 +394,7 @@ def test_load_encoder_from_mae_format_and_encoder_only(tmp_path):
     # MAE / CropMAE layout: encoder keys at top level next to decoder keys, under ckpt["model"]
     flat = {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
     torch.save({"model": flat, "epoch": 399}, tmp_path / "mae.pth")
-    enc = load_encoder(tmp_path / "mae.pth", arch=TINY)
+    enc = load_encoder(tmp_path / "mae.pth", arch=TINY_MAE_ARCH)
     assert torch.equal(enc.blocks[1].mlp.fc2.weight, model.encoder.blocks[1].mlp.fc2.weight)
     assert enc.img_size == 32  # inferred from pos_embed
     # a registered arch is inferred from the weights when not given
@@ -423,7 +412,7 @@ def test_reference_checkpoint_with_pickled_args_loads(tmp_path):
     flat = {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
     args = argparse.Namespace(model="mae_vit_small_patch16", lr=1.5e-4, output_dir="out")
     torch.save({"model": flat, "optimizer": {}, "epoch": 99, "scaler": {}, "args": args}, tmp_path / "ref.pth")
-    enc = load_encoder(tmp_path / "ref.pth", arch=TINY)
+    enc = load_encoder(tmp_path / "ref.pth", arch=TINY_MAE_ARCH)
     assert torch.equal(enc.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
 
 
@@ -437,7 +426,7 @@ def test_load_encoder_fails_loudly(tmp_path):
     # an object outside the allow-list is refused under weights_only
     torch.save({"model": model.state_dict(), "extra": fractions.Fraction(1, 3)}, tmp_path / "pickled.pth")
     with pytest.raises(UnsafeCheckpointError, match=r"refused: .*\(it references fractions.Fraction\)"):
-        load_encoder(tmp_path / "pickled.pth", arch=TINY)
+        load_encoder(tmp_path / "pickled.pth", arch=TINY_MAE_ARCH)
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         load_encoder(tmp_path / "nothing.pth")
     (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -25,6 +24,7 @@ from pipeline.pretrain.models_mae_family import (
 )
 from pipeline.pretrain.strategies import STRATEGIES, build_dataset
 from pipeline.pretrain.train import build_optimizer, resolve_cell, resolve_pretrain_settings, train
+from tests.support import tiny_bag, write_bad_images, write_eval, write_imagenet
 
 ARCH = "vit_mini_patch8"  # D 128, depth 4, decoder 128 x 2
 SMALL_HEADS = {"lut": {"head_mlp_dim": 64}, "pseudo_mae": {"out_dim": 32, "head_hidden": 48, "head_bottleneck": 16}}
@@ -320,21 +320,10 @@ def test_teachers_resume_with_the_state_and_stay_out_of_the_checkpoint(method, t
 # datasets (single images of an ImageNet-layout root, as CropMAE)
 
 
-def write_imagenet(root, n=6):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        d = root / "train" / f"n{i % 2:08d}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
-    return root
-
-
 @pytest.mark.parametrize("method, views", [("mae", 1), ("lut", 2), ("pseudo-mae", 2)])
 def test_datasets_are_registered_and_deterministic(method, views, tmp_path):
     assert method in STRATEGIES
-    root = write_imagenet(tmp_path / "imagenet")
+    root = write_imagenet(tmp_path / "imagenet", n=6)
     ds = build_dataset(cell(method), settings(), seed=3, imagenet_root=root)
     x = ds[(0, 1)]
     assert x.shape == (views, 3, 32, 32) and x.dtype == torch.float32
@@ -348,10 +337,10 @@ def test_datasets_are_registered_and_deterministic(method, views, tmp_path):
 def test_single_image_methods_follow_the_bad_image_policy(tmp_path):
     """CropMAE's reader's policy: an unreadable image is skipped for a seeded substitute and listed;
     above ``max_reject_fraction`` it is an error naming the listing."""
+
     from pipeline.data.readers import list_imagenet
     from pipeline.imaging import TooManyRejectsError
     from pipeline.pretrain.mae_family_data import SingleImageDataset
-    from tests.test_pretrain import write_bad_images
 
     root = write_imagenet(tmp_path / "imagenet", n=8)
     bad = write_bad_images(root / "train" / "n00000000")
@@ -440,10 +429,10 @@ def test_teachers_are_counted():
 
 
 def test_mae_family_table_rows_costs_and_reference(tmp_path):
+
     from pipeline import table_registry
     from pipeline.report import summary
     from pipeline.report.table import REFERENCE_ROW, build_table
-    from tests.test_report import write_eval
 
     cells = [cell("mae"), cell("lut"), cell("pseudo-mae")]
     files = []
@@ -515,10 +504,10 @@ def test_cdgmae_lut_cells_keep_their_views_and_compose_additively(repo_root):
 
 
 def test_cdgmae_lut_trains_on_a_bag_and_its_teacher_is_counted(tmp_path):
+
     from pipeline.pretrain.method_flops import _embed, _encoder, cell_costs
     from pipeline.pretrain.models_mae import resolve_arch
     from pipeline.pretrain.strategies import BagViewsDataset
-    from tests.test_pretrain import tiny_bag
 
     s = settings(batch_size=8, micro_batch=8, samples_per_epoch=8)
     c = resolve_cell({"method": "cdgmae-lut", "arch": ARCH, "anchors": 2, "anchor_mask": 0.25, "epochs": 1}, s)

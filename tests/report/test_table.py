@@ -9,19 +9,9 @@ from pipeline.cells import parse_model_path
 from pipeline.cli import run
 from pipeline.report import summary
 from pipeline.report import table as report_table
+from tests.support import make_bag, make_sldm_bag, write_eval
 
 CELL = "method~cdgmae/arch~vit_mini_patch8/generator~{g}/target~either/anchors~{n}/anchor_mask~{ra}/target_mask~0.9/epochs~4/seed~{s}"
-VALUES = {"davis": ("J&F-Mean", "J-Mean", "F-Mean"), "vip": ("mIoU",), "jhmdb": ("PCK@0.1", "PCK@0.2")}
-
-
-def write_eval(root, model, davis, vip, jhmdb):
-    files = []
-    for ds, vals in (("davis", (davis, davis - 1, davis + 1)), ("vip", (vip,)), ("jhmdb", (jhmdb, jhmdb + 20))):
-        p = root / "results" / "eval" / model / ds / "metrics.csv"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame([dict(zip(VALUES[ds], vals))]).to_csv(p, index=False)
-        files.append(str(p))
-    return files
 
 
 @pytest.fixture
@@ -206,7 +196,6 @@ def test_table10_rows_say_which_s_ldm_sampler_and_encoder_made_them(tmp_path):
     from PIL import Image
 
     from pipeline.io import folder_sha256
-    from tests.test_consistency import make_bag, make_sldm_bag
 
     images = tmp_path / "imagenet" / "train" / "n0"
     images.mkdir(parents=True)

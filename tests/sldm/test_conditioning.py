@@ -19,7 +19,7 @@ from pipeline.consistency.feature_encoders import build_feature_encoder
 from pipeline.consistency.pair_metrics import centre_descriptors, pair_metrics
 from pipeline.views.generate import to_uint8
 from pipeline.views.generators import build_generator
-from tests.test_sldm import TINY
+from tests.support import TINY_SLDM
 
 SIZE = 16
 N_IMAGES, N_VIEWS = 6, 4
@@ -33,7 +33,7 @@ SETTINGS = {
     "flip": False,
     "checkpoint_every": 100,
     "sample_every": 0,
-    "unet": TINY["unet"],  # test_sldm's tiny UNet
+    "unet": TINY_SLDM["unet"],  # the S-LDM training tests' tiny UNet
     # a random-init ViT whose embeddings of the six images are far apart (cosines 0.0-0.8)
     "encoder": {"input_size": SIZE, "kwargs": {"patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2}},
     # 100 timesteps with DDPM's betas scaled by 1000 / 100 (linear 1e-3 -> 0.2): the forward process

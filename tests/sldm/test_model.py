@@ -13,7 +13,7 @@ from pipeline import cli
 from pipeline.config import load_config
 from pipeline.sldm.model import build_scheduler, diffusion_loss, loss_target
 from pipeline.sldm.train import resolve_sldm_settings
-from tests.test_sldm import TINY, _args, imagenet  # noqa: F401  (imagenet: the module fixture)
+from tests.support import TINY_SLDM, sldm_train_args
 
 
 def _preset(repo_root) -> dict:
@@ -117,12 +117,12 @@ def test_the_sampler_reads_the_unet_output_as_the_folders_prediction_type():
         assert (float((out - x0).abs().max()) < 1e-3) == lands, (kind, read_as)
 
 
-def test_a_v_prediction_s_ldm_trains_saves_and_samples_through_the_same_code(imagenet, tmp_path):  # noqa: F811
+def test_a_v_prediction_s_ldm_trains_saves_and_samples_through_the_same_code(coloured_imagenet, tmp_path):
     from pipeline.sldm.folder import SLDMFolderError, validate_folder
     from pipeline.views.generators import build_generator
 
-    settings = {**TINY, "steps": 3, "sample_every": 0, "prediction_type": "v_prediction"}
-    cli.run("sldm", _args(imagenet, tmp_path, settings))
+    settings = {**TINY_SLDM, "steps": 3, "sample_every": 0, "prediction_type": "v_prediction"}
+    cli.run("sldm", sldm_train_args(coloured_imagenet, tmp_path, settings))
     folder = tmp_path / "model"
     man = json.loads((folder / "sldm.json").read_text())
     assert man["scheduler"]["training"]["prediction_type"] == "v_prediction"
@@ -195,12 +195,11 @@ def test_sampling_dtype_defaults_to_bf16_and_float32_on_cpu(repo_root):
 def test_a_bf16_unet_is_sampled_with_float32_ddim_updates():
     """The UNet runs in its dtype, every DDIM update (and the latents between steps) in float32: a
     bf16 UNet's views stay close to the float32 UNet's."""
-    from test_generators import _tiny_unet
-
     from pipeline.sldm.sampling import sample
+    from tests.support import tiny_unet
 
     torch.manual_seed(0)
-    unet = _tiny_unet(cross_attention_dim=8, channels=3, sample_size=8).eval()
+    unet = tiny_unet(cross_attention_dim=8, channels=3, sample_size=8).eval()
     sched = build_scheduler({"num_train_timesteps": 1000}, pixel_space=True, prediction_type="v_prediction")
     seen = []
     step = sched.step

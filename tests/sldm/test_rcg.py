@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,9 +31,8 @@ from pipeline.sldm.rcg import RCGImportError, convert_rcg
 from pipeline.views.generators import build_generator
 from tests.fixtures.rcg_reference_recipe import BIG_SEED
 from tests.rcg_fixture import write_rcg_fixture
-from tests.test_workflow import copy_workflow, job_counts, snakemake
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tests" / "fixtures" / "rcg_reference.npz"
 SETTINGS = {"steps": 2, "eta": 1.0, "guidance_scale": 1.0, "dtype": "float32"}
 
@@ -209,23 +207,3 @@ def test_rcg_rows_stand_beside_the_papers_rcg_values():
     }
     summary = summary_markdown({"table9": pd.DataFrame([row])}, "test", "")
     assert "| 0.951 / 0.299 / 0.735 |" in summary  # the paper's RCG S-LDM row
-
-
-@pytest.mark.slow
-def test_table9_imports_rcg_when_its_checkpoints_are_set(tmp_path):
-    """With views.generators.rcg's checkpoints set and rcg a Table 9 row, the DAG imports RCG once
-    and generates rcg's bag from the imported folder."""
-    work = copy_workflow(tmp_path / "wf")
-    (work / "ckpt").mkdir()
-    for name in ("ldm.pth", "moco.pth.tar"):
-        (work / "ckpt" / name).write_bytes(b"")
-    (work / "rcg.yaml").write_text(
-        "views: {generators: {rcg: {ldm_checkpoint: ckpt/ldm.pth, encoder_checkpoint: ckpt/moco.pth.tar}}}\n"
-        "consistency: {generators: [rcg]}\n"
-    )
-    # one --configfile with both files: a second --configfile option replaces the first
-    args = ("results/table9.csv", "-n", "--cores", "1", "--configfile", "tests/configs/tiny.yaml", "rcg.yaml")
-    proc = snakemake(work, *args)
-    counts = job_counts(proc.stdout + proc.stderr)
-    assert counts["import_rcg"] == 1 and counts["generate_views"] >= 1, counts
-    assert "results/sldm/rcg" in proc.stdout and "train_sldm" not in counts

@@ -20,73 +20,13 @@ from pipeline import cli
 from pipeline.imaging import TooManyRejectsError
 from pipeline.sldm.conditioning import build_conditioning_encoder
 from pipeline.sldm.train import resolve_sldm_settings
-from tests.support import HANG_GUARD_S
+from tests.support import HANG_GUARD_S, TINY_SLDM, sldm_train_args
 
-TINY = {
-    "image_size": 16,
-    "steps": 6,
-    "batch_size": 4,
-    "warmup_steps": 2,
-    "checkpoint_every": 2,
-    "sample_every": 3,
-    "unet": {
-        "block_out_channels": [16, 32],
-        "attention": [False, True],
-        "layers_per_block": 1,
-        "head_channels": 4,
-        "cross_attention_dim": 16,
-        "norm_num_groups": 8,
-    },
-    "encoder": {"input_size": 16, "kwargs": {"patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2}},
-    "samples": {"images": 2, "views": 2, "ddim_steps": 2},
-    "scheduler": {"num_train_timesteps": 100},
-}
-ENCODER_KWARGS = TINY["encoder"]["kwargs"]
+ENCODER_KWARGS = TINY_SLDM["encoder"]["kwargs"]
 
 
-@pytest.fixture(scope="module")
-def imagenet(tmp_path_factory):
-    """3 classes x 4 images (24 px PNGs, class-coloured noise) in the ImageNet train layout."""
-    root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        d = root / "train" / f"n0000000{c}"
-        d.mkdir(parents=True)
-        for i in range(4):
-            img = rng.integers(0, 100, (24, 24, 3)).astype(np.uint8)
-            img[..., c] += 150
-            Image.fromarray(img).save(d / f"img{i}.png")
-    return root
-
-
-def _args(root, out, settings, seed=0):
-    return [
-        "train",
-        "--imagenet-root",
-        str(root),
-        "--settings",
-        json.dumps(settings),
-        "--seed",
-        str(seed),
-        "--output",
-        str(out / "model"),
-        "--state-dir",
-        str(out / "state"),
-        "--log-csv",
-        str(out / "train_log.csv"),
-        "--curve-png",
-        str(out / "curve.png"),
-        "--samples-png",
-        str(out / "samples.png"),
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
-    ]
-
-
-def _train(root, out, settings=TINY, seed=0):
-    cli.run("sldm", _args(root, out, settings, seed))
+def _train(root, out, settings=TINY_SLDM, seed=0):
+    cli.run("sldm", sldm_train_args(root, out, settings, seed))
     return out / "model"
 
 
@@ -102,9 +42,9 @@ def _images(n, size=16, seed=1):
 
 
 @pytest.fixture(scope="module")
-def trained(imagenet, tmp_path_factory):
+def trained(coloured_imagenet, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    return out, _train(imagenet, out)
+    return out, _train(coloured_imagenet, out)
 
 
 def test_train_save_load_generate_round_trip(trained):
@@ -124,7 +64,7 @@ def test_train_save_load_generate_round_trip(trained):
     for k, v in gen.unet.state_dict().items():
         torch.testing.assert_close(v, ema[k], rtol=0, atol=0)
     assert not torch.equal(state["model"]["unet.conv_in.weight"], state["ema"]["module.unet.conv_in.weight"])
-    encoder = build_conditioning_encoder(resolve_sldm_settings(TINY)["encoder"], seed=0)
+    encoder = build_conditioning_encoder(resolve_sldm_settings(TINY_SLDM)["encoder"], seed=0)
     torch.testing.assert_close(gen.embed(_images(3)), encoder.embed(_images(3)), rtol=0, atol=0)
     # outputs: log of every step, loss curve, sample grid (2 rows: real + 2 views of 16 px, 2-px gaps)
     log = (out / "train_log.csv").read_text().splitlines()
@@ -143,7 +83,7 @@ def test_cfg_null_token_is_the_projected_zero_embedding(trained):
         "null_condition": "projected_zero",
         "p_uncond": 0.1,
     }
-    s = resolve_sldm_settings(TINY)
+    s = resolve_sldm_settings(TINY_SLDM)
     model = build_denoiser(s, 24, 3, 16, seed=0)
     seen = []
     model.projector.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].clone(), out.clone())))
@@ -163,12 +103,12 @@ def test_cfg_null_token_is_the_projected_zero_embedding(trained):
     assert 0.05 < (seen[0][0].abs().sum(1) == 0).float().mean() < 0.15
 
 
-def test_resume_after_sigkill_gives_the_uninterrupted_weights(imagenet, tmp_path):
-    settings = {**TINY, "steps": 40, "sample_every": 0}
+def test_resume_after_sigkill_gives_the_uninterrupted_weights(coloured_imagenet, tmp_path):
+    settings = {**TINY_SLDM, "steps": 40, "sample_every": 0}
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.sldm", *_args(imagenet, killed, settings)],
+        [sys.executable, "-m", "pipeline.sldm", *sldm_train_args(coloured_imagenet, killed, settings)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -181,45 +121,45 @@ def test_resume_after_sigkill_gives_the_uninterrupted_weights(imagenet, tmp_path
     proc.wait()
     step = torch.load(state, weights_only=True)["step"]
     assert 0 < step < 40 and not (killed / "model").exists()  # killed mid-training
-    resumed = _train(imagenet, killed, settings)
-    whole = _train(imagenet, tmp_path / "whole", settings)
+    resumed = _train(coloured_imagenet, killed, settings)
+    whole = _train(coloured_imagenet, tmp_path / "whole", settings)
     a, b = _weights(resumed), _weights(whole)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     loss = [line.split(",")[1] for line in (killed / "train_log.csv").read_text().splitlines()]
     assert loss == [line.split(",")[1] for line in (tmp_path / "whole" / "train_log.csv").read_text().splitlines()]
 
 
-def test_resume_refuses_a_state_of_other_settings(imagenet, tmp_path, capsys):
-    first = _train(imagenet, tmp_path / "a", {**TINY, "steps": 4, "sample_every": 0})
+def test_resume_refuses_a_state_of_other_settings(coloured_imagenet, tmp_path, capsys):
+    first = _train(coloured_imagenet, tmp_path / "a", {**TINY_SLDM, "steps": 4, "sample_every": 0})
     before = _weights(first)
-    other = {**TINY, "steps": 4, "sample_every": 0, "lr": 1e-3}
+    other = {**TINY_SLDM, "steps": 4, "sample_every": 0, "lr": 1e-3}
     capsys.readouterr()
-    _train(imagenet, tmp_path / "a", other)
+    _train(coloured_imagenet, tmp_path / "a", other)
     assert "belongs to other settings" in capsys.readouterr().err
-    fresh = _train(imagenet, tmp_path / "b", other)
+    fresh = _train(coloured_imagenet, tmp_path / "b", other)
     after, expected = _weights(tmp_path / "a" / "model"), _weights(fresh)
     assert all(torch.equal(after[k], expected[k]) for k in after)  # started over, not continued
     assert not all(torch.equal(after[k], before[k]) for k in after)
     # a result-neutral key (checkpoint cadence) does not stop a resume
-    _train(imagenet, tmp_path / "b", {**other, "checkpoint_every": 3})
+    _train(coloured_imagenet, tmp_path / "b", {**other, "checkpoint_every": 3})
     assert "resuming from" in (err := capsys.readouterr().err) and "at step 4" in err
 
 
-def test_inputs_errors_name_the_file(imagenet, tmp_path):
+def test_inputs_errors_name_the_file(coloured_imagenet, tmp_path):
     from pipeline.sldm.train import StepBatches
 
     with pytest.raises(Exception, match=str(tmp_path / "nowhere")):
         _train(tmp_path / "nowhere", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="sldm.autoencoder: .*vae/config.json"):
-        _train(imagenet, tmp_path / "out", {**TINY, "autoencoder": str(tmp_path / "vae")})
-    enc = {**TINY["encoder"], "source": "timm", "checkpoint": str(tmp_path / "dino.pth")}
+        _train(coloured_imagenet, tmp_path / "out", {**TINY_SLDM, "autoencoder": str(tmp_path / "vae")})
+    enc = {**TINY_SLDM["encoder"], "source": "timm", "checkpoint": str(tmp_path / "dino.pth")}
     with pytest.raises(FileNotFoundError, match="sldm.encoder.checkpoint: checkpoint not found: .*dino.pth"):
-        _train(imagenet, tmp_path / "out", {**TINY, "encoder": enc})
+        _train(coloured_imagenet, tmp_path / "out", {**TINY_SLDM, "encoder": enc})
     # unreadable images: skipped for the next readable one and listed (the policy of every image
     # reader), an error naming them above the allowed fraction
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG not really")
-    good = sorted((imagenet / "train").rglob("*.png"))[:3]
+    good = sorted((coloured_imagenet / "train").rglob("*.png"))[:3]
     batches = StepBatches([bad, *good], 16, 4, 0, max_reject_fraction=0.5, rejects_listing=tmp_path / "rej.csv")
     batch = batches[0]
     assert batch.shape == (4, 16, 16, 3) and len(batches.rejects) == 1
@@ -231,7 +171,7 @@ def test_inputs_errors_name_the_file(imagenet, tmp_path):
     state = tmp_path / "c" / "state" / "last.pth"
     state.parent.mkdir(parents=True)
     state.write_bytes(b"truncated")
-    _train(imagenet, tmp_path / "c", {**TINY, "steps": 2, "sample_every": 0})
+    _train(coloured_imagenet, tmp_path / "c", {**TINY_SLDM, "steps": 2, "sample_every": 0})
     assert (state.parent / "last.pth.corrupt").read_bytes() == b"truncated"
     assert torch.load(state, weights_only=True)["step"] == 2
 
@@ -248,7 +188,7 @@ def test_encoders_from_checkpoints_reproduce_through_the_folder(tmp_path):
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=16, **ENCODER_KWARGS)
     torch.save({"model": {**vit.state_dict(), "decoder_embed.weight": torch.zeros(1)}}, tmp_path / "t.pth")
-    base = {**resolve_sldm_settings(TINY)["encoder"], "embedding_norm": "l2"}
+    base = {**resolve_sldm_settings(TINY_SLDM)["encoder"], "embedding_norm": "l2"}
     enc = build_conditioning_encoder({**base, "source": "timm", "checkpoint": str(tmp_path / "t.pth")}, seed=5)
     x = _images(2)
     with torch.no_grad():
@@ -267,7 +207,7 @@ def test_encoders_from_checkpoints_reproduce_through_the_folder(tmp_path):
         z = ours.eval()(_prep(x, enc))
     torch.testing.assert_close(enc.embed(x), (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-6))
     # written into a folder, the generator rebuilds the same embeddings
-    s = resolve_sldm_settings(TINY)
+    s = resolve_sldm_settings(TINY_SLDM)
     model = build_denoiser(s, 24, 3, 16, seed=0)
     folder = save_sldm(
         tmp_path / "f",
@@ -290,25 +230,24 @@ def _prep(images, enc):
     return (x - torch.tensor(enc.mean).view(1, 3, 1, 1)) / torch.tensor(enc.std).view(1, 3, 1, 1)
 
 
-def test_latent_space_training_with_a_local_autoencoder(imagenet, tmp_path):
+def test_latent_space_training_with_a_local_autoencoder(coloured_imagenet, tmp_path):
     """An AutoencoderKL folder (factor 2: 16-px images, 8-px latents) is loaded, its latents are
     denoised, the folder ships it and the generator decodes through it; loader workers (a
     result-neutral key) do not change the weights."""
-    from test_generators import _tiny_vae
-
     from pipeline.views.generators import build_generator
+    from tests.support import tiny_vae
 
     torch.manual_seed(0)
-    _tiny_vae().save_pretrained(tmp_path / "vae")
-    settings = {**TINY, "steps": 2, "sample_every": 0, "autoencoder": str(tmp_path / "vae")}
-    folder = _train(imagenet, tmp_path / "a", settings)
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    settings = {**TINY_SLDM, "steps": 2, "sample_every": 0, "autoencoder": str(tmp_path / "vae")}
+    folder = _train(coloured_imagenet, tmp_path / "a", settings)
     man = json.loads((folder / "sldm.json").read_text())
     assert man["vae"] == "vae" and (folder / "vae" / "config.json").is_file()
     gen = build_generator("sldm", {"model_path": str(folder), "steps": 2}, 16, "cpu")
     assert gen.unet.config.in_channels == 4 and gen.unet.config.sample_size == 8
     views = gen.generate(_images(1), np.arange(2).reshape(1, 2))
     assert views.shape == (1, 2, 16, 16, 3) and np.isfinite(views).all()
-    workers = _train(imagenet, tmp_path / "b", {**settings, "num_workers": 1})
+    workers = _train(coloured_imagenet, tmp_path / "b", {**settings, "num_workers": 1})
     a, b = _weights(folder), _weights(workers)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a latent folder whose scheduler clips x0 (recorded so, consistently) is refused on load
@@ -331,13 +270,13 @@ def test_latent_space_training_with_a_local_autoencoder(imagenet, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_under_torchrun_on_cpu(imagenet, tmp_path):
+def test_ddp_under_torchrun_on_cpu(coloured_imagenet, tmp_path):
     """Two gloo processes: each takes half of every batch, rank 0 writes a folder that loads."""
     from pipeline.views.generators import build_generator
 
-    settings = {**TINY, "steps": 3, "sample_every": 0}
+    settings = {**TINY_SLDM, "steps": 3, "sample_every": 0}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "pipeline.sldm", *_args(imagenet, tmp_path, settings)]
+    cmd += ["-m", "pipeline.sldm", *sldm_train_args(coloured_imagenet, tmp_path, settings)]
     subprocess.run(
         cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=HANG_GUARD_S
     )
@@ -460,12 +399,11 @@ def test_paper_preset_says_which_reference_each_s_ldm_size_follows(repo_root):
 def test_the_autoencoder_encodes_in_float32_inside_the_training_autocast():
     """train_step calls to_model_space inside its bf16 autocast: the VAE's convolutions still run in
     float32 (what its comment says), and the latents come back float32."""
-    from test_generators import _tiny_vae
-
     from pipeline.sldm.model import to_model_space
+    from tests.support import tiny_vae
 
     torch.manual_seed(0)
-    vae = _tiny_vae().eval()
+    vae = tiny_vae().eval()
     seen = []
     vae.encoder.conv_in.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     x = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -187,13 +187,13 @@ def test_a_generator_writing_undecodable_blobs_never_makes_a_part(tmp_path, monk
     import pipeline.views.generate as shards
     from pipeline.config import section_defaults
     from pipeline.data.readers import list_imagenet
-    from tests.test_views import SEED, _make_imagenet
+    from tests.support import VIEWS_SEED, write_imagenet_jpegs
 
-    records = list_imagenet(_make_imagenet(tmp_path / "imagenet"))
+    records = list_imagenet(write_imagenet_jpegs(tmp_path / "imagenet"))
     monkeypatch.setattr(shards, "encode_jpeg", lambda image, quality: np.frombuffer(b"\xff\xd8garbage", np.uint8))
     cfg = section_defaults("views", overrides={"n_views": 2, "shards": 1, "part_size": 4, "image_size": 32})
     writer = shards.ShardWriter(
-        records, "warp", 0, cfg, SEED, tmp_path / "shard-0.h5", tmp_path / "r.csv", tmp_path / "parts"
+        records, "warp", 0, cfg, VIEWS_SEED, tmp_path / "shard-0.h5", tmp_path / "r.csv", tmp_path / "parts"
     )
     with pytest.raises(ViewsError, match=r"shard 0: the real image of '.+' does not decode"):
         writer.run()

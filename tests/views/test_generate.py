@@ -26,43 +26,16 @@ from pipeline.views.hdf5 import ViewsError
 from pipeline.views.merge import merge_shards
 from pipeline.views.store import shard_range
 from pipeline.views.timelimit import ShardStopped
-from tests.support import HANG_GUARD_S
-
-ROOT = Path(__file__).resolve().parent.parent
-SEED = 3
-
-
-def _make_imagenet(root: Path, classes=3, per_class=4, size=(40, 56)):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        d = root / "train" / f"n{c:08d}"
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            h, w = size[0] + i, size[1]
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"n{c:08d}_{i}.JPEG", quality=90)
-    return root
+from tests.support import HANG_GUARD_S, ROOT, VIEWS_SEED, stop_after_parts, views_settings, write_imagenet_jpegs
 
 
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):
-    return _make_imagenet(tmp_path_factory.mktemp("imagenet"))
-
-
-def _cfg(**kw):
-    gens = kw.pop("generators", {})
-    base = {
-        **dict(
-            n_views=3, shards=1, part_size=4, batch_size=2, image_size=24, jpeg_quality=90, max_reject_fraction=0.25
-        ),
-        **kw,
-    }
-    return section_defaults("views", overrides={**base, "generators": gens})
+    return write_imagenet_jpegs(tmp_path_factory.mktemp("imagenet"))
 
 
 def _run_shards(root, out_dir, generator="warp", batch_size=None, **kw):
-    cfg = _cfg(**kw)
+    cfg = views_settings(**kw)
     records = list_imagenet(root)
     paths = []
     for k in range(cfg["shards"]):
@@ -72,7 +45,7 @@ def _run_shards(root, out_dir, generator="warp", batch_size=None, **kw):
             generator,
             k,
             cfg,
-            SEED,
+            VIEWS_SEED,
             out,
             out.with_suffix(".rejects.csv"),
             Path(out_dir) / "parts",
@@ -116,7 +89,7 @@ def test_views_independent_of_shards_and_batch_size(imagenet, tmp_path):
     other = _by_image(_run_shards(imagenet, tmp_path / "b", shards=3, batch_size=4))
     assert len(ref) == 12 and ref == other
     iid = sorted(ref)[5]
-    assert ref[iid][3] == [view_seed(SEED, iid, m) for m in range(3)]
+    assert ref[iid][3] == [view_seed(VIEWS_SEED, iid, m) for m in range(3)]
     assert ref[iid][0] == 5  # global index = position in list_imagenet
 
 
@@ -136,7 +109,7 @@ def test_shard_file_layout(imagenet, tmp_path):
 
 
 def test_diffusion_views_identical_across_shard_counts(imagenet, tmp_path_factory):
-    from test_generators import build_tiny_sd_variation
+    from tests.support import build_tiny_sd_variation
 
     model = build_tiny_sd_variation(tmp_path_factory.mktemp("sdv"))
     gens = {"sd-variation": {"model_path": str(model), "steps": 2, "dtype": "float32"}}
@@ -163,13 +136,13 @@ def test_view_parts_are_keyed_on_the_weights_not_their_path(tmp_path):
     (model / "unet.safetensors").write_bytes(b"weights v1")
     (model / "config.json").write_text("{}")
     cfg = {**section_defaults("views"), "generators": {"sd-variation": {"model_path": str(model), "steps": 2}}}
-    before = shard_fingerprint("sd-variation", cfg, SEED)
+    before = shard_fingerprint("sd-variation", cfg, VIEWS_SEED)
     moved = tmp_path / "elsewhere"
     shutil.copytree(model, moved)
     cfg_moved = {**cfg, "generators": {"sd-variation": {"model_path": str(moved), "steps": 2}}}
-    assert shard_fingerprint("sd-variation", cfg_moved, SEED) == before
+    assert shard_fingerprint("sd-variation", cfg_moved, VIEWS_SEED) == before
     (model / "unet.safetensors").write_bytes(b"weights v2")
-    assert shard_fingerprint("sd-variation", cfg, SEED) != before
+    assert shard_fingerprint("sd-variation", cfg, VIEWS_SEED) != before
 
 
 def _cli_generate(root, out, settings, extra=()):
@@ -190,7 +163,7 @@ def _cli_generate(root, out, settings, extra=()):
         "--settings",
         settings,
         "--seed",
-        str(SEED),
+        str(VIEWS_SEED),
         *extra,
     ], env
 
@@ -204,7 +177,9 @@ def test_killed_run_resumes_to_identical_content(imagenet, tmp_path):
     settings = '{"n_views": 4, "shards": 1, "part_size": 1, "batch_size": 1, "image_size": 320, "jpeg_quality": 90}'
     cfg = section_defaults("views", overrides=json.loads(settings))
     ref = tmp_path / "ref" / "shard-0.h5"
-    ShardWriter(list_imagenet(imagenet), "warp", 0, cfg, SEED, ref, tmp_path / "r.csv", tmp_path / "ref" / "p").run()
+    ShardWriter(
+        list_imagenet(imagenet), "warp", 0, cfg, VIEWS_SEED, ref, tmp_path / "r.csv", tmp_path / "ref" / "p"
+    ).run()
     out = tmp_path / "run" / "shard-0.h5"
     parts = tmp_path / "run" / "parts"
     cmd, env = _cli_generate(imagenet, out, settings)
@@ -231,23 +206,11 @@ def test_killed_run_resumes_to_identical_content(imagenet, tmp_path):
     assert not list(parts.glob(".*.tmp"))  # the killed writer's temp file was cleaned up
     assert file_sha256(out) == file_sha256(ref)
     # the verified shard now holds the rows: its parts are gone, a hard link to it replaces them
-    fp = shard_fingerprint("warp", cfg, SEED)
+    fp = shard_fingerprint("warp", cfg, VIEWS_SEED)
     assert not list(parts.glob("part-*")) and [p.name for p in parts.glob("shard-*.h5")] == [
         f"shard-{fp}-{0:010d}-{12:010d}.h5"
     ]
     assert parts.glob("shard-*.h5").__next__().stat().st_ino == out.stat().st_ino
-
-
-class StopAfterParts(ShardWriter):
-    """A writer whose job ends (``ShardStopped``) after writing ``max_parts`` parts."""
-
-    max_parts = 1
-
-    def write_part(self, *args, **kwargs):
-        rejects = super().write_part(*args, **kwargs)
-        if self.parts_written + 1 >= self.max_parts:
-            self.stop.requested = "test"
-        return rejects
 
 
 @pytest.mark.fault
@@ -256,13 +219,12 @@ def test_corrupt_or_stale_parts_are_redone(imagenet, tmp_path, caplog):
     path, parts, records = tmp_path / "shard-0.h5", tmp_path / "parts", list_imagenet(imagenet)
 
     def writer(cls=ShardWriter, **kw):
-        return cls(records, "warp", 0, _cfg(**kw), SEED, path, path.with_suffix(".rejects.csv"), parts)
+        return cls(records, "warp", 0, views_settings(**kw), VIEWS_SEED, path, path.with_suffix(".rejects.csv"), parts)
 
-    StopAfterParts.max_parts = 2
     with pytest.raises(ShardStopped, match="stopped cleanly"):
-        writer(StopAfterParts).run()
+        writer(stop_after_parts(2)).run()
     assert not path.exists()
-    fp = shard_fingerprint("warp", _cfg(), SEED)
+    fp = shard_fingerprint("warp", views_settings(), VIEWS_SEED)
     part1 = parts / f"part-{fp}-{4:010d}-{8:010d}.h5"
     with open(part1, "r+b") as fh:  # one flipped byte in the middle
         fh.seek(part1.stat().st_size // 2)
@@ -282,7 +244,7 @@ def test_corrupt_or_stale_parts_are_redone(imagenet, tmp_path, caplog):
 
 @pytest.mark.fault
 def test_corrupt_source_is_rejected_and_listed(tmp_path):
-    root = _make_imagenet(tmp_path / "inet", classes=2, per_class=4)
+    root = write_imagenet_jpegs(tmp_path / "inet", classes=2, per_class=4)
     bad = sorted((root / "train" / "n00000001").iterdir())[1]
     bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
     (path,) = _run_shards(root, tmp_path / "out", shards=1)
@@ -303,7 +265,7 @@ def test_truncated_bag_is_named(tmp_path):
 
 
 def test_too_many_rejects_fail_with_a_clear_message(tmp_path):
-    root = _make_imagenet(tmp_path / "inet", classes=1, per_class=4)
+    root = write_imagenet_jpegs(tmp_path / "inet", classes=1, per_class=4)
     for p in sorted((root / "train" / "n00000000").iterdir())[:2]:
         p.write_bytes(b"not an image")
     with pytest.raises(ViewsError, match=r"2 of 4 source images rejected.*max_reject_fraction") as err:
@@ -332,19 +294,19 @@ class _NaNFirstTry(ViewGenerator):
 
 def test_non_finite_views_are_regenerated_with_recorded_seeds(imagenet, tmp_path):
     records = list_imagenet(imagenet)[:4]
-    _NaNFirstTry.first_seeds = [view_seed(SEED, r.image_id, 1) for r in records]
-    cfg = _cfg(max_images=4)
+    _NaNFirstTry.first_seeds = [view_seed(VIEWS_SEED, r.image_id, 1) for r in records]
+    cfg = views_settings(max_images=4)
     cfg["generators"]["nan-first-try"] = {}
     out = tmp_path / "shard-0.h5"
     with GENERATORS.temporarily("nan-first-try", _NaNFirstTry):
-        ShardWriter(records, "nan-first-try", 0, cfg, SEED, out, tmp_path / "r.csv", tmp_path / "parts").run()
+        ShardWriter(records, "nan-first-try", 0, cfg, VIEWS_SEED, out, tmp_path / "r.csv", tmp_path / "parts").run()
     with h5py.File(out, "r") as f:
         seeds = f["seed"][:]
     for r, row in zip(records, seeds):
         assert row.tolist() == [
-            view_seed(SEED, r.image_id, 0),
-            view_seed(SEED, r.image_id, 1, 1),
-            view_seed(SEED, r.image_id, 2),
+            view_seed(VIEWS_SEED, r.image_id, 0),
+            view_seed(VIEWS_SEED, r.image_id, 1, 1),
+            view_seed(VIEWS_SEED, r.image_id, 2),
         ]
 
 

@@ -5,7 +5,6 @@ import os
 import signal
 
 import pytest
-from test_views import SEED, StopAfterParts, _cfg, _make_imagenet
 
 from pipeline.data.readers import list_imagenet
 from pipeline.io import IntegrityError, file_sha256
@@ -13,17 +12,18 @@ from pipeline.views.generate import ShardWriter, shard_fingerprint
 from pipeline.views.hdf5 import verify_view_file
 from pipeline.views.merge import merge_shards
 from pipeline.views.timelimit import ShardStopped, StopControl
+from tests.support import VIEWS_SEED, stop_after_parts, views_settings, write_imagenet_jpegs
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    return list_imagenet(_make_imagenet(tmp_path_factory.mktemp("imagenet")))
+    return list_imagenet(write_imagenet_jpegs(tmp_path_factory.mktemp("imagenet")))
 
 
 def _writer(records, out_dir, k, shards, cls=ShardWriter):
     out = out_dir / f"shard-{k}.h5"
-    cfg = _cfg(shards=shards, part_size=2)
-    return cls(records, "warp", k, cfg, SEED, out, out.with_suffix(".rejects.csv"), out_dir / "parts")
+    cfg = views_settings(shards=shards, part_size=2)
+    return cls(records, "warp", k, cfg, VIEWS_SEED, out, out.with_suffix(".rejects.csv"), out_dir / "parts")
 
 
 def _flip_byte(path, where=0.5):
@@ -39,12 +39,11 @@ def test_new_shard_count_reuses_parts_and_finished_shards(records, tmp_path):
     refs = [_writer(records, ref_dir, k, 3).run() for k in range(3)]
     # views.shards = 2: shard 0 finished (its parts replaced by a link), shard 1 killed after a part
     _writer(records, run, 0, 2).run()
-    StopAfterParts.max_parts = 1
     with pytest.raises(ShardStopped):
-        _writer(records, run, 1, 2, StopAfterParts).run()
+        _writer(records, run, 1, 2, stop_after_parts(1)).run()
     # views.shards = 3 (Snakemake deletes the outputs of the jobs it re-runs first)
     (run / "shard-0.h5").unlink()
-    fp = shard_fingerprint("warp", _cfg(part_size=2), SEED)
+    fp = shard_fingerprint("warp", views_settings(part_size=2), VIEWS_SEED)
     # a temporary a job killed on another host left for a part that the new layout never rewrites
     stale = run / "parts" / f".part-{fp}-{0:010d}-{2:010d}.h5.otherhost.1.abc.h5.tmp"
     stale.write_bytes(b"partial")

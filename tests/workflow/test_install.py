@@ -11,14 +11,14 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import tomllib
-from pathlib import Path
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
+
 LOCK = ROOT / "requirements" / "lock.txt"
 CONDA_ENV = ROOT / "envs" / "pipeline.yaml"
 # the heavy, result-changing packages: pinned and installed wherever the tests run

@@ -4,16 +4,16 @@ every config key it lists has that value in the resolved preset (``config.yaml``
 the preset's ``sldm``, ``views``, ``pretrain`` and ``propagation`` sections is listed, each with a
 source. Rows keyed ``code: ...`` are fixed in code (named in their source), not config keys.
 
-Regenerate the rendered table after editing the CSV: ``python tests/test_recipe.py --write``.
+Regenerate the rendered table after editing the CSV: ``python -m tests.workflow.test_recipe --write``.
 """
 
 import csv
 import sys
-from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+
 CSV = ROOT / "docs" / "recipe.csv"
 MD = ROOT / "docs" / "recipe.md"
 SECTIONS = ("sldm", "views", "pretrain", "propagation")
@@ -102,7 +102,7 @@ def test_the_rendered_table_is_the_csv():
     text = MD.read_text()
     assert BEGIN in text and END in text
     block = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
-    assert block == render(read_rows()), "docs/recipe.md is stale: run python tests/test_recipe.py --write"
+    assert block == render(read_rows()), "docs/recipe.md is stale: run python -m tests.workflow.test_recipe --write"
 
 
 def test_readme_lists_the_assumptions():

@@ -1,24 +1,28 @@
-"""The Slurm profile against a real Slurm: the tiny Table 4 chain submitted through the README's
-cluster command (`--workflow-profile profiles/slurm`), then the submitted jobs read back from the
-controller (`scontrol show job`) and checked against the profile and the config.
+"""The Slurm profile: its static settings; the submission lines of a run's first wave of jobs,
+captured by a fake ``sbatch``; and against a real Slurm, the tiny Table 4 chain submitted through
+the README's cluster command (`--workflow-profile profiles/slurm`), then the submitted jobs read back
+from the controller (`scontrol show job`) and checked against the profile and the config.
 
-Needs the CI's single-node test cluster (`.ci/slurm-up`: ClusterName=cdgmae-ci, partitions `cpu`
+The real-Slurm test needs the CI's single-node test cluster (`.ci/slurm-up`: ClusterName=cdgmae-ci, partitions `cpu`
 and `gpu`, four fake a100 GRES, MinJobAge=300, no slurmdbd); skipped anywhere else, so it never
 submits to a real site.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import yaml
-from test_workflow import ROOT, copy_workflow, snakemake
 
-from tests.support import HANG_GUARD_S
+from tests.support import HANG_GUARD_S, ROOT, TINY_CONFIG, copy_run, copy_workflow, snakemake
 
 CLUSTER = "cdgmae-ci"
 GPU_RULES = ("generate_views", "pretrain", "propagate")
@@ -97,6 +101,59 @@ def test_profile_leaves_gpu_counts_and_cpus_per_task_alone():
         assert "gpu" not in res and "gres" not in res and "gpu_model" not in res, (rule, res)
         assert "cpus_per_task" not in res and res["cpus_per_gpu"] > 0, (rule, res)
     assert readme_cluster_command()[:2] == ["--workflow-profile", "profiles/slurm"]
+
+
+@pytest.mark.slow
+def test_slurm_profile_requests_gpus_only_for_gpu_rules(tiny_run, tmp_path):
+    """A fake sbatch captures the submission lines of the first wave of jobs. In a copy of the tiny
+    run: the forced, killed run leaves jobs marked incomplete, which must not reach the other tests
+    sharing the run."""
+    work = copy_run(tiny_run, tmp_path / "wf")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    captured = tmp_path / "sbatch.log"
+    (bindir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {captured}\necho 'Submitted batch job 4242'\n")
+    for tool in ("squeue", "sacct", "scancel", "sinfo", "sacctmgr", "sshare", "scontrol"):
+        (bindir / tool).write_text("#!/bin/sh\nexit 0\n")
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(work)}
+    # force a GPU stage (views) and a CPU stage (random-init encoder) into the first wave
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--profile",
+        "profiles/slurm",
+        *TINY_CONFIG,
+        "--forcerun",
+        "generate_views",
+        "init_random_encoder",
+        "--",
+        "results/table4.csv",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    deadline = time.time() + HANG_GUARD_S  # waits for the submissions, whatever the load
+    while time.time() < deadline and (not captured.exists() or captured.read_text().count("\n") < 3):
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    lines = captured.read_text().splitlines() if captured.exists() else []
+    assert lines, "no sbatch submission captured"
+    # the plugin names each job's rule in --comment rule_<rule>_wildcards_...
+    by_rule = {}
+    for line in lines:
+        m = re.search(r"--comment rule_(\w+?)_wildcards", line)
+        if m:
+            by_rule[m.group(1)] = line
+    assert "generate_views" in by_rule, lines
+    assert re.search(r"--gpus=a100:1|--gpus=1|--gres=gpu", by_rule["generate_views"]), by_rule["generate_views"]
+    assert " -p gpu " in by_rule["generate_views"]
+    cpu_rule = by_rule.get("init_random_encoder")
+    assert cpu_rule is not None, lines
+    assert "--gpus" not in cpu_rule and "gres=gpu" not in cpu_rule
 
 
 @pytest.mark.slow
