@@ -1,5 +1,5 @@
 """The losses, masks and EMA teachers of the MAE-family objectives (``lut``, ``pseudo-mae``): pure
-functions, pinned by ``tests/test_mae_family.py`` on hand-computed cases. The models that use them
+functions, pinned by ``tests/pretrain/test_models_mae_family.py`` on hand-computed cases. The models that use them
 are ``pipeline.pretrain.models_mae_family``; the recipe (every hyper-parameter, its source section
 and what is an assumption) is ``docs/recipe-mae-family.md``.
 

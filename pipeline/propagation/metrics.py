@@ -2,7 +2,7 @@
 
 Pure NumPy / OpenCV / scikit-image. The definitions follow the reference evaluations exactly
 (official davis2017-evaluation toolkit, CropMAE's ``eval_vip.py`` and ``eval_pck.py``), including
-their quirks, which are named and pinned by tests (tests/test_metrics.py, tests/test_score.py). The per-frame DAVIS scorer :func:`davis_frame_scores` computes every object of a frame at once:
+their quirks, which are named and pinned by tests (tests/propagation/test_metrics.py, tests/propagation/test_score.py). The per-frame DAVIS scorer :func:`davis_frame_scores` computes every object of a frame at once:
 J from one joint histogram of (GT id, predicted id); F from sparse boundary pixels of every object
 found in one pass over each id map, each dilation restricted to its boundary's bounding box (the
 dilation is zero outside it). Same numbers as the toolkit, faster.

@@ -17,7 +17,7 @@ from tests.support import ROOT
 CSV = ROOT / "docs" / "recipe.csv"
 MD = ROOT / "docs" / "recipe.md"
 SECTIONS = ("sldm", "views", "pretrain", "propagation")
-BEGIN, END = "<!-- recipe.csv: begin (python tests/test_recipe.py --write) -->", "<!-- recipe.csv: end -->"
+BEGIN, END = "<!-- recipe.csv: begin (python -m tests.workflow.test_recipe --write) -->", "<!-- recipe.csv: end -->"
 COLUMNS = ["stage", "key", "paper", "preset", "source"]
 
 
