@@ -63,10 +63,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", digest: bool = False)
         yield tmp
         with open(tmp, "rb+") as fh:  # make the bytes durable before the rename
             os.fsync(fh.fileno())
-        sha = file_sha256(tmp) if digest else None
+        if digest:  # the record first: a kill between the two leaves the old file (or none) beside
+            # the new digest, which verify_digest reports; never a new file without its record
+            write_text_atomic(digest_path(path), f"{file_sha256(tmp)}  {path.name}\n")
         os.replace(tmp, path)
-        if sha is not None:  # a kill between the two leaves a mismatch, which verify_digest reports
-            write_text_atomic(digest_path(path), f"{sha}  {path.name}\n")
     except Exception as err:
         # a full disk surfaces as the writer's own error (h5py, torch, PIL), naming the temporary
         # or nothing: name the artefact being written

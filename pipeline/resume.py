@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipeline.io import IntegrityError, atomic_path, digest_path, verify_digest
+from pipeline.io import IntegrityError, atomic_path, digest_path, recorded_digest, verify_digest, write_text_atomic
 
 
 class UnsafeCheckpointError(ValueError):
@@ -143,12 +143,16 @@ def previous_state_path(path: str | os.PathLike) -> Path:
 
 
 def _move_with_digest(src: Path, dst: Path) -> None:
-    """Rename ``src`` and its recorded digest (if any) onto ``dst``."""
-    os.replace(src, dst)
-    if digest_path(src).exists():
-        os.replace(digest_path(src), digest_path(dst))
-    else:
+    """Rename ``src`` and its recorded digest (if any) onto ``dst``: the record is copied first, so
+    a kill at any point leaves ``src`` or ``dst`` beside its own digest (a resumable state is never
+    lost to a kill between two renames)."""
+    record = recorded_digest(src)
+    if record is None:
         digest_path(dst).unlink(missing_ok=True)
+    else:
+        write_text_atomic(digest_path(dst), f"{record}  {dst.name}\n")
+    os.replace(src, dst)
+    digest_path(src).unlink(missing_ok=True)
 
 
 def _canonical(obj: Any) -> Any:

@@ -113,6 +113,51 @@ def test_resume_state_falls_back_to_the_previous_good_one(tmp_path, caplog):
     assert load_resume_state(path, "job", log) is None
 
 
+class _Killed(BaseException):
+    """A kill at one rename of a save (BaseException: no handler of the writer catches it)."""
+
+
+def test_a_kill_at_any_rename_of_a_save_keeps_an_intact_state(tmp_path, monkeypatch, caplog):
+    """Kill the third save of a state (step 3) at each of its renames in turn (files and digest
+    records): the next run resumes from an intact state of the job (step 2, or 3 once the new
+    last.pth is in place), never starts over; and a last.pth never exists without its digest record
+    (what a watcher polling for the state may rely on)."""
+    real_replace = os.replace
+    log = logging.getLogger("cdgmae.test")
+    caplog.set_level("INFO", logger=log.name)
+
+    def save_killed_at(kill_at: int | None, folder: Path) -> tuple[Path, list[str]]:
+        path = folder / "last.pth"
+        save_resume_state({"fingerprint": "job", "step": 1}, path)
+        save_resume_state({"fingerprint": "job", "step": 2}, path)
+        renames: list[str] = []
+
+        def replace(src, dst):
+            if len(renames) == kill_at:
+                raise _Killed
+            renames.append(Path(dst).name)
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            save_resume_state({"fingerprint": "job", "step": 3}, path)
+        except _Killed:
+            pass
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+        return path, renames
+
+    _, renames = save_killed_at(None, tmp_path / "whole")
+    assert "last.pth" in renames and "previous.pth" in renames
+    for kill_at in range(len(renames)):
+        path, _ = save_killed_at(kill_at, tmp_path / f"killed{kill_at}")
+        assert not path.exists() or recorded_digest(path) is not None, f"killed at {renames[kill_at]}"
+        caplog.clear()
+        state = load_resume_state(path, "job", log)
+        assert state is not None and "failed verification" not in caplog.text, (renames[kill_at], caplog.text)
+        assert state["step"] == (3 if renames.index("last.pth") < kill_at else 2), renames[kill_at]
+
+
 def test_flipped_last_pth_is_not_resumed_from(tmp_path, caplog):
     cell, settings = pretrain_setup(epochs=3, checkpoint_every=1)
     full = train(cell, settings, bag_dataset(), seed=0, output=tmp_path / "a.pth", state_dir=tmp_path / "sa")
