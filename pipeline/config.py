@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import re
 from pathlib import Path
@@ -24,8 +25,16 @@ class ConfigError(ValueError):
 
 
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    """The config schema (a fresh copy: the caller may edit it)."""
+    return copy.deepcopy(_parsed_schema(str(path)))
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_schema(path: str) -> dict:
+    """The schema parsed once per process (read-only; ``load_schema`` hands out copies): a dry-run
+    asks for it once per job (``settings_keys``), and parsing it takes most of a second."""
     with open(path) as fh:
-        return yaml.safe_load(fh)
+        return yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def _default_filling_validator(schema: dict):
@@ -63,7 +72,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     Defaults are filled in a first pass, then the filled config is validated again so that
     defaults nested under defaults are also checked.
     """
-    schema = schema or load_schema()
+    schema = schema or _parsed_schema(str(SCHEMA_PATH))  # read, never edited
     validator = _default_filling_validator(schema)
     for _ in range(2):
         errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -122,14 +131,14 @@ def result_neutral_keys(*section: str, schema: dict | None = None) -> list[str]:
     (GPUs, loader workers, checkpoint cadence, batch of a deterministic generator), never what it
     computes. The rules leave them out of ``params`` and the resume fingerprints ignore them, so
     editing one re-runs nothing and a resume across them is exact."""
-    node = schema or load_schema()
+    node = schema or _parsed_schema(str(SCHEMA_PATH))
     for key in section:
         node = node["properties"][key]
     return [k for k, sub in node.get("properties", {}).items() if isinstance(sub, dict) and sub.get("x-result-neutral")]
 
 
 def _section_schema(section: tuple[str, ...], schema: dict | None) -> dict:
-    node = schema or load_schema()
+    node = schema or _parsed_schema(str(SCHEMA_PATH))
     for key in section:
         node = node["properties"][key]
     return node.get("properties", {})
