@@ -1,10 +1,11 @@
 """The Slurm profile: its static settings; the submission lines of a run's first wave of jobs,
-captured by a fake ``sbatch``; and against a real Slurm, the tiny Table 4 chain submitted through
-the README's cluster command (`--workflow-profile profiles/slurm`), then the submitted jobs read back
-from the controller (`scontrol show job`) and checked against the profile and the config.
+captured by a fake ``sbatch``; and against a real Slurm, each kind of job of the tiny Table 4
+chain resubmitted through the README's cluster command (`--workflow-profile profiles/slurm`), then
+the submitted jobs read back from the controller (`scontrol show job`) and checked against the
+profile and the config.
 
 The real-Slurm test needs the CI's single-node test cluster (`.ci/slurm-up`: ClusterName=cdgmae-ci, partitions `cpu`
-and `gpu`, four fake a100 GRES, MinJobAge=300, no slurmdbd); skipped anywhere else, so it never
+and `gpu`, four fake a100 GRES, MinJobAge=3600, no slurmdbd); skipped anywhere else, so it never
 submits to a real site.
 """
 
@@ -22,12 +23,13 @@ import time
 import pytest
 import yaml
 
-from tests.support import HANG_GUARD_S, ROOT, TINY_CONFIG, copy_run, copy_workflow, snakemake
+from tests.support import HANG_GUARD_S, ROOT, TINY_CONFIG, copy_run, snakemake
 
 CLUSTER = "cdgmae-ci"
 GPU_RULES = ("generate_views", "pretrain", "propagate")
 # (merge_views and assemble_table are localrules: they run in the submitting process)
-CPU_RULES = ("make_synthetic_data", "init_random_encoder")
+CPU_RULES = ("init_random_encoder",)
+RANDOM_INIT = "random-init/arch~vit_mini_patch8/seed~0"
 
 
 def _test_cluster() -> str | None:
@@ -157,15 +159,22 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_chain_through_the_slurm_profile(tmp_path):
+def test_tiny_chain_through_the_slurm_profile(tiny_run, tmp_path):
+    """Each kind of job of the tiny chain, resubmitted in a copy of the tiny run (its data, which
+    no submitted job needs to redo, stays): the views' shards, the bag (local), one pretraining,
+    its propagation on DAVIS and the random-init encoder (a CPU rule)."""
     # checked here, not at collection: a Slurm client without a controller takes ~20 s to give up
     why_not = _test_cluster()
     if why_not:
         pytest.skip(why_not)
-    work = copy_workflow(tmp_path / "wf")
-    one_cell = work / "tests" / "configs" / "slurm_one_cell.yaml"
-    one_cell.write_text("tables: {table4: {cells: [{anchors: 1, anchor_mask: 0.0}]}}\n")
-    configs = ["--configfile", "tests/configs/tiny.yaml", str(one_cell)]
+    work = copy_run(tiny_run, tmp_path / "wf")
+    model = (
+        "method~cdgmae/arch~vit_mini_patch8/generator~warp/target~either/anchors~1/anchor_mask~0.0/"
+        "target_mask~0.9/epochs~1/seed~0"
+    )
+    targets = [f"results/eval/{model}/davis/metrics.csv", f"results/pretrain/{RANDOM_INIT}/checkpoint.pth"]
+    # (one --configfile option: the no-GPU run below appends a file to it)
+    configs = ["--configfile", "tests/configs/tiny.yaml"]
     # no slurmdbd: squeue for status; first status check after 5 s, not the plugin's 40 s (each
     # wave of these seconds-long jobs would otherwise wait 40 s)
     base = [
@@ -176,9 +185,10 @@ def test_tiny_chain_through_the_slurm_profile(tmp_path):
         "5",
         "--verbose",
     ]
-    proc = snakemake(work, *base, *configs, "--", "results/table4.csv", timeout=HANG_GUARD_S)
+    forced = ["--forcerun", *GPU_RULES, *CPU_RULES]
+    proc = snakemake(work, *base, *configs, *forced, "--", *targets, timeout=HANG_GUARD_S)
     out = proc.stdout + proc.stderr
-    assert (work / "results" / "table4.csv").is_file()
+    assert all((work / t).is_file() for t in targets)
     # the README's command loads profiles/slurm alone (no local `gpu=8` cap from profiles/default)
     assert "profiles/default" not in out
 
