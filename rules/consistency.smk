@@ -48,7 +48,7 @@ rule find_neighbours:
         "python -m pipeline.lease --gpus {resources.gpu} -- python -m pipeline.consistency neighbours "
         "--imagenet-root {params.root:q} --settings {params.settings:q} --k {params.k} "
         "--state-dir {params.state_dir:q} --output {output.knn:q} --threads {threads} "
-        "--max-reject-fraction {params.max_reject_fraction} " + runtime_args("consistency") + " > {log} 2>&1"
+        f"--max-reject-fraction {{params.max_reject_fraction}} {runtime_args('consistency')} > {{log}} 2>&1"
 
 
 rule score_consistency:

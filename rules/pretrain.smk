@@ -73,7 +73,7 @@ rule pretrain:
         launch("pretrain", "train")
         + "--cell {params.cell:q} --seed {wildcards.seed} --settings {params.settings:q} {params.sources} "
         "--output {output.checkpoint} --state-dir {params.state_dir:q} --log-csv {output.log_csv} "
-        "--curve-png {output.curve} --threads {threads} " + runtime_args("pretrain") + " > {log} 2>&1"
+        f"--curve-png {{output.curve}} --threads {{threads}} {runtime_args('pretrain')} > {{log}} 2>&1"
 
 
 rule count_gflops:

@@ -51,7 +51,7 @@ rule train_sldm:
         + "--imagenet-root {params.root:q} --settings {params.settings:q} --seed {params.seed} "
         "--output {output.model:q} --state-dir {params.state_dir:q} --log-csv {output.log_csv:q} "
         "--curve-png {output.curve:q} --samples-png {output.samples:q} --threads {threads} "
-        "--max-reject-fraction {params.max_reject_fraction} " + runtime_args("sldm") + " > {log} 2>&1"
+        f"--max-reject-fraction {{params.max_reject_fraction}} {runtime_args('sldm')} > {{log}} 2>&1"
 
 
 rule import_rcg:

@@ -68,7 +68,7 @@ rule generate_views:
         "python -m pipeline.views generate --root {params.root:q} --generator {wildcards.generator} "
         "--shard {wildcards.shard} --out {output.shard} --rejects {output.rejects} "
         "--state-dir {params.state_dir} --settings {params.settings:q} --seed {params.seed} "
-        "--time-limit {resources.runtime} --threads {threads} " + runtime_args("views") + " > {log} 2>&1"
+        f"--time-limit {{resources.runtime}} --threads {{threads}} {runtime_args('views')} > {{log}} 2>&1"
 
 
 rule merge_views:
