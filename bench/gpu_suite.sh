@@ -27,7 +27,10 @@ echo "# gpu_suite.sh $* | $(date -u +%Y-%m-%dT%H:%M:%SZ) | python3 $pyver at $(c
 if compgen -G ".whl/*.whl" >/dev/null; then
   want=$(cat .whl/PYTHON 2>/dev/null || echo "?")
   if [ "$want" = "$pyver" ]; then
-    site="${TMPDIR:-/tmp}/cdgmae-device-site"
+    # a folder of this run's own: two suites at once (two test sessions) must not replace each
+    # other's packages mid-import
+    site=$(mktemp -d "${TMPDIR:-/tmp}/cdgmae-device-site.XXXXXX")
+    trap 'rm -rf "$site"' EXIT
     echo "# preflight: installing $(find .whl -maxdepth 1 -type f -name '*.whl' | wc -l) carried wheels into $site"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
