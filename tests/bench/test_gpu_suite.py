@@ -19,6 +19,7 @@ from bench import gpu_suite
 from tests.support import HANG_GUARD_S, ROOT
 
 
+@pytest.mark.slow
 def test_gpu_suite_runs_every_section_on_the_cpu_with_tiny_sizes(tmp_path):
     out = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--tiny"],

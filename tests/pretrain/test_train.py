@@ -272,6 +272,7 @@ def cli(tmp_path, name, imagenet, epochs):
     return out, [*cmd, "--curve-png", str(out / "loss_curve.png"), "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_the_same_curve(tmp_path):
     imagenet = tmp_path / "imagenet"
     write_imagenet(imagenet)

@@ -109,6 +109,7 @@ def _margin(gen, sources, views):
     return float(margin), float(top1)
 
 
+@pytest.mark.slow
 def test_views_are_closer_to_their_source_than_unconditional_samples(folder, sources):
     gen, cond = _views(folder, sources, guidance_scale=6.0)  # the paper's CFG scale
     _, uncond = _views(folder, sources, guidance_scale=0.0)

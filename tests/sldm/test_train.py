@@ -103,6 +103,7 @@ def test_cfg_null_token_is_the_projected_zero_embedding(trained):
     assert 0.05 < (seen[0][0].abs().sum(1) == 0).float().mean() < 0.15
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_uninterrupted_weights(coloured_imagenet, tmp_path):
     settings = {**TINY_SLDM, "steps": 40, "sample_every": 0}
     killed = tmp_path / "killed"

@@ -168,6 +168,7 @@ def _cli_generate(root, out, settings, extra=()):
     ], env
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_content(imagenet, tmp_path):
     """A job killed mid-part by a (simulated) time limit's SIGTERM (SIGKILL alike: no handler), or
     stopped by --stop-after, redoes at most the part it was writing and ends with the very bytes of
