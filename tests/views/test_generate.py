@@ -186,12 +186,17 @@ def test_killed_run_resumes_to_identical_content(imagenet, tmp_path):
     cmd, env = _cli_generate(imagenet, out, settings)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.monotonic()
-    # a part is finished once its digest is recorded (a part without one is redone)
-    while len(list(parts.glob("part-*.h5.sha256"))) < 2 and time.monotonic() - t0 < HANG_GUARD_S:
+
+    def finished() -> list[str]:
+        # a part is finished once it is in place beside its digest record (the record is written
+        # first: a record without its part, or a part without one, is redone)
+        return sorted(p.name for p in parts.glob("part-*.h5") if p.with_name(p.name + ".sha256").exists())
+
+    while len(finished()) < 2 and time.monotonic() - t0 < HANG_GUARD_S:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)  # what a time limit's SIGTERM does to a job with no handler
     proc.wait()
-    done_at_kill = sorted(p.name[: -len(".sha256")] for p in parts.glob("part-*.h5.sha256"))
+    done_at_kill = finished()
     assert 2 <= len(done_at_kill) < 12 and not out.exists()
     mtimes = {n: (parts / n).stat().st_mtime_ns for n in done_at_kill}
     # a clean stop before the limit: a budget shorter than the start-up still writes one part
