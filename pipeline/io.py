@@ -65,7 +65,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", digest: bool = False)
             os.fsync(fh.fileno())
         if digest:  # the record first: a kill between the two leaves the old file (or none) beside
             # the new digest, which verify_digest reports; never a new file without its record
-            write_text_atomic(digest_path(path), f"{file_sha256(tmp)}  {path.name}\n")
+            write_digest_record(path, file_sha256(tmp))
         os.replace(tmp, path)
     except Exception as err:
         # a full disk surfaces as the writer's own error (h5py, torch, PIL), naming the temporary
@@ -269,8 +269,15 @@ def record_digest(path: str | os.PathLike) -> str:
     """Record the SHA-256 of ``path`` beside it (atomically) and return it."""
     path = Path(path)
     sha = file_sha256(path)
-    write_text_atomic(digest_path(path), f"{sha}  {path.name}\n")
+    write_digest_record(path, sha)
     return sha
+
+
+def write_digest_record(path: str | os.PathLike, sha: str) -> None:
+    """Record ``sha`` as the digest of ``path`` (``sha256sum`` format, atomically), whether or not
+    ``path`` is in place yet."""
+    path = Path(path)
+    write_text_atomic(digest_path(path), f"{sha}  {path.name}\n")
 
 
 def recorded_digest(path: str | os.PathLike) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipeline.io import IntegrityError, atomic_path, digest_path, recorded_digest, verify_digest, write_text_atomic
+from pipeline.io import IntegrityError, atomic_path, digest_path, recorded_digest, verify_digest, write_digest_record
 
 
 class UnsafeCheckpointError(ValueError):
@@ -150,7 +150,7 @@ def _move_with_digest(src: Path, dst: Path) -> None:
     if record is None:
         digest_path(dst).unlink(missing_ok=True)
     else:
-        write_text_atomic(digest_path(dst), f"{record}  {dst.name}\n")
+        write_digest_record(dst, record)
     os.replace(src, dst)
     digest_path(src).unlink(missing_ok=True)
 
