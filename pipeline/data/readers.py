@@ -30,7 +30,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import scipy.io
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.layouts import KINDS, LAYOUTS, VALLIST_KINDS, DatasetError, layout_error, require_dir  # noqa: F401  (re-exported: the readers' API)
@@ -306,6 +305,8 @@ class VipDataset(_LabelledVideos):
 
 def read_pos_img(path: str | os.PathLike) -> np.ndarray:
     """``pos_img`` of a JHMDB ``joint_positions.mat``: (2, 15, T) float64, 1-based pixels."""
+    import scipy.io  # noqa: PLC0415  (only JHMDB's joints need it: 0.3 s of imports for the other readers)
+
     try:
         mat = scipy.io.loadmat(str(path))
     except (FileNotFoundError, OSError, ValueError, TypeError) as err:

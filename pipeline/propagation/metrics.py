@@ -18,7 +18,6 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
-from skimage.morphology import disk
 
 # DAVIS boundary tolerance as a fraction of the image diagonal (toolkit default ``bound_th``).
 BOUNDARY_TH = 0.008
@@ -88,6 +87,8 @@ def boundary_tolerance(shape: tuple[int, ...], bound_th: float = BOUNDARY_TH) ->
 @lru_cache(maxsize=16)
 def disk_kernel(radius: int) -> np.ndarray:
     """skimage ``disk(radius)`` as a uint8 cv2 kernel (strict radius: r = 8 -> 17x17, 197 ones)."""
+    from skimage.morphology import disk  # noqa: PLC0415  (0.8 s of imports a job; only F uses it)
+
     kernel = disk(int(radius)).astype(np.uint8)
     kernel.setflags(write=False)
     return kernel
