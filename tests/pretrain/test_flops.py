@@ -92,22 +92,21 @@ def test_parse_cells():
 
 
 def test_count_does_not_depend_on_the_attention_kernel():
-    """timm's unfused attention (TIMM_FUSED_ATTN=0, read at import) computes QK^T and AV with
-    matmul: still not counted, as with the fused kernel (before: 6.036 vs 6.398 GMACs at N = 1)."""
-    import os
-    import subprocess
-    import sys
+    """timm's unfused attention computes QK^T and AV with matmul: still not counted, as with the
+    fused kernel (before: 6.036 vs 6.398 GMACs at N = 1). timm's attention reads the switch
+    (``set_fused_attn``, or TIMM_FUSED_ATTN at import) when a model is built."""
+    from timm.layers import set_fused_attn, use_fused_attn
 
-    code = (
-        "from pipeline.pretrain.flops import table8_gflops\n"
-        "from tests.support import TINY_MAE_ARCH\n"
-        "print([r['gflops'] for r in table8_gflops(arch=TINY_MAE_ARCH, img_size=32, cells=[(1, 0.0), (2, 0.5)])])"
-    )
+    before = use_fused_attn()
     counts = {}
-    for fused in ("0", "1"):
-        env = {**os.environ, "TIMM_FUSED_ATTN": fused, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        res = subprocess.run(
-            [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        counts[fused] = res.stdout.strip().splitlines()[-1]
-    assert counts["0"] == counts["1"], counts
+    try:
+        for fused in (False, True):
+            set_fused_attn(fused)
+            kernels = {m.fused_attn for m in CrossViewMAE(TINY_MAE_ARCH, 32).modules() if hasattr(m, "fused_attn")}
+            assert kernels == {fused}  # the models counted below use this kernel
+            counts[fused] = [
+                r["gflops"] for r in table8_gflops(arch=TINY_MAE_ARCH, img_size=32, cells=[(1, 0.0), (2, 0.5)])
+            ]
+    finally:
+        set_fused_attn(before)
+    assert counts[False] == counts[True], counts

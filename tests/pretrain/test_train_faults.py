@@ -29,6 +29,7 @@ from tests.support import (
 pytestmark = pytest.mark.fault  # every case here is a fault-injection case (pytest -m fault)
 
 
+@pytest.mark.slow  # a training subprocess (the CLI as Snakemake runs it) and two in-process reruns
 def test_truncated_bag_costs_no_finished_training(tmp_path):
     """Train via the CLI, truncate the bag (the rerun fails naming it, and Snakemake removes the
     job's outputs), rebuild it byte-identical: the rerun resumes the finished state in the state

@@ -120,6 +120,7 @@ def test_views_are_closer_to_their_source_than_unconditional_samples(folder, sou
     assert margin_c >= margin_u + 0.15, (margin_c, margin_u)
 
 
+@pytest.mark.slow  # its ``folder`` fixture trains the S-LDM (about a minute), as the test above
 def test_views_have_higher_nps_against_their_source_than_random_pairs(folder, sources):
     _, views = _views(folder, sources, guidance_scale=6.0)
     up = 64  # sift-grid at 16-px cells: a 4 x 4 grid of patch descriptors per image

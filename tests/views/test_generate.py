@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.cli import run
 from pipeline.config import section_defaults
 from pipeline.data.readers import list_imagenet
 from pipeline.io import IntegrityError, file_sha256, record_digest
@@ -365,47 +366,20 @@ def test_merge_fails_on_missing_incomplete_or_wrong_shards(imagenet, tmp_path):
     assert not (tmp_path / "bag.h5").exists()
 
 
-def test_figure_and_cli_merge(imagenet, tmp_path):
+def test_figure_and_cli_merge(imagenet, tmp_path, capsys):
+    """The merge command's CLI, in this process (``cli.run`` is what ``python -m`` dispatches to)."""
     paths = _run_shards(imagenet, tmp_path, shards=2)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     bag, fig = tmp_path / "bag.h5", tmp_path / "fig.png"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.views",
-            "merge",
-            "--shards",
-            *map(str, paths),
-            "--out",
-            str(bag),
-            "--root",
-            str(imagenet),
-            "--settings",
-            '{"shards": 2, "part_size": 4}',
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.views",
-            "merge",
-            "--shards",
-            str(paths[0]),
-            "--out",
-            str(tmp_path / "x.h5"),
-            "--settings",
-            '{"shards": 2}',
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 1 and "1 shard files given, views.shards = 2" in bad.stderr
+    merge = ["merge", "--shards", *map(str, paths), "--out", str(bag), "--root", str(imagenet)]
+    run("views", [*merge, "--settings", '{"shards": 2, "part_size": 4}', "--threads", "1"])
+    assert bag.exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as bad:
+        run(
+            "views",
+            ["merge", "--shards", str(paths[0]), "--out", str(tmp_path / "x.h5"), "--settings", '{"shards": 2}'],
+        )
+    assert bad.value.code == 1 and "1 shard files given, views.shards = 2" in capsys.readouterr().err
     plot_bag(bag, fig, n_images=3)
     import matplotlib.image
 
