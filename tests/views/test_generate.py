@@ -18,7 +18,7 @@ import pytest
 from pipeline.cli import run
 from pipeline.config import section_defaults
 from pipeline.data.readers import list_imagenet
-from pipeline.io import IntegrityError, file_sha256, record_digest
+from pipeline.io import IntegrityError, digest_path, file_sha256, record_digest
 from pipeline.views.bag import BagDataset
 from pipeline.views.figure import plot_bag
 from pipeline.views.generate import ShardWriter, shard_fingerprint, view_seed
@@ -191,7 +191,7 @@ def test_killed_run_resumes_to_identical_content(imagenet, tmp_path):
     def finished() -> list[str]:
         # a part is finished once it is in place beside its digest record (the record is written
         # first: a record without its part, or a part without one, is redone)
-        return sorted(p.name for p in parts.glob("part-*.h5") if p.with_name(p.name + ".sha256").exists())
+        return sorted(p.name for p in parts.glob("part-*.h5") if digest_path(p).exists())
 
     while len(finished()) < 2 and time.monotonic() - t0 < HANG_GUARD_S:
         time.sleep(0.005)
