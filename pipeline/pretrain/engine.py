@@ -21,7 +21,16 @@ from pipeline.resume import WeightHealth
 from pipeline.seeding import derive_seed
 from pipeline.training import DivergedLossError as DivergedLossError  # re-exported: what a step raises
 from pipeline.training import NonFiniteLossError as NonFiniteLossError
-from pipeline.training import StepTimer, TrainingLoop, check_loss, lr_at, mean_over_ranks, record_step, set_lr
+from pipeline.training import (
+    StepTimer,
+    TrainingLoop,
+    check_loss,
+    loader_batches,
+    lr_at,
+    mean_over_ranks,
+    record_step,
+    set_lr,
+)
 
 HISTORY_KEYS = ("step", "epoch", "loss", "lr", "samples_per_s")
 
@@ -135,13 +144,13 @@ def train_one_epoch(loop: Loop, loader, epoch: int, step: int, history: dict, ba
     """Run ``steps_per_epoch`` steps of ``epoch`` from global step ``step``, appending to ``history``;
     returns the next step."""
     loader.sampler.set_epoch(epoch)
-    batches = iter(loader)
     lowest = min(history["loss"], default=None)  # the whole run's, across resumes
-    for _ in range(loop.steps_per_epoch):
-        timer = StepTimer()
-        loss_value, lr = train_one_step(loop, batches, step, epoch, keeping, lowest)
-        lowest = loss_value if lowest is None else min(lowest, loss_value)
-        rate = timer.rate(loop.settings["batch_size"])
-        record_step(history, bar, step=step, epoch=epoch, loss=loss_value, lr=lr, samples_per_s=rate)
-        step += 1
+    with loader_batches(loader) as batches:
+        for _ in range(loop.steps_per_epoch):
+            timer = StepTimer()
+            loss_value, lr = train_one_step(loop, batches, step, epoch, keeping, lowest)
+            lowest = loss_value if lowest is None else min(lowest, loss_value)
+            rate = timer.rate(loop.settings["batch_size"])
+            record_step(history, bar, step=step, epoch=epoch, loss=loss_value, lr=lr, samples_per_s=rate)
+            step += 1
     return step

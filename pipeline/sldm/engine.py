@@ -29,6 +29,7 @@ from pipeline.training import (
     StepTimer,
     TrainingLoop,
     check_loss,
+    loader_batches,
     lr_at,
     mean_over_ranks,
     payload,
@@ -86,17 +87,18 @@ def train_step(loop: Loop, images: torch.Tensor, step: int) -> tuple[float, floa
     return value, lr
 
 
-def run_steps(loop: Loop, batches, history: dict, step: int, bar, on_step) -> int:
-    """Steps ``step..steps-1`` over ``batches`` (one batch per step, in step order); ``on_step(done)``
+def run_steps(loop: Loop, loader, history: dict, step: int, bar, on_step) -> int:
+    """Steps ``step..steps-1`` over ``loader`` (one batch per step, in step order); ``on_step(done)``
     runs after each (state, sample grid). Returns the final step count."""
     loop.model.train()
-    for images in batches:
-        timer = StepTimer()
-        loss, lr = train_step(loop, images, step)
-        rate = timer.rate(images.shape[0] * loop.world_size)
-        record_step(history, bar, step=step, loss=loss, lr=lr, images_per_s=rate)
-        step += 1
-        on_step(step)
+    with loader_batches(loader) as batches:
+        for images in batches:
+            timer = StepTimer()
+            loss, lr = train_step(loop, images, step)
+            rate = timer.rate(images.shape[0] * loop.world_size)
+            record_step(history, bar, step=step, loss=loss, lr=lr, images_per_s=rate)
+            step += 1
+            on_step(step)
     return step
 
 
