@@ -17,7 +17,9 @@ Code is digested by its **syntax tree**, docstrings removed (``ast_digest``), an
 its parsed content: a comment-, docstring- or format-only edit changes no digest and re-runs
 nothing, while any edit that changes what Python executes re-runs its users.
 
-Pure ``ast`` and ``yaml``: cheap enough for every parse of the workflow.
+Pure ``ast`` and ``yaml``. A file's syntax-tree digest and import list are kept in a cache keyed on
+the file's bytes, this module's own source and the Python version (``syntax_cache_dir``): the
+workflow's parse and every job's provenance record read them instead of parsing ~70 files again.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ import ast
 import functools
 import hashlib
 import json
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import yaml
+
+from pipeline.io import write_text_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE = PACKAGE_DIR.name
@@ -115,12 +121,8 @@ def _package_of(module: str, path: Path) -> str:
     return module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
 
 
-@functools.cache
-def imported_modules(module: str) -> tuple[str, ...]:
-    """Our modules that ``module`` imports (any import statement, at any depth)."""
-    path = module_file(module)
-    if path is None:
-        return ()
+def _import_names(module: str, path: Path) -> list[str]:
+    """Every name an import statement of ``module`` (file ``path``) names, relative ones resolved."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -133,7 +135,18 @@ def imported_modules(module: str) -> tuple[str, ...]:
                 base = ".".join(anchor + ([base] if base else []))
             found.append(base)
             found += [f"{base}.{alias.name}" for alias in node.names]  # `from pkg import module`
-    return tuple(m for m in dict.fromkeys(found) if module_file(m) is not None)
+    return list(dict.fromkeys(found))
+
+
+@functools.cache
+def imported_modules(module: str) -> tuple[str, ...]:
+    """Our modules that ``module`` imports (any import statement, at any depth)."""
+    path = module_file(module)
+    if path is None:
+        return ()
+    # the names depend on the file's bytes and its place in the package; which exist, on the disk
+    names = _cached_syntax(f"imports {module} {path.name}", path, lambda: _import_names(module, path))
+    return tuple(m for m in names if module_file(m) is not None)
 
 
 def code_files(*modules: str, exclude: Iterable[str] = ()) -> list[Path]:
@@ -206,14 +219,65 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-@functools.cache
-def _file_digest(path: Path, mtime_ns: int, size: int) -> str:
+def _canonical_digest(path: Path) -> str:
     text = path.read_text()
     if path.suffix == ".py":
         canon = ast.dump(_strip_docstrings(ast.parse(text, filename=str(path))), include_attributes=False)
     else:  # package data: its parsed content (comments and layout are not content)
         canon = json.dumps(yaml.safe_load(text), sort_keys=True, default=str)
     return hashlib.sha256(canon.encode()).hexdigest()
+
+
+@functools.cache
+def _file_digest(path: Path, mtime_ns: int, size: int) -> str:
+    return _cached_syntax("digest", path, lambda: _canonical_digest(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# the syntax cache: what a file's bytes give, computed once per content
+
+
+SYNTAX_CACHE_ENV = "CDGMAE_SYNTAX_CACHE"
+
+
+def syntax_cache_dir() -> Path:
+    """Where parsed-file results are kept: ``$CDGMAE_SYNTAX_CACHE``, else the user's cache folder
+    (``$XDG_CACHE_HOME/cdgmae/syntax``, ``~/.cache/cdgmae/syntax``). Shared by every checkout:
+    entries are keyed on content, never on paths."""
+    if os.environ.get(SYNTAX_CACHE_ENV):
+        return Path(os.environ[SYNTAX_CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cdgmae" / "syntax"
+
+
+@functools.cache
+def _cache_salt() -> bytes:
+    """What besides a file's bytes decides a result: this module's code and the Python (its ``ast``)."""
+    return hashlib.sha256(Path(__file__).read_bytes() + sys.version.encode()).digest()
+
+
+def _cached_syntax(kind: str, path: Path, compute: Callable[[], object]):
+    """``compute()`` for ``path``'s current bytes, from the cache when an intact entry exists.
+
+    An entry holds its value and a digest of (key, value): a damaged or foreign entry is recomputed
+    and rewritten; a cache that cannot be written is only slower."""
+    key = hashlib.sha256(_cache_salt() + kind.encode() + b"\0" + path.read_bytes()).hexdigest()
+    entry = syntax_cache_dir() / key[:2] / f"{key}.json"
+
+    def seal(value) -> str:
+        return hashlib.sha256((key + json.dumps(value, sort_keys=True)).encode()).hexdigest()
+
+    try:
+        stored = json.loads(entry.read_text())
+        if stored["check"] == seal(stored["value"]):
+            return stored["value"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    value = compute()
+    try:
+        write_text_atomic(entry, json.dumps({"value": value, "check": seal(value)}))
+    except OSError:
+        pass
+    return value
 
 
 def ast_digest(path: str | Path) -> str:

@@ -228,6 +228,32 @@ def test_code_digest_follows_the_syntax_tree(tmp_path):
     assert provenance.ast_digest(data) == first
 
 
+def test_syntax_results_are_cached_by_content_and_checked(tmp_path, monkeypatch):
+    """A file's digest is parsed once per content (the workflow's parse and every job's record read
+    the cache); a damaged entry is recomputed, never believed; a cache that cannot be written only
+    costs time."""
+    import json
+
+    monkeypatch.setenv(provenance.SYNTAX_CACHE_ENV, str(tmp_path / "cache"))
+    source = tmp_path / "m.py"
+    source.write_text("X = 1\n")
+    digest = provenance._file_digest.__wrapped__  # past the in-process memo, as a new process is
+    first = digest(source, 0, 0)
+    (entry,) = (tmp_path / "cache").rglob("*.json")
+    parse = provenance._canonical_digest
+    monkeypatch.setattr(provenance, "_canonical_digest", lambda path: pytest.fail(f"{path} parsed again"))
+    assert digest(source, 0, 0) == first
+    stored = json.loads(entry.read_text())
+    entry.write_text(json.dumps({**stored, "value": "0" * 64}))  # a flipped value, the old check
+    monkeypatch.setattr(provenance, "_canonical_digest", parse)
+    assert digest(source, 0, 0) == first == json.loads(entry.read_text())["value"]
+    source.write_text("X = 2\n")
+    assert digest(source, 0, 0) != first and len(list((tmp_path / "cache").rglob("*.json"))) == 2
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv(provenance.SYNTAX_CACHE_ENV, str(tmp_path / "not-a-folder"))
+    assert digest(source, 0, 0) == provenance.ast_digest(source)
+
+
 def test_no_stage_imports_a_later_stage():
     order = {s: i for i, s in enumerate(cli.STAGES)}
     for stage in cli.STAGES:
