@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionImageVariationPipeline
 from PIL import Image
 
 from pipeline.devices import resolve_device
 from pipeline.imaging import resize_square
-from pipeline.sldm.sampling import cpu_generators
 from pipeline.views.registry import ViewGenerator, register
 
 LOG = logging.getLogger("cdgmae.generators")
@@ -68,6 +66,10 @@ class SDVariationGenerator(ViewGenerator):
     """
 
     def __init__(self, settings, image_size=96, device=None):
+        # diffusers (and transformers' CLIP), imported where this generator is built: every view
+        # job imports this registry, and a weights-free generator's job spends no 4 s importing them
+        from diffusers import DDIMScheduler, StableDiffusionImageVariationPipeline  # noqa: PLC0415
+
         super().__init__(settings, image_size, device)
         self.device = resolve_device(device)
         dtype = torch_dtype(self.settings.get("dtype", "float16"), self.device)
@@ -104,6 +106,8 @@ class SDVariationGenerator(ViewGenerator):
         return {**super().describe(), "sampler": sampler}
 
     def generate(self, images, seeds):
+        from pipeline.sldm.sampling import cpu_generators  # noqa: PLC0415  (diffusers: see __init__)
+
         seeds = np.asarray(seeds, dtype=np.int64)
         B, M = seeds.shape
         s = self.settings

@@ -16,9 +16,6 @@ import torch
 
 from pipeline.devices import resolve_device
 from pipeline.io import folder_sha256
-from pipeline.sldm.conditioning import embed_images
-from pipeline.sldm.folder import SLDMFolderError, load_sldm
-from pipeline.sldm.sampling import sample
 from pipeline.views.diffusion import model_dir, to_output, torch_dtype
 from pipeline.views.registry import ViewGenerator, register
 
@@ -37,6 +34,10 @@ class SLDMGenerator(ViewGenerator):
     """
 
     def __init__(self, settings, image_size=96, device=None):
+        # diffusers and timm, imported where a diffusion generator is built: every view job imports
+        # this registry, and a weights-free generator's job spends no 5 s importing them
+        from pipeline.sldm.folder import SLDMFolderError, load_sldm  # noqa: PLC0415
+
         super().__init__(settings, image_size, device)
         self.device = resolve_device(device)
         # bf16 by default: the precision training's autocast ran the UNet in (float32 on the CPU)
@@ -77,11 +78,15 @@ class SLDMGenerator(ViewGenerator):
 
     def embed(self, images: np.ndarray):
         """(B, H, W, 3) uint8 -> (B, D_enc) CLS embeddings (bicubic resize, mean/std normalized)."""
+        from pipeline.sldm.conditioning import embed_images  # noqa: PLC0415  (timm: see __init__)
+
         return embed_images(
             self.encoder, images, self.enc_size, self.mean, self.std, self.enc_norm, self.device, self.antialias
         )
 
     def generate(self, images, seeds):
+        from pipeline.sldm.sampling import sample  # noqa: PLC0415  (diffusers: see __init__)
+
         seeds = np.asarray(seeds, dtype=np.int64)
         B, M = seeds.shape
         s = self.settings

@@ -3,12 +3,14 @@
 ``local_files_only``). Sizes follow views-and-hdf5.md §3; 2 DDIM steps keep it fast on CPU."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from pipeline.views.generators import GENERATORS, build_generator
-from tests.support import build_tiny_sd_variation, build_tiny_sldm
+from tests.support import ROOT, build_tiny_sd_variation, build_tiny_sldm
 
 IMAGE_SIZE = 32
 
@@ -30,6 +32,18 @@ def _images(n, size=40, seed=0):
 
 def _seeds(b, m, offset=0):
     return np.arange(offset, offset + b * m, dtype=np.int64).reshape(b, m) * 7919 + 1
+
+
+def test_a_weights_free_view_job_never_imports_the_diffusion_libraries():
+    """Every view job imports the whole registry: diffusers, transformers and timm are imported
+    where a diffusion generator is built, so a warp or crop job does not spend 10 s importing them."""
+    code = (
+        "import sys, numpy as np; from pipeline.views.generate import build_generator; "
+        "build_generator('warp', image_size=16).generate(np.zeros((1, 24, 24, 3), np.uint8), np.ones((1, 1), np.int64)); "
+        "print(sorted({'diffusers', 'transformers', 'timm'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_registry_names_and_baseline_flags():
