@@ -63,7 +63,7 @@ def test_rrc_boxes_follow_torchvisions_sampler(hw, scale):
 
     H, W = hw
     ratio = (3 / 4, 4 / 3)
-    n = 20000
+    n = 5000  # seeded: the same draws every run
     rng = np.random.default_rng(0)
     ours = np.array([random_resized_crop_box(rng, H, W, scale, ratio)[2:] for _ in range(n)], float)
     torch.manual_seed(0)
@@ -75,8 +75,10 @@ def test_rrc_boxes_follow_torchvisions_sampler(hw, scale):
         return area.mean(), (area > 0.9).mean(), np.log(boxes[:, 1] / boxes[:, 0]).mean()
 
     (a, p, r), (a_ref, p_ref, r_ref) = stats(ours), stats(ref)
-    assert abs(a - a_ref) < 0.006  # the area's sd is <= 0.29: se of the difference <= 0.003
-    assert abs(p - p_ref) < 0.01
+    # two standard errors of each difference at n = 5000 (area sd <= 0.29: se <= 0.006; a fraction's
+    # se <= 0.01; log-aspect sd <= 0.17: se <= 0.0034), far below the replaced sampler's 0.046
+    assert abs(a - a_ref) < 0.012
+    assert abs(p - p_ref) < 0.02
     assert abs(r - r_ref) < 0.01
 
 
