@@ -17,12 +17,26 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 HANG_GUARD_S = 3 * 3600
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(event: Callable[[], bool], poll_s: float = 0.01) -> bool:
+    """Poll ``event()`` until it holds (True) or ``HANG_GUARD_S`` has passed (False): the one wait
+    loop of the tests, for an event, never for a time."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not event():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
 
 # ---------------------------------------------------------------------------------------------
 # the workflow in a private copy: snakemake runs, dry-run job counts, code edits

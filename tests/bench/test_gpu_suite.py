@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bench import gpu_suite
-from tests.support import HANG_GUARD_S, ROOT
+from tests.support import HANG_GUARD_S, ROOT, wait_until
 
 
 @pytest.mark.slow
@@ -125,20 +124,20 @@ def _driver_with_a_hanging_section(tmp_path):
         """
     )
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    t0 = time.monotonic()
-    while not (child.exists() and child.read_text().strip()) and time.monotonic() - t0 < HANG_GUARD_S:
-        time.sleep(0.05)
+    wait_until(lambda: child.exists() and child.read_text().strip() != "", poll_s=0.05)
     return driver, int(section.read_text()), int(child.read_text())
 
 
-def _gone(pid: int, within: float = HANG_GUARD_S) -> bool:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < within:
-        status = Path(f"/proc/{pid}/status")
-        if not status.exists() or "State:\tZ" in status.read_text():
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` ends (exits, or is a zombie) within the hang guard."""
+
+    def ended() -> bool:  # or a zombie awaiting init
+        try:
+            return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
             return True
-        time.sleep(0.05)
-    return False
+
+    return wait_until(ended, poll_s=0.05)
 
 
 def test_a_terminated_suite_kills_its_sections_with_their_children(tmp_path):
@@ -202,19 +201,8 @@ def test_a_hanging_section_is_killed_with_its_children(monkeypatch, tmp_path):
             break
         assert timeout < HANG_GUARD_S
         timeout *= 4
-    status = Path(f"/proc/{pid_file.read_text().strip()}/status")
-
-    def gone() -> bool:  # or a zombie awaiting init
-        try:
-            return "State:\tZ" in status.read_text()
-        except FileNotFoundError:
-            return True
-
     # a loaded machine may not have scheduled the killed child yet: wait for the kill to take
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not gone() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gone()
+    assert _gone(int(pid_file.read_text().strip()))
 
 
 def test_the_device_wheel_plan_follows_the_image_list_and_the_lock():

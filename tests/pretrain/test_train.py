@@ -25,6 +25,7 @@ from tests.support import (
     pretrain_setup,
     sha256_hex,
     train_command,
+    wait_until,
     write_bad_images,
     write_bag,
     write_imagenet,
@@ -285,9 +286,7 @@ def test_sigkill_then_rerun_resumes_the_same_curve(tmp_path):
     out_b, cmd_b = cli(tmp_path, "killed", imagenet, epochs)
     proc = subprocess.Popen(cmd_b, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out_b / "state" / "last.pth"
-    deadline = time.time() + HANG_GUARD_S
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_until(lambda: state.exists() or proc.poll() is not None, poll_s=0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from pipeline import cli
 from pipeline.imaging import TooManyRejectsError
 from pipeline.sldm.conditioning import build_conditioning_encoder
 from pipeline.sldm.train import resolve_sldm_settings
-from tests.support import HANG_GUARD_S, TINY_SLDM, sldm_train_args
+from tests.support import HANG_GUARD_S, TINY_SLDM, sldm_train_args, wait_until
 
 ENCODER_KWARGS = TINY_SLDM["encoder"]["kwargs"]
 
@@ -115,9 +114,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_weights(coloured_imagenet,
         stderr=subprocess.DEVNULL,
     )
     state = killed / "state" / "last.pth"
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: state.exists() or proc.poll() is not None)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step = torch.load(state, weights_only=True)["step"]

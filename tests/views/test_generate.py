@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -27,7 +26,7 @@ from pipeline.views.hdf5 import ViewsError
 from pipeline.views.merge import merge_shards
 from pipeline.views.store import shard_range
 from pipeline.views.timelimit import ShardStopped
-from tests.support import HANG_GUARD_S, ROOT, VIEWS_SEED, stop_after_parts, views_settings, write_imagenet_jpegs
+from tests.support import ROOT, VIEWS_SEED, stop_after_parts, views_settings, wait_until, write_imagenet_jpegs
 
 
 @pytest.fixture(scope="module")
@@ -186,15 +185,13 @@ def test_killed_run_resumes_to_identical_content(imagenet, tmp_path):
     parts = tmp_path / "run" / "parts"
     cmd, env = _cli_generate(imagenet, out, settings)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.monotonic()
 
     def finished() -> list[str]:
         # a part is finished once it is in place beside its digest record (the record is written
         # first: a record without its part, or a part without one, is redone)
         return sorted(p.name for p in parts.glob("part-*.h5") if digest_path(p).exists())
 
-    while len(finished()) < 2 and time.monotonic() - t0 < HANG_GUARD_S:
-        time.sleep(0.005)
+    wait_until(lambda: len(finished()) >= 2, poll_s=0.005)
     os.kill(proc.pid, signal.SIGKILL)  # what a time limit's SIGTERM does to a job with no handler
     proc.wait()
     done_at_kill = finished()

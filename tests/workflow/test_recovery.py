@@ -9,11 +9,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.support import HANG_GUARD_S, TABLE4, TINY_CONFIG, copy_run, dry_table4, flip, job_counts, snakemake
+from tests.support import (
+    HANG_GUARD_S,
+    TABLE4,
+    TINY_CONFIG,
+    copy_run,
+    dry_table4,
+    flip,
+    job_counts,
+    snakemake,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -43,9 +52,8 @@ def test_killed_pretraining_resumes_when_rerun(tiny_run, tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.time() + HANG_GUARD_S  # waits for the first saved state, whatever the load
-    while time.time() < deadline and not state.exists() and proc.poll() is None:
-        time.sleep(0.2)
+    # waits for the first saved state, whatever the load
+    wait_until(lambda: state.exists() or proc.poll() is not None, poll_s=0.2)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -18,12 +18,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
-from tests.support import HANG_GUARD_S, ROOT, TINY_CONFIG, copy_run, snakemake
+from tests.support import HANG_GUARD_S, ROOT, TINY_CONFIG, copy_run, snakemake, wait_until
 
 CLUSTER = "cdgmae-ci"
 GPU_RULES = ("generate_views", "pretrain", "propagate")
@@ -137,9 +136,8 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(tiny_run, tmp_path):
     proc = subprocess.Popen(
         cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    deadline = time.time() + HANG_GUARD_S  # waits for the submissions, whatever the load
-    while time.time() < deadline and (not captured.exists() or captured.read_text().count("\n") < 3):
-        time.sleep(1)
+    # waits for the submissions, whatever the load
+    wait_until(lambda: captured.exists() and captured.read_text().count("\n") >= 3, poll_s=1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     lines = captured.read_text().splitlines() if captured.exists() else []
