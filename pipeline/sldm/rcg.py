@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -178,9 +179,14 @@ def read_ldm_config(path=None) -> dict:
     return params
 
 
-def load_strict(model: torch.nn.Module, state: dict, label: str) -> None:
-    """Load ``state`` into ``model``; a missing, left-over or misshapen key stops the import."""
-    own = model.state_dict()
+def build_loaded(build: Callable[[], torch.nn.Module], state: dict, label: str) -> torch.nn.Module:
+    """``build()`` with ``state`` loaded; a missing, left-over or misshapen key stops the import.
+
+    The keys and shapes are checked on a build on the meta device first, so a checkpoint that does
+    not fit stops before a full-size model is allocated and randomly initialised (seconds at RCG's
+    size)."""
+    with torch.device("meta"):
+        own = build().state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
@@ -189,7 +195,9 @@ def load_strict(model: torch.nn.Module, state: dict, label: str) -> None:
             f"{label}: converted keys do not fit the diffusers model: missing {missing[:8]}, "
             f"left over {extra[:8]}, shape mismatch {sorted(shapes)[:8]}"
         )
+    model = build()
     model.load_state_dict(state, strict=True)
+    return model
 
 
 def convert_unet(sd: dict, params: dict, keymap: KeyMap, weights: str, src: str) -> UNet2DConditionModel:
@@ -214,9 +222,7 @@ def convert_unet(sd: dict, params: dict, keymap: KeyMap, weights: str, src: str)
     for key in ("model_ema.decay", "model_ema.num_updates"):
         if key in sd:
             keymap.claim(src, key, "sldm.json:imported.ema")
-    unet = build_unet(params)
-    load_strict(unet, state, f"{src} (UNet)")
-    return unet
+    return build_loaded(lambda: build_unet(params), state, f"{src} (UNet)")
 
 
 def convert_vq(sd: dict, params: dict, keymap: KeyMap, src: str) -> VQModel:
@@ -235,9 +241,7 @@ def convert_vq(sd: dict, params: dict, keymap: KeyMap, src: str) -> VQModel:
         # taming's attention uses 1x1 convs where diffusers' has Linear layers
         state[target] = value[:, :, 0, 0] if ".attentions." in target and value.ndim == 4 else value
         keymap.claim(src, key, f"vae/:{target}")
-    vae = build_vq(params, scale)
-    load_strict(vae, state, f"{src} (VQ first stage)")
-    return vae
+    return build_loaded(lambda: build_vq(params, scale), state, f"{src} (VQ first stage)")
 
 
 def moco_base_encoder(ckpt: dict, keymap: KeyMap, src: str) -> dict:
@@ -300,12 +304,9 @@ def convert_encoder(sd: dict, moco: dict, params: dict, keymap: KeyMap, src: str
         if value.shape != moco[key].shape or not torch.equal(value, moco[key]):
             raise RCGImportError(f"{src}: pretrained_encoder.{key} differs from the --encoder checkpoint's")
     kwargs, vit_state, dims, head_state = split_encoder(state, enc.get("pretrained_enc_arch", "mocov3_vit_base"), src)
-    vit = timm_vit(TIMM_NAME, kwargs)
-    load_strict(vit, vit_state, f"{src} (MoCo v3 ViT)")
+    vit = build_loaded(lambda: timm_vit(TIMM_NAME, kwargs), vit_state, f"{src} (MoCo v3 ViT)")
     with_head = bool(enc.get("pretrained_enc_withproj", False))
-    head = projection_head(dims) if with_head else None
-    if head is not None:
-        load_strict(head, head_state, f"{src} (projection head)")
+    head = build_loaded(lambda: projection_head(dims), head_state, f"{src} (projection head)") if with_head else None
     for key in state:
         where = "encoder_head.safetensors" if key.startswith("head.") else "encoder.safetensors"
         if key.startswith("head.") and not with_head:
