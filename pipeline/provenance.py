@@ -121,10 +121,11 @@ def _package_of(module: str, path: Path) -> str:
     return module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
 
 
-def _import_names(module: str, path: Path) -> list[str]:
-    """Every name an import statement of ``module`` (file ``path``) names, relative ones resolved."""
+def _import_names(module: str, path: Path, source: bytes) -> list[str]:
+    """Every name an import statement of ``module`` (file ``path``, content ``source``) names,
+    relative ones resolved."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(ast.parse(source, filename=str(path))):
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -145,7 +146,7 @@ def imported_modules(module: str) -> tuple[str, ...]:
     if path is None:
         return ()
     # the names depend on the file's bytes and its place in the package; which exist, on the disk
-    names = _cached_syntax(f"imports {module} {path.name}", path, lambda: _import_names(module, path))
+    names = _cached_syntax(f"imports {module} {path.name}", path, lambda source: _import_names(module, path, source))
     return tuple(m for m in names if module_file(m) is not None)
 
 
@@ -219,8 +220,8 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-def _canonical_digest(path: Path) -> str:
-    text = path.read_text()
+def _canonical_digest(path: Path, source: bytes) -> str:
+    text = source.decode()
     if path.suffix == ".py":
         canon = ast.dump(_strip_docstrings(ast.parse(text, filename=str(path))), include_attributes=False)
     else:  # package data: its parsed content (comments and layout are not content)
@@ -230,7 +231,7 @@ def _canonical_digest(path: Path) -> str:
 
 @functools.cache
 def _file_digest(path: Path, mtime_ns: int, size: int) -> str:
-    return _cached_syntax("digest", path, lambda: _canonical_digest(path))
+    return _cached_syntax("digest", path, lambda source: _canonical_digest(path, source))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,12 +256,15 @@ def _cache_salt() -> bytes:
     return hashlib.sha256(Path(__file__).read_bytes() + sys.version.encode()).digest()
 
 
-def _cached_syntax(kind: str, path: Path, compute: Callable[[], object]):
-    """``compute()`` for ``path``'s current bytes, from the cache when an intact entry exists.
+def _cached_syntax(kind: str, path: Path, compute: Callable[[bytes], object]):
+    """``compute(source)`` of ``path``'s current bytes, from the cache when an intact entry exists;
+    the value is computed from the very bytes it is keyed on (one read: an edit in between cannot
+    file one content's result under another's key).
 
     An entry holds its value and a digest of (key, value): a damaged or foreign entry is recomputed
     and rewritten; a cache that cannot be written is only slower."""
-    key = hashlib.sha256(_cache_salt() + kind.encode() + b"\0" + path.read_bytes()).hexdigest()
+    source = path.read_bytes()
+    key = hashlib.sha256(_cache_salt() + kind.encode() + b"\0" + source).hexdigest()
     entry = syntax_cache_dir() / key[:2] / f"{key}.json"
 
     def seal(value) -> str:
@@ -272,7 +276,7 @@ def _cached_syntax(kind: str, path: Path, compute: Callable[[], object]):
             return stored["value"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    value = compute()
+    value = compute(source)
     try:
         write_text_atomic(entry, json.dumps({"value": value, "check": seal(value)}))
     except OSError:

@@ -241,7 +241,7 @@ def test_syntax_results_are_cached_by_content_and_checked(tmp_path, monkeypatch)
     first = digest(source, 0, 0)
     (entry,) = (tmp_path / "cache").rglob("*.json")
     parse = provenance._canonical_digest
-    monkeypatch.setattr(provenance, "_canonical_digest", lambda path: pytest.fail(f"{path} parsed again"))
+    monkeypatch.setattr(provenance, "_canonical_digest", lambda path, source: pytest.fail(f"{path} parsed again"))
     assert digest(source, 0, 0) == first
     stored = json.loads(entry.read_text())
     entry.write_text(json.dumps({**stored, "value": "0" * 64}))  # a flipped value, the old check
