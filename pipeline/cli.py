@@ -13,6 +13,8 @@ import argparse
 import importlib
 import sys
 
+from pipeline import job_server
+
 # the stage subpackages, in workflow order: a stage never imports from a later one
 STAGES = ("data", "sldm", "views", "consistency", "pretrain", "propagation", "report")
 
@@ -127,7 +129,9 @@ def command_parser(stage: str, command: str, doc: str | None) -> argparse.Argume
 
 
 def main(stage: str) -> None:
-    """The ``__main__`` of a stage package."""
+    """The ``__main__`` of a stage package: in the run's warm job server where one may run it
+    (``pipeline.job_server``; exits with the job's status), else here."""
+    job_server.delegate(f"pipeline.{stage}", sys.argv[1:])
     dispatch(f"pipeline.{stage}", COMMANDS[stage])
 
 

@@ -62,6 +62,7 @@ CORE_MODULES = {
     f"{PACKAGE}.devices": (INFRASTRUCTURE, "device choice, thread count, the DDP process group"),
     f"{PACKAGE}.io": (INFRASTRUCTURE, "atomic writes and content digests"),
     f"{PACKAGE}.lease": (INFRASTRUCTURE, "GPU slot leasing"),
+    f"{PACKAGE}.job_server": (INFRASTRUCTURE, "starts a job as a fork of a warm interpreter: runs the same module"),
     f"{PACKAGE}.provenance": (INFRASTRUCTURE, "this table and the digests"),
     f"{PACKAGE}.records": (INFRASTRUCTURE, "the provenance records written beside results"),
     f"{PACKAGE}.registry": (INFRASTRUCTURE, "the name -> entry registry helper"),

@@ -28,6 +28,7 @@ from pipeline.config import (  # noqa: E402
     validate_config,
 )
 from pipeline.data.layouts import DatasetError, check_layout  # noqa: E402  (standard library only)
+from pipeline import job_server  # noqa: E402  (standard library only)
 from pipeline.provenance import (  # noqa: E402
     code_digest,
     combined_digest,
@@ -337,3 +338,37 @@ def get_rcg_config_input():
     """RCG's LDM config file as an input of import_rcg, when one is set."""
     path = config["views"]["generators"]["rcg"]["ldm_config"]
     return [path] if path else []
+
+
+# ---------------------------------------------------------------------------------------------
+# the warm job server of a local run (config job_server, pipeline/job_server.py)
+
+JOB_SERVERS = []
+
+
+def start_job_server():
+    """Jobs of this run start as forks of one interpreter that has imported torch; not for a
+    cluster executor, whose jobs run in their own allocations."""
+    if config["job_server"] and workflow.local_exec and not workflow.remote_exec:
+        server = job_server.start("results/logs/job_server.log")
+        JOB_SERVERS.append(server)
+        if server.socket:  # the shell jobs inherit Snakemake's environment
+            os.environ[job_server.SOCKET_ENV] = server.socket
+
+
+def stop_job_server():
+    os.environ.pop(job_server.SOCKET_ENV, None)
+    while JOB_SERVERS:
+        job_server.stop(JOB_SERVERS.pop())
+
+
+onstart:
+    start_job_server()
+
+
+onsuccess:
+    stop_job_server()
+
+
+onerror:
+    stop_job_server()

@@ -189,6 +189,8 @@ def test_tiny_chain_through_the_slurm_profile(tiny_run, tmp_path):
     assert all((work / t).is_file() for t in targets)
     # the README's command loads profiles/slurm alone (no local `gpu=8` cap from profiles/default)
     assert "profiles/default" not in out
+    # a cluster run starts no warm job server (pipeline/job_server.py): each job has its own interpreter
+    assert "job_server" not in (work / "results" / "logs" / "propagate" / model / "davis.log").read_text()
 
     prof = profile()
     jobs = submitted_jobs(out)

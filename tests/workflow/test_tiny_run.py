@@ -29,6 +29,11 @@ def test_tiny_chain_produces_table4(tiny_run):
         assert table[col].notna().all() and ((table[col] >= 0) & (table[col] <= 100)).all()
     per_seed = pd.read_csv(tiny_run / "results" / "table4_per_seed.csv")
     assert len(per_seed) == 3
+    # the jobs of one interpreter thread were forked from the run's warm job server (pipeline/job_server.py)
+    logs = tiny_run / "results" / "logs"
+    assert "preloaded" in (logs / "job_server.log").read_text()
+    for log in [*(logs / "pretrain").rglob("*.log"), *(logs / "propagate").rglob("*.log")]:
+        assert "forked from the run's job server" in log.read_text(), log
     # never temp(): shards and checkpoints survive the run
     assert list((tiny_run / "results" / "views" / "warp").glob("shard-*.h5"))
     assert len(list((tiny_run / "results" / "pretrain").rglob("checkpoint.pth"))) == 3
