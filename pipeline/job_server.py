@@ -96,6 +96,7 @@ JOB_ENV = frozenset(
 # signals the client passes on to the child's process group (SIGUSR1: Slurm's time-limit warning)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 MAX_FDS = 64
+STOP_WAIT_S = 30  # for a server to unlink its socket once told to stop (a moment)
 REPLY_TIMEOUT_S = 300  # a server that has not answered by then is stuck: run the command here
 PR_SET_PDEATHSIG = 1
 
@@ -294,6 +295,8 @@ class Server:
                 listener.close()
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
+                if self.children:
+                    LOG.info("stopping: serving %d running job(s) to their end", len(self.children))
             if self.stopping and not self.children:
                 return
             for key, _ in sel.select(timeout=1.0):
@@ -498,14 +501,15 @@ def start(log_path: str | os.PathLike, env: dict[str, str] | None = None) -> Run
 
 
 def stop(running: Running) -> None:
-    """Take no more jobs, let the server finish the ones it runs, remove the socket folder."""
+    """Take no more jobs and remove the socket. Jobs still running (their commands outlived the run,
+    as a killed run's jobs do) are served to their end by the server, which then exits."""
     if running.proc.poll() is None:
         running.proc.terminate()
-        try:
-            running.proc.wait(timeout=600)
-        except subprocess.TimeoutExpired:
-            running.proc.kill()
-            running.proc.wait()
+        deadline = time.monotonic() + STOP_WAIT_S
+        while running.proc.poll() is None and running.socket and os.path.exists(running.socket):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     shutil.rmtree(running.folder, ignore_errors=True)
 
 

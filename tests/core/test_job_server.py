@@ -26,7 +26,8 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 signal.signal(signal.SIGUSR1, lambda *_: (out / "usr1").write_text("got it"))
-(out / "pid").write_text(str(os.getpid()))
+(out / "pid.tmp").write_text(str(os.getpid()))
+(out / "pid.tmp").rename(out / "pid")  # whole, or not yet there
 while True:
     time.sleep(0.05)
 """
@@ -124,18 +125,28 @@ def test_a_job_that_would_import_another_library_or_interpreter_is_declined(tmp_
     assert job_server._declined(other, dict(os.environ), preloaded) == "another Python interpreter"
 
 
-def sleeper(server, tmp_path, *prefix: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
-    """A served sleeper under ``prefix`` (e.g. the lease); returns (client, the job's pid)."""
-    out = tmp_path / "out"
-    out.mkdir()
-    client = subprocess.Popen(
-        [*prefix, sys.executable, "-c", CLIENT, str(out)], env=env or server.env, stderr=subprocess.PIPE, text=True
-    )
-    assert wait_until(lambda: (out / "pid").exists() or client.poll() is not None)
-    assert client.poll() is None, client.stderr.read()
-    pid = int((out / "pid").read_text())
-    assert pid != client.pid
-    return client, pid
+@pytest.fixture
+def sleeper(server, tmp_path):
+    """Start a served sleeper under a prefix (e.g. the lease): returns (client, the job's pid). Any
+    client still running at the end is killed, and with it its job."""
+    clients = []
+
+    def start(*prefix: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+        out = tmp_path / "out"
+        out.mkdir()
+        cmd = [*prefix, sys.executable, "-c", CLIENT, str(out)]
+        client = subprocess.Popen(cmd, env=env or server.env, stderr=subprocess.PIPE, text=True)
+        clients.append(client)
+        assert wait_until(lambda: (out / "pid").exists() or client.poll() is not None)
+        assert client.poll() is None, client.stderr.read()
+        pid = int((out / "pid").read_text())
+        assert pid != client.pid
+        return client, pid
+
+    yield start
+    for client in clients:
+        client.kill()
+        client.wait()
 
 
 def gone(pid: int) -> bool:
@@ -147,8 +158,8 @@ def gone(pid: int) -> bool:
     return False
 
 
-def test_signals_reach_the_job_and_its_status_is_the_clients(server, tmp_path):
-    client, pid = sleeper(server, tmp_path)
+def test_signals_reach_the_job_and_its_status_is_the_clients(sleeper, tmp_path):
+    client, pid = sleeper()
     client.send_signal(signal.SIGUSR1)  # Slurm's warning before the time limit
     assert wait_until(lambda: (tmp_path / "out" / "usr1").exists())
     client.send_signal(signal.SIGTERM)
@@ -156,13 +167,13 @@ def test_signals_reach_the_job_and_its_status_is_the_clients(server, tmp_path):
     assert wait_until(lambda: gone(pid))
 
 
-def test_a_killed_client_takes_its_job_and_its_gpu_lease_with_it(server, tmp_path):
+def test_a_killed_client_takes_its_job_and_its_gpu_lease_with_it(server, sleeper, tmp_path):
     """SIGKILL of the command (Snakemake's kill, a node's OOM killer) ends the forked job, and the
     lease's lock, which the job held while it ran, is free again."""
     locks = tmp_path / "locks"
     env = {**server.env, "CDGMAE_NUM_GPUS": "1"}
     prefix = (sys.executable, "-m", "pipeline.lease", "--gpus", "1", "--lock-dir", str(locks), "--")
-    client, pid = sleeper(server, tmp_path, *prefix, env=env)
+    client, pid = sleeper(*prefix, env=env)
     with pytest.raises(lease.LeaseError):  # the served job holds the only slot
         lease.acquire(1, 1, locks, timeout=0)
     client.kill()
