@@ -6,13 +6,16 @@ the block, above what was allocated before it (the counters are reset on entry).
 peak resident set during the block above the resident set before it; glibc's freed memory is handed
 back first (``malloc_trim``) and the kernel's high-water mark reset (``5 > /proc/self/clear_refs``),
 so ``VmHWM`` is this block's peak. ``process_peak_mib`` is the same high-water mark unreset: the
-peak of the whole process so far.
+peak of the whole process so far. A child process (``measure_process``): the kernel's figures for
+that process at its exit (``os.wait4``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +28,7 @@ __all__ = [
     "Measurement",
     "interleaved_seconds",
     "measure",
+    "measure_process",
     "print_table",
     "print_table_header",
     "print_table_row",
@@ -106,6 +110,20 @@ def measure(device="cpu", total: bool = False) -> Iterator[Measurement]:
         m.reserved_mib = max(torch.cuda.max_memory_reserved() - before_reserved, 0) / 2**20
     else:
         m.peak_mib = max(_status_mib("VmHWM") - before, 0.0)
+
+
+def measure_process(cmd: list[str], **popen_kwargs) -> tuple[Measurement, int, str]:
+    """Run ``cmd`` to its end: (its wall seconds, CPU seconds and peak resident set in MiB — of
+    that process alone, ``os.wait4``'s figures —, its exit status, its stderr)."""
+    m = Measurement()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen_kwargs)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    m.seconds = time.perf_counter() - t0
+    m.cpu_seconds, m.peak_mib = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return m, proc.returncode, stderr
 
 
 def interleaved_seconds(

@@ -1,8 +1,8 @@
 """The warm job server (``pipeline/job_server.py``): a served command prints, writes and exits as
 the command run in its own interpreter, reads our code from its own ``sys.path``, gets the signals
 its client gets, holds the GPU lease it was given, dies with its client, and is declined wherever
-the fork could differ from a fresh interpreter. (That a served tiny run's results are byte-identical
-to a fresh one's: tests/workflow/test_recovery.py's rebuild.)"""
+the fork could differ from a fresh interpreter. (That a served tiny run's bag, checkpoints and
+metrics are byte-identical to those of jobs in their own interpreters: tests/workflow/test_slurm.py.)"""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import sys
 import pytest
 import yaml
 
-from tests.support import HANG_GUARD_S, ROOT, TINY_CONFIG, copy_run, snakemake, wait_until
+from tests.support import HANG_GUARD_S, ROOT, TINY_CONFIG, copy_run, sha256_hex, snakemake, wait_until
 
 CLUSTER = "cdgmae-ci"
 GPU_RULES = ("generate_views", "pretrain", "propagate")
@@ -160,7 +160,8 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(tiny_run, tmp_path):
 def test_tiny_chain_through_the_slurm_profile(tiny_run, tmp_path):
     """Each kind of job of the tiny chain, resubmitted in a copy of the tiny run (its data, which
     no submitted job needs to redo, stays): the views' shards, the bag (local), one pretraining,
-    its propagation on DAVIS and the random-init encoder (a CPU rule)."""
+    its propagation on DAVIS and the random-init encoder (a CPU rule). Each in its own interpreter,
+    they rewrite the bytes the tiny run's jobs wrote as forks of its warm job server."""
     # checked here, not at collection: a Slurm client without a controller takes ~20 s to give up
     why_not = _test_cluster()
     if why_not:
@@ -189,8 +190,15 @@ def test_tiny_chain_through_the_slurm_profile(tiny_run, tmp_path):
     assert all((work / t).is_file() for t in targets)
     # the README's command loads profiles/slurm alone (no local `gpu=8` cap from profiles/default)
     assert "profiles/default" not in out
-    # a cluster run starts no warm job server (pipeline/job_server.py): each job has its own interpreter
+    # a cluster run starts no warm job server (pipeline/job_server.py): each job has its own
+    # interpreter, where the tiny run's were forked from its server; they wrote the same bytes
     assert "job_server" not in (work / "results" / "logs" / "propagate" / model / "davis.log").read_text()
+    assert (
+        "forked from the run's job server"
+        in (tiny_run / "results" / "logs" / "propagate" / model / "davis.log").read_text()
+    )
+    for artefact in [*targets, f"results/pretrain/{model}/checkpoint.pth", "results/views/warp/bag.h5"]:
+        assert sha256_hex(work / artefact) == sha256_hex(tiny_run / artefact), artefact
 
     prof = profile()
     jobs = submitted_jobs(out)
