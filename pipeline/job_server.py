@@ -261,15 +261,15 @@ class Server:
 
     def serve(self) -> None:
         listener = _listener(self.path)  # bound first: clients queue while the libraries load
-        wake_r, wake_w = socket.socketpair()
-        wake_w.setblocking(False)
+        wake_r, self.wake_w = socket.socketpair()
+        self.wake_w.setblocking(False)
         try:
             started = time.monotonic()
             preloaded = _preload()
             LOG.info("preloaded %s in %.1f s", ", ".join(PRELOAD), time.monotonic() - started)
             if _threads() != 1:  # forking a multi-threaded process is unsafe: serve nothing
                 raise RuntimeError(f"{_threads()} threads after preloading; not forking")
-            signal.set_wakeup_fd(wake_w.fileno())
+            signal.set_wakeup_fd(self.wake_w.fileno())
             signal.signal(signal.SIGCHLD, lambda *_: None)
             signal.signal(signal.SIGTERM, self._stop)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the client forwards what its job gets
@@ -280,6 +280,7 @@ class Server:
         finally:
             if os.getpid() == self.pid:
                 listener.close()
+                self.wake_w.close()
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
 
@@ -351,6 +352,7 @@ class Server:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for key in list(sel.get_map().values()):
             key.fileobj.close()
+        self.wake_w.close()
         for other in self.children.values():
             if other is not None:
                 other.close()
