@@ -61,53 +61,51 @@ def run_once(args: list[str], env: dict) -> tuple[float, float, float]:
     return m.seconds, m.cpu_seconds, m.peak_mib
 
 
+MODES = ("own interpreter", "job server")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
-    if args.repeats < 2:
-        ap.error("--repeats must be at least 2 (the first served run waits for the server's imports)")
     with tempfile.TemporaryDirectory() as tmp:
         base = {**os.environ, **dict.fromkeys(job_server.THREAD_ENV, "1")}
         t0 = time.perf_counter()
         running = job_server.start(Path(tmp) / "server.log", env=base)
         if not running.socket:
             raise SystemExit((Path(tmp) / "server.log").read_text())
-        served_env = {**base, job_server.SOCKET_ENV: running.socket}
+        envs = dict(zip(MODES, (base, {**base, job_server.SOCKET_ENV: running.socket})))
+        results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         try:
-            rows = []
-            for i, (name, cmd) in enumerate(commands(Path(tmp) / "synthetic").items()):
-                results = {"own interpreter": [], "job server": []}
-                for r in range(args.repeats):
-                    for mode, env in (("own interpreter", base), ("job server", served_env)):
-                        out_args = [
-                            a.replace("synthetic", f"synthetic-{i}-{r}-{mode[0]}") if "/" in a else a for a in cmd
-                        ]
-                        results[mode].append(run_once(out_args, env))
-                        if len(rows) == 0 and r == 0 and mode == "job server":
-                            print(f"server ready (first served job done) {time.perf_counter() - t0:.1f} s after start")
-                medians = {}
-                for mode, runs in results.items():
-                    # the first served run waited for the server's imports: reported apart, not in the median
-                    timed = runs[1:] if mode == "job server" and i == 0 else runs
-                    walls = [w for w, _, _ in timed]
-                    medians[mode] = statistics.median(walls)
-                    rows.append(
-                        [
-                            name,
-                            mode,
-                            f"{medians[mode]:.2f}",
-                            f"{min(walls):.2f}",
-                            f"{max(walls):.2f}",
-                            f"{statistics.median(c for _, c, _ in timed):.2f}",
-                            f"{max(m for _, _, m in timed):.0f}",
-                            f"{medians['own interpreter'] / medians[mode]:.1f}x",
-                        ]
-                    )
+            # untimed: the first served job waits for the server's imports
+            run_once(next(iter(commands(Path(tmp) / "warm-up").values())), envs["job server"])
+            print(f"server ready {time.perf_counter() - t0:.1f} s after its start (one served job done)")
+            for r in range(args.repeats):  # the modes take turns: a change of load hits both
+                for mode in MODES:
+                    for name, cmd in commands(Path(tmp) / f"{MODES.index(mode)}-{r}").items():
+                        results.setdefault((name, mode), []).append(run_once(cmd, envs[mode]))
         finally:
             job_server.stop(running)
-        header = ["command", "mode", "median s", "min s", "max s", "job CPU s", "job peak MiB", "speed-up"]
-        print_table(header, rows)
+    rows = []
+    for name in commands(Path()):
+        own = statistics.median(w for w, _, _ in results[(name, MODES[0])])
+        for mode in MODES:
+            runs = results[(name, mode)]
+            walls = [w for w, _, _ in runs]
+            rows.append(
+                [
+                    name,
+                    mode,
+                    f"{statistics.median(walls):.2f}",
+                    f"{min(walls):.2f}",
+                    f"{max(walls):.2f}",
+                    f"{statistics.median(c for _, c, _ in runs):.2f}",
+                    f"{max(m for _, _, m in runs):.0f}",
+                    f"{own / statistics.median(walls):.1f}x",
+                ]
+            )
+    header = ["command", "mode", "median s", "min s", "max s", "job CPU s", "job peak MiB", "speed-up"]
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from pathlib import Path
 LOG = logging.getLogger("cdgmae.job_server")
 
 SOCKET_ENV = "CDGMAE_JOB_SERVER"  # the server's socket path, in the environment of the run's jobs
+SERVED_NOTE = "forked from the run's job server"  # in a served job's log
 # imported once by the server (third-party only: our own modules are imported by each child)
 PRELOAD = ("numpy", "pandas", "h5py", "torch", "torchvision", "timm", "matplotlib.pyplot")
 # thread counts Snakemake sets per job (its shell.py), read when the libraries load: the server's are 1
@@ -117,9 +118,8 @@ def _send(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
         sock.sendall(data)
 
 
-def _read_line(sock: socket.socket) -> dict | None:
-    """One JSON line, None at end of stream."""
-    buf = b""
+def _read_line(sock: socket.socket, buf: bytes = b"") -> dict | None:
+    """One JSON line (continuing ``buf``, what was already received of it), None at end of stream."""
     while not buf.endswith(b"\n"):
         chunk = sock.recv(65536)
         if not chunk:
@@ -177,7 +177,7 @@ def delegate(module: str, argv: list[str]) -> None:
 
 
 def _wait_for_child(sock: socket.socket, pid: int) -> None:
-    print(f"cdgmae.job_server: running as pid {pid}, forked from the run's job server", file=sys.stderr, flush=True)
+    print(f"cdgmae.job_server: running as pid {pid}, {SERVED_NOTE}", file=sys.stderr, flush=True)
 
     def forward(signum, frame):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -316,12 +316,9 @@ class Server:
         try:
             conn.settimeout(30)
             data, fds, _, _ = socket.recv_fds(conn, 1 << 20, MAX_FDS)
-            while not data.endswith(b"\n"):
-                more = conn.recv(1 << 20)
-                if not more:
-                    raise OSError("request cut short")
-                data += more
-            request = json.loads(data)
+            request = _read_line(conn, data)
+            if request is None:
+                raise OSError("request cut short")
             if len(fds) != request["fds"]:
                 raise OSError(f"{len(fds)} descriptors received, {request['fds']} sent")
             why = _declined(request, self.env, preloaded)

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline import job_server, lease
+from pipeline.job_server import SERVED_NOTE
 from tests.support import HANG_GUARD_S, ROOT, wait_until
 
 # a module the server runs for the signal tests: says its pid, notes SIGUSR1, runs until killed
@@ -59,9 +60,6 @@ def fresh(env: dict) -> dict:
     return {k: v for k, v in env.items() if k != job_server.SOCKET_ENV}
 
 
-SERVED = "forked from the run's job server"
-
-
 def test_a_served_command_writes_what_it_writes_in_its_own_interpreter(server, tmp_path):
     outputs = {}
     for name, env in (("alone", fresh(server.env)), ("served", server.env)):
@@ -70,7 +68,7 @@ def test_a_served_command_writes_what_it_writes_in_its_own_interpreter(server, t
         cmd = [sys.executable, "-m", "pipeline.data", "synthetic", "--dataset", "davis", "--out", str(out)]
         done = run([*cmd, "--settings", settings, "--seed", "0", "--threads", "1"], env)
         assert done.returncode == 0, done.stderr
-        assert (SERVED in done.stderr) == (name == "served")
+        assert (SERVED_NOTE in done.stderr) == (name == "served")
         outputs[name] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert len(outputs["served"]) > 3 and outputs["served"] == outputs["alone"]
 
@@ -78,7 +76,7 @@ def test_a_served_command_writes_what_it_writes_in_its_own_interpreter(server, t
 def test_a_served_command_fails_as_it_does_in_its_own_interpreter(server):
     cmd = [sys.executable, "-m", "pipeline.data", "vallist", "--kind", "davis"]
     alone, served = run(cmd, fresh(server.env)), run(cmd, server.env)
-    assert SERVED in served.stderr and SERVED not in alone.stderr
+    assert SERVED_NOTE in served.stderr and SERVED_NOTE not in alone.stderr
     assert served.returncode == alone.returncode == 2  # argparse's error, printed as it prints it
     assert served.stdout == alone.stdout
     own = [line for line in served.stderr.splitlines() if not line.startswith("cdgmae.job_server")]
@@ -92,7 +90,7 @@ def test_the_job_reads_our_code_from_its_own_path_not_the_servers(server, tmp_pa
     cli.write_text(cli.read_text().replace("parameter counts of an arch", "EDITED parameter counts of an arch"))
     env = {**server.env, "PYTHONPATH": str(tmp_path)}
     served = run([sys.executable, "-m", "pipeline.pretrain", "--help"], env, cwd=tmp_path)
-    assert SERVED in served.stderr and "EDITED parameter counts" in served.stdout
+    assert SERVED_NOTE in served.stderr and "EDITED parameter counts" in served.stdout
 
 
 @pytest.mark.parametrize(
@@ -103,13 +101,13 @@ def test_a_job_whose_environment_could_change_an_import_runs_in_its_own_interpre
     served = run([sys.executable, "-m", "pipeline.pretrain", "--help"], {**server.env, variable: value})
     assert served.returncode == 0 and "describe" in served.stdout
     assert f"not served (environment variable {variable} differs from the server's)" in served.stderr
-    assert SERVED not in served.stderr
+    assert SERVED_NOTE not in served.stderr
 
 
 def test_a_job_that_would_import_another_library_or_interpreter_is_declined(tmp_path):
-    import torch  # noqa: F401, PLC0415
+    import torch  # noqa: PLC0415
 
-    preloaded = {"torch": sys.modules["torch"].__spec__.origin}
+    preloaded = {"torch": torch.__spec__.origin}
     request = {
         "interpreter": job_server.interpreter(),
         "env": dict(os.environ),

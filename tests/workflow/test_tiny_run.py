@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from pipeline.io import recorded_digest
+from pipeline.job_server import SERVED_NOTE
 from tests.support import TABLE4, TINY_CONFIG, copy_run, copy_workflow, job_counts, snakemake
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ def test_tiny_chain_produces_table4(tiny_run):
     logs = tiny_run / "results" / "logs"
     assert "preloaded" in (logs / "job_server.log").read_text()
     for log in [*(logs / "pretrain").rglob("*.log"), *(logs / "propagate").rglob("*.log")]:
-        assert "forked from the run's job server" in log.read_text(), log
+        assert SERVED_NOTE in log.read_text(), log
     # never temp(): shards and checkpoints survive the run
     assert list((tiny_run / "results" / "views" / "warp").glob("shard-*.h5"))
     assert len(list((tiny_run / "results" / "pretrain").rglob("checkpoint.pth"))) == 3
